@@ -1,0 +1,55 @@
+"""Train a Switch SAE.
+
+    python -m launch.train [--gin_file=F ...] [--gin.NAME=VALUE ...] [--workdir=DIR]
+
+With no arguments it runs configs/default.gin (synthetic data with planted features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sae_jax.config import ConfigError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--gin_file", action="append", default=[], help="gin config (repeatable)")
+    parser.add_argument("--workdir", default=None, help="output directory (default runs/<config>)")
+    parser.add_argument("--no_progress", action="store_true", help="no console progress bar")
+    gin_args = [a for a in argv if a.startswith("--gin.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
+    args.bindings = [a[len("--gin.") :] for a in gin_args]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    # Imported here so that --help answers without loading JAX.
+    import gin
+
+    from sae_jax.gin_setup import DEFAULT_CONFIG, parse
+    from sae_jax.trainer import TrainingError, train
+
+    try:
+        sae_cfg, train_cfg = parse(args.gin_file, args.bindings)
+        stem = Path(args.gin_file[-1]).stem if args.gin_file else DEFAULT_CONFIG.stem
+        workdir = Path(args.workdir or Path("runs") / stem)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.gin").write_text(gin.config_str())
+        train(sae_cfg, train_cfg, workdir, progress=not args.no_progress)
+    except (ConfigError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"metrics: {workdir / 'metrics.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Configuration as data: frozen dataclasses bound by gin, validated before any compilation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import gin
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line meant for the user."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    """The Switch SAE's shape. `num_experts = 1` is a plain TopK SAE.
+
+    d: input dimension (set from the data, not from gin).
+    num_latents: total dictionary width M, split evenly over the experts.
+    k: active latents per token, chosen inside the routed expert.
+    k_aux: dead latents used by the AuxK loss (capped at the latents per expert; 0 turns it off).
+    capacity_factor / eval_capacity_factor: expert buffer size C = ceil(cf * tokens / N).
+    """
+
+    d: int = 0
+    num_latents: int = 1024
+    num_experts: int = 1
+    k: int = 32
+    k_aux: int = 256
+    encoder_bias: bool = True
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+
+    @property
+    def latents_per_expert(self) -> int:
+        return self.num_latents // self.num_experts
+
+    @property
+    def k_aux_effective(self) -> int:
+        return min(self.k_aux, self.latents_per_expert)
+
+    def validate(self, need_d: bool = True) -> SAEConfig:
+        """Raise ConfigError on a bad value; `need_d=False` before the data has set d."""
+        _positive("NUM_LATENTS", self.num_latents)
+        _positive("NUM_EXPERTS", self.num_experts)
+        _positive("K", self.k)
+        if need_d:
+            _positive("d", self.d)
+        if self.num_latents % self.num_experts:
+            raise ConfigError(
+                f"NUM_LATENTS={self.num_latents} is not divisible by NUM_EXPERTS={self.num_experts}"
+            )
+        if self.k > self.latents_per_expert:
+            raise ConfigError(
+                f"K={self.k} exceeds the latents per expert "
+                f"(NUM_LATENTS/NUM_EXPERTS = {self.latents_per_expert})"
+            )
+        if self.k_aux < 0:
+            raise ConfigError(f"k_aux={self.k_aux} must be >= 0")
+        for name, cf in (
+            ("CAPACITY_FACTOR", self.capacity_factor),
+            ("EVAL_CAPACITY_FACTOR", self.eval_capacity_factor),
+        ):
+            if not (isinstance(cf, int | float) and cf > 0 and math.isfinite(cf)):
+                raise ConfigError(f"{name}={cf!r} must be a positive number")
+        return self
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: steps, batch, optimiser, losses, data and logging.
+
+    lr: None picks 2e-4 / sqrt(NUM_LATENTS / 2**14) (Gao et al. 2024).
+    lb_alpha: load-balancing weight against the per-dimension MSE.
+    dead_after_tokens: a latent that has not fired for this many training tokens is dead.
+    """
+
+    steps: int = 1000
+    batch_size: int = 4096
+    lr: float | None = None
+    seed: int = 0
+    lb_alpha: float = 3.0
+    aux_weight: float = 1.0 / 32.0
+    dead_after_tokens: int = 1_000_000
+    decay_fraction: float = 0.2
+    grad_clip: float = 1.0
+    geometric_median_tokens: int = 8192
+    train_data: str = "synthetic"
+    eval_data: str = "synthetic"
+    eval_every: int = 0
+    eval_tokens: int = 65536
+    log_every: int = 50
+
+    def validate(self) -> TrainConfig:
+        _positive("STEPS", self.steps)
+        _positive("BATCH_SIZE", self.batch_size)
+        _positive("LOG_EVERY", self.log_every)
+        _positive("eval_tokens", self.eval_tokens)
+        _positive("dead_after_tokens", self.dead_after_tokens)
+        if self.eval_every < 0:
+            raise ConfigError(f"EVAL_EVERY={self.eval_every} must be >= 0 (0: only at the end)")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"LR={self.lr!r} must be positive (or None for the default)")
+        if self.lb_alpha < 0:
+            raise ConfigError(f"LB_ALPHA={self.lb_alpha} must be >= 0")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
+        return self
+
+    def learning_rate(self, num_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")

@@ -1,0 +1,101 @@
+"""Synthetic activations with planted ground truth, generated on the fly from a seed.
+
+F unit-norm feature directions in d dimensions (F > d: superposition), split into G groups of
+related features (the structure a Switch SAE's router can exploit; G = 1 has none). A feature
+is its group's centroid direction mixed with a random direction (`group_share` of the variance
+from the centroid). Each token picks one group uniformly and draws a Poisson(`mean_active`)
+number of its features (at most 4x the mean), feature j of the group with probability
+proportional to (j + 1)^-power, each with a magnitude uniform in [0.5, 1.5]. Tokens are scaled
+so that E||x||^2 = d.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax.config import ConfigError
+
+_SPLITS = {"train": 0, "eval": 1}
+
+
+@gin.configurable
+class SyntheticData:
+    def __init__(
+        self,
+        dim: int = 64,
+        num_features: int = 512,
+        num_groups: int = 16,
+        group_share: float = 0.1,
+        mean_active: float = 4.0,
+        power: float = 0.5,
+        seed: int = 0,
+    ):
+        if dim <= 0 or num_features <= 0:
+            raise ConfigError(f"SYNTH_DIM={dim} and SYNTH_FEATURES={num_features} must be positive")
+        if num_groups <= 0 or num_features % num_groups:
+            raise ConfigError(f"num_groups={num_groups} must divide SYNTH_FEATURES={num_features}")
+        if not mean_active > 0 or not 0 <= group_share < 1:
+            raise ConfigError("mean_active must be > 0 and group_share in [0, 1)")
+        self.d = dim
+        self.num_features = num_features
+        self.num_groups = num_groups
+        key = jax.random.key(seed)
+        k_centre, k_own, self._key = jax.random.split(key, 3)
+        per_group = num_features // num_groups
+        centres = _unit(jax.random.normal(k_centre, (num_groups, dim)))
+        own = _unit(jax.random.normal(k_own, (num_features, dim)))
+        mixed = (
+            math.sqrt(group_share) * jnp.repeat(centres, per_group, axis=0)
+            + math.sqrt(1 - group_share) * own
+        )
+        self.features = _unit(mixed)  # [F, d], features of group g at rows g*F/G ...
+        freq = (jnp.arange(per_group) + 1.0) ** -power
+        self._cdf = jnp.cumsum(freq / freq.sum())  # [F/G] within-group draw distribution
+        self.mean_active = float(mean_active)
+        self.max_active = max(1, math.ceil(4 * mean_active))
+        sample = self._raw(jax.random.fold_in(self._key, 2**20), 8192)
+        self.scale = float(jnp.sqrt(dim / jnp.mean(jnp.sum(sample**2, axis=-1))))
+
+    def _raw(self, key: jax.Array, n: int) -> jax.Array:
+        return _generate(
+            key, self.features, self._cdf, self.mean_active, n, self.max_active, self.num_groups
+        )
+
+    def batch(self, split: str, step: int, size: int) -> jax.Array:
+        """Deterministic [size, d] float32 batch number `step` of `split` ('train' or 'eval')."""
+        key = jax.random.fold_in(jax.random.fold_in(self._key, _SPLITS[split]), step)
+        return self._raw(key, size) * self.scale
+
+    def sample(self, size: int) -> np.ndarray:
+        """A [size, d] sample for data-dependent initialisation (not a training batch)."""
+        return np.asarray(self.batch("train", 2**30, size))
+
+
+def _unit(v: jax.Array) -> jax.Array:
+    return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _generate(key, features, cdf, mean_active, n: int, max_active: int, groups: int):
+    """[n, d]: sum over a token's drawn features of magnitude * direction."""
+    k_group, k_count, k_ids, k_mag = jax.random.split(key, 4)
+    group = jax.random.randint(k_group, (n, 1), 0, groups)
+    count = jax.random.poisson(k_count, mean_active, (n,))
+    within = jnp.searchsorted(cdf, jax.random.uniform(k_ids, (n, max_active)) * cdf[-1])
+    ids = group * cdf.shape[0] + jnp.minimum(within, cdf.shape[0] - 1)
+    mag = jax.random.uniform(k_mag, (n, max_active), minval=0.5, maxval=1.5)
+    mag = mag * (jnp.arange(max_active) < count[:, None])
+    return jnp.einsum("nm,nmd->nd", mag, features[ids])
+
+
+def make_source(spec: str) -> SyntheticData:
+    """Build the data source a TRAIN_DATA / EVAL_DATA string names."""
+    if spec == "synthetic":
+        return SyntheticData()
+    raise ConfigError(f"unknown data source {spec!r}: only 'synthetic' is supported so far")

@@ -1,0 +1,43 @@
+"""Metric output: one JSON object per logged step in DIR/metrics.jsonl, and a console bar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def to_python(value: Any) -> Any:
+    """Arrays and numpy scalars -> JSON-ready floats, ints and lists."""
+    arr = np.asarray(value)
+    if arr.ndim:
+        return [to_python(v) for v in arr]
+    item = arr.item()
+    if isinstance(item, float) and not math.isfinite(item):
+        return None if math.isnan(item) else item
+    return item
+
+
+class MetricWriter:
+    def __init__(self, workdir: str | Path, append: bool = False):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a" if append else "w")
+
+    def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        row = {"step": step, **{k: to_python(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        return row
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def summary(row: dict[str, Any], names: tuple[str, ...]) -> str:
+    """A compact 'name=value' line of the scalar entries that exist."""
+    parts = [f"{n}={row[n]:.4g}" for n in names if isinstance(row.get(n), int | float)]
+    return " ".join(parts)

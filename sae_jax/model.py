@@ -1,0 +1,114 @@
+"""The Switch SAE (Mudide et al. 2024) as a Flax NNX module.
+
+    p(x)  = softmax(W_router^T (x - b_router))       router, float32
+    i*    = argmax_i p_i(x)                           top-1 routing
+    z     = TopK_k(ReLU(W_enc[i*] (x - b_dec) + b_enc[i*]))
+    x_hat = p_{i*}(x) * W_dec[i*]^T z + b_dec
+
+With `num_experts = 1` there is no router and the module is a plain TopK SAE (Gao et al. 2024).
+Tokens are dispatched into [N, C, d] capacity buffers so only the routed expert's encoder runs;
+tokens past an expert's capacity are dropped and reconstruct to b_dec.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sae_jax import dispatch, routing
+from sae_jax.config import SAEConfig
+from sae_jax.experts import ExpertParams, run_experts
+
+EXPERT_AXES = ("expert", None, None)
+
+
+class SwitchOut(NamedTuple):
+    """Forward results. Per-token arrays first, then sums over tokens (psum-able)."""
+
+    x_hat: jax.Array  # [T, d]
+    expert: jax.Array  # [T] int32 routed expert
+    gate: jax.Array  # [T] float32 router probability of the routed expert (1 for N = 1)
+    kept: jax.Array  # [T] bool, False where the token overflowed its expert's capacity
+    expert_counts: jax.Array  # [N] tokens routed to each expert (before dropping)
+    prob_sums: jax.Array  # [N] summed router probabilities
+    fired: jax.Array  # [N, L] tokens on which each latent fired
+    l0_sum: jax.Array  # [] active latents summed over kept tokens
+    aux_err: jax.Array  # [] AuxK squared error sum
+    aux_norm: jax.Array  # [] AuxK residual norm sum
+
+
+def unit_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Normalise the last axis to unit L2 norm."""
+    return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), eps)
+
+
+class SwitchSAE(nnx.Module):
+    """Parameters: b_dec [d], b_router [d], w_router [d, N], and per expert w_enc [N, L, d]
+    (encoder rows), b_enc [N, L], w_dec [N, L, d] (unit-norm rows). Expert tensors are
+    annotated with the 'expert' mesh axis; create the module under `jax.set_mesh`.
+    """
+
+    def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        n, lat, d = cfg.num_experts, cfg.latents_per_expert, cfg.d
+        w_dec = unit_rows(jax.random.normal(rngs.params(), (n, lat, d), jnp.float32))
+        # Tied init: the encoder starts as the decoder's transpose.
+        self.w_dec = nnx.Param(w_dec, out_sharding=EXPERT_AXES)
+        self.w_enc = nnx.Param(jnp.copy(w_dec), out_sharding=EXPERT_AXES)
+        self.b_enc = nnx.Param(jnp.zeros((n, lat), jnp.float32), out_sharding=("expert", None))
+        self.b_dec = nnx.Param(jnp.zeros((d,), jnp.float32))
+        if n > 1:
+            w_router = jax.random.normal(rngs.params(), (d, n), jnp.float32) / jnp.sqrt(d)
+            self.w_router = nnx.Param(w_router)
+            self.b_router = nnx.Param(jnp.zeros((d,), jnp.float32))
+
+    def __call__(
+        self, x: jax.Array, dead: jax.Array | None = None, capacity_factor: float | None = None
+    ) -> SwitchOut:
+        """x: [T, d]; dead: [N, L] bool dead-latent mask for AuxK (None: no AuxK)."""
+        cfg = self.cfg
+        if dead is None:
+            dead = jnp.zeros((cfg.num_experts, cfg.latents_per_expert), bool)
+        cf = cfg.capacity_factor if capacity_factor is None else capacity_factor
+        experts = ExpertParams(self.w_enc[...], self.b_enc[...], self.w_dec[...])
+        router = (self.w_router[...], self.b_router[...]) if cfg.num_experts > 1 else None
+        return switch_apply(experts, router, self.b_dec[...], x, dead, cfg, cf)
+
+
+def switch_apply(
+    experts: ExpertParams,
+    router: tuple[jax.Array, jax.Array] | None,
+    b_dec: jax.Array,
+    x: jax.Array,
+    dead: jax.Array,
+    cfg: SAEConfig,
+    capacity_factor: float,
+) -> SwitchOut:
+    """Route, dispatch into capacity buffers, run every expert on its buffer, combine."""
+    tokens, n = x.shape[0], cfg.num_experts
+    x = x.astype(jnp.float32)
+    xc = x - b_dec
+    if router is None:
+        expert = jnp.zeros((tokens,), jnp.int32)
+        gate = jnp.ones((tokens,), jnp.float32)
+        counts = prob_sums = jnp.full((1,), tokens, jnp.float32)  # every token has p = 1
+        slot, cap = jnp.arange(tokens, dtype=jnp.int32), tokens
+    else:
+        r = routing.route(x, *router)
+        expert, gate = r.expert, r.gate
+        counts, prob_sums = routing.load_sums(r, n)
+        slot = dispatch.assign_slots(expert, n)
+        cap = dispatch.capacity(tokens, n, capacity_factor)
+    kept = slot < cap
+    buffers = [dispatch.to_buffers(v, expert, slot, n, cap) for v in (xc, gate, kept)]
+    out = run_experts(experts, *buffers, dead, k=cfg.k, k_aux=cfg.k_aux_effective)
+    recon = dispatch.from_buffers(out.recon, expert, slot)
+    x_hat = gate[:, None] * recon + b_dec
+    l0_sum = jnp.sum((out.latents > 0) * buffers[2][..., None])
+    return SwitchOut(
+        x_hat, expert, gate, kept, counts, prob_sums, out.fired, l0_sum, out.aux_err, out.aux_norm
+    )

@@ -1,0 +1,46 @@
+"""Top-1 router and the Switch Transformer load-balancing loss."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+    probs: jax.Array  # [tokens, N] float32
+    expert: jax.Array  # [tokens] int32, argmax expert
+    gate: jax.Array  # [tokens] float32, probability of the chosen expert
+
+
+def route(x: jax.Array, w_router: jax.Array, b_router: jax.Array) -> Routing:
+    """p(x) = softmax(W_router^T (x - b_router)), computed in float32.
+
+    x: [tokens, d]; w_router: [d, N]; b_router: [d].
+    """
+    logits = (x.astype(jnp.float32) - b_router.astype(jnp.float32)) @ w_router.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    expert = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+    gate = jnp.take_along_axis(probs, expert[:, None], axis=-1)[:, 0]
+    return Routing(probs, expert, gate)
+
+
+def load_sums(routing: Routing, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Per-expert token counts and summed probabilities, both [N] (summable across devices)."""
+    counts = jnp.zeros(num_experts, jnp.float32).at[routing.expert].add(1.0)
+    return counts, routing.probs.sum(axis=0)
+
+
+def load_balance_loss(
+    counts: jax.Array, prob_sums: jax.Array, tokens: int | jax.Array
+) -> jax.Array:
+    """N * sum_i f_i P_i: f_i fraction of tokens routed to i, P_i mean probability of i.
+
+    Equals 1 for a uniform router; only f is piecewise constant, so the gradient reaches the
+    router through P.
+    """
+    num_experts = counts.shape[0]
+    f = jax.lax.stop_gradient(counts) / tokens
+    p = prob_sums / tokens
+    return num_experts * jnp.sum(f * p)

@@ -1,0 +1,33 @@
+"""Plain per-token numpy implementations of the model equations, for equivalence tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def topk_sae_token(x, w_enc, b_enc, w_dec, b_dec, k):
+    """Gao et al. TopK SAE on one token: w_enc/w_dec [L, d] rows. Returns (x_hat, z)."""
+    pre = w_enc @ (x - b_dec) + b_enc
+    z = np.zeros_like(pre)
+    top = np.argsort(-pre)[:k]
+    z[top] = np.maximum(pre[top], 0.0)
+    return z @ w_dec + b_dec, z
+
+
+def switch_sae(x, params: dict, k: int):
+    """Switch SAE, token by token, no capacity limit. Returns x_hat [T, d], expert [T], p [T]."""
+    x_hat, experts, gates = [], [], []
+    for tok in x:
+        logits = (tok - params["b_router"]) @ params["w_router"]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        i = int(np.argmax(probs))
+        centred = tok - params["b_dec"]
+        no_bias = np.zeros_like(tok)
+        recon, _ = topk_sae_token(
+            centred, params["w_enc"][i], params["b_enc"][i], params["w_dec"][i], no_bias, k
+        )
+        x_hat.append(probs[i] * recon + params["b_dec"])
+        experts.append(i)
+        gates.append(probs[i])
+    return np.array(x_hat), np.array(experts), np.array(gates)

@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import train as train_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "--gin.STEPS=4", "--gin.BATCH_SIZE=256", "--gin.NUM_LATENTS=128", "--gin.K=4",
+    "--gin.SYNTH_DIM=16", "--gin.SYNTH_FEATURES=64", "--gin.LOG_EVERY=2",
+    "--gin.TrainConfig.eval_tokens=512", "--no_progress",
+]  # fmt: skip
+
+
+def test_cli_runs_with_overrides(tmp_path, capsys):
+    rc = train_cli.main([f"--workdir={tmp_path}", "--gin.NUM_EXPERTS=2", *TINY])
+    assert rc == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    assert len(train_rows[-1]["expert_load"]) == 2
+    final = rows[-1]
+    assert final["step"] == 4 and "eval/fvu" in final and "eval/feature_recovery" in final
+    assert (
+        "STEPS = 4" in (tmp_path / "config.gin").read_text()
+        or "steps = 4" in (tmp_path / "config.gin").read_text()
+    )
+    assert "eval/fvu=" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        ("--gin.STEPZ=3", "unknown macro 'STEPZ'"),
+        ("--gin.K=1000", "K=1000 exceeds the latents per expert"),
+        ("--gin.NUM_LATENTS=102", "not divisible by NUM_EXPERTS"),
+        ("--gin.TrainConfig.stepz=3", "stepz"),
+        ("--gin.STEPS=-1", "STEPS=-1 must be a positive integer"),
+        ("--gin.NOT_A_BINDING", "NAME=VALUE"),
+    ],
+)
+def test_cli_rejects_bad_binding_in_one_line(tmp_path, capsys, binding, message):
+    rc = train_cli.main([f"--workdir={tmp_path}", *TINY, binding])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert message in err
+    assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert train_cli.main(["--gin_file=nope.gin", f"--workdir={tmp_path}"]) == 2
+    assert "config file not found: nope.gin" in capsys.readouterr().err
+
+
+def test_module_entry_point_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.train", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "--gin_file" in out.stdout

@@ -1,0 +1,144 @@
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_model
+from flax import nnx
+from reference import switch_sae, topk_sae_token
+
+from sae_jax import dispatch
+from sae_jax.config import ConfigError, SAEConfig
+from sae_jax.losses import loss_and_metrics
+from sae_jax.routing import load_balance_loss
+
+
+def params_np(model) -> dict:
+    return {k: np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(model)).items()}
+
+
+def test_switch_matches_per_token_reference(mesh1):
+    cfg = SAEConfig(d=16, num_latents=64, num_experts=4, k=5, k_aux=0, capacity_factor=4.0)
+    model = random_model(cfg)
+    x = np.random.default_rng(1).normal(size=(48, 16)).astype(np.float32)
+    out = model(jnp.asarray(x))
+    ref_hat, ref_expert, ref_gate = switch_sae(x, params_np(model), cfg.k)
+    assert bool(out.kept.all())
+    assert len(set(ref_expert.tolist())) > 1, "the test must exercise several experts"
+    np.testing.assert_array_equal(np.asarray(out.expert), ref_expert)
+    np.testing.assert_allclose(np.asarray(out.gate), ref_gate, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out.x_hat), ref_hat, rtol=1e-4, atol=1e-5)
+
+
+def test_single_expert_is_a_topk_sae(mesh1):
+    cfg = SAEConfig(d=12, num_latents=40, num_experts=1, k=6, k_aux=0)
+    model = random_model(cfg, seed=3)
+    assert not hasattr(model, "w_router")
+    x = np.random.default_rng(2).normal(size=(20, 12)).astype(np.float32)
+    out = model(jnp.asarray(x))
+    p = params_np(model)
+    for t in range(len(x)):
+        ref, z = topk_sae_token(x[t], p["w_enc"][0], p["b_enc"][0], p["w_dec"][0], p["b_dec"], 6)
+        np.testing.assert_allclose(np.asarray(out.x_hat[t]), ref, rtol=1e-4, atol=1e-5)
+    assert bool(out.kept.all()) and np.allclose(np.asarray(out.gate), 1.0)
+
+
+def test_capacity_drops_exactly_the_overflow(mesh1):
+    cfg = SAEConfig(d=8, num_latents=32, num_experts=4, k=2, k_aux=0, capacity_factor=1.0)
+    model = random_model(cfg, seed=5)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(64, 8)), jnp.float32)
+    out = model(x)
+    cap = dispatch.capacity(64, 4, 1.0)
+    counts = np.bincount(np.asarray(out.expert), minlength=4)
+    expected_drops = np.maximum(counts - cap, 0).sum()
+    assert expected_drops > 0, "the router must overflow some expert for this test"
+    assert int((~out.kept).sum()) == expected_drops
+    # The first `cap` tokens of each expert are kept, in order; dropped ones give b_dec.
+    expert = np.asarray(out.expert)
+    for i in range(4):
+        kept_i = np.asarray(out.kept)[expert == i]
+        assert kept_i[: min(cap, len(kept_i))].all() and not kept_i[cap:].any()
+    dropped = ~np.asarray(out.kept)
+    np.testing.assert_allclose(
+        np.asarray(out.x_hat)[dropped], np.broadcast_to(model.b_dec[...], (dropped.sum(), 8))
+    )
+    _, metrics = loss_and_metrics(x, out, lb_alpha=3.0, aux_weight=0.0)
+    assert float(metrics["drop_fraction"]) == pytest.approx(expected_drops / 64)
+
+
+def test_assign_slots_counts_earlier_tokens():
+    expert = jnp.array([2, 0, 2, 2, 1, 0])
+    np.testing.assert_array_equal(dispatch.assign_slots(expert, 3), [0, 0, 1, 2, 0, 1])
+    assert dispatch.capacity(10, 4, 1.25) == 4
+
+
+def test_load_balance_loss_is_one_for_uniform_router():
+    tokens, n = 100, 8
+    probs_sum = jnp.full((n,), tokens / n)
+    for counts in (jnp.full((n,), tokens / n), jnp.zeros(n).at[0].set(tokens)):
+        assert float(load_balance_loss(counts, probs_sum, tokens)) == pytest.approx(1.0)
+    # A router that sends everything to expert 0 with certainty costs N.
+    assert float(
+        load_balance_loss(jnp.zeros(n).at[0].set(tokens), jnp.zeros(n).at[0].set(tokens), tokens)
+    ) == pytest.approx(n)
+
+
+def test_router_gets_gradient(mesh1):
+    cfg = SAEConfig(d=16, num_latents=64, num_experts=4, k=4, k_aux=0, capacity_factor=4.0)
+    model = random_model(cfg)
+    graphdef, state = nnx.split(model)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 16)), jnp.float32)
+
+    def loss(state, lb_alpha):
+        out = nnx.merge(graphdef, state)(x)
+        return loss_and_metrics(x, out, lb_alpha=lb_alpha, aux_weight=0.0)[0]
+
+    for lb_alpha in (0.0, 3.0):  # the gate scaling alone gives the router a gradient
+        grads = nnx.to_pure_dict(jax.grad(loss)(state, lb_alpha))
+        assert float(jnp.abs(grads["w_router"]).max()) > 1e-6
+        assert float(jnp.abs(grads["b_router"]).max()) > 1e-6
+
+
+@pytest.mark.parametrize("num_experts", [1, 8])
+def test_no_tokens_by_latents_array_with_experts(mesh1, num_experts):
+    tokens, m = 512, 2048
+    cfg = SAEConfig(d=32, num_latents=m, num_experts=num_experts, k=8, k_aux=16)
+    graphdef, state = nnx.split(random_model(cfg))
+    x = jnp.zeros((tokens, 32))
+    dead = jnp.ones((num_experts, m // num_experts), bool)
+
+    def loss(state):
+        out = nnx.merge(graphdef, state)(x, dead)
+        return loss_and_metrics(x, out, lb_alpha=3.0, aux_weight=1 / 32)[0]
+
+    shapes = _all_shapes(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    big = [s for s in shapes if np.prod(s) >= tokens * m]
+    if num_experts == 1:
+        assert big, "the dense TopK SAE does build [tokens, M] pre-activations"
+    else:
+        assert any(m // 8 in s for s in shapes)  # per-expert [C, L] arrays exist
+        assert not big, f"a [tokens, M]-sized array: {big}"
+
+
+def _all_shapes(jaxpr) -> list[tuple[int, ...]]:
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += _all_shapes(sub)
+    return shapes
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_latents=100, num_experts=8), "not divisible by NUM_EXPERTS"),
+        (dict(num_latents=64, num_experts=4, k=17), "exceeds the latents per expert"),
+        (dict(k=0), "K=0"),
+        (dict(capacity_factor=0.0), "CAPACITY_FACTOR"),
+    ],
+)
+def test_bad_model_config_is_one_line(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        SAEConfig(d=8, **kwargs).validate()
+    assert "\n" not in str(e.value)

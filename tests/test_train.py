@@ -1,0 +1,125 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import random_model
+from flax import nnx
+
+from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.data import SyntheticData
+from sae_jax.init import geometric_median
+from sae_jax.train_step import init_state, make_optimizer, make_train_step, project_decoder_grad
+from sae_jax.trainer import train
+
+
+def _steps(cfg: SAEConfig, tcfg: TrainConfig, batches: list[jax.Array]):
+    model = random_model(cfg)
+    tx = make_optimizer(tcfg, cfg.num_latents)
+    graphdef, state = nnx.graphdef(model), init_state(model, tx)
+    step = make_train_step(graphdef, tx, tcfg)
+    metrics = []
+    for x in batches:
+        state, m = step(state, x)
+        metrics.append(jax.device_get(m))
+    return state, metrics
+
+
+def test_decoder_rows_stay_unit_norm_and_aux_runs(mesh1):
+    cfg = SAEConfig(d=16, num_latents=128, num_experts=4, k=4, k_aux=8)
+    tcfg = TrainConfig(steps=6, batch_size=64, lr=1e-2, dead_after_tokens=64)
+    rng = np.random.default_rng(0)
+    batches = [jnp.asarray(rng.normal(size=(64, 16)), jnp.float32) for _ in range(6)]
+    state, metrics = _steps(cfg, tcfg, batches)
+    norms = np.linalg.norm(np.asarray(state.params["w_dec"][...]), axis=-1)
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    assert int(state.step) == 6
+    # After one batch most latents have not fired, so they are dead and AuxK is active.
+    assert metrics[-1]["dead_fraction"] > 0
+    assert metrics[-1]["aux_loss"] > 0
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_decoder_gradient_projection_is_orthogonal():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(2, 5, 7))
+    w /= np.linalg.norm(w, axis=-1, keepdims=True)
+    g = project_decoder_grad(jnp.asarray(rng.normal(size=(2, 5, 7))), jnp.asarray(w))
+    np.testing.assert_allclose(np.sum(np.asarray(g) * w, axis=-1), 0.0, atol=1e-6)
+
+
+def test_learning_rate_schedule_holds_then_decays():
+    tcfg = TrainConfig(steps=100, lr=None, decay_fraction=0.2)
+    lr = tcfg.learning_rate(2**16)
+    assert lr == pytest.approx(1e-4)
+    tx = make_optimizer(tcfg, 2**16)
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    sizes = []
+    for _ in range(100):
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        sizes.append(float(-updates["w"]))
+    assert sizes[0] == pytest.approx(lr, rel=1e-3)
+    assert sizes[79] == pytest.approx(lr, rel=1e-3)
+    assert sizes[90] == pytest.approx(lr * 0.5, rel=0.06)
+    assert sizes[99] < lr * 0.06
+    assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_geometric_median_resists_outliers():
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(200, 3))
+    pts[:10] += 1000.0  # outliers drag the mean, not the median
+    med = np.asarray(geometric_median(jnp.asarray(pts)))
+
+    def cost(y):
+        return np.linalg.norm(pts - y, axis=-1).sum()
+
+    assert np.linalg.norm(med) < 0.5
+    assert cost(med) < cost(pts.mean(0))
+    for delta in np.eye(3) * 1e-2:
+        assert cost(med) <= cost(med + delta) + 1e-6
+
+
+def test_synthetic_data_is_deterministic_and_normalised():
+    data = SyntheticData(dim=32, num_features=128, num_groups=8, seed=3)
+    a, b = data.batch("train", 7, 256), data.batch("train", 7, 256)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, data.batch("train", 8, 256))
+    assert not np.array_equal(a, data.batch("eval", 7, 256))
+    norms = np.sum(np.asarray(data.batch("train", 0, 8192)) ** 2, axis=-1)
+    assert norms.mean() == pytest.approx(32, rel=0.05)
+    np.testing.assert_allclose(np.linalg.norm(data.features, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_short_run_lowers_fvu_and_recovers_features(tmp_path):
+    # The default synthetic problem (512 features in 64 dims), a shorter run than default.gin.
+    cfg = SAEConfig(num_latents=1024, num_experts=4, k=8, k_aux=32)
+    tcfg = TrainConfig(
+        steps=400, batch_size=2048, lr=3e-3, log_every=50, eval_tokens=8192,
+        dead_after_tokens=200_000,
+    )  # fmt: skip
+    final = train(cfg, tcfg, tmp_path, progress=False)
+    rows = [r for r in _read(tmp_path / "metrics.jsonl") if "fvu" in r]
+    assert rows[0]["fvu"] > 2 * rows[-1]["fvu"]
+    assert final["eval/fvu"] < 0.12
+    assert final["eval/feature_recovery"] > 0.6
+    assert final["eval/drop_fraction"] < 0.05
+    assert set(rows[-1]) >= {
+        "step", "tokens", "loss", "mse", "fvu", "l0", "dead_fraction", "lb_loss",
+        "drop_fraction", "expert_load", "tokens_per_sec",
+    }  # fmt: skip
+    assert len(rows[-1]["expert_load"]) == 4
+
+
+def _read(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_config_dataclasses_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainConfig().steps = 3
