@@ -23,6 +23,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gin_file", action="append", default=[], help="gin config (repeatable)")
     parser.add_argument("--workdir", default=None, help="output directory (default runs/<config>)")
     parser.add_argument("--no_progress", action="store_true", help="no console progress bar")
+    multi = parser.add_argument_group(
+        "multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)"
+    )
+    multi.add_argument("--coordinator_address", default=None, help="host:port, or 'auto'")
+    multi.add_argument("--num_processes", type=int, default=None)
+    multi.add_argument("--process_id", type=int, default=None)
     gin_args = [a for a in argv if a.startswith("--gin.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
     args.bindings = [a[len("--gin.") :] for a in gin_args]
@@ -33,16 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Imported here so that --help answers without loading JAX.
     import gin
+    import jax
 
+    from sae_jax.distributed import initialize
     from sae_jax.gin_setup import DEFAULT_CONFIG, parse
     from sae_jax.trainer import TrainingError, train
 
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
     try:
         sae_cfg, train_cfg = parse(args.gin_file, args.bindings)
         stem = Path(args.gin_file[-1]).stem if args.gin_file else DEFAULT_CONFIG.stem
         workdir = Path(args.workdir or Path("runs") / stem)
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.gin").write_text(gin.config_str())
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.gin").write_text(gin.config_str())
         train(sae_cfg, train_cfg, workdir, progress=not args.no_progress)
     except (ConfigError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -76,6 +76,7 @@ class TrainConfig:
     lr: None picks 2e-4 / sqrt(NUM_LATENTS / 2**14) (Gao et al. 2024).
     lb_alpha: load-balancing weight against the per-dimension MSE.
     dead_after_tokens: a latent that has not fired for this many training tokens is dead.
+    mesh_shape: ('data', 'expert') device mesh; -1 = all remaining devices.
     """
 
     steps: int = 1000
@@ -93,6 +94,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_tokens: int = 65536
     log_every: int = 50
+    mesh_shape: tuple[int, int] = (-1, 1)
 
     def validate(self) -> TrainConfig:
         _positive("STEPS", self.steps)

@@ -33,13 +33,13 @@ def make_eval_step(graphdef: nnx.GraphDef, capacity_factor: float, lb_alpha: flo
     return eval_step
 
 
-def evaluate(eval_step, params: nnx.State, source, *, tokens: int, batch_size: int) -> dict:
-    """Mean metrics over `tokens` held-out tokens; FVU uses the pooled variance of all of them."""
+def evaluate(
+    eval_step, params: nnx.State, batch_fn, *, tokens: int, batch_size: int, features=None
+) -> dict:
+    """Mean metrics over `tokens` held-out tokens from batch_fn(i) -> [batch_size, d]; FVU uses
+    the pooled variance of all of them. `features`: planted [F, d] directions, if known."""
     batches = max(1, tokens // batch_size)
-    parts = [
-        jax.device_get(eval_step(params, source.batch("eval", i, batch_size)))
-        for i in range(batches)
-    ]
+    parts = [jax.device_get(eval_step(params, batch_fn(i))) for i in range(batches)]
     n = batches * batch_size
     result = {}
     for name in ("loss", "mse", "l0", "lb_loss", "drop_fraction", "expert_load"):
@@ -47,6 +47,6 @@ def evaluate(eval_step, params: nnx.State, source, *, tokens: int, batch_size: i
     sum_x = np.sum([p["sum_x"] for p in parts], axis=0)
     total_var = np.sum([p["sum_x2"] for p in parts]) - np.sum(sum_x**2) / n
     result["fvu"] = np.sum([p["sq_err"] for p in parts]) / max(total_var, 1e-12)
-    if hasattr(source, "features"):
-        result["feature_recovery"] = feature_recovery(source.features, params["w_dec"][...])
+    if features is not None:
+        result["feature_recovery"] = feature_recovery(features, params["w_dec"][...])
     return {f"eval/{k}": v for k, v in result.items()}

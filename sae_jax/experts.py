@@ -94,7 +94,7 @@ def auxk_loss_sums(p: ExpertParams, xc, gate, valid, dead, recon, pre, k_aux: in
     dead. Gradient reaches the expert weights only (the residual target is frozen). A custom
     VJP keeps the cond's untaken branch free: no residual buffers are built for it.
     """
-    zero = jnp.zeros((), jnp.float32)
+    zero = jnp.zeros_like(pre, shape=())  # keeps pre's varying mesh axes under shard_map
     args = (p, xc, gate, valid, dead, recon, pre)
     return jax.lax.cond(dead.any(), lambda: _auxk_total(*args, k_aux), lambda: (zero, zero))
 

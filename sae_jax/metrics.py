@@ -27,8 +27,9 @@ class MetricWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a" if append else "w")
 
-    def write(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        row = {"step": step, **{k: to_python(v) for k, v in metrics.items()}}
+    def write(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Append one row (a dict that holds "step"); returns it JSON-ready."""
+        row = {k: to_python(v) for k, v in metrics.items()}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         return row

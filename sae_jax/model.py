@@ -12,15 +12,18 @@ tokens past an expert's capacity are dropped and reconstruct to b_dec.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from sae_jax import dispatch, routing
-from sae_jax.config import SAEConfig
+from sae_jax.config import ConfigError, SAEConfig
 from sae_jax.experts import ExpertParams, run_experts
+from sae_jax.mesh import AXES
 
 EXPERT_AXES = ("expert", None, None)
 
@@ -53,6 +56,9 @@ class SwitchSAE(nnx.Module):
 
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
         cfg.validate()
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty:
+            check_mesh(cfg, dict(mesh.shape))
         self.cfg = cfg
         n, lat, d = cfg.num_experts, cfg.latents_per_expert, cfg.d
         w_dec = unit_rows(jax.random.normal(rngs.params(), (n, lat, d), jnp.float32))
@@ -69,14 +75,48 @@ class SwitchSAE(nnx.Module):
     def __call__(
         self, x: jax.Array, dead: jax.Array | None = None, capacity_factor: float | None = None
     ) -> SwitchOut:
-        """x: [T, d]; dead: [N, L] bool dead-latent mask for AuxK (None: no AuxK)."""
+        """x: [T, d] (sharded over every device); dead: [N, L] bool mask for AuxK (None: off).
+
+        Under a ('data', 'expert') mesh the forward runs in `jax.shard_map`: each device routes
+        its own tokens and an all_to_all over 'expert' moves the capacity buffers to the
+        devices that hold the experts. Without a mesh it runs as one local computation.
+        """
         cfg = self.cfg
         if dead is None:
             dead = jnp.zeros((cfg.num_experts, cfg.latents_per_expert), bool)
         cf = cfg.capacity_factor if capacity_factor is None else capacity_factor
         experts = ExpertParams(self.w_enc[...], self.b_enc[...], self.w_dec[...])
         router = (self.w_router[...], self.b_router[...]) if cfg.num_experts > 1 else None
-        return switch_apply(experts, router, self.b_dec[...], x, dead, cfg, cf)
+        args = (experts, router, self.b_dec[...], x, dead)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return switch_apply(*args, cfg=cfg, capacity_factor=cf)
+        check_mesh(cfg, dict(mesh.shape), x.shape[0])
+        local = functools.partial(
+            switch_apply, cfg=cfg, capacity_factor=cf, expert_axis="expert", all_axes=AXES
+        )
+        expert_spec = P("expert")
+        in_specs = (
+            ExpertParams(expert_spec, expert_spec, expert_spec),
+            None if router is None else (P(), P()),
+            P(),
+            P(AXES),
+            expert_spec,
+        )
+        tok = P(AXES)
+        out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P())
+        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+
+def check_mesh(cfg: SAEConfig, mesh_shape: dict[str, int], tokens: int | None = None) -> None:
+    """One-line errors for a mesh that cannot hold this model or this batch of tokens."""
+    e, devices = mesh_shape["expert"], mesh_shape["data"] * mesh_shape["expert"]
+    if cfg.num_experts % e:
+        raise ConfigError(
+            f"NUM_EXPERTS={cfg.num_experts} is not divisible by the 'expert' mesh axis ({e})"
+        )
+    if tokens is not None and tokens % devices:
+        raise ConfigError(f"batch of {tokens} tokens is not divisible by {devices} devices")
 
 
 def switch_apply(
@@ -85,10 +125,18 @@ def switch_apply(
     b_dec: jax.Array,
     x: jax.Array,
     dead: jax.Array,
+    *,
     cfg: SAEConfig,
     capacity_factor: float,
+    expert_axis: str | None = None,
+    all_axes: tuple[str, ...] | None = None,
 ) -> SwitchOut:
-    """Route, dispatch into capacity buffers, run every expert on its buffer, combine."""
+    """Route, dispatch into capacity buffers, run the experts on their buffers, combine.
+
+    Written for one device's share: x [T_local, d], experts [N_local, ...], dead [N_local, L].
+    With `expert_axis` (inside shard_map) the [N, C, .] buffers go through an all_to_all to
+    [N_local, E*C, .] on the expert's device and back, and sums are psum'd over `all_axes`.
+    """
     tokens, n = x.shape[0], cfg.num_experts
     x = x.astype(jnp.float32)
     xc = x - b_dec
@@ -105,10 +153,20 @@ def switch_apply(
         cap = dispatch.capacity(tokens, n, capacity_factor)
     kept = slot < cap
     buffers = [dispatch.to_buffers(v, expert, slot, n, cap) for v in (xc, gate, kept)]
+    if expert_axis:
+        buffers = [jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True) for b in buffers]
     out = run_experts(experts, *buffers, dead, k=cfg.k, k_aux=cfg.k_aux_effective)
-    recon = dispatch.from_buffers(out.recon, expert, slot)
+    recon_buf = out.recon
+    if expert_axis:
+        recon_buf = jax.lax.all_to_all(recon_buf, expert_axis, 1, 0, tiled=True)
+    recon = dispatch.from_buffers(recon_buf, expert, slot)
     x_hat = gate[:, None] * recon + b_dec
     l0_sum = jnp.sum((out.latents > 0) * buffers[2][..., None])
-    return SwitchOut(
-        x_hat, expert, gate, kept, counts, prob_sums, out.fired, l0_sum, out.aux_err, out.aux_norm
-    )
+    sums = (counts, prob_sums, l0_sum, out.aux_err, out.aux_norm)
+    fired = out.fired
+    if all_axes:
+        sums = jax.lax.psum(sums, all_axes)
+        data_axes = tuple(a for a in all_axes if a != expert_axis)
+        fired = jax.lax.psum(fired, data_axes)
+    counts, prob_sums, l0_sum, aux_err, aux_norm = sums
+    return SwitchOut(x_hat, expert, gate, kept, counts, prob_sums, fired, l0_sum, aux_err, aux_norm)

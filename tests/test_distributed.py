@@ -1,0 +1,85 @@
+"""Training on 1 device, 8 simulated devices and 2 processes x 4 devices gives the same run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launch import train as train_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = [
+    "--gin.STEPS=50", "--gin.BATCH_SIZE=512", "--gin.NUM_LATENTS=256", "--gin.NUM_EXPERTS=8",
+    "--gin.K=4", "--gin.SYNTH_DIM=16", "--gin.SYNTH_FEATURES=64", "--gin.LOG_EVERY=10",
+    "--gin.CAPACITY_FACTOR=8.0", "--gin.EVAL_CAPACITY_FACTOR=8.0", "--gin.LR=1e-3",
+    "--gin.TrainConfig.eval_tokens=1024", "--gin.TrainConfig.dead_after_tokens=4096",
+    "--gin.SAEConfig.k_aux=8", "--no_progress",
+]  # fmt: skip
+SKIP = {"tokens_per_sec", "step", "tokens"}
+
+
+def _rows(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: list[dict], b: list[dict], rtol: float = 2e-3) -> None:
+    """Equal to float tolerance. Summation order differs across meshes, so a latent whose
+    firing is a near-tie may flip: dead_fraction may differ by 2 of the 256 latents."""
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 6
+    for ra, rb in zip(a, b, strict=True):
+        assert set(ra) == set(rb)
+        for key in set(ra) - SKIP:
+            atol = 2 / 256 if key == "dead_fraction" else 1e-6
+            np.testing.assert_allclose(ra[key], rb[key], rtol=rtol, atol=atol, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory) -> list[dict]:
+    workdir = tmp_path_factory.mktemp("one")
+    assert train_cli.main([f"--workdir={workdir}", "--gin.MESH_SHAPE=(1, 1)", *RUN]) == 0
+    rows = _rows(workdir)
+    assert rows[-2]["dead_fraction"] > 0, "the run should exercise AuxK"
+    return rows
+
+
+@pytest.mark.parametrize("mesh", ["(1, 8)", "(2, 4)", "(8, 1)"])
+def test_eight_devices_train_like_one(tmp_path, one_device_run, mesh):
+    assert train_cli.main([f"--workdir={tmp_path}", f"--gin.MESH_SHAPE={mesh}", *RUN]) == 0
+    assert_same_run(_rows(tmp_path), one_device_run)
+
+
+def test_two_processes_match_one_process(tmp_path, one_device_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.train",
+                f"--workdir={tmp_path}",
+                "--gin.MESH_SHAPE=(2, 4)",
+                *RUN,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert_same_run(_rows(tmp_path), one_device_run)

@@ -1,0 +1,67 @@
+"""The sharded model equals the single-device model on 8 simulated CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_model
+from flax import nnx
+
+from sae_jax.config import ConfigError, SAEConfig
+from sae_jax.losses import loss_and_metrics
+from sae_jax.mesh import make_mesh, token_sharding
+
+CFG = SAEConfig(d=16, num_latents=256, num_experts=8, k=4, k_aux=8, capacity_factor=8.0)
+
+
+def _forward_and_grads(mesh, x, dead):
+    with jax.set_mesh(mesh):
+        graphdef, state = nnx.split(random_model(CFG, seed=7))
+        xs = jax.device_put(x, token_sharding(mesh))
+
+        def loss(state):
+            out = nnx.merge(graphdef, state)(xs, dead)
+            value, metrics = loss_and_metrics(xs, out, lb_alpha=3.0, aux_weight=1 / 32)
+            return value, (out, metrics)
+
+        (value, (out, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+        return jax.device_get((value, out, metrics, nnx.to_pure_dict(grads)))
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (4, 2), (8, 1)])
+def test_sharded_equals_single_device(shape):
+    assert len(jax.devices()) == 8
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(128, 16)), jnp.float32)
+    dead = jnp.asarray(rng.random((8, 32)) < 0.5)
+    ref = _forward_and_grads(make_mesh((1, 1)), x, dead)
+    got = _forward_and_grads(make_mesh(shape), x, dead)
+    (ref_loss, ref_out, ref_m, ref_g), (loss, out, m, g) = ref, got
+    assert bool(out.kept.all()) and bool(ref_out.kept.all())
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(out.x_hat, ref_out.x_hat, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out.expert, ref_out.expert)
+    np.testing.assert_allclose(out.fired, ref_out.fired)
+    for name in ("mse", "fvu", "l0", "lb_loss", "aux_loss", "expert_load"):
+        np.testing.assert_allclose(m[name], ref_m[name], rtol=1e-5, err_msg=name)
+    assert ref_m["aux_loss"] > 0
+    for name, ref_grad in ref_g.items():
+        assert np.abs(ref_grad).max() > 0, name
+        np.testing.assert_allclose(g[name], ref_grad, rtol=2e-4, atol=1e-6, err_msg=name)
+
+
+def test_mesh_errors_are_one_line():
+    cfg = SAEConfig(d=8, num_latents=48, num_experts=3, k=2)
+    with jax.set_mesh(make_mesh((2, 4))):
+        with pytest.raises(ConfigError, match="NUM_EXPERTS=3 is not divisible by the 'expert'"):
+            random_model(cfg)
+    cfg = SAEConfig(d=8, num_latents=64, num_experts=4, k=2)
+    with jax.set_mesh(make_mesh((2, 4))):
+        model = random_model(cfg)
+        with pytest.raises(ConfigError, match="batch of 60 tokens is not divisible by 8 devices"):
+            model(jnp.zeros((60, 8)))
+    with pytest.raises(ConfigError, match="needs 16 devices; have 8"):
+        make_mesh((4, 4))
+    with pytest.raises(ConfigError, match="not divisible by 3"):
+        make_mesh((3, -1))
+    assert make_mesh((2, -1)).shape == {"data": 2, "expert": 4}
