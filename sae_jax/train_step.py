@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sae_jax.config import TrainConfig
 from sae_jax.losses import loss_and_metrics
@@ -41,6 +42,11 @@ def init_state(model: SwitchSAE, tx: optax.GradientTransformation) -> TrainState
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), since)
 
 
+def sharding_of(tree: Any) -> Any:
+    """The shardings of a pytree of arrays (same structure)."""
+    return jax.tree.map(lambda a: a.sharding, tree)
+
+
 def project_decoder_grad(grad: jax.Array, w_dec: jax.Array) -> jax.Array:
     """Remove the gradient component parallel to each (unit) decoder row. [N, L, d]."""
     return grad - jnp.sum(grad * w_dec, axis=-1, keepdims=True) * w_dec
@@ -56,15 +62,29 @@ def _map_w_dec(fn, tree: nnx.State, *others: nnx.State) -> nnx.State:
     return jax.tree_util.tree_map_with_path(leaf, tree, *others)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, tcfg: TrainConfig):
-    """Returns step(state, x [T, d]) -> (state, metrics); jitted, the state buffers donated."""
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    tcfg: TrainConfig,
+    state_sharding: Any = None,
+):
+    """Returns step(state, x [T, d]) -> (state, metrics); jitted, the state buffers donated.
+
+    `state_sharding` (a pytree of shardings, see `sharding_of`) pins the new state to the
+    layout of the old one, so the second step does not recompile for a different layout.
+    """
 
     def loss_fn(params, x, dead):
         out = nnx.merge(graphdef, params)(x, dead)
         loss, metrics = loss_and_metrics(x, out, lb_alpha=tcfg.lb_alpha, aux_weight=tcfg.aux_weight)
         return loss, (metrics, out.fired)
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    out_shardings = None
+    if state_sharding is not None:
+        mesh = jax.tree.leaves(state_sharding)[0].mesh
+        out_shardings = (state_sharding, NamedSharding(mesh, PartitionSpec()))
+
+    @functools.partial(jax.jit, donate_argnums=0, out_shardings=out_shardings)
     def step(state: TrainState, x: jax.Array):
         dead = state.since_fired >= tcfg.dead_after_tokens
         grads, (metrics, fired) = jax.grad(loss_fn, has_aux=True)(state.params, x, dead)

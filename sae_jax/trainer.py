@@ -19,7 +19,7 @@ from sae_jax.init import geometric_median
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.metrics import MetricWriter, summary
 from sae_jax.model import SwitchSAE, check_mesh
-from sae_jax.train_step import init_state, make_optimizer, make_train_step
+from sae_jax.train_step import init_state, make_optimizer, make_train_step, sharding_of
 
 CONSOLE = ("loss", "fvu", "l0", "dead_fraction", "drop_fraction")
 FINAL = ("eval/fvu", "eval/mse", "eval/l0", "eval/drop_fraction", "eval/feature_recovery")
@@ -66,7 +66,7 @@ def train(
         tx = make_optimizer(tcfg, cfg.num_latents)
         graphdef, state = nnx.graphdef(model), init_state(model, tx)
         del model
-        step_fn = make_train_step(graphdef, tx, tcfg)
+        step_fn = make_train_step(graphdef, tx, tcfg, sharding_of(state))
         eval_step = make_eval_step(
             graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight
         )

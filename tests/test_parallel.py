@@ -65,3 +65,26 @@ def test_mesh_errors_are_one_line():
     with pytest.raises(ConfigError, match="not divisible by 3"):
         make_mesh((3, -1))
     assert make_mesh((2, -1)).shape == {"data": 2, "expert": 4}
+
+
+def test_expert_state_is_created_sharded():
+    from sae_jax.config import TrainConfig
+    from sae_jax.data import SyntheticData
+    from sae_jax.train_step import init_state, make_optimizer
+    from sae_jax.trainer import build_model
+
+    cfg = SAEConfig(d=16, num_latents=256, num_experts=8, k=4)
+    tcfg = TrainConfig(geometric_median_tokens=256)
+    with jax.set_mesh(make_mesh((2, 4))):
+        model = build_model(cfg, tcfg, SyntheticData(dim=16, num_features=64, num_groups=4))
+        state = init_state(model, make_optimizer(tcfg, cfg.num_latents))
+    params = state.params
+    for name in ("w_enc", "w_dec", "b_enc"):
+        array = params[name][...]
+        assert array.sharding.shard_shape(array.shape)[0] == 2, name  # 8 experts / 4
+    assert params["w_router"][...].sharding.is_fully_replicated
+    adam_mu = state.opt_state[1][0].mu["w_dec"][...]
+    assert adam_mu.sharding.shard_shape(adam_mu.shape)[0] == 2
+    b_dec = np.asarray(params["b_dec"][...])
+    np.testing.assert_array_equal(b_dec, np.asarray(params["b_router"][...]))
+    assert np.abs(b_dec).max() > 0  # geometric median of the sample, not zeros

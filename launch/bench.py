@@ -1,0 +1,145 @@
+"""Benchmark the training step: tokens/s, step time, FLOP/s and peak memory per device.
+
+    python -m launch.bench [--devices 8] [--out bench.json] [--steps 5]
+
+Runs on whatever backend is present. Rows: N = 1 (dense TopK) and N = 4, 16, 64 at the same
+NUM_LATENTS; dense rows at NUM_LATENTS / N for FLOP-matched pairs; and, with several devices,
+the N = 16 step on a 1 x devices mesh against one device on the same global batch.
+Ratios are meaningful within one run; absolute times only on an accelerator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--num_latents", type=int, default=16384)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--experts", default="1,4,16,64", help="N values at fixed NUM_LATENTS")
+    p.add_argument("--matched", default="4,16", help="dense baselines at NUM_LATENTS / N")
+    p.add_argument("--capacity_factor", type=float, default=1.25)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    p.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
+    p.add_argument("--mesh_expert", type=int, default=16, help="N for the multi-device rows")
+    p.add_argument("--out", default="bench.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.devices:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    import jax
+
+    rows = []
+    for n in [int(v) for v in args.experts.split(",") if v]:
+        rows.append(measure(args, n, args.num_latents, (1, 1)))
+    for n in [int(v) for v in args.matched.split(",") if v]:
+        row = measure(args, 1, args.num_latents // n, (1, 1))
+        row["matches"] = f"N={n}, M={args.num_latents}"
+        rows.append(row)
+    if len(jax.devices()) > 1:
+        devices = len(jax.devices())
+        for shape in ((1, 1), (1, devices)):
+            rows.append(measure(args, args.mesh_expert, args.num_latents, shape))
+    report = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "rows": rows}
+    print_table(report)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def measure(args, num_experts: int, num_latents: int, mesh_shape) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from sae_jax.config import SAEConfig, TrainConfig
+    from sae_jax.distributed import put_batch
+    from sae_jax.mesh import make_mesh, token_sharding
+    from sae_jax.model import SwitchSAE
+    from sae_jax.train_step import init_state, make_optimizer, make_train_step, sharding_of
+
+    cfg = SAEConfig(d=args.d, num_latents=num_latents, num_experts=num_experts, k=args.k,
+                    capacity_factor=args.capacity_factor).validate()  # fmt: skip
+    tcfg = TrainConfig(steps=1000, batch_size=args.batch)
+    mesh = make_mesh(mesh_shape)
+    with jax.set_mesh(mesh):
+        model = nnx.jit(lambda: SwitchSAE(cfg, rngs=nnx.Rngs(0)))()
+        tx = make_optimizer(tcfg, num_latents)
+        state = init_state(model, tx)
+        step = make_train_step(nnx.graphdef(model), tx, tcfg, sharding_of(state))
+        rng = np.random.default_rng(0)
+        x = put_batch(rng.normal(size=(args.batch, args.d)).astype(np.float32),
+                      token_sharding(mesh))  # fmt: skip
+        compiled = step.lower(state, x).compile()
+        state, metrics = step(state, x)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state, metrics = step(state, x)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / args.steps
+    devices = mesh_shape[0] * mesh_shape[1]
+    flops = _flops(compiled)
+    flops = flops * devices if flops else None  # XLA counts the per-device program
+    return {
+        "num_experts": num_experts,
+        "num_latents": num_latents,
+        "mesh": f"{mesh_shape[0]}x{mesh_shape[1]}",
+        "step_ms": 1e3 * seconds,
+        "tokens_per_sec": args.batch / seconds,
+        "gflop_per_step": flops / 1e9 if flops else None,
+        "gflops_per_sec": flops / seconds / 1e9 if flops else None,
+        "peak_mib_per_device": _peak_bytes(compiled) / 2**20,
+        "tokens_by_latents_mib": args.batch * num_latents * 4 / devices / 2**20,
+    }
+
+
+def _flops(compiled) -> float | None:
+    """XLA's own count of the compiled (per-device) step; None where the backend has none."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        return None
+
+
+def _peak_bytes(compiled) -> float:
+    """Arguments + outputs + temporaries - aliased (donated) buffers, per device."""
+    m = compiled.memory_analysis()
+    return float(
+        m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )  # fmt: skip
+
+
+def print_table(report: dict) -> None:
+    rows = report["rows"]
+    base = next((r for r in rows if r["num_experts"] == 1 and r["mesh"] == "1x1"), rows[0])
+    print(f"backend: {report['backend']} ({report['device']})")
+    header = (f"{'N':>4} {'M':>6} {'mesh':>5} {'step ms':>9} {'tok/s':>9} {'vs N=1':>7} "
+              f"{'GFLOP/s':>8} {'peak MiB':>9} {'[T,M] MiB':>9}  note")  # fmt: skip
+    print(header)
+    for r in rows:
+        gf = f"{r['gflops_per_sec']:.1f}" if r["gflops_per_sec"] else "-"
+        print(f"{r['num_experts']:>4} {r['num_latents']:>6} {r['mesh']:>5} {r['step_ms']:>9.1f} "
+              f"{r['tokens_per_sec']:>9.0f} {r['tokens_per_sec'] / base['tokens_per_sec']:>7.2f} "
+              f"{gf:>8} {r['peak_mib_per_device']:>9.1f} {r['tokens_by_latents_mib']:>9.1f}  "
+              f"{('FLOP-matched to ' + r['matches']) if 'matches' in r else ''}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

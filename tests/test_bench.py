@@ -1,0 +1,19 @@
+import json
+
+from launch import bench
+
+
+def test_bench_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["--d=16", "--num_latents=256", "--k=4", "--batch=256", "--steps=1",
+            "--experts=1,4", "--matched=4", "--mesh_expert=8", f"--out={out}"]  # fmt: skip
+    assert bench.main(args) == 0
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    # N = 1 and 4 at M = 256, the FLOP-matched dense M = 64, and N = 8 on 1x1 and 1x8 meshes.
+    assert [(r["num_experts"], r["num_latents"], r["mesh"]) for r in rows] == [
+        (1, 256, "1x1"), (4, 256, "1x1"), (1, 64, "1x1"), (8, 256, "1x1"), (8, 256, "1x8"),
+    ]  # fmt: skip
+    for r in rows:
+        assert r["tokens_per_sec"] > 0 and r["peak_mib_per_device"] > 0
+    assert "FLOP-matched to N=4, M=256" in capsys.readouterr().out
