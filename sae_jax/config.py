@@ -22,6 +22,8 @@ class SAEConfig:
     k: active latents per token, chosen inside the routed expert.
     k_aux: dead latents used by the AuxK loss (capped at the latents per expert; 0 turns it off).
     capacity_factor / eval_capacity_factor: expert buffer size C = ceil(cf * tokens / N).
+    expert_kernel: 'dense', 'gather' or 'auto' (dense up to 1024 latents per expert); see
+        sae_jax/experts.py. Both compute the same function and gradients.
     """
 
     d: int = 0
@@ -32,6 +34,7 @@ class SAEConfig:
     encoder_bias: bool = True
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
+    expert_kernel: str = "auto"
 
     @property
     def latents_per_expert(self) -> int:
@@ -57,6 +60,8 @@ class SAEConfig:
                 f"K={self.k} exceeds the latents per expert "
                 f"(NUM_LATENTS/NUM_EXPERTS = {self.latents_per_expert})"
             )
+        if self.expert_kernel not in ("auto", "dense", "gather"):
+            raise ConfigError(f"expert_kernel={self.expert_kernel!r}: use auto, dense or gather")
         if self.k_aux < 0:
             raise ConfigError(f"k_aux={self.k_aux} must be >= 0")
         for name, cf in (

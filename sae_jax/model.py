@@ -139,7 +139,6 @@ def switch_apply(
     """
     tokens, n = x.shape[0], cfg.num_experts
     x = x.astype(jnp.float32)
-    xc = x - b_dec
     if router is None:
         expert = jnp.zeros((tokens,), jnp.int32)
         gate = jnp.ones((tokens,), jnp.float32)
@@ -152,16 +151,20 @@ def switch_apply(
         slot = dispatch.assign_slots(expert, n)
         cap = dispatch.capacity(tokens, n, capacity_factor)
     kept = slot < cap
-    buffers = [dispatch.to_buffers(v, expert, slot, n, cap) for v in (xc, gate, kept)]
+    buffers = [dispatch.to_buffers(v, expert, slot, n, cap) for v in (x, gate, kept)]
     if expert_axis:
         buffers = [jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True) for b in buffers]
-    out = run_experts(experts, *buffers, dead, k=cfg.k, k_aux=cfg.k_aux_effective)
+    x_buf, gate_buf, valid_buf = buffers
+    out = run_experts(
+        experts, x_buf, b_dec, gate_buf, valid_buf, dead,
+        k=cfg.k, k_aux=cfg.k_aux_effective, kernel=cfg.expert_kernel,
+    )  # fmt: skip
     recon_buf = out.recon
     if expert_axis:
         recon_buf = jax.lax.all_to_all(recon_buf, expert_axis, 1, 0, tiled=True)
     recon = dispatch.from_buffers(recon_buf, expert, slot)
     x_hat = gate[:, None] * recon + b_dec
-    l0_sum = jnp.sum((out.latents > 0) * buffers[2][..., None])
+    l0_sum = jnp.sum((out.latents > 0) * valid_buf[..., None])
     sums = (counts, prob_sums, l0_sum, out.aux_err, out.aux_norm)
     fired = out.fired
     if all_axes:

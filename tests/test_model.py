@@ -17,8 +17,12 @@ def params_np(model) -> dict:
     return {k: np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(model)).items()}
 
 
-def test_switch_matches_per_token_reference(mesh1):
-    cfg = SAEConfig(d=16, num_latents=64, num_experts=4, k=5, k_aux=0, capacity_factor=4.0)
+@pytest.mark.parametrize("kernel", ["dense", "gather"])
+def test_switch_matches_per_token_reference(mesh1, kernel):
+    cfg = SAEConfig(
+        d=16, num_latents=64, num_experts=4, k=5, k_aux=0, capacity_factor=4.0,
+        expert_kernel=kernel,
+    )  # fmt: skip
     model = random_model(cfg)
     x = np.random.default_rng(1).normal(size=(48, 16)).astype(np.float32)
     out = model(jnp.asarray(x))
@@ -30,8 +34,9 @@ def test_switch_matches_per_token_reference(mesh1):
     np.testing.assert_allclose(np.asarray(out.x_hat), ref_hat, rtol=1e-4, atol=1e-5)
 
 
-def test_single_expert_is_a_topk_sae(mesh1):
-    cfg = SAEConfig(d=12, num_latents=40, num_experts=1, k=6, k_aux=0)
+@pytest.mark.parametrize("kernel", ["dense", "gather"])
+def test_single_expert_is_a_topk_sae(mesh1, kernel):
+    cfg = SAEConfig(d=12, num_latents=40, num_experts=1, k=6, k_aux=0, expert_kernel=kernel)
     model = random_model(cfg, seed=3)
     assert not hasattr(model, "w_router")
     x = np.random.default_rng(2).normal(size=(20, 12)).astype(np.float32)
@@ -100,9 +105,12 @@ def test_router_gets_gradient(mesh1):
 
 
 @pytest.mark.parametrize("num_experts", [1, 8])
-def test_no_tokens_by_latents_array_with_experts(mesh1, num_experts):
+@pytest.mark.parametrize("kernel", ["dense", "gather"])
+def test_no_tokens_by_latents_array_with_experts(mesh1, num_experts, kernel):
     tokens, m = 512, 2048
-    cfg = SAEConfig(d=32, num_latents=m, num_experts=num_experts, k=8, k_aux=16)
+    cfg = SAEConfig(
+        d=32, num_latents=m, num_experts=num_experts, k=8, k_aux=16, expert_kernel=kernel
+    )
     graphdef, state = nnx.split(random_model(cfg))
     x = jnp.zeros((tokens, 32))
     dead = jnp.ones((num_experts, m // num_experts), bool)

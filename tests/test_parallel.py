@@ -1,5 +1,7 @@
 """The sharded model equals the single-device model on 8 simulated CPU devices."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +16,10 @@ from sae_jax.mesh import make_mesh, token_sharding
 CFG = SAEConfig(d=16, num_latents=256, num_experts=8, k=4, k_aux=8, capacity_factor=8.0)
 
 
-def _forward_and_grads(mesh, x, dead):
+def _forward_and_grads(mesh, x, dead, kernel="auto"):
+    cfg = dataclasses.replace(CFG, expert_kernel=kernel)
     with jax.set_mesh(mesh):
-        graphdef, state = nnx.split(random_model(CFG, seed=7))
+        graphdef, state = nnx.split(random_model(cfg, seed=7))
         xs = jax.device_put(x, token_sharding(mesh))
 
         def loss(state):
@@ -28,14 +31,17 @@ def _forward_and_grads(mesh, x, dead):
         return jax.device_get((value, out, metrics, nnx.to_pure_dict(grads)))
 
 
-@pytest.mark.parametrize("shape", [(1, 8), (2, 4), (4, 2), (8, 1)])
-def test_sharded_equals_single_device(shape):
+@pytest.mark.parametrize(
+    "shape, kernel", [((1, 8), "dense"), ((2, 4), "dense"), ((4, 2), "dense"), ((8, 1), "dense"),
+                      ((2, 4), "gather")],
+)  # fmt: skip
+def test_sharded_equals_single_device(shape, kernel):
     assert len(jax.devices()) == 8
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(128, 16)), jnp.float32)
     dead = jnp.asarray(rng.random((8, 32)) < 0.5)
-    ref = _forward_and_grads(make_mesh((1, 1)), x, dead)
-    got = _forward_and_grads(make_mesh(shape), x, dead)
+    ref = _forward_and_grads(make_mesh((1, 1)), x, dead, "gather")
+    got = _forward_and_grads(make_mesh(shape), x, dead, kernel)
     (ref_loss, ref_out, ref_m, ref_g), (loss, out, m, g) = ref, got
     assert bool(out.kept.all()) and bool(ref_out.kept.all())
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
