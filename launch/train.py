@@ -39,21 +39,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # Imported here so that --help answers without loading JAX.
     import gin
-    import jax
 
     from sae_jax.distributed import initialize
     from sae_jax.gin_setup import DEFAULT_CONFIG, parse
-    from sae_jax.trainer import TrainingError, train
+    from sae_jax.trainer import Preempted, TrainingError, train
 
     initialize(args.coordinator_address, args.num_processes, args.process_id)
     try:
         sae_cfg, train_cfg = parse(args.gin_file, args.bindings)
         stem = Path(args.gin_file[-1]).stem if args.gin_file else DEFAULT_CONFIG.stem
         workdir = Path(args.workdir or Path("runs") / stem)
-        if jax.process_index() == 0:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "config.gin").write_text(gin.config_str())
-        train(sae_cfg, train_cfg, workdir, progress=not args.no_progress)
+        train(
+            sae_cfg, train_cfg, workdir, progress=not args.no_progress,
+            config_text=gin.config_str(),
+        )  # fmt: skip
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return 128 + e.signum
     except (ConfigError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,15 @@
 """sae_jax: Switch sparse autoencoders in JAX/Flax with expert parallelism."""
 
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
+from sae_jax.export import PretrainedSAE, export_sae, load_pretrained
 from sae_jax.model import SwitchSAE
 
-__all__ = ["ConfigError", "SAEConfig", "SwitchSAE", "TrainConfig"]
+__all__ = [
+    "ConfigError",
+    "PretrainedSAE",
+    "SAEConfig",
+    "SwitchSAE",
+    "TrainConfig",
+    "export_sae",
+    "load_pretrained",
+]

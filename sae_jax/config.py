@@ -100,12 +100,16 @@ class TrainConfig:
     eval_tokens: int = 65536
     log_every: int = 50
     mesh_shape: tuple[int, int] = (-1, 1)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
 
     def validate(self) -> TrainConfig:
         _positive("STEPS", self.steps)
         _positive("BATCH_SIZE", self.batch_size)
         _positive("LOG_EVERY", self.log_every)
         _positive("eval_tokens", self.eval_tokens)
+        _positive("CHECKPOINT_EVERY", self.checkpoint_every)
+        _positive("keep_checkpoints", self.keep_checkpoints)
         _positive("dead_after_tokens", self.dead_after_tokens)
         if self.eval_every < 0:
             raise ConfigError(f"EVAL_EVERY={self.eval_every} must be >= 0 (0: only at the end)")

@@ -22,10 +22,22 @@ def to_python(value: Any) -> Any:
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | Path, append: bool = False):
+    def __init__(self, workdir: str | Path, resume_step: int = 0):
+        """Start a new file, or on resume keep only the rows up to `resume_step` (later rows
+        belong to steps that will run again)."""
         self.path = Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a" if append else "w")
+        kept = []
+        if resume_step and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError):
+                    break  # a line cut off by a crash
+        self._file = self.path.open("w")
+        self._file.writelines(kept)
+        self._file.flush()
 
     def write(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Append one row (a dict that holds "step"); returns it JSON-ready."""

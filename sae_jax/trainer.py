@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import signal
+import threading
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental.multihost_utils import process_allgather
 from tqdm.auto import tqdm
 
+from sae_jax.checkpoint import Checkpointer, check_compatible, model_record
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.data import make_source
 from sae_jax.distributed import put_batch
 from sae_jax.evaluation import evaluate, make_eval_step
+from sae_jax.export import export_sae
 from sae_jax.init import geometric_median
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.metrics import MetricWriter, summary
@@ -27,6 +33,40 @@ FINAL = ("eval/fvu", "eval/mse", "eval/l0", "eval/drop_fraction", "eval/feature_
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+class Preempted(RuntimeError):
+    """A SIGTERM/SIGINT stopped training after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, workdir: Path):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name}: saved a checkpoint at step {step} in {workdir}; "
+            "run the same command again to resume"
+        )
+
+
+class PreemptionGuard:
+    """Within the block, SIGTERM and SIGINT only set `.signal`; the loop saves and stops at
+    the next step boundary. Handlers are restored on exit (main thread only)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> PreemptionGuard:
+        self.signal = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
 
 
 def build_model(cfg: SAEConfig, tcfg: TrainConfig, source) -> SwitchSAE:
@@ -50,8 +90,13 @@ def train(
     tcfg: TrainConfig,
     workdir: str | Path,
     progress: bool = True,
+    config_text: str = "",
 ) -> dict:
-    """Train to `tcfg.steps`, writing workdir/metrics.jsonl; returns the final eval row."""
+    """Train to `tcfg.steps`, resuming from the last complete checkpoint in workdir, writing
+    workdir/metrics.jsonl and checkpoints; returns the final eval row.
+
+    SIGTERM / SIGINT save a checkpoint at the next step boundary and raise Preempted.
+    """
     tcfg.validate()
     train_src = make_source(tcfg.train_data)
     eval_src = train_src if tcfg.eval_data == tcfg.train_data else make_source(tcfg.eval_data)
@@ -60,16 +105,33 @@ def train(
     check_mesh(cfg, dict(mesh.shape), tcfg.batch_size)
     tokens = token_sharding(mesh)
     lead = jax.process_index() == 0
-    writer = MetricWriter(workdir) if lead else None
+    input_scale = float(getattr(train_src, "input_scale", 1.0))
+    ckpt = Checkpointer(workdir, tcfg.checkpoint_every, tcfg.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        check_compatible(ckpt.record(start)["model"], cfg, ckpt.directory)
     with jax.set_mesh(mesh):
         model = build_model(cfg, tcfg, train_src)
         tx = make_optimizer(tcfg, cfg.num_latents)
         graphdef, state = nnx.graphdef(model), init_state(model, tx)
         del model
+        if start:
+            state = ckpt.restore(start, like=state)
+            say(lead, resume_message(ckpt, start))
+        writer = MetricWriter(workdir, resume_step=start) if lead else None
+        if lead and config_text:
+            (Path(workdir) / "config.gin").write_text(config_text)
         step_fn = make_train_step(graphdef, tx, tcfg, sharding_of(state))
         eval_step = make_eval_step(
             graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight
         )
+
+        def record(step: int) -> dict:
+            return {
+                "model": model_record(cfg),
+                "data": {"train_step": step, "seed": tcfg.seed, "input_scale": input_scale},
+                "gin_config": config_text,
+            }
 
         def run_eval(step: int) -> dict:
             row = evaluate(
@@ -86,29 +148,68 @@ def train(
             row = {"step": step, "tokens": step * tcfg.batch_size, **row}
             return writer.write(row) if writer else row
 
-        bar = tqdm(total=tcfg.steps, disable=not (progress and lead), unit="step")
-        last_time, last_step, row = time.perf_counter(), 0, None
-        for step in range(tcfg.steps):
-            x = put_batch(train_src.batch("train", step, tcfg.batch_size), tokens)
-            state, metrics = step_fn(state, x)
-            done = step + 1
-            if done % tcfg.log_every == 0 or done == tcfg.steps:
-                metrics = jax.device_get(metrics)
-                now = time.perf_counter()
-                metrics["tokens_per_sec"] = (done - last_step) * tcfg.batch_size / (now - last_time)
-                last_time, last_step = now, done
-                check_finite(metrics, done)
-                row = log(done, metrics)
-                bar.set_postfix_str(summary(row, CONSOLE))
-            if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
-                run_eval(done)
-            bar.update(1)
-        bar.close()
-        final = run_eval(tcfg.steps)
+        if start >= tcfg.steps:
+            say(lead, f"already trained to step {start}; nothing to do")
+            final = last_eval_row(Path(workdir) / "metrics.jsonl")
+        else:
+            bar = tqdm(
+                total=tcfg.steps, initial=start, disable=not (progress and lead), unit="step"
+            )
+            last_time, last_step = time.perf_counter(), start
+            with PreemptionGuard() as guard:
+                for step in range(start, tcfg.steps):
+                    x = put_batch(train_src.batch("train", step, tcfg.batch_size), tokens)
+                    state, metrics = step_fn(state, x)
+                    done = step + 1
+                    if done % tcfg.log_every == 0 or done == tcfg.steps:
+                        metrics = jax.device_get(metrics)
+                        now = time.perf_counter()
+                        speed = (done - last_step) * tcfg.batch_size / (now - last_time)
+                        metrics["tokens_per_sec"] = speed
+                        last_time, last_step = now, done
+                        check_finite(metrics, done)
+                        bar.set_postfix_str(summary(log(done, metrics), CONSOLE))
+                    if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
+                        run_eval(done)
+                    bar.update(1)
+                    if guard.signal is not None and done < tcfg.steps:
+                        ckpt.save(done, state, record(done), force=True)
+                        ckpt.wait()
+                        bar.close()
+                        raise Preempted(guard.signal, done, Path(workdir))
+                    if done < tcfg.steps:
+                        ckpt.save(done, state, record(done))
+                bar.close()
+                final = run_eval(tcfg.steps)
+                ckpt.save(tcfg.steps, state, record(tcfg.steps), force=True)
+                params = process_allgather(nnx.to_pure_dict(state.params), tiled=True)
+                if lead:
+                    out = export_sae(params, cfg, Path(workdir) / "export", input_scale,
+                                     source=record(tcfg.steps)["data"])  # fmt: skip
+                    say(lead, f"exported {out}")
+                ckpt.wait()
+    ckpt.close()
     if writer:
         writer.close()
         print(f"final step {tcfg.steps}: " + summary(final, FINAL), flush=True)
     return final
+
+
+def last_eval_row(path: Path) -> dict:
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    evals = [r for r in rows if "eval/fvu" in r]
+    return evals[-1] if evals else {}
+
+
+def resume_message(ckpt: Checkpointer, step: int) -> str:
+    broken = ckpt.incomplete()
+    note = f" (ignored incomplete checkpoint {', '.join(broken)})" if broken else ""
+    return f"resuming from the checkpoint at step {step}{note}"
+
+
+def say(lead: bool, message: str) -> None:
+    if lead:
+        print(message, flush=True)
 
 
 def check_finite(metrics: dict, step: int) -> None:

@@ -1,0 +1,88 @@
+"""orbax checkpoints of the whole training state, restorable onto any mesh.
+
+A checkpoint holds the TrainState (parameters, Adam state, step, dead-latent counters) and a
+JSON record: the model shape (to refuse an incompatible workdir), the data reader position,
+the resolved gin config text. orbax writes each step to a temporary directory and renames it
+when complete, so a save cut off mid-write is never listed and the last complete one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from sae_jax.config import ConfigError, SAEConfig
+
+MODEL_KEYS = ("d", "num_latents", "num_experts")
+
+
+class Checkpointer:
+    """Save every `every` steps (asynchronously), keep the last `keep`, restore the latest."""
+
+    def __init__(self, workdir: str | Path, every: int, keep: int = 3):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(every, 1), max_to_keep=keep, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def incomplete(self) -> list[str]:
+        """Names of step directories left half-written (never restored from)."""
+        if not self.directory.exists():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, record: dict, force: bool = False) -> bool:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def record(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))[
+            "record"
+        ]
+
+    def restore(self, step: int, like: Any) -> Any:
+        """Restore the state at `step` with the structure, dtypes and shardings of `like`, so a
+        checkpoint written on one mesh lands on whatever mesh `like` lives on."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        return self.manager.restore(step, args=args)["state"]
+
+    def restore_params(self, step: int) -> dict:
+        """The parameters at `step` as a pure dict of arrays, without a target structure."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore())
+        params = self.manager.restore(step, args=args)["state"]["params"]
+        return {k: v["value"] if isinstance(v, dict) else v for k, v in params.items()}
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def model_record(cfg: SAEConfig) -> dict:
+    return {key: getattr(cfg, key) for key in MODEL_KEYS} | {"config": dataclasses.asdict(cfg)}
+
+
+def check_compatible(record: dict, cfg: SAEConfig, directory: Path) -> None:
+    """A one-line error when a workdir's checkpoint belongs to a differently shaped model."""
+    diffs = [
+        f"{k} {record.get(k)} vs {getattr(cfg, k)}"
+        for k in MODEL_KEYS
+        if record.get(k) != getattr(cfg, k)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{directory} holds a checkpoint of another model ({', '.join(diffs)}); "
+            "use a new --workdir or delete it"
+        )

@@ -1,0 +1,181 @@
+"""Checkpoints: kill/resume, preemption, integrity, incompatible workdirs, other meshes, export."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from launch import export as export_cli
+from launch import train as train_cli
+from sae_jax import load_pretrained
+from sae_jax.checkpoint import Checkpointer
+from sae_jax.config import SAEConfig
+from sae_jax.export import export_sae
+from sae_jax.mesh import make_mesh
+from sae_jax.model import SwitchSAE
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "--gin.BATCH_SIZE=256", "--gin.NUM_LATENTS=128", "--gin.NUM_EXPERTS=4", "--gin.K=4",
+    "--gin.SYNTH_DIM=16", "--gin.SYNTH_FEATURES=64", "--gin.LOG_EVERY=10",
+    "--gin.CHECKPOINT_EVERY=10", "--gin.TrainConfig.eval_tokens=512",
+    "--gin.TrainConfig.dead_after_tokens=2560", "--gin.SAEConfig.k_aux=8", "--no_progress",
+]  # fmt: skip
+ONE = "--gin.MESH_SHAPE=(1, 1)"
+
+
+def run(workdir: Path, *extra: str) -> int:
+    return train_cli.main([f"--workdir={workdir}", *TINY, *extra])
+
+
+def spawn(workdir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "launch.train", f"--workdir={workdir}", *TINY, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, at_least: int) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps and max(steps) >= at_least:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint >= {at_least}: {proc.communicate()}")
+
+
+def rows(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in lines]
+
+
+def final_params(workdir: Path) -> dict:
+    ckpt = Checkpointer(workdir, every=1)
+    params = ckpt.restore_params(ckpt.latest_step())
+    ckpt.close()
+    return {k: np.asarray(v) for k, v in params.items()}
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bitwise
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted 300-step run on one device."""
+    workdir = tmp_path_factory.mktemp("reference")
+    assert run(workdir, ONE, "--gin.STEPS=300") == 0
+    return workdir
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, reference, capsys):
+    proc = spawn(tmp_path, ONE, "--gin.STEPS=300")
+    wait_for_checkpoint(tmp_path, proc, at_least=20)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert run(tmp_path, ONE, "--gin.STEPS=300") == 0
+    assert "resuming from the checkpoint at step" in capsys.readouterr().out
+    assert rows(tmp_path) == rows(reference)
+    assert_same_params(final_params(tmp_path), final_params(reference))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_signal_saves_and_exits(tmp_path, reference, sig):
+    proc = spawn(tmp_path, ONE, "--gin.STEPS=300")
+    wait_for_checkpoint(tmp_path, proc, at_least=10)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"preempted: {signal.Signals(sig).name}: saved a checkpoint at step")
+    step = int(line.split("at step ")[1].split()[0])
+    ckpt = Checkpointer(tmp_path, every=1)
+    assert ckpt.latest_step() == step
+    ckpt.close()
+    assert run(tmp_path, ONE, "--gin.STEPS=300") == 0
+    assert rows(tmp_path) == rows(reference)
+    assert_same_params(final_params(tmp_path), final_params(reference))
+
+
+def test_checkpoint_cut_off_mid_write_is_never_used(tmp_path, capsys):
+    assert run(tmp_path, ONE, "--gin.STEPS=20") == 0
+    ckdir = tmp_path / "checkpoints"
+    # What a kill during the save of step 30 leaves: orbax's temporary directory, half full.
+    broken = ckdir / "30.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ckdir / "20", broken)
+    for f in list(broken.rglob("*"))[::2]:
+        if f.is_file():
+            f.unlink()
+    capsys.readouterr()
+    assert run(tmp_path, ONE, "--gin.STEPS=40") == 0
+    out = capsys.readouterr().out
+    assert "resuming from the checkpoint at step 20" in out
+    assert "ignored incomplete checkpoint 30.orbax-checkpoint-tmp-1234567" in out
+
+
+def test_incompatible_workdir_is_refused_untouched(tmp_path, capsys):
+    assert run(tmp_path, ONE, "--gin.STEPS=10") == 0
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    capsys.readouterr()
+    assert run(tmp_path, ONE, "--gin.STEPS=20", "--gin.NUM_LATENTS=256") == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a checkpoint of another model (num_latents 128 vs 256)" in err
+    assert "\n" not in err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+
+
+def test_restore_onto_other_meshes(tmp_path, capsys):
+    for steps, mesh in ((10, "(2, 4)"), (20, "(4, 2)"), (30, "(1, 1)")):
+        assert run(tmp_path, f"--gin.MESH_SHAPE={mesh}", f"--gin.STEPS={steps}") == 0
+    out = capsys.readouterr().out
+    assert "resuming from the checkpoint at step 10" in out
+    assert "resuming from the checkpoint at step 20" in out
+    train_rows = [r for r in rows(tmp_path) if "loss" in r]
+    assert [r["step"] for r in train_rows] == [10, 20, 30]
+    assert all(np.isfinite(r["loss"]) for r in train_rows)
+
+
+def test_export_then_load_reconstructs_like_the_model(tmp_path):
+    assert run(tmp_path, ONE, "--gin.STEPS=20") == 0
+    assert export_cli.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'again'}"]) == 0
+    params = final_params(tmp_path)
+    cfg = SAEConfig(d=16, num_latents=128, num_experts=4, k=4, k_aux=0, capacity_factor=4.0)
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    with jax.set_mesh(make_mesh((1, 1))):
+        model = SwitchSAE(cfg, rngs=__import__("flax").nnx.Rngs(0))
+        for name, value in params.items():
+            getattr(model, name)[...] = jnp.asarray(value)
+        expected = np.asarray(model(jnp.asarray(x)).x_hat)
+    for directory in (tmp_path / "export", tmp_path / "again"):
+        sae = load_pretrained(directory)
+        np.testing.assert_allclose(np.asarray(sae(x)), expected, rtol=1e-5, atol=1e-5)
+        codes = sae.encode(x)
+        assert codes.values.shape == (64, 4) and codes.indices.shape == (64, 4)
+        assert int(codes.indices.max()) < 128
+        np.testing.assert_array_equal(codes.indices // 32, np.repeat(codes.expert[:, None], 4, 1))
+        np.testing.assert_allclose(np.asarray(sae.route(x).probs).sum(-1), 1.0, rtol=1e-5)
+    # The input scale is folded in: on raw = x / s the export gives model(x) / s.
+    scale = 4.0
+    cfg = SAEConfig(**{**cfg.__dict__, "capacity_factor": 1.25})
+    scaled = load_pretrained(export_sae(params, cfg, tmp_path / "scaled", input_scale=scale))
+    np.testing.assert_allclose(np.asarray(scaled(x / scale)), expected / scale, rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+    assert json.loads((tmp_path / "scaled" / "cfg.json").read_text())["input_scale"] == scale
+
+
+def test_export_without_checkpoint_is_an_error(tmp_path, capsys):
+    assert export_cli.main([f"--workdir={tmp_path}"]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert os.path.isdir(tmp_path)
