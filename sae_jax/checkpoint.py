@@ -67,7 +67,11 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        """Wait for pending asynchronous saves, then release the manager (idempotent)."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None
 
 
 def model_record(cfg: SAEConfig) -> dict:

@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 
 import jax
@@ -156,7 +157,7 @@ def train(
                 total=tcfg.steps, initial=start, disable=not (progress and lead), unit="step"
             )
             last_time, last_step = time.perf_counter(), start
-            with PreemptionGuard() as guard:
+            with PreemptionGuard() as guard, closing(ckpt):
                 for step in range(start, tcfg.steps):
                     x = put_batch(train_src.batch("train", step, tcfg.batch_size), tokens)
                     state, metrics = step_fn(state, x)
@@ -177,8 +178,9 @@ def train(
                         ckpt.wait()
                         bar.close()
                         raise Preempted(guard.signal, done, Path(workdir))
-                    if done < tcfg.steps:
-                        ckpt.save(done, state, record(done))
+                    if done < tcfg.steps and done % tcfg.checkpoint_every == 0:
+                        check_finite(jax.device_get(metrics), done)  # never save a NaN state
+                        ckpt.save(done, state, record(done), force=True)
                 bar.close()
                 final = run_eval(tcfg.steps)
                 ckpt.save(tcfg.steps, state, record(tcfg.steps), force=True)
@@ -188,7 +190,7 @@ def train(
                                      source=record(tcfg.steps)["data"])  # fmt: skip
                     say(lead, f"exported {out}")
                 ckpt.wait()
-    ckpt.close()
+    ckpt.close()  # idempotent; also closed (after pending saves finish) on errors
     if writer:
         writer.close()
         print(f"final step {tcfg.steps}: " + summary(final, FINAL), flush=True)

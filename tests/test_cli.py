@@ -61,3 +61,13 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "launch.train", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0 and "--gin_file" in out.stdout
+
+
+def test_nan_loss_stops_with_a_clear_message_and_no_checkpoint(tmp_path, capsys):
+    args = [f"--workdir={tmp_path}", *TINY, "--gin.STEPS=20", "--gin.LR=1e30",
+            "--gin.LOG_EVERY=5", "--gin.CHECKPOINT_EVERY=5", "--gin.MESH_SHAPE=(1, 1)"]  # fmt: skip
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: loss is nan at step 5:"), err
+    steps = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps == [], "a NaN state must never be checkpointed"
