@@ -69,7 +69,7 @@ def measure(args, num_experts: int, num_latents: int, mesh_shape) -> dict:
     from sae_jax.distributed import put_batch
     from sae_jax.mesh import make_mesh, token_sharding
     from sae_jax.model import SwitchSAE
-    from sae_jax.train_step import init_state, make_optimizer, make_train_step, sharding_of
+    from sae_jax.train_step import setup_training
 
     cfg = SAEConfig(d=args.d, num_latents=num_latents, num_experts=num_experts, k=args.k,
                     capacity_factor=args.capacity_factor).validate()  # fmt: skip
@@ -77,9 +77,7 @@ def measure(args, num_experts: int, num_latents: int, mesh_shape) -> dict:
     mesh = make_mesh(mesh_shape)
     with jax.set_mesh(mesh):
         model = nnx.jit(lambda: SwitchSAE(cfg, rngs=nnx.Rngs(0)))()
-        tx = make_optimizer(tcfg, num_latents)
-        state = init_state(model, tx)
-        step = make_train_step(nnx.graphdef(model), tx, tcfg, sharding_of(state))
+        _, state, step = setup_training(model, tcfg)
         rng = np.random.default_rng(0)
         x = put_batch(rng.normal(size=(args.batch, args.d)).astype(np.float32),
                       token_sharding(mesh))  # fmt: skip

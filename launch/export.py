@@ -27,13 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     from sae_jax.config import SAEConfig
     from sae_jax.export import export_sae
 
-    ckpt = Checkpointer(args.workdir, every=1)
+    ckpt = Checkpointer(args.workdir)
     step = args.step if args.step is not None else ckpt.latest_step()
     if step is None:
         print(f"error: no complete checkpoint in {ckpt.directory}", file=sys.stderr)
         return 2
     record = ckpt.record(step)
-    cfg = SAEConfig(**record["model"]["config"])
+    cfg = SAEConfig(**record["model"])
     params = ckpt.restore_params(step)
     out = args.out or Path(args.workdir) / "export"
     scale = record["data"].get("input_scale", 1.0)

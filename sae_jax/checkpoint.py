@@ -21,13 +21,11 @@ MODEL_KEYS = ("d", "num_latents", "num_experts")
 
 
 class Checkpointer:
-    """Save every `every` steps (asynchronously), keep the last `keep`, restore the latest."""
+    """Asynchronous saves at the steps the caller chooses; keeps the last `keep`."""
 
-    def __init__(self, workdir: str | Path, every: int, keep: int = 3):
+    def __init__(self, workdir: str | Path, keep: int = 3):
         self.directory = Path(workdir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(every, 1), max_to_keep=keep, create=True
-        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def incomplete(self) -> list[str]:
@@ -39,11 +37,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, record: dict, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, record: dict) -> None:
+        """Start saving `state` and `record` as step `step`; the write finishes in the
+        background (close() waits for it)."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
         )
-        return self.manager.save(step, args=args, force=force)
+        self.manager.save(step, args=args, force=True)
 
     def record(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))[
@@ -63,9 +63,6 @@ class Checkpointer:
         params = self.manager.restore(step, args=args)["state"]["params"]
         return {k: v["value"] if isinstance(v, dict) else v for k, v in params.items()}
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         """Wait for pending asynchronous saves, then release the manager (idempotent)."""
         if self.manager is not None:
@@ -75,11 +72,13 @@ class Checkpointer:
 
 
 def model_record(cfg: SAEConfig) -> dict:
-    return {key: getattr(cfg, key) for key in MODEL_KEYS} | {"config": dataclasses.asdict(cfg)}
+    """The SAEConfig as JSON (rebuilds it with SAEConfig(**record))."""
+    return dataclasses.asdict(cfg)
 
 
 def check_compatible(record: dict, cfg: SAEConfig, directory: Path) -> None:
-    """A one-line error when a workdir's checkpoint belongs to a differently shaped model."""
+    """A one-line error when a workdir's checkpoint (its model_record) belongs to a model of
+    another d, NUM_LATENTS or NUM_EXPERTS."""
     diffs = [
         f"{k} {record.get(k)} vs {getattr(cfg, k)}"
         for k in MODEL_KEYS

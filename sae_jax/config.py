@@ -7,6 +7,8 @@ import math
 
 import gin
 
+EXPERT_KERNELS = ("auto", "dense", "gather")
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line meant for the user."""
@@ -60,7 +62,7 @@ class SAEConfig:
                 f"K={self.k} exceeds the latents per expert "
                 f"(NUM_LATENTS/NUM_EXPERTS = {self.latents_per_expert})"
             )
-        if self.expert_kernel not in ("auto", "dense", "gather"):
+        if self.expert_kernel not in EXPERT_KERNELS:
             raise ConfigError(f"expert_kernel={self.expert_kernel!r}: use auto, dense or gather")
         if self.k_aux < 0:
             raise ConfigError(f"k_aux={self.k_aux} must be >= 0")

@@ -42,8 +42,7 @@ class ExpertOut(NamedTuple):
 
 
 def use_dense(kernel: str, latents: int) -> bool:
-    if kernel not in ("auto", "dense", "gather"):
-        raise ValueError(f"expert_kernel={kernel!r} must be 'auto', 'dense' or 'gather'")
+    """kernel: one of config.EXPERT_KERNELS (validated by SAEConfig)."""
     return kernel == "dense" or (kernel == "auto" and latents <= DENSE_MAX_LATENTS)
 
 
@@ -143,8 +142,8 @@ def _auxk_bwd(k_aux, dense, res, cotangents):
 
     zeros = jax.tree.map(jnp.zeros_like, p)
     g = jax.lax.cond(dead.any(), grad_p, lambda: zeros)
-    none = (None,) * 3
-    return g, jnp.zeros_like(x), jnp.zeros_like(b_dec), jnp.zeros_like(gate), *none, None
+    # No cotangents for valid, dead, recon (frozen residual) and pre (gradient-free).
+    return g, jnp.zeros_like(x), jnp.zeros_like(b_dec), jnp.zeros_like(gate), None, None, None, None
 
 
 auxk_loss_sums.defvjp(_auxk_fwd, _auxk_bwd)

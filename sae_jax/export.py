@@ -131,7 +131,7 @@ def _encode(params: dict, x: jax.Array, cfg: SAEConfig) -> Codes:
     valid = dispatch.to_buffers(jnp.ones(tokens, bool), r.expert, slot, n, tokens)
     experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"])
     forward = functools.partial(
-        expert_forward, k=cfg.k, dense=use_dense("auto", cfg.latents_per_expert)
+        expert_forward, k=cfg.k, dense=use_dense(cfg.expert_kernel, cfg.latents_per_expert)
     )
     _, latents, idx, _, _ = jax.vmap(forward, in_axes=(0, 0, None, 0))(
         experts, buf, params["b_dec"], valid

@@ -42,6 +42,14 @@ def init_state(model: SwitchSAE, tx: optax.GradientTransformation) -> TrainState
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), since)
 
 
+def setup_training(model: SwitchSAE, tcfg: TrainConfig):
+    """(graphdef, initial TrainState, jitted step) for a model built under the current mesh;
+    the step keeps the state in the layout it was created in."""
+    tx = make_optimizer(tcfg, model.cfg.num_latents)
+    graphdef, state = nnx.graphdef(model), init_state(model, tx)
+    return graphdef, state, make_train_step(graphdef, tx, tcfg, sharding_of(state))
+
+
 def sharding_of(tree: Any) -> Any:
     """The shardings of a pytree of arrays (same structure)."""
     return jax.tree.map(lambda a: a.sharding, tree)

@@ -26,7 +26,7 @@ from sae_jax.init import geometric_median
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.metrics import MetricWriter, summary
 from sae_jax.model import SwitchSAE, check_mesh
-from sae_jax.train_step import init_state, make_optimizer, make_train_step, sharding_of
+from sae_jax.train_step import setup_training
 
 CONSOLE = ("loss", "fvu", "l0", "dead_fraction", "drop_fraction")
 FINAL = ("eval/fvu", "eval/mse", "eval/l0", "eval/drop_fraction", "eval/feature_recovery")
@@ -107,14 +107,13 @@ def train(
     tokens = token_sharding(mesh)
     lead = jax.process_index() == 0
     input_scale = float(getattr(train_src, "input_scale", 1.0))
-    ckpt = Checkpointer(workdir, tcfg.checkpoint_every, tcfg.keep_checkpoints)
+    ckpt = Checkpointer(workdir, tcfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
         check_compatible(ckpt.record(start)["model"], cfg, ckpt.directory)
     with jax.set_mesh(mesh):
         model = build_model(cfg, tcfg, train_src)
-        tx = make_optimizer(tcfg, cfg.num_latents)
-        graphdef, state = nnx.graphdef(model), init_state(model, tx)
+        graphdef, state, step_fn = setup_training(model, tcfg)
         del model
         if start:
             state = ckpt.restore(start, like=state)
@@ -122,7 +121,6 @@ def train(
         writer = MetricWriter(workdir, resume_step=start) if lead else None
         if lead and config_text:
             (Path(workdir) / "config.gin").write_text(config_text)
-        step_fn = make_train_step(graphdef, tx, tcfg, sharding_of(state))
         eval_step = make_eval_step(
             graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight
         )
@@ -174,22 +172,20 @@ def train(
                         run_eval(done)
                     bar.update(1)
                     if guard.signal is not None and done < tcfg.steps:
-                        ckpt.save(done, state, record(done), force=True)
-                        ckpt.wait()
+                        ckpt.save(done, state, record(done))  # closing(ckpt) waits for it
                         bar.close()
                         raise Preempted(guard.signal, done, Path(workdir))
                     if done < tcfg.steps and done % tcfg.checkpoint_every == 0:
                         check_finite(jax.device_get(metrics), done)  # never save a NaN state
-                        ckpt.save(done, state, record(done), force=True)
+                        ckpt.save(done, state, record(done))
                 bar.close()
                 final = run_eval(tcfg.steps)
-                ckpt.save(tcfg.steps, state, record(tcfg.steps), force=True)
+                ckpt.save(tcfg.steps, state, record(tcfg.steps))
                 params = process_allgather(nnx.to_pure_dict(state.params), tiled=True)
                 if lead:
                     out = export_sae(params, cfg, Path(workdir) / "export", input_scale,
                                      source=record(tcfg.steps)["data"])  # fmt: skip
                     say(lead, f"exported {out}")
-                ckpt.wait()
     ckpt.close()  # idempotent; also closed (after pending saves finish) on errors
     if writer:
         writer.close()

@@ -59,7 +59,7 @@ def rows(workdir: Path) -> list[dict]:
 
 
 def final_params(workdir: Path) -> dict:
-    ckpt = Checkpointer(workdir, every=1)
+    ckpt = Checkpointer(workdir)
     params = ckpt.restore_params(ckpt.latest_step())
     ckpt.close()
     return {k: np.asarray(v) for k, v in params.items()}
@@ -101,7 +101,7 @@ def test_preemption_signal_saves_and_exits(tmp_path, reference, sig):
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"preempted: {signal.Signals(sig).name}: saved a checkpoint at step")
     step = int(line.split("at step ")[1].split()[0])
-    ckpt = Checkpointer(tmp_path, every=1)
+    ckpt = Checkpointer(tmp_path)
     assert ckpt.latest_step() == step
     ckpt.close()
     assert run(tmp_path, ONE, "--gin.STEPS=300") == 0

@@ -6,20 +6,17 @@ import numpy as np
 import optax
 import pytest
 from conftest import random_model
-from flax import nnx
 
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.data import SyntheticData
 from sae_jax.init import geometric_median
-from sae_jax.train_step import init_state, make_optimizer, make_train_step, project_decoder_grad
+from sae_jax.train_step import make_optimizer, project_decoder_grad, setup_training
 from sae_jax.trainer import train
 
 
 def _steps(cfg: SAEConfig, tcfg: TrainConfig, batches: list[jax.Array]):
     model = random_model(cfg)
-    tx = make_optimizer(tcfg, cfg.num_latents)
-    graphdef, state = nnx.graphdef(model), init_state(model, tx)
-    step = make_train_step(graphdef, tx, tcfg)
+    _, state, step = setup_training(model, tcfg)
     metrics = []
     for x in batches:
         state, m = step(state, x)
