@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preempted: {e}", file=sys.stderr)
         return 128 + e.signum
     except (ConfigError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin may append context
         return 2
     print(f"metrics: {workdir / 'metrics.jsonl'}")
     return 0

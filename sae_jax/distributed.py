@@ -45,9 +45,25 @@ def process_rows(sharding: NamedSharding, num_rows: int) -> slice:
     return slice(starts[0][0], starts[-1][1])
 
 
+def put_local(local: np.ndarray, sharding: NamedSharding, global_rows: int) -> jax.Array:
+    """The global [global_rows, ...] token-sharded array whose rows process_rows() are `local`
+    on this process (jax.make_array_from_process_local_data)."""
+    shape = (global_rows, *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local), shape)
+
+
 def put_batch(batch, sharding: NamedSharding) -> jax.Array:
     """Place a global [tokens, d] batch sharded over tokens; each process hands over only the
     rows its own devices hold (jax.make_array_from_process_local_data)."""
-    rows = process_rows(sharding, batch.shape[0])
-    local = np.asarray(batch[rows])
-    return jax.make_array_from_process_local_data(sharding, local, batch.shape)
+    return put_local(batch[process_rows(sharding, batch.shape[0])], sharding, batch.shape[0])
+
+
+def gather_ints(value: int) -> list[int]:
+    """[value of process 0, value of process 1, ...] (exact up to 2**62)."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental.multihost_utils import process_allgather
+
+    parts = np.array([value >> 31, value & (2**31 - 1)], np.int32)  # int64 would become int32
+    hi, lo = np.asarray(process_allgather(parts)).reshape(-1, 2).T
+    return [int(h) << 31 | int(v) for h, v in zip(hi, lo, strict=True)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,32 +23,46 @@ def feature_recovery(features: jax.Array, w_dec: jax.Array, threshold: float = 0
 
 def make_eval_step(graphdef: nnx.GraphDef, capacity_factor: float, lb_alpha: float, aux_w: float):
     @jax.jit
-    def eval_step(params: nnx.State, x: jax.Array) -> dict[str, jax.Array]:
+    def eval_step(params: nnx.State, x: jax.Array, keep: jax.Array) -> dict[str, jax.Array]:
+        """x: [T, d]; keep: [T] float, 0 for outlier tokens (left out of the "kept" sums)."""
         model = nnx.merge(graphdef, params)
         out = model(x, None, capacity_factor)
         _, metrics = loss_and_metrics(x, out, lb_alpha=lb_alpha, aux_weight=aux_w)
-        metrics["sq_err"] = jnp.sum((x - out.x_hat) ** 2)
-        metrics["sum_x"] = x.sum(0)
-        metrics["sum_x2"] = jnp.sum(x**2)
+        sq_err = jnp.sum((x - out.x_hat) ** 2, axis=-1)
+        for suffix, w in (("", keep), ("_all", jnp.ones_like(keep))):
+            metrics["n" + suffix] = jnp.sum(w)
+            metrics["sq_err" + suffix] = jnp.sum(w * sq_err)
+            metrics["sum_x" + suffix] = w @ x
+            metrics["sum_x2" + suffix] = jnp.sum(w * jnp.sum(x**2, axis=-1))
         return metrics
 
     return eval_step
 
 
+def pooled_fvu(parts: list[dict], suffix: str) -> float:
+    """Squared error over the pooled variance of all evaluated tokens."""
+    n = sum(p["n" + suffix] for p in parts)
+    sum_x = np.sum([p["sum_x" + suffix] for p in parts], axis=0)
+    total_var = np.sum([p["sum_x2" + suffix] for p in parts]) - np.sum(sum_x**2) / max(n, 1)
+    return float(np.sum([p["sq_err" + suffix] for p in parts]) / max(total_var, 1e-12))
+
+
 def evaluate(
-    eval_step, params: nnx.State, batch_fn, *, tokens: int, batch_size: int, features=None
+    eval_step, params: nnx.State, batches: Iterable, *, outliers: bool = False, features=None
 ) -> dict:
-    """Mean metrics over `tokens` held-out tokens from batch_fn(i) -> [batch_size, d]; FVU uses
-    the pooled variance of all of them. `features`: planted [F, d] directions, if known."""
-    batches = max(1, tokens // batch_size)
-    parts = [jax.device_get(eval_step(params, batch_fn(i))) for i in range(batches)]
-    n = batches * batch_size
+    """Metrics over held-out batches of (x [T, d], keep [T] float). FVU and MSE leave out
+    tokens with keep = 0 (outliers); `outliers=True` also reports FVU with them.
+    `features`: planted [F, d] directions, if known."""
+    parts = [jax.device_get(eval_step(params, x, keep)) for x, keep in batches]
     result = {}
-    for name in ("loss", "mse", "l0", "lb_loss", "drop_fraction", "expert_load"):
+    for name in ("loss", "l0", "lb_loss", "drop_fraction", "expert_load"):
         result[name] = np.mean([p[name] for p in parts], axis=0)
-    sum_x = np.sum([p["sum_x"] for p in parts], axis=0)
-    total_var = np.sum([p["sum_x2"] for p in parts]) - np.sum(sum_x**2) / n
-    result["fvu"] = np.sum([p["sq_err"] for p in parts]) / max(total_var, 1e-12)
+    d = parts[0]["sum_x"].shape[-1]
+    result["mse"] = np.sum([p["sq_err"] for p in parts]) / max(sum(p["n"] for p in parts) * d, 1)
+    result["fvu"] = pooled_fvu(parts, "")
+    if outliers:
+        result["fvu_with_outliers"] = pooled_fvu(parts, "_all")
+        result["outlier_fraction"] = 1 - sum(p["n"] for p in parts) / sum(p["n_all"] for p in parts)
     if features is not None:
         result["feature_recovery"] = feature_recovery(features, params["w_dec"][...])
     return {f"eval/{k}": v for k, v in result.items()}

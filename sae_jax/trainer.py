@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from contextlib import closing
+from itertools import islice
 from pathlib import Path
 
 import jax
@@ -17,9 +18,9 @@ from jax.experimental.multihost_utils import process_allgather
 from tqdm.auto import tqdm
 
 from sae_jax.checkpoint import Checkpointer, check_compatible, model_record
-from sae_jax.config import SAEConfig, TrainConfig
-from sae_jax.data import make_source
-from sae_jax.distributed import put_batch
+from sae_jax.config import ConfigError, SAEConfig, TrainConfig
+from sae_jax.data import ActivationData, make_source
+from sae_jax.distributed import gather_ints, process_rows, put_local
 from sae_jax.evaluation import evaluate, make_eval_step
 from sae_jax.export import export_sae
 from sae_jax.init import geometric_median
@@ -99,18 +100,32 @@ def train(
     SIGTERM / SIGINT save a checkpoint at the next step boundary and raise Preempted.
     """
     tcfg.validate()
-    train_src = make_source(tcfg.train_data)
-    eval_src = train_src if tcfg.eval_data == tcfg.train_data else make_source(tcfg.eval_data)
+    train_src = make_source(tcfg.train_data, tcfg.seed)
+    eval_src = (
+        train_src if tcfg.eval_data == tcfg.train_data else make_source(tcfg.eval_data, tcfg.seed)
+    )
+    real = isinstance(train_src, ActivationData)
     cfg = dataclasses.replace(sae_cfg, d=train_src.d).validate()
     mesh = make_mesh(tcfg.mesh_shape)
     check_mesh(cfg, dict(mesh.shape), tcfg.batch_size)
     tokens = token_sharding(mesh)
+    rows = process_rows(tokens, tcfg.batch_size)
+    local_rows = rows.stop - rows.start
+    eval_batches = min(max(1, tcfg.eval_tokens // tcfg.batch_size), eval_src.max_batches(
+        tcfg.batch_size))  # fmt: skip
+    if eval_batches < 1:
+        raise ConfigError(f"EVAL_DATA={tcfg.eval_data!r} holds less than one batch")
     lead = jax.process_index() == 0
-    input_scale = float(getattr(train_src, "input_scale", 1.0))
+    input_scale = train_src.input_scale
     ckpt = Checkpointer(workdir, tcfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
+    position = start
     if start:
-        check_compatible(ckpt.record(start)["model"], cfg, ckpt.directory)
+        saved = ckpt.record(start)
+        check_compatible(saved["model"], cfg, ckpt.directory)
+        position = data_position(saved["data"], start, real)
+    if real:
+        say(lead, data_message(train_src))
     with jax.set_mesh(mesh):
         model = build_model(cfg, tcfg, train_src)
         graphdef, state, step_fn = setup_training(model, tcfg)
@@ -126,19 +141,24 @@ def train(
         )
 
         def record(step: int) -> dict:
-            return {
-                "model": model_record(cfg),
-                "data": {"train_step": step, "seed": tcfg.seed, "input_scale": input_scale},
-                "gin_config": config_text,
-            }
+            data = {"train_step": step, "seed": tcfg.seed, "input_scale": input_scale,
+                    "train_data": tcfg.train_data, "process_count": jax.process_count(),
+                    "positions": gather_ints(position)}  # fmt: skip
+            return {"model": model_record(cfg), "data": data, "gin_config": config_text}
+
+        def held_out():
+            with closing(eval_src.batches("eval", rows, tcfg.batch_size)) as batches:
+                for b in islice(batches, eval_batches):
+                    keep = np.ones(local_rows) if b.keep is None else b.keep
+                    yield (put_local(b.x, tokens, tcfg.batch_size),
+                           put_local(keep.astype(np.float32), tokens, tcfg.batch_size))  # fmt: skip
 
         def run_eval(step: int) -> dict:
             row = evaluate(
                 eval_step,
                 state.params,
-                lambda i: put_batch(eval_src.batch("eval", i, tcfg.batch_size), tokens),
-                tokens=tcfg.eval_tokens,
-                batch_size=tcfg.batch_size,
+                held_out(),
+                outliers=isinstance(eval_src, ActivationData),
                 features=getattr(eval_src, "features", None),
             )
             return log(step, row)
@@ -155,13 +175,19 @@ def train(
                 total=tcfg.steps, initial=start, disable=not (progress and lead), unit="step"
             )
             last_time, last_step = time.perf_counter(), start
-            with PreemptionGuard() as guard, closing(ckpt):
+            batches = train_src.batches("train", rows, tcfg.batch_size, start=position)
+            with PreemptionGuard() as guard, closing(ckpt), closing(batches):
                 for step in range(start, tcfg.steps):
-                    x = put_batch(train_src.batch("train", step, tcfg.batch_size), tokens)
-                    state, metrics = step_fn(state, x)
+                    batch = next(batches)
+                    state, metrics = step_fn(state, put_local(batch.x, tokens, tcfg.batch_size))
+                    position = batch.position
                     done = step + 1
                     if done % tcfg.log_every == 0 or done == tcfg.steps:
                         metrics = jax.device_get(metrics)
+                        if real:  # this process's stream: raw tokens read vs tokens used
+                            metrics["data/outlier_fraction"] = 1 - done * local_rows / position
+                            metrics["data/epoch"] = position / train_src.local_tokens[
+                                jax.process_index()]  # fmt: skip
                         now = time.perf_counter()
                         speed = (done - last_step) * tcfg.batch_size / (now - last_time)
                         metrics["tokens_per_sec"] = speed
@@ -191,6 +217,29 @@ def train(
         writer.close()
         print(f"final step {tcfg.steps}: " + summary(final, FINAL), flush=True)
     return final
+
+
+def data_position(saved: dict, step: int, real: bool) -> int:
+    """This process's data-stream position in a checkpoint's data record."""
+    if not real:
+        return step  # synthetic batches are numbered by step
+    count = saved.get("process_count")
+    if count != jax.process_count():
+        raise ConfigError(
+            f"the checkpoint at step {step} was written by {count} process(es); the data order "
+            f"depends on the process count, so resume it with {count}, not {jax.process_count()}"
+        )
+    return int(saved["positions"][jax.process_index()])
+
+
+def data_message(source: ActivationData) -> str:
+    stats = source.manifest.get("stats", {})
+    return (
+        f"data: {source.directory} ({source.manifest['total_tokens']} tokens, d={source.d}, "
+        f"{source.dtype}); input scale {source.input_scale:.4g}; skipping tokens with norm > "
+        f"{source.max_norm:.4g} ({stats.get('outlier_fraction', float('nan')):.3%} of the "
+        f"manifest's sample)"
+    )
 
 
 def last_eval_row(path: Path) -> dict:

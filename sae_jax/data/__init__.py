@@ -1,5 +1,14 @@
-"""Activation sources. A source yields deterministic [batch, d] float32 batches by step."""
+"""Activation sources: synthetic planted features, or shards of real activations on disk.
 
-from sae_jax.data.synthetic import SyntheticData, make_source
+A source has `.d`, `.input_scale`, `.sample(n)`, `.max_batches(batch_size)` and
+`.batches(split, rows, batch_size, start)`, which yields this process's rows of each global
+batch as a `Batch` (see stream.py).
+"""
 
-__all__ = ["SyntheticData", "make_source"]
+from sae_jax.data.reader import ActivationData
+from sae_jax.data.shards import DataError
+from sae_jax.data.source import make_source
+from sae_jax.data.stream import Batch
+from sae_jax.data.synthetic import SyntheticData
+
+__all__ = ["ActivationData", "Batch", "DataError", "SyntheticData", "make_source"]

@@ -12,7 +12,9 @@ so that E||x||^2 = d.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Iterator
 
 import gin
 import jax
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.config import ConfigError
+from sae_jax.data.stream import Batch
 
 _SPLITS = {"train": 0, "eval": 1}
 
@@ -43,6 +46,7 @@ class SyntheticData:
         if not mean_active > 0 or not 0 <= group_share < 1:
             raise ConfigError("mean_active must be > 0 and group_share in [0, 1)")
         self.d = dim
+        self.input_scale = 1.0  # generated at E||x||^2 = d already
         self.num_features = num_features
         self.num_groups = num_groups
         key = jax.random.key(seed)
@@ -72,6 +76,14 @@ class SyntheticData:
         key = jax.random.fold_in(jax.random.fold_in(self._key, _SPLITS[split]), step)
         return self._raw(key, size) * self.scale
 
+    def batches(self, split: str, rows: slice, batch_size: int, start: int = 0) -> Iterator[Batch]:
+        """This process's `rows` of batches start, start + 1, ... (position = batches done)."""
+        for step in itertools.count(start):
+            yield Batch(np.asarray(self.batch(split, step, batch_size)[rows]), step + 1)
+
+    def max_batches(self, batch_size: int) -> float:
+        return math.inf
+
     def sample(self, size: int) -> np.ndarray:
         """A [size, d] sample for data-dependent initialisation (not a training batch)."""
         return np.asarray(self.batch("train", 2**30, size))
@@ -92,10 +104,3 @@ def _generate(key, features, cdf, mean_active, n: int, max_active: int, groups: 
     mag = jax.random.uniform(k_mag, (n, max_active), minval=0.5, maxval=1.5)
     mag = mag * (jnp.arange(max_active) < count[:, None])
     return jnp.einsum("nm,nmd->nd", mag, features[ids])
-
-
-def make_source(spec: str) -> SyntheticData:
-    """Build the data source a TRAIN_DATA / EVAL_DATA string names."""
-    if spec == "synthetic":
-        return SyntheticData()
-    raise ConfigError(f"unknown data source {spec!r}: only 'synthetic' is supported so far")

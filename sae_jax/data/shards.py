@@ -1,0 +1,211 @@
+"""The activation-shard format: a directory of `.npy` arrays [tokens, d] plus `manifest.json`.
+
+Shards are float16, bfloat16 or float32 (numpy writes bfloat16 as raw 2-byte `V2` records; the
+manifest says what they are). Everything here reads headers and memory-maps; no function loads
+a whole shard into RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from numpy.lib import format as npy_format
+
+from sae_jax.config import ConfigError
+
+FORMAT = "sae_jax.activations"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+STATS_TOKENS = 2**20  # tokens sampled for the manifest's norm statistics
+CHECK_ROWS = 256  # rows per shard checked for NaN/inf when a dataset is opened
+OUTLIER_FACTOR = 10.0  # the manifest's outlier statistics use norm > 10 x median
+
+
+class DataError(ConfigError):
+    """A dataset file is missing, broken or disagrees with its manifest (one line, names it)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: Path
+    tokens: int
+    d: int
+    dtype: str  # a DTYPES key, or 'V2' for an unlabelled 2-byte type (bfloat16 as numpy saves it)
+    offset: int  # bytes before the data
+
+    def open(self, dtype: str | None = None) -> np.ndarray:
+        """The [tokens, d] array, memory-mapped read-only."""
+        return np.memmap(
+            self.path, DTYPES[dtype or self.dtype], "r", self.offset, (self.tokens, self.d)
+        )
+
+
+def read_header(path: str | Path) -> Shard:
+    """Parse and check a .npy header against the file's size (truncation shows here)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            version = npy_format.read_magic(f)
+            read = (
+                npy_format.read_array_header_1_0
+                if version == (1, 0)
+                else npy_format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: not a readable .npy file ({e})") from None
+    if len(shape) != 2 or fortran:
+        raise DataError(f"{path}: array of shape {shape}; expected a C-ordered [tokens, d] array")
+    name = "V2" if dtype == np.dtype("V2") else dtype.name
+    if name not in DTYPES and name != "V2":
+        raise DataError(f"{path}: dtype {dtype}; expected one of {', '.join(DTYPES)}")
+    expected = offset + shape[0] * shape[1] * dtype.itemsize
+    size = path.stat().st_size
+    if size < expected:
+        raise DataError(f"{path}: truncated: {size} bytes, its header promises {expected}")
+    if size > expected:
+        raise DataError(f"{path}: {size - expected} bytes past the end of the array")
+    if shape[0] == 0:
+        raise DataError(f"{path}: holds no tokens")
+    return Shard(path, int(shape[0]), int(shape[1]), name, offset)
+
+
+def check_finite(shard: Shard, dtype: str, rows: int = CHECK_ROWS) -> None:
+    """Raise DataError if evenly spaced sample rows of the shard hold NaN or inf."""
+    data = shard.open(dtype)
+    idx = np.unique(np.linspace(0, shard.tokens - 1, min(rows, shard.tokens)).astype(np.int64))
+    sample = np.asarray(data[idx], np.float32)
+    bad = ~np.isfinite(sample).all(axis=1)
+    if bad.any():
+        raise DataError(f"{shard.path}: NaN or inf values (row {int(idx[bad.argmax()])})")
+
+
+def resolve_dtype(shards: list[Shard], dtype: str | None) -> str:
+    """The dataset's dtype: what the headers say, or `dtype` for bfloat16 stored as V2."""
+    names = {s.dtype for s in shards}
+    if len(names) > 1:
+        first = {n: next(s.path for s in shards if s.dtype == n) for n in sorted(names)}
+        raise DataError(f"shards disagree on dtype: {first}")
+    (name,) = names
+    if name == "V2":
+        if dtype != "bfloat16":
+            raise DataError(
+                f"{shards[0].path}: raw 2-byte records (how numpy saves bfloat16); "
+                "pass --dtype bfloat16 if that is what they are"
+            )
+        return "bfloat16"
+    if dtype is not None and dtype != name:
+        raise DataError(f"{shards[0].path}: dtype {name}, but {dtype} was asked for")
+    return name
+
+
+def norm_stats(arrays: list[np.ndarray], max_tokens: int = STATS_TOKENS) -> dict:
+    """Norm and scale statistics from an evenly spaced sample of at most max_tokens tokens."""
+    total = sum(len(a) for a in arrays)
+    step = max(1, -(-total // max_tokens))
+    xs = [np.asarray(a[::step], np.float32) for a in arrays]
+    x = np.concatenate(xs)
+    norms = np.linalg.norm(x, axis=1)
+    median = float(np.median(norms))
+    centred = np.sum((x - x.mean(axis=0)) ** 2, axis=1)
+    outlier = norms > OUTLIER_FACTOR * median
+    q = np.quantile(norms, [0.9, 0.99, 0.999])
+    return {
+        "tokens_measured": int(len(x)),
+        "median_norm": median,
+        "mean_norm": float(norms.mean()),
+        "norm_quantiles": {"0.9": float(q[0]), "0.99": float(q[1]), "0.999": float(q[2])},
+        "max_norm": float(norms.max()),
+        "mean_sq_norm": float(np.mean(norms**2)),
+        "mean_sq_norm_inliers": float(np.mean(norms[~outlier] ** 2)),
+        "outlier_factor": OUTLIER_FACTOR,
+        "outlier_fraction": float(outlier.mean()),
+        "outlier_variance_share": float(centred[outlier].sum() / max(centred.sum(), 1e-30)),
+    }
+
+
+def shard_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such directory")
+    files = sorted(directory.glob("*.npy"))
+    if not files:
+        raise DataError(f"{directory}: no .npy files")
+    return files
+
+
+def build_manifest(
+    directory: str | Path, dtype: str | None = None, source: dict | None = None
+) -> dict:
+    """Check every .npy file in directory and describe them (does not write anything)."""
+    directory = Path(directory)
+    shards = [read_header(p) for p in shard_files(directory)]
+    dims = {s.d for s in shards}
+    if len(dims) > 1:
+        odd = next(s for s in shards if s.d != shards[0].d)
+        raise DataError(f"{odd.path}: d = {odd.d}, but {shards[0].path.name} has d = {shards[0].d}")
+    dtype = resolve_dtype(shards, dtype)
+    for s in shards:
+        check_finite(s, dtype)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "d": shards[0].d,
+        "dtype": dtype,
+        "total_tokens": sum(s.tokens for s in shards),
+        "shards": [{"file": s.path.name, "tokens": s.tokens} for s in shards],
+        "source": source or {},
+        "stats": norm_stats([s.open(dtype) for s in shards]),
+    }
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> Path:
+    """Write directory/manifest.json atomically (a crash leaves the old one or none)."""
+    path = Path(directory) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def open_dataset(directory: str | Path) -> tuple[dict, list[Shard]]:
+    """Read the manifest and check every shard it lists against it: existence, header, size,
+    d, dtype, token count, and NaN/inf in sampled rows."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.exists():
+        shard_files(directory)  # names an empty or missing directory first
+        raise DataError(f"{path}: missing; run `python -m launch.index_shards {directory}`")
+    try:
+        manifest = json.loads(path.read_text())
+        version, d, dtype = manifest["version"], int(manifest["d"]), manifest["dtype"]
+        entries = [(e["file"], int(e["tokens"])) for e in manifest["shards"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not a valid manifest ({e!r})") from None
+    if manifest.get("format") != FORMAT or version != VERSION:
+        raise DataError(f"{path}: format {manifest.get('format')} v{version}; expected v{VERSION}")
+    if dtype not in DTYPES:
+        raise DataError(f"{path}: dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    if not entries:
+        raise DataError(f"{path}: lists no shards")
+    shards = []
+    for name, tokens in entries:
+        if not (directory / name).exists():
+            raise DataError(f"{directory / name}: listed in {MANIFEST} but missing")
+        shard = read_header(directory / name)
+        if shard.d != d:
+            raise DataError(f"{shard.path}: d = {shard.d}, but {MANIFEST} says {d}")
+        if shard.dtype != dtype and not (shard.dtype == "V2" and dtype == "bfloat16"):
+            raise DataError(f"{shard.path}: dtype {shard.dtype}, but {MANIFEST} says {dtype}")
+        if shard.tokens != tokens:
+            raise DataError(f"{shard.path}: {shard.tokens} tokens, but {MANIFEST} says {tokens}")
+        shard = replace(shard, dtype=dtype)  # V2 records are the manifest's bfloat16
+        check_finite(shard, dtype)
+        shards.append(shard)
+    return manifest, shards

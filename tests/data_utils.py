@@ -1,0 +1,40 @@
+"""Small activation-shard datasets whose tokens carry their own id (column 0)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sae_jax.data.shards import build_manifest, write_manifest
+
+
+def write_dataset(
+    directory: Path,
+    lengths: list[int],
+    d: int = 8,
+    dtype=np.float32,
+    outliers: int = 0,
+    seed: int = 0,
+) -> np.ndarray:
+    """Shards of the given lengths; token i has x[0] = i. `outliers` evenly spaced tokens get
+    a norm 100x the others. Returns all tokens [sum(lengths), d] float32 as written."""
+    rng = np.random.default_rng(seed)
+    total = sum(lengths)
+    x = rng.normal(size=(total, d)).astype(np.float32)
+    x[:, 0] = np.arange(total)
+    x[:, 1:] *= np.sqrt(total)  # so ids do not dominate the norms
+    if outliers:
+        big = np.linspace(0, total - 1, outliers).astype(int)
+        x[big, 1] = 100 * np.sqrt(total * d)
+    directory.mkdir(parents=True, exist_ok=True)
+    start = 0
+    for i, n in enumerate(lengths):
+        np.save(directory / f"part_{i:03d}.npy", x[start : start + n].astype(dtype))
+        start += n
+    write_manifest(directory, build_manifest(directory))
+    return x
+
+
+def ids_of(batch_x: np.ndarray, scale: float) -> np.ndarray:
+    return np.rint(batch_x[:, 0] / scale).astype(np.int64)
