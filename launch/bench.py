@@ -30,6 +30,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per row")
     p.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
     p.add_argument("--mesh_expert", type=int, default=16, help="N for the multi-device rows")
+    p.add_argument("--data", default=None, help="also time the shard reader on this directory")
+    p.add_argument("--reader_batches", type=int, default=40, help="batches the reader times")
     p.add_argument("--out", default="bench.json")
     return p.parse_args(argv)
 
@@ -54,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(args, args.mesh_expert, args.num_latents, shape))
     report = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "rows": rows}
     print_table(report)
+    if args.data:
+        report["reader"] = measure_reader(args)
+        step = max(r["tokens_per_sec"] for r in rows)
+        print(
+            f"reader: {report['reader']['tokens_per_sec']:.0f} tokens/s from {args.data} "
+            f"({report['reader']['tokens_per_sec'] / step:.1f}x the fastest step above)"
+        )
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.out}")
@@ -103,6 +112,24 @@ def measure(args, num_experts: int, num_latents: int, mesh_shape) -> dict:
         "peak_mib_per_device": _peak_bytes(compiled) / 2**20,
         "tokens_by_latents_mib": args.batch * num_latents * 4 / devices / 2**20,
     }
+
+
+def measure_reader(args) -> dict:
+    """Tokens/s that ActivationData delivers (shuffle windows, outlier filter, scaling, and
+    the prefetch thread) with nothing else running, after its first batch."""
+    from itertools import islice
+
+    from sae_jax.data import ActivationData
+
+    source = ActivationData(args.data)
+    batches = source.batches("train", slice(0, args.batch), args.batch)
+    next(batches)
+    start = time.perf_counter()
+    n = sum(1 for _ in islice(batches, args.reader_batches))
+    seconds = time.perf_counter() - start
+    batches.close()
+    return {"directory": args.data, "d": source.d, "dtype": source.dtype, "batches": n,
+            "tokens_per_sec": n * args.batch / seconds}  # fmt: skip
 
 
 def _flops(compiled) -> float | None:

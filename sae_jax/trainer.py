@@ -105,6 +105,8 @@ def train(
         train_src if tcfg.eval_data == tcfg.train_data else make_source(tcfg.eval_data, tcfg.seed)
     )
     real = isinstance(train_src, ActivationData)
+    if real and isinstance(eval_src, ActivationData):
+        eval_src.input_scale = train_src.input_scale  # the model's scale, not the eval set's
     cfg = dataclasses.replace(sae_cfg, d=train_src.d).validate()
     mesh = make_mesh(tcfg.mesh_shape)
     check_mesh(cfg, dict(mesh.shape), tcfg.batch_size)

@@ -1,6 +1,7 @@
 """Simulated CPU devices must be configured before jax is imported anywhere."""
 
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -48,3 +49,45 @@ def _fresh_gin():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+# A tiny language model for the dumper and loss-recovered tests (needs the `dump` extra).
+WORDS = "the cat sat on a mat while dogs ran past quickly and birds sang in tall green trees"
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> list[Path]:
+    rng = np.random.default_rng(0)
+    words = WORDS.split()
+    files = []
+    for i in range(2):
+        path = tmp_path_factory.mktemp("text") / f"t{i}.txt"
+        lines = [" ".join(rng.choice(words, 12)) for _ in range(120)]
+        path.write_text("\n".join(lines) + "\n")
+        files.append(path)
+    return files
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, text) -> Path:
+    """A random 3-block Llama with a byte-level BPE tokenizer, saved as an HF directory."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from tokenizers import ByteLevelBPETokenizer
+
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([p.read_text() for p in text], vocab_size=300,
+                            special_tokens=["<s>", "</s>"])  # fmt: skip
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>"
+    )
+    tok.save_pretrained(directory)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory

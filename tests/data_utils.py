@@ -9,6 +9,9 @@ import numpy as np
 from sae_jax.data.shards import build_manifest, write_manifest
 
 
+SCALE = 3000.0  # token norms ~ SCALE * sqrt(d): ids (< 3000) do not dominate them
+
+
 def write_dataset(
     directory: Path,
     lengths: list[int],
@@ -16,17 +19,19 @@ def write_dataset(
     dtype=np.float32,
     outliers: int = 0,
     seed: int = 0,
+    ids: bool = True,
 ) -> np.ndarray:
-    """Shards of the given lengths; token i has x[0] = i. `outliers` evenly spaced tokens get
-    a norm 100x the others. Returns all tokens [sum(lengths), d] float32 as written."""
+    """Shards of the given lengths; token i has x[0] = i (with `ids`). `outliers` evenly spaced
+    tokens get a norm 100x the others. Returns all tokens [sum(lengths), d] float32."""
     rng = np.random.default_rng(seed)
     total = sum(lengths)
     x = rng.normal(size=(total, d)).astype(np.float32)
-    x[:, 0] = np.arange(total)
-    x[:, 1:] *= np.sqrt(total)  # so ids do not dominate the norms
+    x *= SCALE
+    if ids:
+        x[:, 0] = np.arange(total)
     if outliers:
         big = np.linspace(0, total - 1, outliers).astype(int)
-        x[big, 1] = 100 * np.sqrt(total * d)
+        x[big, 1] = 100 * SCALE * np.sqrt(d)
     directory.mkdir(parents=True, exist_ok=True)
     start = 0
     for i, n in enumerate(lengths):

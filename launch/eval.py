@@ -1,0 +1,143 @@
+"""Evaluate a trained SAE on held-out activations; write DIR/eval.json and plots.
+
+    python -m launch.eval --workdir DIR --data EVAL_DIR [--tokens 65536] [--no_lm]
+
+Uses DIR/export (written at the end of training, or by `python -m launch.export`), so the
+SAE runs on raw activations with no capacity limit; `drop_fraction` is what the dispatch at
+the evaluation capacity factor would drop. When the shards' manifest names a model the dumper
+can load, the reconstruction is also spliced into that model on the held-out text
+(loss recovered; needs the `dump` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from itertools import islice
+from pathlib import Path
+
+TABLE = [
+    ("tokens", "{:.0f}"), ("mse", "{:.4g}"), ("fvu", "{:.4f}"), ("fvu_with_outliers", "{:.4f}"),
+    ("outlier_fraction", "{:.4%}"), ("l0", "{:.2f}"), ("dead_fraction", "{:.2%}"),
+    ("dense_fraction", "{:.2%}"), ("router_entropy", "{:.3f}"), ("router_entropy_max", "{:.3f}"),
+    ("drop_fraction", "{:.2%}"), ("feature_duplication", "{:.2%}"), ("ce_clean", "{:.4f}"),
+    ("ce_sae", "{:.4f}"), ("ce_zero", "{:.4f}"), ("delta_ce", "{:.4f}"),
+    ("loss_recovered", "{:.2%}"),
+]  # fmt: skip
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m launch.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--workdir", required=True, help="a training run's directory")
+    p.add_argument("--data", required=True, help="held-out activation shards")
+    p.add_argument("--tokens", type=int, default=65536, help="activation tokens to evaluate")
+    p.add_argument("--batch_size", type=int, default=4096, help="tokens per dispatch batch")
+    p.add_argument("--capacity_factor", type=float, default=None,
+                   help="default: the run's EVAL_CAPACITY_FACTOR")  # fmt: skip
+    p.add_argument("--outlier_norm_factor", type=float, default=10.0)
+    p.add_argument("--lm_sequences", type=int, default=32, help="held-out sequences for the LM")
+    p.add_argument("--no_lm", action="store_true", help="skip loss recovered")
+    p.add_argument("--no_plots", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from sae_jax.config import ConfigError
+
+    try:
+        result = evaluate_run(args)
+    except ConfigError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    for name, fmt in TABLE:
+        if name in result:
+            print(f"{name:>22}  {fmt.format(result[name])}")
+    print(f"{'expert_load':>22}  " + " ".join(f"{v:.3f}" for v in result["expert_load"]))
+    print(f"wrote {Path(args.workdir) / 'eval.json'}")
+    return 0
+
+
+def evaluate_run(args) -> dict:
+    from sae_jax import load_pretrained, plots
+    from sae_jax.analysis import EvalAccumulator
+    from sae_jax.config import ConfigError
+    from sae_jax.data import ActivationData
+    from sae_jax.metrics import to_python
+
+    workdir = Path(args.workdir)
+    if not (workdir / "export" / "cfg.json").exists():
+        raise ConfigError(f"{workdir}/export: no exported SAE; run python -m launch.export "
+                          f"--workdir {workdir}")  # fmt: skip
+    sae = load_pretrained(workdir / "export")
+    data = ActivationData(args.data, outlier_norm_factor=args.outlier_norm_factor,
+                          process_index=0, process_count=1)  # fmt: skip
+    if data.d != sae.cfg.d:
+        raise ConfigError(f"{args.data}: d = {data.d}, but the SAE has d = {sae.cfg.d}")
+    batch = min(args.batch_size, args.tokens)
+    acc = EvalAccumulator(sae, args.capacity_factor or _eval_capacity(workdir),
+                          sae.meta.get("input_scale", 1.0))  # fmt: skip
+    batches = data.batches("eval", slice(0, batch), batch)
+    for b in islice(batches, max(1, min(args.tokens // batch, data.max_batches(batch)))):
+        acc.add(b.x / data.input_scale, b.keep)
+    batches.close()
+    result = acc.finish()
+    frequency = result.pop("latent_frequency")
+    if not args.no_lm:
+        result |= _loss_recovered(args, data, sae)
+    result = {k: to_python(v) for k, v in result.items()} | {"data": str(args.data)}
+    (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    if not args.no_plots:
+        if (workdir / "metrics.jsonl").exists():
+            plots.training_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
+        plots.expert_load(result["expert_load"], workdir / "expert_load.png")
+        plots.firing_histogram(frequency, result["tokens"], workdir / "latent_frequency.png")
+    return result
+
+
+def _eval_capacity(workdir: Path) -> float:
+    """The run's evaluation capacity factor, from its latest checkpoint record."""
+    from sae_jax.checkpoint import Checkpointer
+    from sae_jax.config import SAEConfig
+
+    ckpt = Checkpointer(workdir)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            return SAEConfig.eval_capacity_factor
+        return float(ckpt.record(step)["model"]["eval_capacity_factor"])
+    finally:
+        ckpt.close()
+
+
+def _loss_recovered(args, data, sae) -> dict:
+    """LM losses on the held-out text of the shards' manifest, or {} with a note why not."""
+    source = data.manifest.get("source", {})
+    if not source.get("model") or not source.get("text_files"):
+        print("loss recovered: skipped (the manifest names no model and text)")
+        return {}
+    try:
+        from sae_jax.data.dumper import find_blocks, load_model, token_sequences
+        from sae_jax.lm_loss import loss_recovered
+
+        model, tokenizer, _ = load_model(source["model"], "cpu")
+    except (ImportError, ValueError, OSError) as e:
+        print(f"loss recovered: skipped ({str(e).splitlines()[0]})")
+        return {}
+    import numpy as np
+
+    seqs = list(islice(token_sequences(tokenizer, source["text_files"], source["seq_len"]),
+                       args.lm_sequences))  # fmt: skip
+    limit = data.max_norm
+
+    def inliers(h: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(h, axis=1) <= limit
+
+    block = find_blocks(model)[source["layer"]]
+    return loss_recovered(model, block, seqs, lambda h: np.asarray(sae(h)), inliers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

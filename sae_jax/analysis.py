@@ -1,0 +1,123 @@
+"""Evaluation statistics of a trained SAE: reconstruction, sparsity, latent health, routing.
+
+`EvalAccumulator` sums per-batch statistics of a PretrainedSAE (raw activations, no capacity
+limit) so that any number of tokens can be evaluated in bounded memory; `finish()` turns them
+into the numbers `launch.eval` reports.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax.export import PretrainedSAE
+
+DENSE_FREQUENCY = 0.1  # a latent firing on more than this fraction of tokens is "dense"
+DUPLICATE_COSINE = 0.9
+
+
+def dropped_at_capacity(expert: np.ndarray, num_experts: int, capacity_factor: float) -> int:
+    """Tokens of one batch that the dispatch would drop: those past C = ceil(cf * T / N) in
+    their expert's buffer (slots go to tokens in order)."""
+    if num_experts == 1:
+        return 0
+    capacity = math.ceil(capacity_factor * len(expert) / num_experts)
+    counts = np.bincount(expert, minlength=num_experts)
+    return int(np.maximum(counts - capacity, 0).sum())
+
+
+def router_entropy(probs: np.ndarray) -> np.ndarray:
+    """[T] entropy (nats) of each token's router distribution [T, N]."""
+    p = np.clip(probs, 1e-30, 1.0)
+    return -np.sum(probs * np.log(p), axis=-1)
+
+
+def feature_duplication(w_dec: np.ndarray, threshold: float = DUPLICATE_COSINE) -> float:
+    """Fraction of decoder rows whose nearest row in another expert has cosine > threshold.
+    w_dec: [N, L, d]. 0 for a single expert."""
+    n, lat, d = w_dec.shape
+    if n == 1:
+        return 0.0
+    unit = w_dec / np.maximum(np.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
+    flat = jnp.asarray(unit.reshape(n * lat, d))
+    owner = jnp.repeat(jnp.arange(n), lat)
+    duplicated = 0
+    for start in range(0, n * lat, 1024):
+        sims = flat[start : start + 1024] @ flat.T
+        sims = jnp.where(owner[start : start + 1024, None] == owner[None, :], -jnp.inf, sims)
+        duplicated += int(jnp.sum(jnp.max(sims, axis=1) > threshold))
+    return duplicated / (n * lat)
+
+
+class EvalAccumulator:
+    """Running sums over evaluated batches of raw activations x [T, d] with keep [T] (False
+    for outlier tokens, which are left out of MSE/FVU but counted in `fvu_with_outliers`)."""
+
+    def __init__(self, sae: PretrainedSAE, capacity_factor: float, input_scale: float = 1.0):
+        self.sae, self.cf, self.scale = sae, capacity_factor, input_scale
+        cfg = sae.cfg
+        self.fired = np.zeros(cfg.num_latents, np.int64)
+        self.load = np.zeros(cfg.num_experts, np.int64)
+        self.sums = {k: 0.0 for k in ("n", "n_all", "sq", "sq_all", "x2", "x2_all", "l0",
+                                      "entropy", "dropped", "tokens")}  # fmt: skip
+        self.sum_x = np.zeros(cfg.d)
+        self.sum_x_all = np.zeros(cfg.d)
+
+    def add(self, x: np.ndarray, keep: np.ndarray | None = None) -> None:
+        keep = np.ones(len(x), bool) if keep is None else keep.astype(bool)
+        codes = self.sae.encode(x)
+        x_hat = np.asarray(self.sae.decode(codes), np.float64)
+        x = np.asarray(x, np.float64)
+        values, indices = np.asarray(codes.values), np.asarray(codes.indices)
+        expert = np.asarray(codes.expert)
+        err = np.sum((x - x_hat) ** 2, axis=1)
+        x2 = np.sum(x**2, axis=1)
+        s = self.sums
+        s["n"] += keep.sum()
+        s["n_all"] += len(x)
+        s["sq"] += err[keep].sum()
+        s["sq_all"] += err.sum()
+        s["x2"] += x2[keep].sum()
+        s["x2_all"] += x2.sum()
+        self.sum_x += x[keep].sum(0)
+        self.sum_x_all += x.sum(0)
+        active = values > 0
+        s["l0"] += active.sum()
+        # a token's top-k indices are distinct, so this counts tokens on which each latent fired
+        self.fired += np.bincount(indices[active], minlength=len(self.fired))
+        self.load += np.bincount(expert, minlength=self.sae.cfg.num_experts)
+        if self.sae.cfg.num_experts > 1:
+            s["entropy"] += router_entropy(np.asarray(self.sae.route(x).probs)).sum()
+        s["dropped"] += dropped_at_capacity(expert, self.sae.cfg.num_experts, self.cf)
+        s["tokens"] += len(x)
+
+    def finish(self) -> dict:
+        s, cfg = self.sums, self.sae.cfg
+        tokens = max(s["tokens"], 1)
+        freq = self.fired / tokens
+        fvu = _fvu(s["sq"], s["x2"], self.sum_x, s["n"])
+        return {
+            "tokens": int(s["tokens"]),
+            "mse": s["sq"] / max(s["n"] * cfg.d, 1) * self.scale**2,
+            "mse_raw": s["sq"] / max(s["n"] * cfg.d, 1),
+            "fvu": fvu,
+            "fvu_with_outliers": _fvu(s["sq_all"], s["x2_all"], self.sum_x_all, s["n_all"]),
+            "outlier_fraction": 1 - s["n"] / tokens,
+            "l0": s["l0"] / tokens,
+            "dead_fraction": float(np.mean(self.fired == 0)),
+            "dense_fraction": float(np.mean(freq > DENSE_FREQUENCY)),
+            "expert_load": (self.load / tokens).tolist(),
+            "router_entropy": s["entropy"] / tokens if cfg.num_experts > 1 else 0.0,
+            "router_entropy_max": math.log(cfg.num_experts),
+            "drop_fraction": s["dropped"] / tokens,
+            "capacity_factor": self.cf,
+            "feature_duplication": feature_duplication(np.asarray(self.sae.params["w_dec"])),
+            "latent_frequency": freq.tolist(),
+        }
+
+
+def _fvu(sq: float, x2: float, sum_x: np.ndarray, n: float) -> float:
+    total_var = x2 - float(np.sum(sum_x**2)) / max(n, 1)
+    return float(sq / max(total_var, 1e-30))
