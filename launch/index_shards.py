@@ -10,7 +10,9 @@ outliers). Pass --dtype bfloat16 for bfloat16 arrays, which numpy saves as raw 2
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from sae_jax.data.shards import DataError, build_manifest, write_manifest
 
     try:
-        manifest = build_manifest(args.directory, args.dtype)
+        manifest = build_manifest(args.directory, args.dtype, previous_source(args.directory))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -38,6 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{stats['outlier_fraction']:.3%} of tokens above {stats['outlier_factor']:g}x it"
     )
     return 0
+
+
+def previous_source(directory: str) -> dict | None:
+    """The `source` of a manifest already there (re-indexing keeps the dumper's provenance)."""
+    path = Path(directory) / "manifest.json"
+    try:
+        return json.loads(path.read_text()).get("source") if path.exists() else None
+    except (ValueError, AttributeError):
+        return None
 
 
 if __name__ == "__main__":

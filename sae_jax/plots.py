@@ -26,6 +26,7 @@ def training_curves(metrics_path: Path, out: Path) -> Path:
         if evals:
             ax.plot(*zip(*evals, strict=True), "o", label="eval")
         ax.set_xlabel("tokens")
+        ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.set_title(name)
         if name in ("loss", "fvu"):
             ax.set_yscale("log")

@@ -8,7 +8,6 @@ import numpy as np
 
 from sae_jax.data.shards import build_manifest, write_manifest
 
-
 SCALE = 3000.0  # token norms ~ SCALE * sqrt(d): ids (< 3000) do not dominate them
 
 

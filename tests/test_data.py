@@ -120,6 +120,11 @@ def test_bfloat16_shards(tmp_path):
     with pytest.raises(DataError, match="--dtype bfloat16"):
         build_manifest(tmp_path)
     assert index_shards.main([str(tmp_path), "--dtype", "bfloat16"]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["source"] = {"model": "somewhere"}
+    write_manifest(tmp_path, manifest)
+    assert index_shards.main([str(tmp_path), "--dtype", "bfloat16"]) == 0  # keeps the source
+    assert json.loads((tmp_path / "manifest.json").read_text())["source"] == {"model": "somewhere"}
     _, shards = open_dataset(tmp_path)
     np.testing.assert_array_equal(shards[0].open(), x)
     src = ActivationData(tmp_path, outlier_norm_factor=0, chunk_tokens=32)

@@ -83,3 +83,60 @@ def test_two_processes_match_one_process(tmp_path, one_device_run):
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     assert_same_run(_rows(tmp_path), one_device_run)
+
+
+def test_two_processes_read_their_own_shards(tmp_path):
+    """Each process feeds its rows from its own shards; the checkpoint keeps both positions,
+    and resuming with another process count is refused (the data order depends on it)."""
+    from data_utils import write_dataset
+
+    write_dataset(tmp_path / "train", [700, 500, 600, 400], d=16, outliers=8)
+    write_dataset(tmp_path / "eval", [300, 300], d=16, seed=1)
+    data = [
+        f"--gin.TRAIN_DATA='{tmp_path / 'train'}'",
+        f"--gin.EVAL_DATA='{tmp_path / 'eval'}'",
+        "--gin.STEPS=6",
+        "--gin.CHECKPOINT_EVERY=3",
+        "--gin.TrainConfig.eval_tokens=512",
+        "--gin.ActivationData.shuffle_buffer=256",
+        "--gin.ActivationData.chunk_tokens=32",
+    ]
+    run = [a for a in RUN if not a.startswith(("--gin.STEPS", "--gin.TrainConfig.eval"))]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    workdir = tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.train",
+                f"--workdir={workdir}",
+                "--gin.MESH_SHAPE=(2, 4)",
+                *run,
+                *data,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    rows = _rows(workdir)
+    assert np.isfinite(rows[-1]["eval/fvu"])
+    source = json.loads((workdir / "export" / "cfg.json").read_text())["source"]
+    assert source["process_count"] == 2
+    # 6 steps x 256 rows per process, plus any outliers each stream skipped (8 in all)
+    assert all(6 * 256 <= p <= 6 * 256 + 8 for p in source["positions"])
+    more = [*run, *data, "--gin.STEPS=9", "--gin.MESH_SHAPE=(1, 1)"]
+    assert train_cli.main([f"--workdir={workdir}", *more]) == 2

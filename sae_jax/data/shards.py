@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 STATS_TOKENS = 2**20  # tokens sampled for the manifest's norm statistics
 CHECK_ROWS = 256  # rows per shard checked for NaN/inf when a dataset is opened
+STATS_BLOCK = 16384  # tokens read at a time for them
 OUTLIER_FACTOR = 10.0  # the manifest's outlier statistics use norm > 10 x median
 
 
@@ -107,24 +108,34 @@ def resolve_dtype(shards: list[Shard], dtype: str | None) -> str:
 
 
 def norm_stats(arrays: list[np.ndarray], max_tokens: int = STATS_TOKENS) -> dict:
-    """Norm and scale statistics from an evenly spaced sample of at most max_tokens tokens."""
+    """Norm and scale statistics from an evenly spaced sample of at most max_tokens tokens,
+    read in blocks (memory: one block plus a float per sampled token)."""
     total = sum(len(a) for a in arrays)
     step = max(1, -(-total // max_tokens))
-    xs = [np.asarray(a[::step], np.float32) for a in arrays]
-    x = np.concatenate(xs)
-    norms = np.linalg.norm(x, axis=1)
+
+    def blocks():
+        for a in arrays:
+            for start in range(0, len(a), STATS_BLOCK * step):
+                yield np.asarray(a[start : start + STATS_BLOCK * step : step], np.float32)
+
+    sum_x, norms = 0.0, []
+    for x in blocks():
+        sum_x = sum_x + x.sum(axis=0, dtype=np.float64)
+        norms.append(np.linalg.norm(x, axis=1))
+    norms = np.concatenate(norms)
+    mean = sum_x / len(norms)
+    centred = np.concatenate([np.sum((x - mean) ** 2, axis=1) for x in blocks()])
     median = float(np.median(norms))
-    centred = np.sum((x - x.mean(axis=0)) ** 2, axis=1)
     outlier = norms > OUTLIER_FACTOR * median
     q = np.quantile(norms, [0.9, 0.99, 0.999])
     return {
-        "tokens_measured": int(len(x)),
+        "tokens_measured": int(len(norms)),
         "median_norm": median,
         "mean_norm": float(norms.mean()),
         "norm_quantiles": {"0.9": float(q[0]), "0.99": float(q[1]), "0.999": float(q[2])},
         "max_norm": float(norms.max()),
-        "mean_sq_norm": float(np.mean(norms**2)),
-        "mean_sq_norm_inliers": float(np.mean(norms[~outlier] ** 2)),
+        "mean_sq_norm": float(np.mean(norms.astype(np.float64) ** 2)),
+        "mean_sq_norm_inliers": float(np.mean(norms[~outlier].astype(np.float64) ** 2)),
         "outlier_factor": OUTLIER_FACTOR,
         "outlier_fraction": float(outlier.mean()),
         "outlier_variance_share": float(centred[outlier].sum() / max(centred.sum(), 1e-30)),
