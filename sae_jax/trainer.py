@@ -208,11 +208,12 @@ def train(
                         ckpt.save(done, state, record(done))
                 bar.close()
                 final = run_eval(tcfg.steps)
-                ckpt.save(tcfg.steps, state, record(tcfg.steps))
+                final_record = record(tcfg.steps)  # a collective: every process calls it
+                ckpt.save(tcfg.steps, state, final_record)
                 params = process_allgather(nnx.to_pure_dict(state.params), tiled=True)
                 if lead:
                     out = export_sae(params, cfg, Path(workdir) / "export", input_scale,
-                                     source=record(tcfg.steps)["data"])  # fmt: skip
+                                     source=final_record["data"])  # fmt: skip
                     say(lead, f"exported {out}")
     ckpt.close()  # idempotent; also closed (after pending saves finish) on errors
     if writer:
