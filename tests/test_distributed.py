@@ -53,7 +53,8 @@ def test_eight_devices_train_like_one(tmp_path, one_device_run, mesh):
     assert_same_run(_rows(tmp_path), one_device_run)
 
 
-def test_two_processes_match_one_process(tmp_path, one_device_run):
+def run_two_processes(workdir: Path, *args: str) -> None:
+    """`python -m launch.train` as 2 processes x 4 CPU devices on localhost (gloo)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -64,13 +65,12 @@ def test_two_processes_match_one_process(tmp_path, one_device_run):
                 sys.executable,
                 "-m",
                 "launch.train",
-                f"--workdir={tmp_path}",
-                "--gin.MESH_SHAPE=(2, 4)",
-                *RUN,
+                f"--workdir={workdir}",
+                *args,
                 f"--coordinator_address=127.0.0.1:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
-            ],  # fmt: skip
+            ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -82,6 +82,10 @@ def test_two_processes_match_one_process(tmp_path, one_device_run):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
+
+
+def test_two_processes_match_one_process(tmp_path, one_device_run):
+    run_two_processes(tmp_path, "--gin.MESH_SHAPE=(2, 4)", *RUN)
     assert_same_run(_rows(tmp_path), one_device_run)
 
 
@@ -102,36 +106,8 @@ def test_two_processes_read_their_own_shards(tmp_path):
         "--gin.ActivationData.chunk_tokens=32",
     ]
     run = [a for a in RUN if not a.startswith(("--gin.STEPS", "--gin.TrainConfig.eval"))]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     workdir = tmp_path / "run"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "launch.train",
-                f"--workdir={workdir}",
-                "--gin.MESH_SHAPE=(2, 4)",
-                *run,
-                *data,
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    run_two_processes(workdir, "--gin.MESH_SHAPE=(2, 4)", *run, *data)
     rows = _rows(workdir)
     assert np.isfinite(rows[-1]["eval/fvu"])
     source = json.loads((workdir / "export" / "cfg.json").read_text())["source"]
