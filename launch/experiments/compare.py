@@ -5,7 +5,10 @@
 Trains a TopK SAE (N = 1, NUM_LATENTS = width), Switch SAEs at equal width (N = 8, 32) and at
 equal encoder FLOPs (N = 2, 4, 8 with NUM_LATENTS = N x width), all with configs/smollm2.gin
 otherwise; evaluates each with launch.eval (FVU, L0, loss recovered on the eval shards'
-held-out text) and writes a markdown table with the training throughput.
+held-out text) and writes a markdown table with the throughput: the median logged tokens/s
+of each training run (the whole loop, reader included; meaningful only when nothing else
+shares the machine) and the training step alone, benchmarked for every row in this one
+process at the end. Finished runs (those with an eval.json) are not trained again.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def parse_args(argv):
     p.add_argument("--out", default="runs/compare/results.md")
     p.add_argument("--only", default="", help="comma-separated run names (default: all)")
     p.add_argument("--gin", action="append", default=[], help="extra NAME=VALUE bindings")
+    p.add_argument("--bench_steps", type=int, default=5, help="timed steps per step benchmark")
     return p.parse_args(argv)
 
 
@@ -55,19 +59,34 @@ def main(argv: list[str] | None = None) -> int:
                  f"--gin.NUM_LATENTS={latents}", f"--gin.STEPS={args.steps}", "--no_progress",
                  *[f"--gin.{b}" for b in args.gin]]  # fmt: skip
         print(f"== {name}: N={n}, NUM_LATENTS={latents}", flush=True)
-        subprocess.run(train, check=True)
-        subprocess.run([sys.executable, "-m", "launch.eval", "--workdir", str(workdir),
-                        "--data", args.eval], check=True)  # fmt: skip
+        if not (workdir / "eval.json").exists():  # done runs are kept: rerunning resumes
+            subprocess.run(train, check=True)
+            subprocess.run([sys.executable, "-m", "launch.eval", "--workdir", str(workdir),
+                            "--data", args.eval], check=True)  # fmt: skip
         result = json.loads((workdir / "eval.json").read_text())
         result |= {"name": name, "num_experts": n, "num_latents": latents, "kind": kind,
                    "tokens_per_sec": train_speed(workdir / "metrics.jsonl")}  # fmt: skip
         results.append(result)
+    for result in results:  # one process, one after another: comparable step times
+        result["step_tokens_per_sec"] = step_speed(args, result)
     table = markdown(results, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(table)
     (Path(args.out).with_suffix(".json")).write_text(json.dumps(results, indent=1))
     print(table)
     return 0
+
+
+def step_speed(args, result: dict) -> float:
+    """Tokens/s of the training step alone (launch.bench's measurement, random inputs)."""
+    from launch import bench
+    from sae_jax.data import ActivationData
+
+    d = ActivationData(args.train, process_index=0, process_count=1).d
+    spec = argparse.Namespace(d=d, k=32, batch=4096, capacity_factor=1.25, steps=args.bench_steps)
+    row = bench.measure(spec, result["num_experts"], result["num_latents"], (1, 1))
+    print(f"step benchmark {result['name']}: {row['step_ms']:.0f} ms", flush=True)
+    return row["tokens_per_sec"]
 
 
 def train_speed(metrics: Path) -> float:
@@ -84,8 +103,9 @@ def markdown(results: list[dict], args) -> str:
         f"`{args.eval}`.",
         "",
         "| run | N | NUM_LATENTS | compared as | FVU | FVU incl. outliers | L0 | dead | "
-        "CE clean | CE with SAE | delta CE | loss recovered | tokens/s | vs TopK |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "CE clean | CE with SAE | delta CE | loss recovered | train tokens/s | "
+        "step tokens/s | vs TopK |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lm = [f"{r[k]:.4f}" if k in r else "-" for k in ("ce_clean", "ce_sae", "delta_ce")]
@@ -94,7 +114,8 @@ def markdown(results: list[dict], args) -> str:
             f"| {r['name']} | {r['num_experts']} | {r['num_latents']} | {r['kind']} | "
             f"{r['fvu']:.4f} | {r['fvu_with_outliers']:.4f} | {r['l0']:.1f} | "
             f"{r['dead_fraction']:.1%} | {' | '.join(lm)} | {rec} | "
-            f"{r['tokens_per_sec']:.0f} | {r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x |"
+            f"{r['tokens_per_sec']:.0f} | {r['step_tokens_per_sec']:.0f} | "
+            f"{r['step_tokens_per_sec'] / base['step_tokens_per_sec']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 
