@@ -115,11 +115,11 @@ def test_smollm2_dump_then_train(tmp_path, capsys):
     assert ActivationData(out).d == 576
     code = train_cli.main([
         "--gin_file=smollm2.gin", f"--workdir={tmp_path / 'run'}", f"--gin.TRAIN_DATA='{out}'",
-        f"--gin.EVAL_DATA='{out}'", "--gin.STEPS=4", "--gin.BATCH_SIZE=64",
+        f"--gin.EVAL_DATA='{out}'", "--gin.STEPS=4", "--gin.BATCH_SIZE=64", "--gin.LR=1e-3",
         "--gin.TrainConfig.eval_tokens=128", "--gin.ActivationData.shuffle_buffer=128",
         "--gin.ActivationData.chunk_tokens=16", "--gin.LOG_EVERY=2", "--no_progress",
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert np.isfinite(rows[-1]["eval/fvu"]) and rows[-1]["eval/fvu"] < 2
+    assert np.isfinite(rows[-1]["eval/fvu"]) and rows[-1]["eval/fvu"] < 1.5
     assert 16 < rows[-1]["eval/l0"] <= 32  # K = 32; a dropped token counts 0
