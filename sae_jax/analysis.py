@@ -12,6 +12,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax.evaluation import fvu_from_sums
 from sae_jax.export import PretrainedSAE
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more than this fraction of tokens is "dense"
@@ -97,13 +98,14 @@ class EvalAccumulator:
         s, cfg = self.sums, self.sae.cfg
         tokens = max(s["tokens"], 1)
         freq = self.fired / tokens
-        fvu = _fvu(s["sq"], s["x2"], self.sum_x, s["n"])
+        fvu = fvu_from_sums(s["sq"], s["x2"], self.sum_x, s["n"])
+        fvu_all = fvu_from_sums(s["sq_all"], s["x2_all"], self.sum_x_all, s["n_all"])
         return {
             "tokens": int(s["tokens"]),
             "mse": s["sq"] / max(s["n"] * cfg.d, 1) * self.scale**2,
             "mse_raw": s["sq"] / max(s["n"] * cfg.d, 1),
             "fvu": fvu,
-            "fvu_with_outliers": _fvu(s["sq_all"], s["x2_all"], self.sum_x_all, s["n_all"]),
+            "fvu_with_outliers": fvu_all,
             "outlier_fraction": 1 - s["n"] / tokens,
             "l0": s["l0"] / tokens,
             "dead_fraction": float(np.mean(self.fired == 0)),
@@ -116,8 +118,3 @@ class EvalAccumulator:
             "feature_duplication": feature_duplication(np.asarray(self.sae.params["w_dec"])),
             "latent_frequency": freq.tolist(),
         }
-
-
-def _fvu(sq: float, x2: float, sum_x: np.ndarray, n: float) -> float:
-    total_var = x2 - float(np.sum(sum_x**2)) / max(n, 1)
-    return float(sq / max(total_var, 1e-30))

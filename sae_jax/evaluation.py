@@ -39,12 +39,20 @@ def make_eval_step(graphdef: nnx.GraphDef, capacity_factor: float, lb_alpha: flo
     return eval_step
 
 
+def fvu_from_sums(sq_err: float, sum_x2: float, sum_x: np.ndarray, n: float) -> float:
+    """FVU from running sums over n tokens: squared error / sum ||x - mean||^2."""
+    total_var = float(sum_x2) - float(np.sum(np.square(sum_x))) / max(n, 1)
+    return float(sq_err / max(total_var, 1e-12))
+
+
 def pooled_fvu(parts: list[dict], suffix: str) -> float:
     """Squared error over the pooled variance of all evaluated tokens."""
-    n = sum(p["n" + suffix] for p in parts)
-    sum_x = np.sum([p["sum_x" + suffix] for p in parts], axis=0)
-    total_var = np.sum([p["sum_x2" + suffix] for p in parts]) - np.sum(sum_x**2) / max(n, 1)
-    return float(np.sum([p["sq_err" + suffix] for p in parts]) / max(total_var, 1e-12))
+    return fvu_from_sums(
+        np.sum([p["sq_err" + suffix] for p in parts]),
+        np.sum([p["sum_x2" + suffix] for p in parts]),
+        np.sum([p["sum_x" + suffix] for p in parts], axis=0),
+        sum(p["n" + suffix] for p in parts),
+    )
 
 
 def evaluate(
