@@ -97,9 +97,10 @@ def _auxk_sums(p: ExpertParams, x, b_dec, gate, valid, dead, recon, pre, k_aux: 
     """AuxK on one expert: reconstruct the frozen residual x - x_hat with its top-k_aux dead
     latents. Returns sum over valid tokens of ||residual - aux||^2 and of ||residual||^2.
     dead: [L] bool; gate: [C] router probability (the aux output is gated like the main one).
+    Only the expert weights get a gradient: the residual, gate and b_dec are constants here.
     """
-    g = gate[:, None]
-    residual = x - b_dec - g * recon
+    x, b_dec, g = (jax.lax.stop_gradient(v) for v in (x, b_dec, gate[:, None]))
+    residual = jax.lax.stop_gradient(x - b_dec - g * recon)
     dead_pre = jnp.where(dead, jax.nn.relu(pre), 0.0)
     _, aux_idx = jax.lax.top_k(dead_pre, k_aux)
     pre_grad = dense_preactivations(x, b_dec, p) if dense else None
@@ -109,68 +110,31 @@ def _auxk_sums(p: ExpertParams, x, b_dec, gate, valid, dead, recon, pre, k_aux: 
     return jnp.sum(validf * (residual - aux_recon) ** 2), jnp.sum(validf * residual**2)
 
 
-def _auxk_total(p, x, b_dec, gate, valid, dead, recon, pre, k_aux, dense):
-    one = functools.partial(_auxk_sums, k_aux=k_aux, dense=dense)
-    err, norm = jax.vmap(one, in_axes=(0, 0, None, 0, 0, 0, 0, 0))(
-        p, x, b_dec, gate, valid, dead, recon, pre
-    )
-    return err.sum(), norm.sum()
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def auxk_loss_sums(p: ExpertParams, x, b_dec, gate, valid, dead, recon, pre, k_aux, dense):
-    """AuxK sums over all local experts ([E, ...] inputs), computed only when some latent is
-    dead. Gradient reaches the expert weights only (the residual target is frozen). A custom
-    VJP keeps the cond's untaken branch free: no residual buffers are built for it.
-    """
-    zero = jnp.zeros_like(pre, shape=())  # keeps pre's varying mesh axes under shard_map
-    args = (p, x, b_dec, gate, valid, dead, recon, pre)
-    return jax.lax.cond(dead.any(), lambda: _auxk_total(*args, k_aux, dense), lambda: (zero, zero))
-
-
-def _auxk_fwd(*args):
-    return auxk_loss_sums(*args), args[:-2]
-
-
-def _auxk_bwd(k_aux, dense, res, cotangents):
-    p, x, b_dec, gate, valid, dead, recon, pre = res
-    rest = (x, b_dec, gate, valid, dead, recon, pre)
-
-    def grad_p():
-        _, vjp = jax.vjp(lambda q: _auxk_total(q, *rest, k_aux, dense), p)
-        return vjp(cotangents)[0]
-
-    zeros = jax.tree.map(jnp.zeros_like, p)
-    g = jax.lax.cond(dead.any(), grad_p, lambda: zeros)
-    # No cotangents for valid, dead, recon (frozen residual) and pre (gradient-free).
-    return g, jnp.zeros_like(x), jnp.zeros_like(b_dec), jnp.zeros_like(gate), None, None, None, None
-
-
-auxk_loss_sums.defvjp(_auxk_fwd, _auxk_bwd)
-
-
 def run_experts(
     p: ExpertParams,
     x: jax.Array,
     b_dec: jax.Array,
     gate: jax.Array,
     valid: jax.Array,
-    dead: jax.Array,
+    dead: jax.Array | None,
     *,
     k: int,
     k_aux: int,
     kernel: str = "auto",
 ) -> ExpertOut:
     """All local experts on their buffers: p leaves [E, ...], x [E, C, d] raw tokens,
-    b_dec [d], gate/valid [E, C], dead [E, L]. AuxK runs only when some latent is dead; it
-    holds no collective, so each device may decide alone (the devices that share an expert
-    along 'data' hold the same dead mask, so they agree).
+    b_dec [d], gate/valid [E, C], dead [E, L] (None: no AuxK). Whether any latent is dead
+    is decided once per step, outside (see train_step), so a step without dead latents
+    compiles no AuxK at all.
     """
     dense = use_dense(kernel, p.w_enc.shape[1])
     forward = jax.vmap(functools.partial(expert_forward, k=k, dense=dense), in_axes=(0, 0, None, 0))
     recon, latents, idx, fired, pre = forward(p, x, b_dec, valid)
-    if k_aux == 0:
-        zero = jnp.zeros((), jnp.float32)
+    if dead is None or k_aux == 0:
+        zero = jnp.zeros_like(pre, shape=())  # keeps pre's varying mesh axes under shard_map
         return ExpertOut(recon, latents, idx, fired, zero, zero)
-    aux_err, aux_norm = auxk_loss_sums(p, x, b_dec, gate, valid, dead, recon, pre, k_aux, dense)
-    return ExpertOut(recon, latents, idx, fired, aux_err, aux_norm)
+    one = functools.partial(_auxk_sums, k_aux=k_aux, dense=dense)
+    err, norm = jax.vmap(one, in_axes=(0, 0, None, 0, 0, 0, 0, 0))(
+        p, x, b_dec, gate, valid, dead, recon, pre
+    )
+    return ExpertOut(recon, latents, idx, fired, err.sum(), norm.sum())

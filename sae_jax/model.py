@@ -82,8 +82,6 @@ class SwitchSAE(nnx.Module):
         devices that hold the experts. Without a mesh it runs as one local computation.
         """
         cfg = self.cfg
-        if dead is None:
-            dead = jnp.zeros((cfg.num_experts, cfg.latents_per_expert), bool)
         cf = cfg.capacity_factor if capacity_factor is None else capacity_factor
         experts = ExpertParams(self.w_enc[...], self.b_enc[...], self.w_dec[...])
         router = (self.w_router[...], self.b_router[...]) if cfg.num_experts > 1 else None
@@ -101,7 +99,7 @@ class SwitchSAE(nnx.Module):
             None if router is None else (P(), P()),
             P(),
             P(AXES),
-            expert_spec,
+            None if dead is None else expert_spec,
         )
         tok = P(AXES)
         out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P())
@@ -124,7 +122,7 @@ def switch_apply(
     router: tuple[jax.Array, jax.Array] | None,
     b_dec: jax.Array,
     x: jax.Array,
-    dead: jax.Array,
+    dead: jax.Array | None,
     *,
     cfg: SAEConfig,
     capacity_factor: float,
@@ -133,7 +131,8 @@ def switch_apply(
 ) -> SwitchOut:
     """Route, dispatch into capacity buffers, run the experts on their buffers, combine.
 
-    Written for one device's share: x [T_local, d], experts [N_local, ...], dead [N_local, L].
+    Written for one device's share: x [T_local, d], experts [N_local, ...], dead [N_local, L]
+    (None: no AuxK).
     With `expert_axis` (inside shard_map) the [N, C, .] buffers go through an all_to_all to
     [N_local, E*C, .] on the expert's device and back, and sums are psum'd over `all_axes`.
     """

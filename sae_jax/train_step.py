@@ -95,7 +95,13 @@ def make_train_step(
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=out_shardings)
     def step(state: TrainState, x: jax.Array):
         dead = state.since_fired >= tcfg.dead_after_tokens
-        grads, (metrics, fired) = jax.grad(loss_fn, has_aux=True)(state.params, x, dead)
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        # AuxK only costs when some latent is dead; one branch per step, chosen on device.
+        grads, (metrics, fired) = jax.lax.cond(
+            dead.any(),
+            lambda: grad_fn(state.params, x, dead),
+            lambda: grad_fn(state.params, x, None),
+        )
         grads = _map_w_dec(project_decoder_grad, grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = _map_w_dec(unit_rows, optax.apply_updates(state.params, updates))

@@ -31,3 +31,28 @@ def switch_sae(x, params: dict, k: int):
         experts.append(i)
         gates.append(probs[i])
     return np.array(x_hat), np.array(experts), np.array(gates)
+
+
+def auxk_sums(x, params: dict, const: dict, dead, k: int, k_aux: int):
+    """AuxK sums of a Switch SAE, token by token: the residual x - x_hat reconstructed, gated,
+    by the top-k_aux dead latents of the routed expert. `const` (numpy copies of the
+    parameters) fixes the routing, the residual and the chosen latents; `params` (jax arrays)
+    enter only the aux reconstruction, so a test can differentiate through them.
+    dead: [N, L] bool. Returns the (err, norm) sums over tokens.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x_hat, experts, gates = switch_sae(x, const, k)
+    err = norm = 0.0
+    for tok, tok_hat, i, gate in zip(x, x_hat, experts, gates, strict=True):
+        centred = tok - const["b_dec"]
+        dead_pre = np.where(
+            dead[i], np.maximum(const["w_enc"][i] @ centred + const["b_enc"][i], 0), 0
+        )
+        chosen = np.array([j for j in np.argsort(-dead_pre)[:k_aux] if dead[i][j]], int)
+        pre = params["w_enc"][i][chosen] @ centred + params["b_enc"][i][chosen]
+        aux = gate * (jax.nn.relu(pre) @ params["w_dec"][i][chosen])
+        err = err + jnp.sum((tok - tok_hat - aux) ** 2)
+        norm = norm + np.sum((tok - tok_hat) ** 2)
+    return err, norm
