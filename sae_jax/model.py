@@ -154,6 +154,11 @@ def switch_apply(
     if expert_axis:
         buffers = [jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True) for b in buffers]
     x_buf, gate_buf, valid_buf = buffers
+    if all_axes:
+        # Expert weights are replicated along 'data'; mark them varying once, here, so their
+        # gradient is summed over 'data' once (not, say, once per AuxK chunk).
+        data_axes = tuple(a for a in all_axes if a != expert_axis)
+        experts = jax.tree.map(lambda w: jax.lax.pcast(w, data_axes, to="varying"), experts)
     out = run_experts(
         experts, x_buf, b_dec, gate_buf, valid_buf, dead,
         k=cfg.k, k_aux=cfg.k_aux_effective, kernel=cfg.expert_kernel,
@@ -168,7 +173,6 @@ def switch_apply(
     fired = out.fired
     if all_axes:
         sums = jax.lax.psum(sums, all_axes)
-        data_axes = tuple(a for a in all_axes if a != expert_axis)
         fired = jax.lax.psum(fired, data_axes)
     counts, prob_sums, l0_sum, aux_err, aux_norm = sums
     return SwitchOut(x_hat, expert, gate, kept, counts, prob_sums, fired, l0_sum, aux_err, aux_norm)

@@ -7,7 +7,7 @@ from conftest import random_model
 from flax import nnx
 from reference import auxk_sums, switch_sae, topk_sae_token
 
-from sae_jax import dispatch
+from sae_jax import dispatch, experts
 from sae_jax.config import ConfigError, SAEConfig
 from sae_jax.losses import loss_and_metrics
 from sae_jax.routing import load_balance_loss
@@ -152,8 +152,10 @@ def test_bad_model_config_is_one_line(kwargs, message):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("kernel", ["dense", "gather"])
-def test_auxk_value_and_gradient_match_reference(mesh1, kernel):
+@pytest.mark.parametrize("kernel, chunk_tokens", [("dense", 0), ("gather", 0), ("gather", 5)])
+def test_auxk_value_and_gradient_match_reference(mesh1, monkeypatch, kernel, chunk_tokens):
+    if chunk_tokens:  # the gather kernel's AuxK in chunks of 5 tokens (24 slots: one padded)
+        monkeypatch.setattr(experts, "AUX_CHUNK_BYTES", 4 * 6 * 16 * chunk_tokens)
     cfg = SAEConfig(
         d=16, num_latents=64, num_experts=4, k=4, k_aux=6, capacity_factor=4.0,
         expert_kernel=kernel,
