@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from sae_jax.distributed import initialize
     from sae_jax.gin_setup import DEFAULT_CONFIG, parse
-    from sae_jax.trainer import Preempted, TrainingError, train
+    from sae_jax.preemption import Preempted
+    from sae_jax.trainer import TrainingError, train
 
     initialize(args.coordinator_address, args.num_processes, args.process_id)
     try:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import threading
 import time
 from contextlib import closing
 from itertools import islice
@@ -27,6 +25,7 @@ from sae_jax.init import geometric_median
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.metrics import MetricWriter, summary
 from sae_jax.model import SwitchSAE, check_mesh
+from sae_jax.preemption import Preempted, PreemptionGuard
 from sae_jax.train_step import setup_training
 
 CONSOLE = ("loss", "fvu", "l0", "dead_fraction", "drop_fraction")
@@ -35,40 +34,6 @@ FINAL = ("eval/fvu", "eval/mse", "eval/l0", "eval/drop_fraction", "eval/feature_
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN)."""
-
-
-class Preempted(RuntimeError):
-    """A SIGTERM/SIGINT stopped training after saving a checkpoint."""
-
-    def __init__(self, signum: int, step: int, workdir: Path):
-        self.signum = signum
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"{name}: saved a checkpoint at step {step} in {workdir}; "
-            "run the same command again to resume"
-        )
-
-
-class PreemptionGuard:
-    """Within the block, SIGTERM and SIGINT only set `.signal`; the loop saves and stops at
-    the next step boundary. Handlers are restored on exit (main thread only)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self) -> PreemptionGuard:
-        self.signal = None
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
 
 
 def build_model(cfg: SAEConfig, tcfg: TrainConfig, source) -> SwitchSAE:
@@ -97,7 +62,8 @@ def train(
     """Train to `tcfg.steps`, resuming from the last complete checkpoint in workdir, writing
     workdir/metrics.jsonl and checkpoints; returns the final eval row.
 
-    SIGTERM / SIGINT save a checkpoint at the next step boundary and raise Preempted.
+    SIGTERM / SIGINT save a checkpoint at a step boundary (the same one on every process) and
+    raise Preempted.
     """
     tcfg.validate()
     train_src = make_source(tcfg.train_data, tcfg.seed)
@@ -199,7 +165,7 @@ def train(
                     if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
                         run_eval(done)
                     bar.update(1)
-                    if guard.signal is not None and done < tcfg.steps:
+                    if guard.stop_after(done) and done < tcfg.steps:
                         ckpt.save(done, state, record(done))  # closing(ckpt) waits for it
                         bar.close()
                         raise Preempted(guard.signal, done, Path(workdir))

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +29,10 @@ def _rows(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(a: list[dict], b: list[dict], rtol: float = 2e-3) -> None:
+def assert_same_run(a: list[dict], b: list[dict], rtol: float = 2e-3, rows: int = 6) -> None:
     """Equal to float tolerance. Summation order differs across meshes, so a latent whose
     firing is a near-tie may flip: dead_fraction may differ by 2 of the 256 latents."""
-    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 6
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == rows
     for ra, rb in zip(a, b, strict=True):
         assert set(ra) == set(rb)
         for key in set(ra) - SKIP:
@@ -53,13 +55,13 @@ def test_eight_devices_train_like_one(tmp_path, one_device_run, mesh):
     assert_same_run(_rows(tmp_path), one_device_run)
 
 
-def run_two_processes(workdir: Path, *args: str) -> None:
+def spawn_two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
     """`python -m launch.train` as 2 processes x 4 CPU devices on localhost (gloo)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    procs = [
+    return [
         subprocess.Popen(
             [
                 sys.executable,
@@ -79,7 +81,22 @@ def run_two_processes(workdir: Path, *args: str) -> None:
         )  # fmt: skip
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
+    """Wait for the processes (killing them all if one hangs, say in a collective that the
+    other never joins) and return their outputs."""
+    try:
+        return [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def run_two_processes(workdir: Path, *args: str) -> None:
+    procs = spawn_two_processes(workdir, *args)
+    outputs = finish(procs)
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
 
@@ -116,3 +133,26 @@ def test_two_processes_read_their_own_shards(tmp_path):
     assert all(6 * 256 <= p <= 6 * 256 + 8 for p in source["positions"])
     more = [*run, *data, "--gin.STEPS=9", "--gin.MESH_SHAPE=(1, 1)"]
     assert train_cli.main([f"--workdir={workdir}", *more]) == 2
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """The scheduler's signal may reach one process only (or each at another time); JAX's
+    preemption service makes both save the same step, and the run resumes as if unbroken."""
+    run = [a for a in RUN if not a.startswith("--gin.STEPS")] + ["--gin.STEPS=80"]
+    procs = spawn_two_processes(tmp_path, "--gin.MESH_SHAPE=(2, 4)", *run)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(p.poll() is not None for p in procs):
+        if (tmp_path / "metrics.jsonl").exists() and len(_rows(tmp_path)) >= 2:
+            break
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # not the process that writes metrics
+    outputs = finish(procs)
+    lines = [out.strip().splitlines()[-1] for out in outputs]
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, outputs[1][-3000:]
+    steps = {int(line.split("at step ")[1].split()[0]) for line in lines}
+    assert len(steps) == 1 and 20 <= steps.pop() < 80, lines
+    assert all(line.startswith("preempted: SIGTERM: saved a checkpoint") for line in lines)
+    run_two_processes(tmp_path, "--gin.MESH_SHAPE=(2, 4)", *run)
+    reference = tmp_path / "reference"
+    assert train_cli.main([f"--workdir={reference}", "--gin.MESH_SHAPE=(2, 4)", *run]) == 0
+    assert_same_run(_rows(tmp_path), _rows(reference), rows=9)
