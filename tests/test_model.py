@@ -155,7 +155,7 @@ def test_bad_model_config_is_one_line(kwargs, message):
 @pytest.mark.parametrize("kernel, chunk_tokens", [("dense", 0), ("gather", 0), ("gather", 5)])
 def test_auxk_value_and_gradient_match_reference(mesh1, monkeypatch, kernel, chunk_tokens):
     if chunk_tokens:  # the gather kernel's AuxK in chunks of 5 tokens (24 slots: one padded)
-        monkeypatch.setattr(experts, "AUX_CHUNK_BYTES", 4 * 6 * 16 * chunk_tokens)
+        monkeypatch.setattr(experts, "AUX_CHUNK_BYTES", 4 * 6 * 16 * chunk_tokens * 4)
     cfg = SAEConfig(
         d=16, num_latents=64, num_experts=4, k=4, k_aux=6, capacity_factor=4.0,
         expert_kernel=kernel,
