@@ -13,6 +13,12 @@ from sae_jax.losses import loss_and_metrics
 from sae_jax.routing import load_balance_loss
 
 
+@nnx.jit
+def forward(model, x):
+    """The module's forward, compiled once (op-by-op dispatch through shard_map is slow)."""
+    return model(x)
+
+
 def params_np(model) -> dict:
     return {k: np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(model)).items()}
 
@@ -25,7 +31,7 @@ def test_switch_matches_per_token_reference(mesh1, kernel):
     )  # fmt: skip
     model = random_model(cfg)
     x = np.random.default_rng(1).normal(size=(48, 16)).astype(np.float32)
-    out = model(jnp.asarray(x))
+    out = forward(model, jnp.asarray(x))
     ref_hat, ref_expert, ref_gate = switch_sae(x, params_np(model), cfg.k)
     assert bool(out.kept.all())
     assert len(set(ref_expert.tolist())) > 1, "the test must exercise several experts"
@@ -40,7 +46,7 @@ def test_single_expert_is_a_topk_sae(mesh1, kernel):
     model = random_model(cfg, seed=3)
     assert not hasattr(model, "w_router")
     x = np.random.default_rng(2).normal(size=(20, 12)).astype(np.float32)
-    out = model(jnp.asarray(x))
+    out = forward(model, jnp.asarray(x))
     p = params_np(model)
     for t in range(len(x)):
         ref, z = topk_sae_token(x[t], p["w_enc"][0], p["b_enc"][0], p["w_dec"][0], p["b_dec"], 6)
@@ -52,7 +58,7 @@ def test_capacity_drops_exactly_the_overflow(mesh1):
     cfg = SAEConfig(d=8, num_latents=32, num_experts=4, k=2, k_aux=0, capacity_factor=1.0)
     model = random_model(cfg, seed=5)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(64, 8)), jnp.float32)
-    out = model(x)
+    out = forward(model, x)
     cap = dispatch.capacity(64, 4, 1.0)
     counts = np.bincount(np.asarray(out.expert), minlength=4)
     expected_drops = np.maximum(counts - cap, 0).sum()
@@ -99,7 +105,7 @@ def test_router_gets_gradient(mesh1):
         return loss_and_metrics(x, out, lb_alpha=lb_alpha, aux_weight=0.0)[0]
 
     for lb_alpha in (0.0, 3.0):  # the gate scaling alone gives the router a gradient
-        grads = nnx.to_pure_dict(jax.grad(loss)(state, lb_alpha))
+        grads = nnx.to_pure_dict(jax.jit(jax.grad(loss), static_argnums=1)(state, lb_alpha))
         assert float(jnp.abs(grads["w_router"]).max()) > 1e-6
         assert float(jnp.abs(grads["b_router"]).max()) > 1e-6
 
