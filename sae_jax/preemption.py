@@ -37,7 +37,8 @@ class PreemptionGuard:
     def __enter__(self) -> PreemptionGuard:
         self.signal: int | None = None
         self._old = {}
-        self._synced = jax.process_count() > 1 and _preemption_service_running()
+        # The service runs unless jax_enable_preemption_service was turned off.
+        self._synced = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
         if threading.current_thread() is threading.main_thread():
             # With the service, SIGTERM stays with JAX's own handler (its preemption notice).
             mine = (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT)
@@ -63,12 +64,3 @@ class PreemptionGuard:
     def __exit__(self, *exc) -> None:
         for s, handler in self._old.items():
             signal.signal(s, handler)
-
-
-def _preemption_service_running() -> bool:
-    """False where jax.distributed runs without the preemption service (it can be disabled)."""
-    try:
-        multihost_utils.reached_preemption_sync_point(-1)
-    except RuntimeError:
-        return False
-    return True
