@@ -1,7 +1,15 @@
-"""The jitted training step: loss, decoder-gradient projection, Adam, row renormalisation."""
+"""The jitted training step: loss, decoder-gradient projection, Adam, row renormalisation.
+
+Two steps are compiled, with and without AuxK. Which one runs is chosen on the host from the
+dead-latent count that the step `DEAD_COUNT_LAG` steps earlier returned, so the host never
+waits for the step it has just dispatched (an on-device `lax.cond` would make XLA copy its
+predicate to the host and wait, every step, on GPU). The choice is a pure function of the
+training history (the last counts travel in the state), so a resumed run chooses the same.
+"""
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any
 
@@ -15,6 +23,12 @@ from sae_jax.config import TrainConfig
 from sae_jax.losses import loss_and_metrics
 from sae_jax.model import SwitchSAE, unit_rows
 
+# A step runs AuxK when some latent was dead this many steps before it (LAG - 1 steps late at
+# worst): the host then reads counts that are ready, while the previous step still runs.
+DEAD_COUNT_LAG = 2
+# State leaves whose leading axis is the expert axis (parameters, their Adam moments, counters).
+EXPERT_LEAVES = frozenset({"w_enc", "b_enc", "w_dec", "since_fired"})
+
 
 @struct.dataclass
 class TrainState:
@@ -22,6 +36,7 @@ class TrainState:
     params: nnx.State
     opt_state: Any
     since_fired: jax.Array  # [N, L] int32 training tokens since each latent last fired
+    recent_dead: jax.Array  # [DEAD_COUNT_LAG] int32 dead latents after each recent step
 
 
 def make_optimizer(tcfg: TrainConfig, num_latents: int) -> optax.GradientTransformation:
@@ -35,19 +50,43 @@ def make_optimizer(tcfg: TrainConfig, num_latents: int) -> optax.GradientTransfo
     return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), optax.adam(schedule))
 
 
+def new_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
+    """The state at step 0 for `params`, abstract or concrete (pure: jit- and eval_shape-able)."""
+    n, lat = params["b_enc"][...].shape
+    return TrainState(
+        jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((n, lat), jnp.int32),
+        jnp.zeros((DEAD_COUNT_LAG,), jnp.int32),
+    )  # fmt: skip
+
+
+def state_sharding(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings for a TrainState-like pytree: leaves named in EXPERT_LEAVES split their
+    leading axis over 'expert' (replicated over 'data'); every other leaf is replicated."""
+
+    def leaf(path, value):
+        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+        expert = bool(names & EXPERT_LEAVES) and jnp.ndim(value) > 0
+        return NamedSharding(mesh, PartitionSpec("expert") if expert else PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
 def init_state(model: SwitchSAE, tx: optax.GradientTransformation) -> TrainState:
+    """The step-0 state of a model built under the current mesh, created already sharded."""
     _, params = nnx.split(model)
-    cfg = model.cfg
-    since = jnp.zeros((cfg.num_experts, cfg.latents_per_expert), jnp.int32)
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), since)
+    create = functools.partial(new_state, tx=tx)
+    if jax.sharding.get_abstract_mesh().empty:
+        return create(params)
+    shardings = state_sharding(jax.eval_shape(create, params), jax.sharding.get_mesh())
+    return jax.jit(create, out_shardings=shardings)(params)
 
 
 def setup_training(model: SwitchSAE, tcfg: TrainConfig):
-    """(graphdef, initial TrainState, jitted step) for a model built under the current mesh;
+    """(graphdef, initial TrainState, TrainStep) for a model built under the current mesh;
     the step keeps the state in the layout it was created in."""
     tx = make_optimizer(tcfg, model.cfg.num_latents)
     graphdef, state = nnx.graphdef(model), init_state(model, tx)
-    return graphdef, state, make_train_step(graphdef, tx, tcfg, sharding_of(state))
+    return graphdef, state, TrainStep(graphdef, tx, tcfg, sharding_of(state))
 
 
 def sharding_of(tree: Any) -> Any:
@@ -75,9 +114,12 @@ def make_train_step(
     tx: optax.GradientTransformation,
     tcfg: TrainConfig,
     state_sharding: Any = None,
+    *,
+    auxk: bool,
 ):
     """Returns step(state, x [T, d]) -> (state, metrics); jitted, the state buffers donated.
 
+    `auxk`: whether this step computes the AuxK loss (with the state's current dead mask).
     `state_sharding` (a pytree of shardings, see `sharding_of`) pins the new state to the
     layout of the old one, so the second step does not recompile for a different layout.
     """
@@ -94,24 +136,48 @@ def make_train_step(
 
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=out_shardings)
     def step(state: TrainState, x: jax.Array):
-        dead = state.since_fired >= tcfg.dead_after_tokens
-        grad_fn = jax.grad(loss_fn, has_aux=True)
-        # AuxK only costs when some latent is dead; one branch per step, chosen on device.
-        grads, (metrics, fired) = jax.lax.cond(
-            dead.any(),
-            lambda: grad_fn(state.params, x, dead),
-            lambda: grad_fn(state.params, x, None),
-        )
+        dead = state.since_fired >= tcfg.dead_after_tokens if auxk else None
+        grads, (metrics, fired) = jax.grad(loss_fn, has_aux=True)(state.params, x, dead)
         grads = _map_w_dec(project_decoder_grad, grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = _map_w_dec(unit_rows, optax.apply_updates(state.params, updates))
         tokens = x.shape[0]
         since = jnp.where(
             fired > 0, 0, jnp.minimum(state.since_fired + tokens, tcfg.dead_after_tokens)
-        )
-        metrics["dead_fraction"] = jnp.mean(since >= tcfg.dead_after_tokens)
+        ).astype(jnp.int32)
+        dead_count = jnp.sum(since >= tcfg.dead_after_tokens, dtype=jnp.int32)
+        metrics["dead_fraction"] = dead_count / since.size
+        metrics["dead_latents"] = dead_count
         metrics["grad_norm"] = optax.tree.norm(grads)
-        new = TrainState(state.step + 1, params, opt_state, since.astype(jnp.int32))
-        return new, metrics
+        recent = jnp.append(state.recent_dead[1:], dead_count)
+        return TrainState(state.step + 1, params, opt_state, since, recent), metrics
 
     return step
+
+
+class TrainStep:
+    """step(state, x) -> (state, metrics): the AuxK or the plain compiled step.
+
+    Step t runs AuxK when the state of step t - DEAD_COUNT_LAG + 1 had a dead latent; that
+    count came out of step t - DEAD_COUNT_LAG, which has finished (or is about to) while step
+    t - 1 still runs, so reading it never stalls the device queue. The first call reads the
+    counts from the state (at the start or after a restore). Use one TrainStep per run.
+    """
+
+    def __init__(self, graphdef, tx, tcfg: TrainConfig, state_sharding: Any = None):
+        make = functools.partial(make_train_step, graphdef, tx, tcfg, state_sharding)
+        self.plain, self.auxk = make(auxk=False), make(auxk=True)
+        self._counts: collections.deque | None = None
+
+    def uses_auxk(self, state: TrainState) -> bool:
+        """Whether the next call runs the AuxK step (seeds the counts from `state` once)."""
+        if self._counts is None:
+            self._counts = collections.deque(jax.device_get(state.recent_dead).tolist())
+        return int(self._counts[0]) > 0
+
+    def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
+        fn = self.auxk if self.uses_auxk(state) else self.plain
+        state, metrics = fn(state, x)
+        self._counts.popleft()
+        self._counts.append(metrics["dead_latents"])
+        return state, metrics

@@ -120,3 +120,29 @@ def _read(path):
 def test_config_dataclasses_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().steps = 3
+
+
+def test_auxk_step_is_chosen_on_the_host_from_lagged_dead_counts(mesh1):
+    cfg = SAEConfig(d=16, num_latents=128, num_experts=4, k=4, k_aux=8)
+    tcfg = TrainConfig(steps=5, batch_size=64, lr=1e-2, dead_after_tokens=64)
+    rng = np.random.default_rng(0)
+    batches = [jnp.asarray(rng.normal(size=(64, 16)), jnp.float32) for _ in range(5)]
+    _, state, step = setup_training(random_model(cfg), tcfg)
+    # Neither compiled step holds a conditional (XLA would sync its predicate to the host);
+    # only the AuxK step holds the second top-k (k_aux) and its work.
+    jaxprs = {name: str(jax.make_jaxpr(fn)(state, batches[0])) for name, fn in
+              (("plain", step.plain), ("auxk", step.auxk))}  # fmt: skip
+    assert [j.count("cond[") for j in jaxprs.values()] == [0, 0]
+    assert jaxprs["plain"].count("top_k[") == 1 and jaxprs["auxk"].count("top_k[") == 2
+    hlo = step.plain.lower(state, batches[0]).compile().as_text()
+    assert "conditional" not in hlo
+    used, aux = [], []
+    for x in batches:
+        used.append(step.uses_auxk(state))
+        state, m = step(state, x)
+        aux.append(float(m["aux_loss"]))
+    # Step 0 leaves latents dead (they did not fire on its 64 tokens); the step that runs
+    # AuxK first is step DEAD_COUNT_LAG = 2, which reads step 0's count.
+    assert used == [False, False, True, True, True]
+    assert aux[:2] == [0.0, 0.0] and min(aux[2:]) > 0
+    assert list(jax.device_get(state.recent_dead)) == [int(v) for v in step._counts]
