@@ -90,20 +90,25 @@ class SwitchSAE(nnx.Module):
         if mesh.empty:
             return switch_apply(*args, cfg=cfg, capacity_factor=cf)
         check_mesh(cfg, dict(mesh.shape), x.shape[0])
+        # A 'data' axis of size 1 stays out of the manual axes: its psum of the expert
+        # gradients would still be an all-reduce with buffers of their size.
+        axes = tuple(a for a in AXES if a == "expert" or mesh.shape[a] > 1)
         local = functools.partial(
-            switch_apply, cfg=cfg, capacity_factor=cf, expert_axis="expert", all_axes=AXES
+            switch_apply, cfg=cfg, capacity_factor=cf, expert_axis="expert", all_axes=axes
         )
         expert_spec = P("expert")
         in_specs = (
             ExpertParams(expert_spec, expert_spec, expert_spec),
             None if router is None else (P(), P()),
             P(),
-            P(AXES),
+            P(axes),
             None if dead is None else expert_spec,
         )
-        tok = P(AXES)
+        tok = P(axes)
         out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P())
-        return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(axes)
+        )(*args)
 
 
 def check_mesh(cfg: SAEConfig, mesh_shape: dict[str, int], tokens: int | None = None) -> None:

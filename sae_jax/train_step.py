@@ -21,13 +21,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sae_jax.config import TrainConfig
 from sae_jax.losses import loss_and_metrics
-from sae_jax.model import SwitchSAE, unit_rows
+from sae_jax.model import SwitchSAE
+from sae_jax.update import apply_update, partition_specs
 
 # A step runs AuxK when some latent was dead this many steps before it (LAG - 1 steps late at
 # worst): the host then reads counts that are ready, while the previous step still runs.
 DEAD_COUNT_LAG = 2
-# State leaves whose leading axis is the expert axis (parameters, their Adam moments, counters).
-EXPERT_LEAVES = frozenset({"w_enc", "b_enc", "w_dec", "since_fired"})
 
 
 @struct.dataclass
@@ -40,14 +39,15 @@ class TrainState:
 
 
 def make_optimizer(tcfg: TrainConfig, num_latents: int) -> optax.GradientTransformation:
-    """Adam with global-norm clipping; constant LR then linear decay to 0 over the last part."""
+    """Adam, constant LR then linear decay to 0 over the last part. The step clips gradients
+    by their global norm (`tcfg.grad_clip`) before it (see update.apply_update)."""
     lr = tcfg.learning_rate(num_latents)
     decay_steps = int(round(tcfg.steps * tcfg.decay_fraction))
     hold = tcfg.steps - decay_steps
     schedule = optax.join_schedules(
         [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(decay_steps, 1))], [hold]
     )
-    return optax.chain(optax.clip_by_global_norm(tcfg.grad_clip), optax.adam(schedule))
+    return optax.adam(schedule)
 
 
 def new_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
@@ -60,15 +60,9 @@ def new_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState
 
 
 def state_sharding(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Shardings for a TrainState-like pytree: leaves named in EXPERT_LEAVES split their
+    """Shardings for a TrainState-like pytree: expert leaves (update.EXPERT_LEAVES) split their
     leading axis over 'expert' (replicated over 'data'); every other leaf is replicated."""
-
-    def leaf(path, value):
-        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-        expert = bool(names & EXPERT_LEAVES) and jnp.ndim(value) > 0
-        return NamedSharding(mesh, PartitionSpec("expert") if expert else PartitionSpec())
-
-    return jax.tree_util.tree_map_with_path(leaf, tree)
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), partition_specs(tree))
 
 
 def init_state(model: SwitchSAE, tx: optax.GradientTransformation) -> TrainState:
@@ -92,21 +86,6 @@ def setup_training(model: SwitchSAE, tcfg: TrainConfig):
 def sharding_of(tree: Any) -> Any:
     """The shardings of a pytree of arrays (same structure)."""
     return jax.tree.map(lambda a: a.sharding, tree)
-
-
-def project_decoder_grad(grad: jax.Array, w_dec: jax.Array) -> jax.Array:
-    """Remove the gradient component parallel to each (unit) decoder row. [N, L, d]."""
-    return grad - jnp.sum(grad * w_dec, axis=-1, keepdims=True) * w_dec
-
-
-def _map_w_dec(fn, tree: nnx.State, *others: nnx.State) -> nnx.State:
-    """Apply fn to the w_dec leaf (and the matching leaves of `others`), identity elsewhere."""
-
-    def leaf(path, v, *o):
-        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-        return fn(v, *o) if "w_dec" in names else v
-
-    return jax.tree_util.tree_map_with_path(leaf, tree, *others)
 
 
 def make_train_step(
@@ -138,9 +117,9 @@ def make_train_step(
     def step(state: TrainState, x: jax.Array):
         dead = state.since_fired >= tcfg.dead_after_tokens if auxk else None
         grads, (metrics, fired) = jax.grad(loss_fn, has_aux=True)(state.params, x, dead)
-        grads = _map_w_dec(project_decoder_grad, grads, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = _map_w_dec(unit_rows, optax.apply_updates(state.params, updates))
+        params, opt_state, grad_norm = apply_update(
+            tx, grads, state.opt_state, state.params, clip=tcfg.grad_clip
+        )
         tokens = x.shape[0]
         since = jnp.where(
             fired > 0, 0, jnp.minimum(state.since_fired + tokens, tcfg.dead_after_tokens)
@@ -148,7 +127,7 @@ def make_train_step(
         dead_count = jnp.sum(since >= tcfg.dead_after_tokens, dtype=jnp.int32)
         metrics["dead_fraction"] = dead_count / since.size
         metrics["dead_latents"] = dead_count
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = grad_norm
         recent = jnp.append(state.recent_dead[1:], dead_count)
         return TrainState(state.step + 1, params, opt_state, since, recent), metrics
 

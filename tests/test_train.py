@@ -10,8 +10,9 @@ from conftest import random_model
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.data import SyntheticData
 from sae_jax.init import geometric_median
-from sae_jax.train_step import make_optimizer, project_decoder_grad, setup_training
+from sae_jax.train_step import make_optimizer, setup_training
 from sae_jax.trainer import train
+from sae_jax.update import project
 
 
 def _steps(cfg: SAEConfig, tcfg: TrainConfig, batches: list[jax.Array]):
@@ -43,7 +44,8 @@ def test_decoder_gradient_projection_is_orthogonal():
     rng = np.random.default_rng(1)
     w = rng.normal(size=(2, 5, 7))
     w /= np.linalg.norm(w, axis=-1, keepdims=True)
-    g = project_decoder_grad(jnp.asarray(rng.normal(size=(2, 5, 7))), jnp.asarray(w))
+    g = rng.normal(size=(2, 5, 7))
+    g = project(jnp.asarray(g), jnp.asarray(w), jnp.asarray(np.sum(g * w, axis=-1)))
     np.testing.assert_allclose(np.sum(np.asarray(g) * w, axis=-1), 0.0, atol=1e-6)
 
 
