@@ -7,8 +7,10 @@ function with that block's expert weights (read by dynamic index); blocks past t
 one are skipped (`lax.cond`). The work is that of at most T + N * B rows, against N * T for
 dispatch with a capacity of every token, and no [N, T, ...] array is built.
 
-Differentiable with respect to the weights and the token inputs (the gradient of a block's
-weights is scattered back into the [N, ...] weight arrays).
+Differentiable with respect to the weights and the token inputs (tested). The backward
+accumulates the weight gradients in an [N, ...] carry of the reverse scan, one block's
+expert updated per step; whether XLA does that in place rather than as a full-size add per
+block is not yet measured: check it before using this for training.
 
 `jax.lax.ragged_dot` is the native grouped matmul on GPU/TPU; XLA:CPU runs it as a dense
 masked product over all N groups, so this block form is the one that saves work everywhere.
