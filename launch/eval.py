@@ -102,7 +102,7 @@ def _eval_capacity(workdir: Path) -> float:
     from sae_jax.checkpoint import Checkpointer
     from sae_jax.config import SAEConfig
 
-    ckpt = Checkpointer(workdir)
+    ckpt = Checkpointer(workdir, create=False)
     try:
         step = ckpt.latest_step()
         if step is None:

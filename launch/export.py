@@ -1,8 +1,13 @@
-"""Export the latest checkpoint of a run as sae.safetensors + cfg.json.
+"""Export a checkpoint of a run for inference (format: sae_jax/export.py).
 
-    python -m launch.export --workdir DIR [--step N] [--out OUT]
+    python -m launch.export --workdir DIR [--step N] [--out OUT] [--max_file_bytes B]
 
-OUT defaults to DIR/export. Load it with `sae_jax.load_pretrained(OUT)`.
+Reads only the parameters of the checkpoint (latest, or --step N), straight onto this
+machine's devices with the experts split over them, and writes OUT (default DIR/export):
+`sae.safetensors` + cfg.json when it fits one file of --max_file_bytes, otherwise sharded
+files + `sae.safetensors.index.json`. With several hosts, run it on every host (the same
+multi-host flags as launch.train) and each writes only its own experts. Load the result with
+`sae_jax.load_pretrained(OUT)`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m launch.export",
         description=__doc__,
@@ -20,26 +25,57 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None, help="default: the latest")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--out", default=None, help="default: WORKDIR/export")
+    parser.add_argument("--max_file_bytes", type=int, default=None,
+                        help="largest safetensors file (default 4 GiB); smaller forces "
+                        "the sharded form")  # fmt: skip
+    multi = parser.add_argument_group(
+        "multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)"
+    )
+    multi.add_argument("--coordinator_address", default=None, help="host:port, or 'auto'")
+    multi.add_argument("--num_processes", type=int, default=None)
+    multi.add_argument("--process_id", type=int, default=None)
+    return parser.parse_args(argv)
 
-    from sae_jax.checkpoint import Checkpointer
-    from sae_jax.config import SAEConfig
-    from sae_jax.export import export_sae
 
-    ckpt = Checkpointer(args.workdir)
-    step = args.step if args.step is not None else ckpt.latest_step()
-    if step is None:
-        print(f"error: no complete checkpoint in {ckpt.directory}", file=sys.stderr)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from sae_jax.config import ConfigError
+    from sae_jax.distributed import initialize
+
+    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    try:
+        out, step = export_run(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    record = ckpt.record(step)
-    cfg = SAEConfig(**record["model"])
-    params = ckpt.restore_params(step)
-    out = args.out or Path(args.workdir) / "export"
-    scale = record["data"].get("input_scale", 1.0)
-    print(f"exported step {step} to {export_sae(params, cfg, out, scale, record['data'])}")
-    ckpt.close()
+    print(f"exported step {step} to {out}")
     return 0
+
+
+def export_run(args: argparse.Namespace) -> tuple[Path, int]:
+    from sae_jax.checkpoint import Checkpointer
+    from sae_jax.config import ConfigError, SAEConfig
+    from sae_jax.export import DEFAULT_MAX_FILE_BYTES, export_mesh, export_sae
+
+    ckpt = Checkpointer(args.workdir, create=False)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ConfigError(f"no complete checkpoint in {ckpt.directory}")
+        step = max(steps) if args.step is None else args.step
+        if step not in steps:
+            raise ConfigError(f"no checkpoint of step {step} in {ckpt.directory} (steps: "
+                              f"{', '.join(map(str, sorted(steps)))})")  # fmt: skip
+        record = ckpt.record(step)
+        cfg = SAEConfig(**record["model"])
+        params = ckpt.restore_params(step, export_mesh(cfg.num_experts))
+    finally:
+        ckpt.close()
+    out = Path(args.out) if args.out else Path(args.workdir) / "export"
+    scale = record["data"].get("input_scale", 1.0)
+    limit = args.max_file_bytes or DEFAULT_MAX_FILE_BYTES
+    return export_sae(params, cfg, out, scale, record["data"], max_file_bytes=limit), step
 
 
 if __name__ == "__main__":

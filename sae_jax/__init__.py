@@ -1,8 +1,9 @@
 """sae_jax: Switch sparse autoencoders in JAX/Flax with expert parallelism."""
 
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
-from sae_jax.export import PretrainedSAE, export_sae, load_pretrained
+from sae_jax.export import export_sae
 from sae_jax.model import SwitchSAE
+from sae_jax.pretrained import PretrainedSAE, load_pretrained
 
 __all__ = [
     "ConfigError",

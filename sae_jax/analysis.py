@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.evaluation import fvu_from_sums
-from sae_jax.export import PretrainedSAE
+from sae_jax.pretrained import PretrainedSAE
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more than this fraction of tokens is "dense"
 DUPLICATE_COSINE = 0.9

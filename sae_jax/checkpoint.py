@@ -4,6 +4,8 @@ A checkpoint holds the TrainState (parameters, Adam state, step, dead-latent cou
 JSON record: the model shape (to refuse an incompatible workdir), the data reader position,
 the resolved gin config text. orbax writes each step to a temporary directory and renames it
 when complete, so a save cut off mid-write is never listed and the last complete one is used.
+`restore_params` reads the parameters alone (no Adam state), placed on a mesh of the caller's
+choosing: what export needs, on any topology.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from sae_jax.config import ConfigError, SAEConfig
+from sae_jax.mesh import make_mesh
+from sae_jax.model import SwitchSAE
 
 MODEL_KEYS = ("d", "num_latents", "num_experts")
 
@@ -23,9 +29,10 @@ MODEL_KEYS = ("d", "num_latents", "num_experts")
 class Checkpointer:
     """Asynchronous saves at the steps the caller chooses; keeps the last `keep`."""
 
-    def __init__(self, workdir: str | Path, keep: int = 3):
+    def __init__(self, workdir: str | Path, keep: int = 3, create: bool = True):
+        """create=False only reads: a missing directory is not made (it has no steps)."""
         self.directory = Path(workdir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def incomplete(self) -> list[str]:
@@ -36,6 +43,9 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, record: dict) -> None:
         """Start saving `state` and `record` as step `step`; the write finishes in the
@@ -57,11 +67,20 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         return self.manager.restore(step, args=args)["state"]
 
-    def restore_params(self, step: int) -> dict:
-        """The parameters at `step` as a pure dict of arrays, without a target structure."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore())
-        params = self.manager.restore(step, args=args)["state"]["params"]
-        return {k: v["value"] if isinstance(v, dict) else v for k, v in params.items()}
+    def restore_params(self, step: int, mesh: Mesh | None = None) -> dict[str, jax.Array]:
+        """Only the parameters at `step` ({name: array}), each read straight into its sharding
+        on `mesh` (default: the first device): expert tensors split over 'expert', the rest
+        replicated. The Adam state and counters are not read at all."""
+        cfg = SAEConfig(**self.record(step)["model"])
+        target = param_target(cfg, make_mesh((1, 1)) if mesh is None else mesh)
+        item = {"params": {name: {"value": leaf} for name, leaf in target.items()}}
+        restore = ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )
+        state = self.manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+        return {name: v["value"] for name, v in state["params"].items()}
 
     def close(self) -> None:
         """Wait for pending asynchronous saves, then release the manager (idempotent)."""
@@ -69,6 +88,19 @@ class Checkpointer:
             self.manager.wait_until_finished()
             self.manager.close()
             self.manager = None
+
+
+def param_target(cfg: SAEConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The parameters of SwitchSAE(cfg) as abstract arrays sharded on `mesh` (nothing is
+    allocated): w_enc/w_dec [N, L, d] and b_enc [N, L] over 'expert', b_dec [d], w_router
+    [d, N] and b_router [d] (N > 1) replicated."""
+    with jax.set_mesh(mesh):
+        abstract = nnx.eval_shape(lambda: SwitchSAE(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    return {
+        name: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, a.sharding.spec))
+        for name, a in params.items()
+    }
 
 
 def model_record(cfg: SAEConfig) -> dict:

@@ -1,4 +1,4 @@
-"""Export a trained SAE to `sae.safetensors` + `cfg.json`, and load it back for inference.
+"""Export a trained SAE as safetensors + `cfg.json`, each process writing only its own experts.
 
 Tensors (float32; N experts, L = NUM_LATENTS / N latents each, d input dims):
     w_enc [N, L, d]   encoder rows (row l of expert i is that latent's encoder vector)
@@ -8,134 +8,242 @@ Tensors (float32; N experts, L = NUM_LATENTS / N latents each, d input dims):
     w_router [d, N], b_router [d]   only when N > 1
 The training input scale s (model input = s * raw activation) is folded in, so the tensors
 apply to raw activations with the equations of README.md; decoder rows then have norm 1/s.
+
+Two forms; `sae_jax.load_pretrained` reads both.
+
+- Single file (cfg.json format_version 1): `sae.safetensors` holds every tensor whole. Written
+  when one process holds all the parameters and they total at most `max_file_bytes`
+  (default DEFAULT_MAX_FILE_BYTES = 4 GiB).
+- Sharded (format_version 2), otherwise: with F files, `sae-00000-of-0000F.safetensors` holds
+  the replicated tensors (b_dec, w_router, b_router) and each further
+  `sae-0000i-of-0000F.safetensors` holds w_enc, b_enc and w_dec of one contiguous range of
+  experts [a, b) (first axis b - a long; the file's safetensors metadata has
+  "experts": "a:b" and "process", the index of the process that wrote it), at most
+  max_file_bytes of them. `sae.safetensors.index.json` gives each
+  tensor's full shape and where its parts are:
+
+      {"format_version": 2, "files": ["sae-00000-of-00003.safetensors", ...],
+       "tensors": {"w_enc": {"shape": [N, L, d], "dtype": "float32", "parts": [
+                       {"file": "sae-00001-of-00003.safetensors", "experts": [0, 4]}, ...]},
+                   "b_dec": {"shape": [d], "dtype": "float32", "parts": [
+                       {"file": "sae-00000-of-00003.safetensors"}]}, ...}}
+
+  Expert ranges follow the devices' shards: each process writes the ranges its own devices
+  hold (one copy each, from the shard with replica_id 0) and no process gathers another's
+  experts; process 0 writes the replicated tensors, the index and cfg.json.
+
 cfg.json keys: format_version, d, num_latents, num_experts, latents_per_expert, k,
-input_scale (the folded s), source (free-form provenance).
+input_scale (the folded s), source (free-form provenance). It is written last, and removed
+first when a directory is exported again: a directory without cfg.json is not (yet) an export.
+Files are written with mode 0644.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from safetensors.numpy import save_file
 
-from sae_jax import dispatch, routing
 from sae_jax.config import SAEConfig
-from sae_jax.experts import ExpertParams, expert_forward, use_dense
+from sae_jax.mesh import make_mesh
 
-FORMAT_VERSION = 1
-WEIGHTS, CONFIG = "sae.safetensors", "cfg.json"
+WEIGHTS, INDEX, CONFIG = "sae.safetensors", "sae.safetensors.index.json", "cfg.json"
+SINGLE_FILE_VERSION, SHARDED_VERSION = 1, 2
+EXPERT_TENSORS = ("w_enc", "b_enc", "w_dec")  # first axis: experts
+DEFAULT_MAX_FILE_BYTES = 4 * 2**30
+FILE_MODE = 0o644
+
+Array = jax.Array | np.ndarray
+
+
+class Part(NamedTuple):
+    """One file of the sharded form: experts [start, stop), or the replicated tensors."""
+
+    file: str
+    start: int | None = None
+    stop: int | None = None
 
 
 def export_sae(
-    params: dict, cfg: SAEConfig, out_dir: str | Path, input_scale: float = 1.0, source=None
+    params: dict[str, Array],
+    cfg: SAEConfig,
+    out_dir: str | Path,
+    input_scale: float = 1.0,
+    source: dict | None = None,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Path:
-    """Write out_dir/sae.safetensors and out_dir/cfg.json from a pure-dict parameter tree."""
-    s = float(input_scale)
-    p = {k: np.asarray(jax.device_get(v), np.float32) for k, v in params.items()}
-    tensors = {
-        "w_enc": p["w_enc"] * s,
-        "b_enc": p["b_enc"],
-        "w_dec": p["w_dec"] / s,
-        "b_dec": p["b_dec"] / s,
-    }
-    if cfg.num_experts > 1:
-        tensors |= {"w_router": p["w_router"] * s, "b_router": p["b_router"] / s}
+    """Write the SAE to out_dir (format in this module's docstring) and return out_dir.
+
+    params: {name: array}, numpy or jax.Arrays sharded on any mesh, over several processes
+    too. With several processes every one must call this (it synchronises them); each
+    writes only what its own devices hold.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS))
-    meta = {
-        "format_version": FORMAT_VERSION,
+    lead = jax.process_index() == 0
+    if lead:  # from here until cfg.json is rewritten the directory is not a complete export
+        for name in (CONFIG, INDEX):
+            (out / name).unlink(missing_ok=True)
+    _sync("sae_jax.export: start")
+    total = sum(4 * math.prod(a.shape) for a in params.values())
+    single = jax.process_count() == 1 and total <= max_file_bytes
+    if single:
+        files = [WEIGHTS]
+        if lead:
+            _save(out / WEIGHTS, {n: _fold(n, np.asarray(jax.device_get(a)), input_scale)
+                                  for n, a in params.items()})  # fmt: skip
+    else:
+        parts = plan_parts(params, max_file_bytes)
+        files = [p.file for p in parts]
+        _write_parts(out, params, parts, input_scale)
+    _sync("sae_jax.export: written")
+    if lead:
+        _remove_stale(out, keep=files)
+        if not single:
+            _write_json(out / INDEX, index(params, parts))
+        version = SINGLE_FILE_VERSION if single else SHARDED_VERSION
+        _write_json(out / CONFIG, _config(cfg, version, input_scale, source))
+    _sync("sae_jax.export: done")
+    return out
+
+
+def plan_parts(params: dict[str, Array], max_file_bytes: int) -> list[Part]:
+    """The files of the sharded form: the replicated tensors, then the expert ranges of the
+    devices' shards of w_enc, each cut into pieces of at most max_file_bytes (one expert at
+    least). The same on every process (it reads the global sharding)."""
+    per_expert = 4 * sum(math.prod(params[n].shape[1:]) for n in EXPERT_TENSORS)
+    step = max(1, max_file_bytes // per_expert)
+    ranges = [
+        (start, min(start + step, stop))
+        for first, stop in expert_ranges(params["w_enc"])
+        for start in range(first, stop, step)
+    ]
+    count = len(ranges) + 1
+    names = [f"sae-{i:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    return [Part(names[0])] + [Part(f, a, b) for f, (a, b) in zip(names[1:], ranges, strict=True)]
+
+
+def expert_ranges(a: Array) -> list[tuple[int, int]]:
+    """The distinct [start, stop) ranges of the first axis over all devices' shards of `a`
+    (one range for a numpy array or an unsplit one)."""
+    n = a.shape[0]
+    if not isinstance(a, jax.Array):
+        return [(0, n)]
+    ranges = set()
+    for index in a.sharding.devices_indices_map(a.shape).values():
+        if any(s != slice(None) and (s.start, s.stop) != (0, dim)
+               for s, dim in zip(index[1:], a.shape[1:], strict=True)):  # fmt: skip
+            raise ValueError("export: expert tensors may be split over the expert axis only")
+        ranges.add((index[0].start or 0, n if index[0].stop is None else index[0].stop))
+    return sorted(ranges)
+
+
+def index(params: dict[str, Array], parts: list[Part]) -> dict:
+    """The sharded form's index: each tensor's full shape and the files of its parts."""
+    tensors = {}
+    for name, a in params.items():
+        if name in EXPERT_TENSORS:
+            places = [{"file": p.file, "experts": [p.start, p.stop]} for p in parts[1:]]
+        else:
+            places = [{"file": parts[0].file}]
+        tensors[name] = {"shape": list(a.shape), "dtype": "float32", "parts": places}
+    return {"format_version": SHARDED_VERSION, "files": [p.file for p in parts],
+            "tensors": tensors}  # fmt: skip
+
+
+def export_mesh(num_experts: int) -> Mesh:
+    """A mesh over every device whose 'expert' axis divides N, to restore parameters onto:
+    each device, and so each process, then holds only its share of the experts."""
+    experts = math.gcd(num_experts, jax.device_count())
+    return make_mesh((jax.device_count() // experts, experts))
+
+
+def _write_parts(out: Path, params: dict[str, Array], parts: list[Part], scale: float) -> None:
+    """Write the parts this process owns: an expert range whose w_enc shard with replica_id 0
+    is on one of its devices, and (process 0) the replicated tensors."""
+    if jax.process_index() == 0:
+        shared = {n: _fold(n, _replica(a), scale) for n, a in params.items()
+                  if n not in EXPERT_TENSORS}  # fmt: skip
+        _save(out / parts[0].file, shared)
+    for part in parts[1:]:
+        if _local_rows(params["w_enc"], part, first_replica=True) is None:
+            continue  # another process writes it
+        tensors = {}
+        for name in EXPERT_TENSORS:
+            rows = _local_rows(params[name], part, first_replica=False)
+            if rows is None:
+                raise ValueError(f"export: {name} experts {part.start}:{part.stop} are not on "
+                                 "the devices that hold w_enc's")  # fmt: skip
+            tensors[name] = _fold(name, rows, scale)
+        meta = {"experts": f"{part.start}:{part.stop}", "process": str(jax.process_index())}
+        _save(out / part.file, tensors, meta)
+
+
+def _local_rows(a: Array, part: Part, first_replica: bool) -> np.ndarray | None:
+    """a[part.start:part.stop] from a shard on this process's devices, or None."""
+    if not isinstance(a, jax.Array):
+        return a[part.start : part.stop] if jax.process_index() == 0 else None
+    for shard in a.addressable_shards:
+        lo = shard.index[0].start or 0
+        hi = a.shape[0] if shard.index[0].stop is None else shard.index[0].stop
+        if lo <= part.start and part.stop <= hi and (shard.replica_id == 0 or not first_replica):
+            return np.asarray(shard.data[part.start - lo : part.stop - lo])
+    return None
+
+
+def _replica(a: Array) -> np.ndarray:
+    """A replicated array's value from this process's first device."""
+    return np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a)
+
+
+def _fold(name: str, a: np.ndarray, s: float) -> np.ndarray:
+    """Fold the input scale s into one tensor (or any slice of it along the expert axis)."""
+    a = np.asarray(a, np.float32)
+    if name in ("w_enc", "w_router"):
+        return a * s
+    if name in ("w_dec", "b_dec", "b_router"):
+        return a / s
+    return a
+
+
+def _config(cfg: SAEConfig, version: int, scale: float, source: dict | None) -> dict:
+    return {
+        "format_version": version,
         "d": cfg.d,
         "num_latents": cfg.num_latents,
         "num_experts": cfg.num_experts,
         "latents_per_expert": cfg.latents_per_expert,
         "k": cfg.k,
-        "input_scale": s,
+        "input_scale": float(scale),
         "source": source or {},
     }
-    (out / CONFIG).write_text(json.dumps(meta, indent=1))
-    return out
 
 
-class Codes(NamedTuple):
-    values: jax.Array  # [T, k] latent activations (>= 0)
-    indices: jax.Array  # [T, k] global latent ids in [0, NUM_LATENTS): expert * L + local id
-    expert: jax.Array  # [T] routed expert
-    gate: jax.Array  # [T] router probability of that expert (1 when N = 1)
+def _remove_stale(out: Path, keep: list[str]) -> None:
+    """Weight files of an earlier export of the other form or another file count."""
+    for path in [out / WEIGHTS, *out.glob("sae-*-of-*.safetensors")]:
+        if path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
-class PretrainedSAE:
-    """A loaded SAE for inference on one device: route, encode, decode, reconstruct.
-
-    Accepts numpy or JAX arrays [T, d] of raw activations; returns JAX arrays. No capacity
-    limit applies: every token runs its routed expert.
-    """
-
-    def __init__(self, tensors: dict[str, np.ndarray], meta: dict):
-        self.meta = meta
-        self.cfg = SAEConfig(
-            d=meta["d"], num_latents=meta["num_latents"], num_experts=meta["num_experts"],
-            k=meta["k"], k_aux=0,
-        ).validate()  # fmt: skip
-        self.params = {k: jnp.asarray(v) for k, v in tensors.items()}
-
-    def route(self, x) -> routing.Routing:
-        """Router probabilities [T, N], routed expert [T] and gate [T]."""
-        return _route(self.params, jnp.asarray(x, jnp.float32), self.cfg)
-
-    def encode(self, x) -> Codes:
-        return _encode(self.params, jnp.asarray(x, jnp.float32), self.cfg)
-
-    def decode(self, codes: Codes) -> jax.Array:
-        """x_hat = gate * sum_j values_j W_dec[indices_j] + b_dec: [T, d]."""
-        w = self.params["w_dec"].reshape(-1, self.cfg.d)
-        recon = jnp.einsum("tk,tkd->td", codes.values, w[codes.indices])
-        return codes.gate[:, None] * recon + self.params["b_dec"]
-
-    def __call__(self, x) -> jax.Array:
-        """Reconstruction of raw activations x: [T, d] -> [T, d]."""
-        return self.decode(self.encode(x))
+def _save(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, FILE_MODE)  # safetensors creates files as 0600
 
 
-def load_pretrained(path: str | Path) -> PretrainedSAE:
-    """Load a directory written by `export_sae` (or `python -m launch.export`)."""
-    path = Path(path)
-    meta = json.loads((path / CONFIG).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path / CONFIG}: unsupported format_version {meta.get('format_version')}"
-        )
-    return PretrainedSAE(load_file(str(path / WEIGHTS)), meta)
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=1) + "\n")
+    os.chmod(path, FILE_MODE)
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _route(params: dict, x: jax.Array, cfg: SAEConfig) -> routing.Routing:
-    if cfg.num_experts == 1:
-        ones = jnp.ones((x.shape[0],), jnp.float32)
-        return routing.Routing(ones[:, None], jnp.zeros(x.shape[0], jnp.int32), ones)
-    return routing.route(x, params["w_router"], params["b_router"])
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _encode(params: dict, x: jax.Array, cfg: SAEConfig) -> Codes:
-    n, tokens = cfg.num_experts, x.shape[0]
-    r = _route(params, x, cfg)
-    slot = dispatch.assign_slots(r.expert, n)
-    buf = dispatch.to_buffers(x, r.expert, slot, n, tokens)  # capacity = every token
-    valid = dispatch.to_buffers(jnp.ones(tokens, bool), r.expert, slot, n, tokens)
-    experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"])
-    forward = functools.partial(
-        expert_forward, k=cfg.k, dense=use_dense(cfg.expert_kernel, cfg.latents_per_expert)
-    )
-    _, latents, idx, _, _ = jax.vmap(forward, in_axes=(0, 0, None, 0))(
-        experts, buf, params["b_dec"], valid
-    )
-    values = dispatch.from_buffers(latents, r.expert, slot)
-    local = dispatch.from_buffers(idx, r.expert, slot)
-    return Codes(values, r.expert[:, None] * cfg.latents_per_expert + local, r.expert, r.gate)
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -12,7 +12,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental.multihost_utils import process_allgather
 from tqdm.auto import tqdm
 
 from sae_jax.checkpoint import Checkpointer, check_compatible, model_record
@@ -176,11 +175,10 @@ def train(
                 final = run_eval(tcfg.steps)
                 final_record = record(tcfg.steps)  # a collective: every process calls it
                 ckpt.save(tcfg.steps, state, final_record)
-                params = process_allgather(nnx.to_pure_dict(state.params), tiled=True)
-                if lead:
-                    out = export_sae(params, cfg, Path(workdir) / "export", input_scale,
-                                     source=final_record["data"])  # fmt: skip
-                    say(lead, f"exported {out}")
+                # every process writes the experts its devices hold (a collective)
+                out = export_sae(nnx.to_pure_dict(state.params), cfg, Path(workdir) / "export",
+                                 input_scale, source=final_record["data"])  # fmt: skip
+                say(lead, f"exported {out}")
     ckpt.close()  # idempotent; also closed (after pending saves finish) on errors
     if writer:
         writer.close()

@@ -12,14 +12,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
+from safetensors import safe_open
 
 from launch import export as export_cli
 from launch import train as train_cli
 from sae_jax import load_pretrained
 from sae_jax.checkpoint import Checkpointer
 from sae_jax.config import SAEConfig
-from sae_jax.export import export_sae
+from sae_jax.export import INDEX, WEIGHTS, export_mesh, export_sae
 from sae_jax.mesh import make_mesh
 from sae_jax.model import SwitchSAE
 
@@ -178,4 +181,91 @@ def test_export_then_load_reconstructs_like_the_model(tmp_path):
 def test_export_without_checkpoint_is_an_error(tmp_path, capsys):
     assert export_cli.main([f"--workdir={tmp_path}"]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
-    assert os.path.isdir(tmp_path)
+    assert os.listdir(tmp_path) == []
+    assert export_cli.main([f"--workdir={tmp_path / 'nope'}"]) == 2
+    assert not (tmp_path / "nope").exists()
+    assert run(tmp_path, ONE, "--gin.STEPS=10") == 0
+    capsys.readouterr()
+    assert export_cli.main([f"--workdir={tmp_path}", "--step=7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no checkpoint of step 7 in") and err.count("\n") == 1
+
+
+def whole_state_params(workdir: Path, step: int) -> dict:
+    """The parameters through a restore of the whole training state, Adam moments included
+    (how export used to read them)."""
+    ckpt = Checkpointer(workdir)
+    try:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore())
+        params = ckpt.manager.restore(step, args=args)["state"]["params"]
+    finally:
+        ckpt.close()
+    return {k: np.asarray(v["value"]) for k, v in params.items()}
+
+
+def delete_from_checkpoint(step_dir: Path, prefix: str) -> None:
+    """Delete every array whose name starts with `prefix` from a checkpoint's OCDBT store."""
+    store = {"driver": "ocdbt", "base": f"file://{step_dir / 'state'}/"}
+    kv = ts.KvStore.open(store).result()
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    kv.delete_range(ts.KvStore.KeyRange(prefix, end)).result()
+    assert not [k for k in kv.list().result() if k.startswith(prefix.encode())]
+
+
+def test_export_of_a_2x4_checkpoint_reads_only_params_onto_one_device(tmp_path, capsys):
+    """Train on a 2x4 mesh, delete the Adam state from the checkpoint, export on one device
+    (a process with a single CPU device): only the parameters are read, and they are the
+    trained ones. The sharded export of the same checkpoint on 8 devices equals it."""
+    assert run(tmp_path, "--gin.MESH_SHAPE=(2, 4)", "--gin.STEPS=10") == 0
+    expected = whole_state_params(tmp_path, 10)
+    delete_from_checkpoint(tmp_path / "checkpoints" / "10", "opt_state.")
+    with pytest.raises(ValueError, match="opt_state"):
+        whole_state_params(tmp_path, 10)  # the deletion bites: the whole state is unreadable
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, "-m", "launch.export", f"--workdir={tmp_path}",
+           f"--out={tmp_path / 'one'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "one" / WEIGHTS).exists() and not (tmp_path / "one" / INDEX).exists()
+    one = load_pretrained(tmp_path / "one")
+    assert_same_params({k: np.asarray(v) for k, v in one.params.items()}, expected)
+    # The end-of-run export, written from the live state on the 2x4 mesh, is the same.
+    end_of_run = load_pretrained(tmp_path / "export")
+    assert_same_params({k: np.asarray(v) for k, v in end_of_run.params.items()}, expected)
+
+    # Restored on the 8 devices (a 2x4 mesh), each device reads only its experts.
+    ckpt = Checkpointer(tmp_path, create=False)
+    params = ckpt.restore_params(10, export_mesh(4))
+    ckpt.close()
+    assert {s.data.shape for s in params["w_enc"].addressable_shards} == {(1, 32, 16)}
+    # Forced sharded (one expert per file): a file of replicated tensors + 4 expert files.
+    out = tmp_path / "sharded"
+    assert export_cli.main([f"--workdir={tmp_path}", f"--out={out}", "--max_file_bytes=5000"]) == 0
+    files = sorted(p.name for p in out.glob("sae-*.safetensors"))
+    assert files == [f"sae-{i:05d}-of-00005.safetensors" for i in range(5)]
+    assert not (out / WEIGHTS).exists()
+    with safe_open(str(out / files[2]), framework="numpy") as f:
+        assert f.metadata() == {"experts": "1:2", "process": "0"}
+        assert sorted(f.keys()) == ["b_enc", "w_dec", "w_enc"]
+    entry = json.loads((out / INDEX).read_text())["tensors"]["w_enc"]
+    assert entry["shape"] == [4, 32, 16] and entry["parts"][3] == {"file": files[4],
+                                                                   "experts": [3, 4]}  # fmt: skip
+    sharded = load_pretrained(out)
+    assert_same_params({k: np.asarray(v) for k, v in sharded.params.items()}, expected)
+    for path in [*out.iterdir(), *(tmp_path / "export").iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+    # The input scale is folded into every slice alike; re-exporting a directory in the
+    # other form leaves none of the old files.
+    ckpt = Checkpointer(tmp_path, create=False)
+    cfg, whole = SAEConfig(**ckpt.record(10)["model"]), ckpt.restore_params(10)  # one device
+    ckpt.close()
+    single = load_pretrained(export_sae(expected, cfg, tmp_path / "single", input_scale=4.0))
+    for source, limit, count in ((params, 5000, 5), (whole, 10_000, 3)):
+        export_sae(source, cfg, out, input_scale=4.0, max_file_bytes=limit)
+        names = [f"sae-{i:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        assert sorted(p.name for p in out.glob("sae-*")) == names
+        assert_same_params({k: np.asarray(v) for k, v in load_pretrained(out).params.items()},
+                           {k: np.asarray(v) for k, v in single.params.items()})  # fmt: skip
+    export_sae(params, cfg, out, input_scale=4.0)
+    assert sorted(p.name for p in out.iterdir()) == ["cfg.json", WEIGHTS]

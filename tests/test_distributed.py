@@ -11,8 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 from launch import train as train_cli
+from sae_jax import load_pretrained
+from sae_jax.checkpoint import Checkpointer
+from sae_jax.export import INDEX
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [
@@ -55,8 +59,11 @@ def test_eight_devices_train_like_one(tmp_path, one_device_run, mesh):
     assert_same_run(_rows(tmp_path), one_device_run)
 
 
-def spawn_two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
-    """`python -m launch.train` as 2 processes x 4 CPU devices on localhost (gloo)."""
+def spawn_two_processes(
+    workdir: Path, *args: str, module: str = "launch.train"
+) -> list[subprocess.Popen]:
+    """`python -m launch.train` (or another module) as 2 processes x 4 CPU devices on
+    localhost (gloo)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -66,7 +73,7 @@ def spawn_two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
             [
                 sys.executable,
                 "-m",
-                "launch.train",
+                module,
                 f"--workdir={workdir}",
                 *args,
                 f"--coordinator_address=127.0.0.1:{port}",
@@ -94,16 +101,35 @@ def finish(procs: list[subprocess.Popen]) -> list[str]:
                 p.kill()
 
 
-def run_two_processes(workdir: Path, *args: str) -> None:
-    procs = spawn_two_processes(workdir, *args)
+def run_two_processes(workdir: Path, *args: str, module: str = "launch.train") -> None:
+    procs = spawn_two_processes(workdir, *args, module=module)
     outputs = finish(procs)
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
 
 
 def test_two_processes_match_one_process(tmp_path, one_device_run):
+    """...and export without gathering: the end-of-run export, and launch.export run as 2
+    processes (parameters restored onto a 1x8 mesh, so each process holds 4 experts and
+    writes them), load equal to the trained parameters."""
     run_two_processes(tmp_path, "--gin.MESH_SHAPE=(2, 4)", *RUN)
     assert_same_run(_rows(tmp_path), one_device_run)
+    out = tmp_path / "export_cli"
+    run_two_processes(tmp_path, f"--out={out}", module="launch.export")
+    ckpt = Checkpointer(tmp_path, create=False)
+    expected = {k: np.asarray(v) for k, v in ckpt.restore_params(50).items()}
+    ckpt.close()
+    for directory in (tmp_path / "export", out):
+        assert (directory / INDEX).exists()  # several processes: always the sharded form
+        params = load_pretrained(directory).params
+        assert params.keys() == expected.keys()
+        for name, value in expected.items():
+            np.testing.assert_array_equal(params[name], value, err_msg=f"{directory} {name}")
+    writers = []
+    for path in sorted(out.glob("sae-*.safetensors"))[1:]:
+        with safe_open(str(path), framework="numpy") as f:
+            writers.append(f.metadata()["process"])
+    assert sorted(writers) == ["0"] * 4 + ["1"] * 4, writers
 
 
 def test_two_processes_read_their_own_shards(tmp_path):

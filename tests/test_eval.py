@@ -15,7 +15,7 @@ from sae_jax.analysis import (
     feature_duplication,
     router_entropy,
 )
-from sae_jax.export import PretrainedSAE
+from sae_jax.pretrained import PretrainedSAE
 
 
 def test_dropped_at_capacity():
