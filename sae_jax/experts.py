@@ -101,12 +101,16 @@ def decode(
     return precision.einsum("ck,ckd->cd", values, w_dec[idx], dtype)
 
 
-def expert_forward(p: ExpertParams, x, b_dec, valid, *, k: int, dense: bool, dtype="float32"):
+def expert_forward(
+    p: ExpertParams, x, b_dec, valid, *, k: int, dense: bool, dtype: str = "float32"
+):
     """One expert's TopK SAE on a buffer of raw tokens x [C, d]; see `centred_forward`."""
     return centred_forward(p, centre(x, b_dec, dtype), b_dec, valid, k=k, dense=dense, dtype=dtype)
 
 
-def centred_forward(p: ExpertParams, xc, b_dec, valid, *, k: int, dense: bool, dtype="float32"):
+def centred_forward(
+    p: ExpertParams, xc, b_dec, valid, *, k: int, dense: bool, dtype: str = "float32"
+):
     """One expert's TopK SAE on its buffer.
 
     xc: [C, d] dispatched tokens, centred (x - b_dec) in the compute dtype; b_dec: [d] (for
