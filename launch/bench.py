@@ -1,10 +1,11 @@
 """Benchmark the training step: tokens/s, step time, FLOP/s and peak memory per device.
 
-    python -m launch.bench [--devices 8] [--out bench.json] [--steps 5]
+    python -m launch.bench [--devices 8] [--out bench.json] [--steps 5] [--dtypes float32,bfloat16]
 
 Runs on whatever backend is present. Rows: N = 1 (dense TopK) and N = 4, 16, 64 at the same
 NUM_LATENTS; dense rows at NUM_LATENTS / N for FLOP-matched pairs; and, with several devices,
-the N = 16 step on a 1 x devices mesh against one device on the same global batch.
+the N = 16 step on a 1 x devices mesh against one device on the same global batch. Each row
+is timed once per COMPUTE_DTYPE in --dtypes.
 Ratios are meaningful within one run; absolute times only on an accelerator.
 """
 
@@ -32,6 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mesh_expert", type=int, default=16, help="N for the multi-device rows")
     p.add_argument("--data", default=None, help="also time the shard reader on this directory")
     p.add_argument("--reader_batches", type=int, default=40, help="batches the reader times")
+    p.add_argument("--dtypes", default="float32", help="COMPUTE_DTYPEs to time each row in")
     p.add_argument("--out", default="bench.json")
     return p.parse_args(argv)
 
@@ -44,16 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     rows = []
+    dtypes = [v for v in args.dtypes.split(",") if v]
     for n in [int(v) for v in args.experts.split(",") if v]:
-        rows.append(measure(args, n, args.num_latents, (1, 1)))
+        rows += [measure(args, n, args.num_latents, (1, 1), dtype) for dtype in dtypes]
     for n in [int(v) for v in args.matched.split(",") if v]:
-        row = measure(args, 1, args.num_latents // n, (1, 1))
-        row["matches"] = f"N={n}, M={args.num_latents}"
-        rows.append(row)
+        for dtype in dtypes:
+            row = measure(args, 1, args.num_latents // n, (1, 1), dtype)
+            row["matches"] = f"N={n}, M={args.num_latents}"
+            rows.append(row)
     if len(jax.devices()) > 1:
         devices = len(jax.devices())
         for shape in ((1, 1), (1, devices)):
-            rows.append(measure(args, args.mesh_expert, args.num_latents, shape))
+            rows += [measure(args, args.mesh_expert, args.num_latents, shape, d) for d in dtypes]
     report = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "rows": rows}
     print_table(report)
     if args.data:
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(args, num_experts: int, num_latents: int, mesh_shape) -> dict:
+def measure(args, num_experts: int, num_latents: int, mesh_shape, dtype: str = "float32") -> dict:
     import jax
     import numpy as np
     from flax import nnx
@@ -81,7 +85,8 @@ def measure(args, num_experts: int, num_latents: int, mesh_shape) -> dict:
     from sae_jax.train_step import setup_training
 
     cfg = SAEConfig(d=args.d, num_latents=num_latents, num_experts=num_experts, k=args.k,
-                    capacity_factor=args.capacity_factor).validate()  # fmt: skip
+                    capacity_factor=args.capacity_factor,
+                    compute_dtype=dtype).validate()  # fmt: skip
     tcfg = TrainConfig(steps=1000, batch_size=args.batch)
     mesh = make_mesh(mesh_shape)
     with jax.set_mesh(mesh):
@@ -105,6 +110,7 @@ def measure(args, num_experts: int, num_latents: int, mesh_shape) -> dict:
         "num_experts": num_experts,
         "num_latents": num_latents,
         "mesh": f"{mesh_shape[0]}x{mesh_shape[1]}",
+        "dtype": dtype,
         "step_ms": 1e3 * seconds,
         "tokens_per_sec": args.batch / seconds,
         "gflop_per_step": flops / 1e9 if flops else None,
@@ -153,17 +159,24 @@ def _peak_bytes(compiled) -> float:
 
 def print_table(report: dict) -> None:
     rows = report["rows"]
-    base = next((r for r in rows if r["num_experts"] == 1 and r["mesh"] == "1x1"), rows[0])
     print(f"backend: {report['backend']} ({report['device']})")
-    header = (f"{'N':>4} {'M':>6} {'mesh':>5} {'step ms':>9} {'tok/s':>9} {'vs N=1':>7} "
-              f"{'GFLOP/s':>8} {'peak MiB':>9} {'[T,M] MiB':>9}  note")  # fmt: skip
+    header = (f"{'N':>4} {'M':>6} {'mesh':>5} {'dtype':>8} {'step ms':>9} {'tok/s':>9} "
+              f"{'vs N=1':>7} {'GFLOP/s':>8} {'peak MiB':>9} {'[T,M] MiB':>9}  note")  # fmt: skip
     print(header)
     for r in rows:
+        base = _base_row(rows, r["dtype"])
         gf = f"{r['gflops_per_sec']:.1f}" if r["gflops_per_sec"] else "-"
-        print(f"{r['num_experts']:>4} {r['num_latents']:>6} {r['mesh']:>5} {r['step_ms']:>9.1f} "
-              f"{r['tokens_per_sec']:>9.0f} {r['tokens_per_sec'] / base['tokens_per_sec']:>7.2f} "
+        print(f"{r['num_experts']:>4} {r['num_latents']:>6} {r['mesh']:>5} {r['dtype']:>8} "
+              f"{r['step_ms']:>9.1f} {r['tokens_per_sec']:>9.0f} "
+              f"{r['tokens_per_sec'] / base['tokens_per_sec']:>7.2f} "
               f"{gf:>8} {r['peak_mib_per_device']:>9.1f} {r['tokens_by_latents_mib']:>9.1f}  "
               f"{('FLOP-matched to ' + r['matches']) if 'matches' in r else ''}")  # fmt: skip
+
+
+def _base_row(rows: list[dict], dtype: str) -> dict:
+    """The dense N = 1 row on one device in the same dtype ("vs N=1" divides by it)."""
+    same = [r for r in rows if r["dtype"] == dtype]
+    return next((r for r in same if r["num_experts"] == 1 and r["mesh"] == "1x1"), same[0])
 
 
 if __name__ == "__main__":

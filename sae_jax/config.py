@@ -8,6 +8,7 @@ import math
 import gin
 
 EXPERT_KERNELS = ("auto", "dense", "gather")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -26,6 +27,9 @@ class SAEConfig:
     capacity_factor / eval_capacity_factor: expert buffer size C = ceil(cf * tokens / N).
     expert_kernel: 'dense', 'gather' or 'auto' (dense up to 1024 latents per expert); see
         sae_jax/experts.py. Both compute the same function and gradients.
+    compute_dtype: 'float32', 'bfloat16' or 'auto' (float32 on CPU, bfloat16 on GPU/TPU): the
+        dtype of the expert matmul operands and of the dispatched token buffers; they
+        accumulate in float32, and parameters, router, losses and metrics stay float32.
     """
 
     d: int = 0
@@ -37,6 +41,7 @@ class SAEConfig:
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     expert_kernel: str = "auto"
+    compute_dtype: str = "auto"
 
     @property
     def latents_per_expert(self) -> int:
@@ -64,6 +69,10 @@ class SAEConfig:
             )
         if self.expert_kernel not in EXPERT_KERNELS:
             raise ConfigError(f"expert_kernel={self.expert_kernel!r}: use auto, dense or gather")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"COMPUTE_DTYPE={self.compute_dtype!r}: use 'auto', 'float32' or 'bfloat16'"
+            )
         if self.k_aux < 0:
             raise ConfigError(f"k_aux={self.k_aux} must be >= 0")
         for name, cf in (

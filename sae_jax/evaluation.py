@@ -25,6 +25,7 @@ def make_eval_step(graphdef: nnx.GraphDef, capacity_factor: float, lb_alpha: flo
     @jax.jit
     def eval_step(params: nnx.State, x: jax.Array, keep: jax.Array) -> dict[str, jax.Array]:
         """x: [T, d]; keep: [T] float, 0 for outlier tokens (left out of the "kept" sums)."""
+        x = x.astype(jnp.float32)  # float16 / bfloat16 shards arrive in their own dtype
         model = nnx.merge(graphdef, params)
         out = model(x, None, capacity_factor)
         _, metrics = loss_and_metrics(x, out, lb_alpha=lb_alpha, aux_weight=aux_w)

@@ -12,6 +12,7 @@ tokens past an expert's capacity are dropped and reconstruct to b_dec.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -20,9 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sae_jax import dispatch, routing
+from sae_jax import dispatch, precision, routing
 from sae_jax.config import ConfigError, SAEConfig
-from sae_jax.experts import ExpertParams, run_experts
+from sae_jax.experts import ExpertParams, centre, run_experts
 from sae_jax.mesh import AXES
 
 EXPERT_AXES = ("expert", None, None)
@@ -59,6 +60,8 @@ class SwitchSAE(nnx.Module):
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.empty:
             check_mesh(cfg, dict(mesh.shape))
+        # 'auto' becomes float32 or bfloat16 for the backend the model is built on.
+        cfg = dataclasses.replace(cfg, compute_dtype=precision.resolve(cfg.compute_dtype))
         self.cfg = cfg
         n, lat, d = cfg.num_experts, cfg.latents_per_expert, cfg.d
         w_dec = unit_rows(jax.random.normal(rngs.params(), (n, lat, d), jnp.float32))
@@ -137,7 +140,8 @@ def switch_apply(
     """Route, dispatch into capacity buffers, run the experts on their buffers, combine.
 
     Written for one device's share: x [T_local, d], experts [N_local, ...], dead [N_local, L]
-    (None: no AuxK).
+    (None: no AuxK). The buffers carry x - b_dec (centred in float32) in cfg.compute_dtype,
+    and the reconstructions come back in it.
     With `expert_axis` (inside shard_map) the [N, C, .] buffers go through an all_to_all to
     [N_local, E*C, .] on the expert's device and back, and sums are psum'd over `all_axes`.
     """
@@ -155,7 +159,9 @@ def switch_apply(
         slot = dispatch.assign_slots(expert, n)
         cap = dispatch.capacity(tokens, n, capacity_factor)
     kept = slot < cap
-    buffers = [dispatch.to_buffers(v, expert, slot, n, cap) for v in (x, gate, kept)]
+    dtype = precision.resolve(cfg.compute_dtype)  # of the buffers and the reconstructions
+    centred = centre(x, b_dec, dtype)
+    buffers = [dispatch.to_buffers(v, expert, slot, n, cap) for v in (centred, gate, kept)]
     if expert_axis:
         buffers = [jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True) for b in buffers]
     x_buf, gate_buf, valid_buf = buffers
@@ -166,12 +172,12 @@ def switch_apply(
         experts = jax.tree.map(lambda w: jax.lax.pcast(w, data_axes, to="varying"), experts)
     out = run_experts(
         experts, x_buf, b_dec, gate_buf, valid_buf, dead,
-        k=cfg.k, k_aux=cfg.k_aux_effective, kernel=cfg.expert_kernel,
+        k=cfg.k, k_aux=cfg.k_aux_effective, kernel=cfg.expert_kernel, dtype=dtype,
     )  # fmt: skip
-    recon_buf = out.recon
+    recon_buf = out.recon.astype(dtype)
     if expert_axis:
         recon_buf = jax.lax.all_to_all(recon_buf, expert_axis, 1, 0, tiled=True)
-    recon = dispatch.from_buffers(recon_buf, expert, slot)
+    recon = dispatch.from_buffers(recon_buf, expert, slot).astype(jnp.float32)
     x_hat = gate[:, None] * recon + b_dec
     l0_sum = jnp.sum((out.latents > 0) * valid_buf[..., None])
     sums = (counts, prob_sums, l0_sum, out.aux_err, out.aux_norm)

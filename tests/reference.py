@@ -56,3 +56,22 @@ def auxk_sums(x, params: dict, const: dict, dead, k: int, k_aux: int):
         err = err + jnp.sum((tok - tok_hat - aux) ** 2)
         norm = norm + np.sum((tok - tok_hat) ** 2)
     return err, norm
+
+
+def switch_mse(x, params: dict, const: dict, k: int):
+    """The Switch SAE's MSE (mean over tokens and d), differentiable in `params` (jax
+    arrays). `const` (numpy copies) fixes each token's expert and chosen latents, which the
+    model picks without gradient; the rest is the per-token formula, batched over tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    _, expert, _ = switch_sae(x, const, k)
+    pre = np.einsum("tld,td->tl", const["w_enc"][expert], x - const["b_dec"])
+    top = np.argsort(-(pre + const["b_enc"][expert]), axis=1)[:, :k]  # [T, k]
+    rows = (expert[:, None], top)
+    probs = jax.nn.softmax((x - params["b_router"]) @ params["w_router"], axis=-1)
+    gate = probs[np.arange(len(x)), expert]
+    z = jnp.einsum("tkd,td->tk", params["w_enc"][rows], x - params["b_dec"])
+    z = jax.nn.relu(z + params["b_enc"][rows])
+    x_hat = gate[:, None] * jnp.einsum("tk,tkd->td", z, params["w_dec"][rows]) + params["b_dec"]
+    return jnp.sum((x - x_hat) ** 2) / x.size

@@ -17,3 +17,14 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     for r in rows:
         assert r["tokens_per_sec"] > 0 and r["peak_mib_per_device"] > 0
     assert "FLOP-matched to N=4, M=256" in capsys.readouterr().out
+
+
+def test_bench_rows_carry_their_dtype(capsys):
+    args = bench.parse_args(["--d=16", "--k=4", "--batch=64", "--steps=1",
+                             "--dtypes=float32,bfloat16"])  # fmt: skip
+    assert args.dtypes == "float32,bfloat16" and bench.parse_args([]).dtypes == "float32"
+    row = bench.measure(args, 4, 64, (1, 1), "bfloat16")
+    assert row["dtype"] == "bfloat16" and row["tokens_per_sec"] > 0
+    dense = {**row, "num_experts": 1, "tokens_per_sec": row["tokens_per_sec"] / 2}
+    bench.print_table({"backend": "cpu", "device": "cpu", "rows": [dense, row]})
+    assert " bfloat16 " in capsys.readouterr().out.splitlines()[-1]

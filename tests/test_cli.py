@@ -40,6 +40,7 @@ def test_cli_runs_with_overrides(tmp_path, capsys):
         ("--gin.TrainConfig.stepz=3", "stepz"),
         ("--gin.STEPS=-1", "STEPS=-1 must be a positive integer"),
         ("--gin.NOT_A_BINDING", "NAME=VALUE"),
+        ("--gin.COMPUTE_DTYPE='fp8'", "COMPUTE_DTYPE='fp8': use"),
     ],
 )
 def test_cli_rejects_bad_binding_in_one_line(tmp_path, capsys, binding, message):

@@ -128,8 +128,24 @@ def test_bfloat16_shards(tmp_path):
     _, shards = open_dataset(tmp_path)
     np.testing.assert_array_equal(shards[0].open(), x)
     src = ActivationData(tmp_path, outlier_norm_factor=0, chunk_tokens=32)
-    got = next(src.batches("eval", slice(0, 300), 300)).x / src.input_scale
-    np.testing.assert_allclose(np.sort(got, axis=0), np.sort(x.astype(np.float32), axis=0))
+    got = next(src.batches("eval", slice(0, 300), 300)).x
+    assert got.dtype == ml_dtypes.bfloat16  # scaled in its own dtype: no float32 copy
+    np.testing.assert_allclose(np.sort(got.astype(np.float32) / src.input_scale, axis=0),
+                               np.sort(x.astype(np.float32), axis=0), rtol=2**-8)  # fmt: skip
+
+
+def test_float16_batches_keep_their_dtype_and_skip_outliers(tmp_path):
+    # Norms ~ 850: their squares overflow float16, so the outlier norms must not use it.
+    x = 300 * np.random.default_rng(0).normal(size=(600, 8))
+    x[::100, 1] = 30000  # 6 outliers, ~35 x the median norm
+    np.save(tmp_path / "a.npy", x.astype(np.float16))
+    write_manifest(tmp_path, build_manifest(tmp_path))
+    src = ActivationData(tmp_path, outlier_norm_factor=10, chunk_tokens=32)
+    train = next(src.batches("train", slice(0, 594), 594))
+    assert train.x.dtype == np.float16 and train.position == 600
+    assert np.abs(train.x.astype(np.float32)).max() < 5000 * src.input_scale
+    evals = next(src.batches("eval", slice(0, 600), 600))
+    assert evals.x.dtype == np.float16 and (~evals.keep).sum() == 6
 
 
 def _corrupt(path, how):

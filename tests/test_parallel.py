@@ -16,8 +16,8 @@ from sae_jax.mesh import make_mesh, token_sharding
 CFG = SAEConfig(d=16, num_latents=256, num_experts=8, k=4, k_aux=8, capacity_factor=8.0)
 
 
-def _forward_and_grads(mesh, x, dead, kernel="auto"):
-    cfg = dataclasses.replace(CFG, expert_kernel=kernel)
+def _forward_and_grads(mesh, x, dead, kernel="auto", dtype="auto"):
+    cfg = dataclasses.replace(CFG, expert_kernel=kernel, compute_dtype=dtype)
     with jax.set_mesh(mesh):
         graphdef, state = nnx.split(random_model(cfg, seed=7))
         xs = jax.device_put(x, token_sharding(mesh))
@@ -54,6 +54,29 @@ def test_sharded_equals_single_device(shape, kernel):
     for name, ref_grad in ref_g.items():
         assert np.abs(ref_grad).max() > 0, name
         np.testing.assert_allclose(g[name], ref_grad, rtol=2e-4, atol=1e-6, err_msg=name)
+
+
+def test_bf16_sharded_equals_bf16_single_device():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(128, 16)), jnp.float32)
+    dead = jnp.asarray(rng.random((8, 32)) < 0.5)
+    ref = _forward_and_grads(make_mesh((1, 1)), x, dead, "dense", "bfloat16")
+    for shape in ((1, 8), (2, 4)):
+        _assert_close_in_bf16(ref, _forward_and_grads(make_mesh(shape), x, dead, "dense",
+                                                      "bfloat16"))  # fmt: skip
+
+
+def _assert_close_in_bf16(ref, got):
+    (ref_loss, ref_out, ref_m, ref_g), (loss, out, m, g) = ref, got
+    assert bool(out.kept.all()) and bool(ref_out.kept.all())
+    np.testing.assert_array_equal(out.expert, ref_out.expert)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-3)
+    np.testing.assert_allclose(out.x_hat, ref_out.x_hat, rtol=1e-2, atol=1e-2)
+    for name in ("mse", "aux_loss", "l0"):
+        np.testing.assert_allclose(m[name], ref_m[name], rtol=1e-3, err_msg=name)
+    for name, ref_grad in ref_g.items():
+        scale = np.abs(ref_grad).max()
+        np.testing.assert_allclose(g[name], ref_grad, atol=1e-2 * scale, err_msg=name)
 
 
 def test_mesh_errors_are_one_line():

@@ -3,6 +3,8 @@
 Process p of P reads only shards p, p + P, ... Its stream visits every one of its tokens once
 per epoch (see TokenOrder); the stream's position (raw tokens consumed) is all a checkpoint
 needs to resume it. The order depends on the seed and the process count, never on the mesh.
+Batches keep the shards' dtype (float16 / bfloat16 / float32): the training step casts them
+on the device, and the host never holds a float32 copy of a batch or shuffle window.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sae_jax.data.shards import DataError, open_dataset
 from sae_jax.data.stream import Batch, prefetch
 
 EVAL_SEED = 0  # evaluation sees the same tokens whatever the training seed
+BLOCK_ROWS = 4096  # rows converted to float32 at a time for the outlier norms
 
 
 class TokenOrder:
@@ -164,7 +167,7 @@ class ActivationData:
         xs, keeps, have = [], [], 0
         while True:
             x = self._load(order, epoch, window)
-            keep = np.linalg.norm(x, axis=1) <= self.max_norm
+            keep = row_norms(x) <= self.max_norm
             idx = np.flatnonzero(keep[skip:]) + skip if train else np.arange(skip, len(x))
             while len(idx):
                 part, idx = idx[: rows - have], idx[rows - have :]
@@ -173,7 +176,7 @@ class ActivationData:
                 have += len(part)
                 if have == rows:
                     yield Batch(
-                        np.concatenate(xs) * self.input_scale,
+                        scaled(np.concatenate(xs), self.input_scale),
                         position + int(part[-1]) + 1,
                         None if train else np.concatenate(keeps),
                     )
@@ -185,7 +188,23 @@ class ActivationData:
                 epoch, window = epoch + 1, 0
 
     def _load(self, order: TokenOrder, epoch: int, window: int) -> np.ndarray:
-        """[window tokens, d] float32, unscaled, in the window's shuffled order."""
+        """[window tokens, d] in the shards' dtype, unscaled, in the window's shuffled order."""
         chunks, perm = order.window(epoch, window)
         parts = [self._local[s][a:b] for s, a, b in chunks]
-        return np.concatenate(parts).astype(np.float32)[perm]
+        return np.concatenate(parts)[perm]
+
+
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """[T] float32 L2 norms of the rows of x [T, d] (any float dtype), computed in float32 a
+    block of rows at a time: no float32 copy of x, and no float16 overflow of the squares."""
+    norms = np.empty(len(x), np.float32)
+    for i in range(0, len(x), BLOCK_ROWS):
+        norms[i : i + BLOCK_ROWS] = np.linalg.norm(x[i : i + BLOCK_ROWS].astype(np.float32), axis=1)
+    return norms
+
+
+def scaled(x: np.ndarray, scale: float) -> np.ndarray:
+    """x * scale in x's own dtype: each product is formed in float32 (numpy casts in small
+    buffered blocks, so no float32 copy of x exists) and rounded once to x's dtype."""
+    out = np.empty_like(x)
+    return np.multiply(x, np.float32(scale), out=out, dtype=np.float32, casting="unsafe")

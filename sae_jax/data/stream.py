@@ -14,7 +14,8 @@ import numpy as np
 class Batch:
     """This process's rows of one global batch.
 
-    x: [rows, d] float32, scaled so that E||x||^2 = d.
+    x: [rows, d] scaled so that E||x||^2 = d; float32, or the activation shards' dtype
+        (float16 / bfloat16: the model casts on the device).
     position: where the source's stream stands after this batch (resume from it).
     keep: [rows] bool, False for outlier tokens (evaluation batches of real activations);
         None when every token counts.
