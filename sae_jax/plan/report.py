@@ -21,6 +21,12 @@ GIB = 2**30
 def make_plan(cfg: SAEConfig, tcfg: TrainConfig, hw: Hardware, hlo_out: Path | None = None) -> dict:
     """Compile the config's steps on the current devices and plan it for `hw` (per device).
     `hlo_out`: also write each step's optimized HLO there (<step>.hlo.txt)."""
+    return plan_for(measure(cfg, tcfg, hlo_out), hw)
+
+
+def measure(cfg: SAEConfig, tcfg: TrainConfig, hlo_out: Path | None = None) -> dict:
+    """What does not depend on the hardware: the compiled steps' figures (the training step
+    reported is the variant, with or without AuxK, that needs more memory) and the estimate."""
     mesh = make_mesh(tcfg.mesh_shape)
     mesh_shape = (mesh.shape["data"], mesh.shape["expert"])
     shapes = estimate.Shapes.of(cfg, tcfg, mesh_shape)
@@ -33,60 +39,61 @@ def make_plan(cfg: SAEConfig, tcfg: TrainConfig, hw: Hardware, hlo_out: Path | N
             (Path(hlo_out) / f"{name}.hlo.txt").write_text(c.as_text())
     train_name = max(("train", "train_auxk"), key=lambda n: steps[n]["memory"]["total_bytes"])
     train = steps[train_name]
-    auxk = train_name == "train_auxk"
-    needed = max(train["memory"]["total_bytes"], steps["eval"]["memory"]["total_bytes"])
-    fits = needed <= hw.memory_bytes
-    dtype = getattr(cfg, "compute_dtype", "float32")
-    collectives = train.pop("_collectives")
-    steps["eval"].pop("_collectives")
-    steps["train" if auxk else "train_auxk"].pop("_collectives")
-    time = roofline.step_time(
-        train["cost"]["flops"], train["cost"]["bytes_accessed"], collectives, hw, dtype,
-        tcfg.batch_size,
-    )  # fmt: skip
     return {
         "config": _config(cfg, tcfg, mesh_shape, mesh.size),
-        "hardware": {**dataclasses.asdict(hw), "backend": jax.default_backend()},
+        "backend": jax.default_backend(),
         "train_step": train_name,
         "memory": {
             "compiled": train["memory"],
-            "estimate": {**_rename_total(estimate.memory(shapes))},
+            "estimate": _rename_total(estimate.memory(shapes)),
             "eval_compiled": steps["eval"]["memory"],
-            "needed_bytes": needed,
+            "needed_bytes": max(
+                train["memory"]["total_bytes"], steps["eval"]["memory"]["total_bytes"]
+            ),
         },
         "largest_buffers": train["largest_buffers"],
         "collectives": train["collectives"],
         "collective_bytes": sum(c["bytes"] for c in train["collectives"]),
         "flops_per_token": train["cost"]["flops"] * mesh.size / tcfg.batch_size,
-        "flops_per_token_estimate": estimate.flops_per_token(shapes, auxk),
-        "estimate": time,
-        "fits": fits,
-        "limited_by": time["limit"] if fits else "memory",
-        "suggestion": None if fits else suggest(shapes, hw.memory_bytes),
+        "flops_per_token_estimate": estimate.flops_per_token(shapes, train_name == "train_auxk"),
         "replicated_expert_buffers": _replicated(compiled, shapes),
         "steps": steps,
+        "_shapes": shapes,
     }
+
+
+def plan_for(measured: dict, hw: Hardware) -> dict:
+    """The measured figures with the roofline, the fit and a suggestion for `hw` (JSON-able)."""
+    plan = {k: v for k, v in measured.items() if k not in ("_shapes", "backend")}
+    plan["hardware"] = {**dataclasses.asdict(hw), "backend": measured["backend"]}
+    cost = measured["steps"][measured["train_step"]]["cost"]
+    fields = [f.name for f in dataclasses.fields(hlo.Collective)]
+    collectives = [hlo.Collective(**{f: c[f] for f in fields}) for c in measured["collectives"]]
+    config = measured["config"]
+    time = roofline.step_time(
+        cost["flops"], cost["bytes_accessed"], collectives, hw, config["compute_dtype"],
+        config["batch_size"],
+    )  # fmt: skip
+    fits = measured["memory"]["needed_bytes"] <= hw.memory_bytes
+    plan.update(
+        estimate=time,
+        fits=fits,
+        limited_by=time["limit"] if fits else "memory",
+        suggestion=None if fits else suggest(measured["_shapes"], hw.memory_bytes),
+    )
+    return plan
 
 
 def _step(compiled, dump_dir: Path, devices: int) -> dict:
     text = compiled.as_text()
-    found = hlo.collectives(text, devices)
     return {
         "memory": build.memory(compiled),
         "cost": build.cost(compiled),
         "largest_buffers": hlo.largest_buffers(dump_dir, text),
         "collectives": [
-            {
-                "op": c.op,
-                "name": c.name,
-                "shape": c.shape,
-                "bytes": c.bytes,
-                "group_size": c.group_size,
-                "traffic_bytes": c.traffic_bytes(),
-            }
-            for c in found
-        ],  # fmt: skip
-        "_collectives": found,
+            {**dataclasses.asdict(c), "traffic_bytes": c.traffic_bytes()}
+            for c in hlo.collectives(text, devices)
+        ],
     }
 
 
