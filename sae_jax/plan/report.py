@@ -163,7 +163,7 @@ def format_text(plan: dict) -> str:
     ]
     t = plan["estimate"]
     lines.append(
-        f"roofline ({t['dtype']} peak {t['peak_flops'] / 1e12:.0f} TFLOP/s): compute "
+        f"roofline ({t['dtype']} peak {t['peak_flops'] / 1e12:.3g} TFLOP/s): compute "
         f"{_ms(t['compute_s'])}, memory {_ms(t['memory_s'])}, network {_ms(t['network_s'])} "
         f"-> step {_ms(t['step_s'])}, {t['tokens_per_sec']:.3g} tokens/s (estimate; limited "
         f"by {t['limit']})"
