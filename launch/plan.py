@@ -1,0 +1,63 @@
+"""Plan a run: compile its steps from abstract shapes on simulated devices and report memory,
+collectives, FLOPs and an estimated speed on named hardware. Nothing is allocated.
+
+    python -m launch.plan --gin_file=pod.gin --devices 64 --hardware h100 [--json plan.json]
+
+Takes the same --gin_file / --gin.NAME=VALUE bindings as launch.train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HARDWARE = ("h100", "tpu-v5p", "cpu")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--gin_file", action="append", default=[], help="gin config (repeatable)")
+    p.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
+    p.add_argument("--hardware", choices=HARDWARE, default="h100")
+    p.add_argument("--d", type=int, default=None, help="input dimension (default: the data's)")
+    p.add_argument("--json", default=None, help="also write the plan as JSON here")
+    p.add_argument("--hlo_out", default=None, help="write each step's optimized HLO here")
+    gin_args = [a for a in argv if a.startswith("--gin.")]
+    args = p.parse_args([a for a in argv if not a.startswith("--gin.")])
+    args.bindings = [a[len("--gin.") :] for a in gin_args]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.devices:  # before jax is imported
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import dataclasses
+
+    from sae_jax.config import ConfigError
+    from sae_jax.gin_setup import parse
+    from sae_jax.plan import build, hardware
+    from sae_jax.plan.report import format_text, make_plan
+
+    try:
+        cfg, tcfg = parse(args.gin_file, args.bindings)
+        cfg = dataclasses.replace(cfg, d=build.input_dim(tcfg, args.d)).validate()
+        plan = make_plan(cfg, tcfg, hardware.get(args.hardware), args.hlo_out)
+    except ConfigError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(format_text(plan))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

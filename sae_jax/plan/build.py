@@ -1,0 +1,116 @@
+"""The real training and eval steps of a config, compiled from abstract shapes (nothing is
+allocated), with XLA's per-device memory analysis and cost analysis."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from sae_jax.config import ConfigError, SAEConfig, TrainConfig
+from sae_jax.data.shards import MANIFEST
+from sae_jax.evaluation import make_eval_step
+from sae_jax.mesh import TOKENS
+from sae_jax.model import SwitchSAE, check_mesh
+from sae_jax.train_step import make_optimizer, make_train_step, new_state, state_sharding
+
+STEPS = ("train", "train_auxk", "eval")
+
+
+def abstract_state(cfg: SAEConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh):
+    """(graphdef, optimizer, state of ShapeDtypeStructs carrying their shardings, shardings)."""
+    model = nnx.eval_shape(lambda: SwitchSAE(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
+    tx = make_optimizer(tcfg, cfg.num_latents)
+    abstract = jax.eval_shape(functools.partial(new_state, tx=tx), params)
+    shardings = state_sharding(abstract, mesh)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return graphdef, tx, state, shardings
+
+
+def compile_steps(
+    cfg: SAEConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh, dump_root: Path | None = None
+) -> dict[str, Any]:
+    """The compiled steps by name (STEPS): training without and with AuxK, and evaluation.
+    With `dump_root`, XLA writes each module's dumps (memory-usage report, buffer assignment)
+    into dump_root/<name>/."""
+    check_mesh(cfg, dict(mesh.shape), tcfg.batch_size)
+    with jax.set_mesh(mesh):
+        graphdef, tx, state, shardings = abstract_state(cfg, tcfg, mesh)
+        tokens = NamedSharding(mesh, TOKENS)
+        x = jax.ShapeDtypeStruct((tcfg.batch_size, cfg.d), jnp.float32, sharding=tokens)
+        keep = jax.ShapeDtypeStruct((tcfg.batch_size,), jnp.float32, sharding=tokens)
+        eval_step = make_eval_step(
+            graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight
+        )
+        lowered = {
+            "train": make_train_step(graphdef, tx, tcfg, shardings, auxk=False).lower(state, x),
+            "train_auxk": make_train_step(graphdef, tx, tcfg, shardings, auxk=True).lower(state, x),
+            "eval": eval_step.lower(state.params, x, keep),
+        }
+        return {name: low.compile(_options(dump_root, name)) for name, low in lowered.items()}
+
+
+def _options(dump_root: Path | None, name: str) -> dict | None:
+    return None if dump_root is None else {"xla_dump_to": str(Path(dump_root) / name)}
+
+
+def memory(compiled) -> dict[str, int]:
+    """XLA's per-device memory analysis; total = arguments + outputs + temporaries - aliased."""
+    m = compiled.memory_analysis()
+    out = {
+        "arguments": int(m.argument_size_in_bytes),
+        "outputs": int(m.output_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+        "aliased": int(m.alias_size_in_bytes),
+    }
+    out["total_bytes"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+    return out
+
+
+def cost(compiled) -> dict[str, float]:
+    """XLA's per-device cost analysis: FLOPs and bytes accessed (0 where not reported)."""
+    try:
+        c = compiled.cost_analysis()
+        c = c[0] if isinstance(c, list | tuple) else c
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        c = {}
+    return {
+        "flops": float(c.get("flops", 0.0)),
+        "bytes_accessed": float(c.get("bytes accessed", 0.0)),
+    }
+
+
+def input_dim(tcfg: TrainConfig, override: int | None = None) -> int:
+    """d: `override`, else SyntheticData.dim for synthetic data, else the shard manifest's d
+    (read from the manifest only; the shards are not opened)."""
+    if override:
+        return int(override)
+    if tcfg.train_data == "synthetic":
+        return int(_gin_value("SyntheticData.dim", 64))
+    path = Path(tcfg.train_data) / MANIFEST
+    try:
+        return int(json.loads(path.read_text())["d"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        msg = f"TRAIN_DATA={tcfg.train_data!r}: cannot read d from {path} ({e})"
+        raise ConfigError(msg) from None
+
+
+def _gin_value(name: str, default: Any) -> Any:
+    """A gin parameter's value with macros (%NAME) resolved; `default` when unbound."""
+    try:
+        value = gin.query_parameter(name)
+    except ValueError:
+        return default
+    while isinstance(value, gin.config.ConfigurableReference):
+        value = gin.query_parameter(str(value))  # '%MACRO'
+    return value

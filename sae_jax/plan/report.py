@@ -1,0 +1,193 @@
+"""A plan: the compiled steps' measured figures beside the analytic estimate and a roofline,
+as a dict (the --json output) and as text."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import jax
+
+from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.mesh import make_mesh
+from sae_jax.plan import build, estimate, hlo, roofline
+from sae_jax.plan.hardware import Hardware
+from sae_jax.plan.suggest import suggest
+
+GIB = 2**30
+
+
+def make_plan(cfg: SAEConfig, tcfg: TrainConfig, hw: Hardware, hlo_out: Path | None = None) -> dict:
+    """Compile the config's steps on the current devices and plan it for `hw` (per device).
+    `hlo_out`: also write each step's optimized HLO there (<step>.hlo.txt)."""
+    return plan_for(measure(cfg, tcfg, hlo_out), hw)
+
+
+def measure(cfg: SAEConfig, tcfg: TrainConfig, hlo_out: Path | None = None) -> dict:
+    """What does not depend on the hardware: the compiled steps' figures (the training step
+    reported is the variant, with or without AuxK, that needs more memory) and the estimate."""
+    mesh = make_mesh(tcfg.mesh_shape)
+    mesh_shape = (mesh.shape["data"], mesh.shape["expert"])
+    shapes = estimate.Shapes.of(cfg, tcfg, mesh_shape)
+    with tempfile.TemporaryDirectory() as dumps:
+        compiled = build.compile_steps(cfg, tcfg, mesh, Path(dumps))
+        steps = {name: _step(c, Path(dumps) / name, mesh.size) for name, c in compiled.items()}
+    if hlo_out:
+        Path(hlo_out).mkdir(parents=True, exist_ok=True)
+        for name, c in compiled.items():
+            (Path(hlo_out) / f"{name}.hlo.txt").write_text(c.as_text())
+    train_name = max(("train", "train_auxk"), key=lambda n: steps[n]["memory"]["total_bytes"])
+    train = steps[train_name]
+    return {
+        "config": _config(cfg, tcfg, mesh_shape, mesh.size),
+        "backend": jax.default_backend(),
+        "train_step": train_name,
+        "memory": {
+            "compiled": train["memory"],
+            "estimate": _rename_total(estimate.memory(shapes)),
+            "eval_compiled": steps["eval"]["memory"],
+            "needed_bytes": max(
+                train["memory"]["total_bytes"], steps["eval"]["memory"]["total_bytes"]
+            ),
+        },
+        "largest_buffers": train["largest_buffers"],
+        "collectives": train["collectives"],
+        "collective_bytes": sum(c["bytes"] for c in train["collectives"]),
+        "flops_per_token": train["cost"]["flops"] * mesh.size / tcfg.batch_size,
+        "flops_per_token_estimate": estimate.flops_per_token(shapes, train_name == "train_auxk"),
+        "replicated_expert_buffers": _replicated(compiled, shapes),
+        "steps": steps,
+        "_shapes": shapes,
+    }
+
+
+def plan_for(measured: dict, hw: Hardware) -> dict:
+    """The measured figures with the roofline, the fit and a suggestion for `hw` (JSON-able)."""
+    plan = {k: v for k, v in measured.items() if k not in ("_shapes", "backend")}
+    plan["hardware"] = {**dataclasses.asdict(hw), "backend": measured["backend"]}
+    cost = measured["steps"][measured["train_step"]]["cost"]
+    fields = [f.name for f in dataclasses.fields(hlo.Collective)]
+    collectives = [hlo.Collective(**{f: c[f] for f in fields}) for c in measured["collectives"]]
+    config = measured["config"]
+    time = roofline.step_time(
+        cost["flops"], cost["bytes_accessed"], collectives, hw, config["compute_dtype"],
+        config["batch_size"],
+    )  # fmt: skip
+    fits = measured["memory"]["needed_bytes"] <= hw.memory_bytes
+    plan.update(
+        estimate=time,
+        fits=fits,
+        limited_by=time["limit"] if fits else "memory",
+        suggestion=None if fits else suggest(measured["_shapes"], hw.memory_bytes),
+    )
+    return plan
+
+
+def _step(compiled, dump_dir: Path, devices: int) -> dict:
+    text = compiled.as_text()
+    return {
+        "memory": build.memory(compiled),
+        "cost": build.cost(compiled),
+        "largest_buffers": hlo.largest_buffers(dump_dir, text),
+        "collectives": [
+            {**dataclasses.asdict(c), "traffic_bytes": c.traffic_bytes()}
+            for c in hlo.collectives(text, devices)
+        ],
+    }
+
+
+def _replicated(compiled: dict, s: estimate.Shapes) -> list[str]:
+    """Instructions holding a whole [N, L] or [N, L, d] expert tensor on one device (none
+    should, unless the 'expert' axis is 1 and that is the device's own shard)."""
+    if s.expert == 1:
+        return []
+    dims = {(s.num_experts, s.latents), (s.num_experts, s.latents, s.d)}
+    return [f"{name}: {hit}" for name, c in compiled.items()
+            for hit in hlo.shape_instructions(c.as_text(), dims)]  # fmt: skip
+
+
+def _rename_total(terms: dict) -> dict:
+    out = dict(terms)
+    out["total_bytes"] = out.pop("total")
+    return out
+
+
+def _config(cfg: SAEConfig, tcfg: TrainConfig, mesh_shape, devices: int) -> dict:
+    return {
+        "d": cfg.d, "num_latents": cfg.num_latents, "num_experts": cfg.num_experts, "k": cfg.k,
+        "batch_size": tcfg.batch_size, "mesh_shape": list(mesh_shape), "devices": devices,
+        "capacity_factor": cfg.capacity_factor,
+        "compute_dtype": getattr(cfg, "compute_dtype", "float32"),
+    }  # fmt: skip
+
+
+def format_text(plan: dict) -> str:
+    """The plan as a few readable blocks of text."""
+    c, hw, mem = plan["config"], plan["hardware"], plan["memory"]
+    lines = [
+        f"config: d={c['d']} NUM_LATENTS={c['num_latents']} NUM_EXPERTS={c['num_experts']} "
+        f"K={c['k']} BATCH_SIZE={c['batch_size']} MESH_SHAPE={tuple(c['mesh_shape'])} on "
+        f"{c['devices']} devices ({hw['backend']}), compute {c['compute_dtype']}",
+        "",
+        f"memory per device, {plan['train_step']} (measured: XLA's compiled memory analysis):",
+    ]
+    m = mem["compiled"]
+    lines.append("  " + "  ".join(f"{k} {_size(m[k])}" for k in
+                                  ("arguments", "outputs", "temporaries", "aliased")))  # fmt: skip
+    lines.append(f"  total {_size(m['total_bytes'])}   (eval step: "
+                 f"{_size(mem['eval_compiled']['total_bytes'])})")  # fmt: skip
+    e = mem["estimate"]
+    lines.append("analytic estimate: " + "  ".join(
+        f"{k} {_size(v)}" for k, v in e.items() if k != "total_bytes"))  # fmt: skip
+    ratio = e["total_bytes"] / max(m["total_bytes"], 1)
+    lines.append(f"  total {_size(e['total_bytes'])} ({ratio:.2f} x compiled)")
+    lines += ["", "largest buffers (XLA's buffer assignment; shapes sharing one allocation):"]
+    lines += [f"  {_size(b['bytes'])}  {b['shapes'][:110]}" for b in plan["largest_buffers"]]
+    lines += ["", "collectives per step, per device (result shape; traffic with the algorithm):"]
+    for col in plan["collectives"]:
+        shape, size, traffic = col["shape"][:60], _size(col["bytes"]), _size(col["traffic_bytes"])
+        lines.append(f"  {col['op']:<18} {shape:<60} {size:>10} "
+                     f"group {col['group_size']:>5}  traffic {traffic}")  # fmt: skip
+    total_traffic = sum(col["traffic_bytes"] for col in plan["collectives"])
+    lines.append(f"  total {_size(plan['collective_bytes'])}, traffic {_size(total_traffic)}")
+    f = plan["flops_per_token_estimate"]
+    lines += [
+        "",
+        f"FLOPs per token: {plan['flops_per_token']:.3g} (XLA's cost analysis x devices / "
+        f"tokens); analytic {f['total']:.3g} ("
+        + ", ".join(f"{k} {v:.3g}" for k, v in f.items() if k != "total")
+        + ")",
+        "",
+        f"hardware: {hw['name']}: {hw['source']}",
+    ]
+    t = plan["estimate"]
+    lines.append(
+        f"roofline ({t['dtype']} peak {t['peak_flops'] / 1e12:.3g} TFLOP/s): compute "
+        f"{_ms(t['compute_s'])}, memory {_ms(t['memory_s'])}, network {_ms(t['network_s'])} "
+        f"-> step {_ms(t['step_s'])}, {t['tokens_per_sec']:.3g} tokens/s (estimate; limited "
+        f"by {t['limit']})"
+    )
+    if plan["fits"]:
+        lines.append(f"fits: needs {_size(mem['needed_bytes'])} per device of "
+                     f"{_size(hw['memory_bytes'])}")  # fmt: skip
+    else:
+        s = plan["suggestion"]
+        lines.append(f"does not fit: needs {_size(mem['needed_bytes'])} per device, the "
+                     f"{hw['name']} has {_size(hw['memory_bytes'])}; "
+                     f"{s['line'] if s else 'no mesh found that fits'}")  # fmt: skip
+    if plan["replicated_expert_buffers"]:
+        lines.append("warning: whole expert tensors on one device: "
+                     + "; ".join(plan["replicated_expert_buffers"][:4]))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _size(b: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{b:.0f} B"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms"

@@ -1,0 +1,67 @@
+"""A configuration that fits a device's memory, found with the analytic estimate.
+
+In order of preference: the smallest 'expert' axis (the most data parallelism) that divides
+N and the device count; else a larger N (a power-of-two multiple) over every device; else
+the smallest power-of-two multiple of the device count that fits with N >= devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sae_jax.plan import estimate
+from sae_jax.plan.estimate import Shapes
+
+MAX_DEVICES = 1 << 20
+
+
+def suggest(s: Shapes, memory_bytes: float) -> dict | None:
+    """{'mesh_shape', 'num_experts', 'devices', 'estimate_bytes', 'bindings', 'line'} for
+    the first candidate whose estimated total fits `memory_bytes`; None if none does."""
+    for c in candidates(s):
+        total = estimate.memory(c)["total"]
+        if total <= memory_bytes:
+            return describe(s, c, total)
+    return None
+
+
+def candidates(s: Shapes):
+    yield from _meshes(s, s.num_experts, s.devices)
+    n = s.num_experts * 2
+    while _valid_n(s, n):
+        yield from _meshes(s, n, s.devices, largest_only=True)
+        n *= 2
+    devices = s.devices * 2
+    while devices <= MAX_DEVICES and s.batch % devices == 0:
+        n = max(s.num_experts, devices)
+        if _valid_n(s, n):
+            yield from _meshes(s, n, devices, largest_only=True)
+        devices *= 2
+
+
+def _valid_n(s: Shapes, n: int) -> bool:
+    return s.num_latents % n == 0 and s.num_latents // n >= s.k
+
+
+def _meshes(s: Shapes, n: int, devices: int, largest_only: bool = False):
+    """Shapes on (devices / E, E) meshes, E dividing n and devices, smallest E first."""
+    sizes = [e for e in range(1, devices + 1) if devices % e == 0 and n % e == 0]
+    for e in sizes[-1:] if largest_only else sizes:
+        yield dataclasses.replace(s, num_experts=n, data=devices // e, expert=e)
+
+
+def describe(s: Shapes, c: Shapes, total: int) -> dict:
+    bindings = [f"MESH_SHAPE=({c.data}, {c.expert})"]
+    if c.num_experts != s.num_experts:
+        bindings.append(f"NUM_EXPERTS={c.num_experts}")
+    where = f"on {c.devices} devices" + (" (more devices)" if c.devices != s.devices else "")
+    line = (f"use {' '.join('--gin.' + b for b in bindings)} {where}: "
+            f"estimated {total / 2**30:.1f} GiB per device")  # fmt: skip
+    return {
+        "mesh_shape": [c.data, c.expert],
+        "num_experts": c.num_experts,
+        "devices": c.devices,
+        "estimate_bytes": total,
+        "bindings": bindings,
+        "line": line,
+    }

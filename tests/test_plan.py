@@ -1,0 +1,110 @@
+"""launch.plan on configs/pod.gin: the compiled pod step against the analytic estimate.
+
+The planner simulates its own device count, so it runs in subprocesses (conftest fixes 8
+devices for this one); each is run once per module and its JSON shared by the tests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sae_jax.plan import hlo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_plan(out: Path, *args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "launch.plan", "--gin_file=pod.gin", f"--json={out}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def pod64(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("plan64")
+    plan = run_plan(tmp / "plan.json", "--devices=64", "--hardware=h100", f"--hlo_out={tmp}")
+    return plan, tmp
+
+
+@pytest.fixture(scope="module")
+def pod8(tmp_path_factory):
+    """The same config on 8 devices: 128 experts per device do not fit an H100."""
+    return run_plan(tmp_path_factory.mktemp("plan8") / "plan.json", "--devices=8")
+
+
+def test_json_holds_the_figures(pod64):
+    plan, _ = pod64
+    assert plan["memory"]["compiled"]["total_bytes"] > 0
+    assert plan["memory"]["estimate"]["total_bytes"] > 0
+    assert plan["estimate"]["tokens_per_sec"] > 0 and plan["flops_per_token"] > 0
+    assert plan["hardware"]["name"] == "h100" and plan["fits"] is True
+    assert plan["suggestion"] is None
+    assert plan["config"]["mesh_shape"] == [1, 64]
+    for c in plan["collectives"]:
+        assert set(c) >= {"op", "shape", "bytes", "group_size"}
+    assert {c["op"] for c in plan["collectives"]} >= {"all-to-all", "all-reduce"}
+
+
+def test_estimate_within_ten_percent_of_xla(pod64):
+    plan, _ = pod64
+    compiled = plan["memory"]["compiled"]["total_bytes"]
+    estimate = plan["memory"]["estimate"]["total_bytes"]
+    assert abs(estimate - compiled) <= 0.1 * compiled, (estimate, compiled)
+    # The state alone: w_enc + w_dec 8 GiB and Adam 16 GiB on each of 64 devices.
+    assert plan["memory"]["compiled"]["arguments"] > 24 * 2**30
+
+
+def test_no_whole_expert_tensor_on_a_device(pod64):
+    plan, hlo_dir = pod64
+    n, lat, d = 1024, 2**24 // 1024, 4096
+    whole = {(n, lat), (n, lat, d)}
+    assert plan["replicated_expert_buffers"] == []
+    for path in sorted(hlo_dir.glob("*.hlo.txt")):
+        text = path.read_text()
+        assert hlo.shape_instructions(text, whole) == [], path.name
+        gathers = [c for c in hlo.collectives(text, 64) if c.op == "all-gather"]
+        assert not [c for c in gathers if c.bytes >= n * lat * 4], path.name
+
+
+def test_a_config_that_does_not_fit_names_one_that_does(pod64, pod8):
+    assert pod8["fits"] is False
+    assert pod8["memory"]["compiled"]["total_bytes"] > pod8["hardware"]["memory_bytes"]
+    s = pod8["suggestion"]
+    assert s["bindings"] == ["MESH_SHAPE=(1, 64)"] and s["devices"] == 64
+    # Planned again, the suggestion (pod.gin's own mesh on 64 devices) fits.
+    plan, _ = pod64
+    assert plan["config"]["mesh_shape"] == s["mesh_shape"]
+    assert plan["config"]["num_experts"] == s["num_experts"]
+    assert plan["fits"] and plan["memory"]["needed_bytes"] <= plan["hardware"]["memory_bytes"]
+
+
+def test_bad_config_is_one_line_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, "-m", "launch.plan", "--gin_file=pod.gin", "--devices=8",
+           "--gin.NUM_EXPERTS=1000"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+def test_collective_parsing():
+    text = """
+  %a = (f32[16,3,4096]{2,1,0}, f32[16,3,4096]{2,1,0}) all-to-all(%x, %y), replica_groups={{0,1,2,3}}
+  %b = f32[8,4]{1,0} all-reduce(%z), replica_groups=[2,4]<=[8], to_apply=%add
+  %c = (f32[4]{0}, s32[]) all-reduce(%p, %q), replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}
+  %s = f32[64]{0} all-gather-start(%w), replica_groups={}
+  %g = f32[64]{0} all-gather-done(%s)
+"""
+    found = hlo.collectives(text, num_devices=8)
+    assert [(c.op, c.bytes, c.group_size) for c in found] == [
+        ("all-to-all", 2 * 16 * 3 * 4096 * 4, 4), ("all-reduce", 128, 4),
+        ("all-reduce", 20, 8), ("all-gather", 256, 8),
+    ]  # fmt: skip
+    assert found[0].shape == "f32[16,3,4096] x 2"
+    assert found[1].traffic_bytes() == 128 * 2 * 3 / 4
