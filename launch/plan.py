@@ -37,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import dataclasses
 
     from sae_jax.config import ConfigError
     from sae_jax.gin_setup import parse
@@ -46,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg, tcfg = parse(args.gin_file, args.bindings)
-        cfg = dataclasses.replace(cfg, d=build.input_dim(tcfg, args.d)).validate()
-        plan = make_plan(cfg, tcfg, hardware.get(args.hardware), args.hlo_out)
+        hw = hardware.get(args.hardware)
+        cfg = build.for_hardware(cfg, hw, build.input_dim(tcfg, args.d))
+        plan = make_plan(cfg, tcfg, hw, args.hlo_out)
     except ConfigError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 
 
-def resolve(name: str) -> str:
-    """The concrete dtype name: 'auto' is float32 on CPU and bfloat16 on GPU/TPU."""
+def resolve(name: str, backend: str | None = None) -> str:
+    """The concrete dtype name: 'auto' is float32 on CPU and bfloat16 on GPU/TPU.
+    backend: 'cpu', 'gpu' or 'tpu' (default: jax.default_backend())."""
     if name != "auto":
         return name
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: str = "float32") -> jax.Array:

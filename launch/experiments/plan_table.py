@@ -64,14 +64,14 @@ def worker(gin_file: str, devices: int, log2: int) -> list[dict]:
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import dataclasses
 
     from sae_jax.gin_setup import parse
     from sae_jax.plan import build, hardware
     from sae_jax.plan.report import measure, plan_for
 
     cfg, tcfg = parse([gin_file], [f"NUM_LATENTS={2**log2}"])
-    cfg = dataclasses.replace(cfg, d=build.input_dim(tcfg)).validate()
+    # H100 and TPU v5p both resolve COMPUTE_DTYPE 'auto' to bfloat16.
+    cfg = build.for_hardware(cfg, hardware.get(HARDWARE[0]), build.input_dim(tcfg))
     measured = measure(cfg, tcfg)
     return [row(plan_for(measured, hardware.get(name))) for name in HARDWARE]
 

@@ -3,6 +3,7 @@ allocated), with XLA's per-device memory analysis and cost analysis."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data.shards import MANIFEST
 from sae_jax.evaluation import make_eval_step
@@ -88,6 +90,14 @@ def cost(compiled) -> dict[str, float]:
         "flops": float(c.get("flops", 0.0)),
         "bytes_accessed": float(c.get("bytes accessed", 0.0)),
     }
+
+
+def for_hardware(cfg: SAEConfig, hw, d: int) -> SAEConfig:
+    """The config as it would run on `hw` (a plan.hardware.Hardware), input dimension d:
+    COMPUTE_DTYPE 'auto' resolves to that hardware's choice, not this CPU's."""
+    backend = "cpu" if hw.name == "cpu" else "accelerator"
+    dtype = precision.resolve(cfg.compute_dtype, backend)
+    return dataclasses.replace(cfg, d=d, compute_dtype=dtype).validate()
 
 
 def input_dim(tcfg: TrainConfig, override: int | None = None) -> int:

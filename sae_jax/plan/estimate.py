@@ -15,17 +15,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.experts import AUX_CHUNK_BYTES, use_dense
 from sae_jax.train_step import DEAD_COUNT_LAG
 
 F32 = 4
-# Expert-sized [N_local, L, d] temporaries the step holds besides the gradients while it
-# applies the update (measured on XLA:CPU, configs/pod.gin on 64 devices: 8 buffers of
-# [16, 16384, 4096] of which 2 are the w_enc/w_dec gradients; the others are the gradients'
-# reduction over 'data', the decoder projection and Adam's fusions). Adjust it when the step
-# changes how it applies the update.
-UPDATE_EXPERT_BUFFERS = 6
+# Expert-sized [N_local, L, d] float32 temporaries the step holds besides the gradients
+# (measured on XLA:CPU, configs/pod.gin on 64 devices: one, the zeros the gather kernel's row
+# gradients are scattered into; the optimizer update runs a chunk at a time, see
+# sae_jax/update.py). Below float32 the step also holds w_enc cast to the compute dtype for
+# the [S, L] pre-activation matmul. Adjust these when the step changes.
+UPDATE_EXPERT_BUFFERS = 1
 # Elementwise FLOPs per parameter of the update: global-norm clipping (2), Adam's moments
 # and step (~12), the decoder-gradient projection and row renormalisation (~6).
 UPDATE_FLOPS_PER_PARAM = 20
@@ -45,13 +47,14 @@ class Shapes:
     expert: int
     capacity_factor: float
     kernel: str = "auto"
+    compute_dtype: str = "float32"
 
     @classmethod
     def of(cls, cfg: SAEConfig, tcfg: TrainConfig, mesh_shape: tuple[int, int]) -> Shapes:
         return cls(
             cfg.d, cfg.num_latents, cfg.num_experts, cfg.k, cfg.k_aux_effective,
             tcfg.batch_size, mesh_shape[0], mesh_shape[1], cfg.capacity_factor,
-            cfg.expert_kernel,
+            cfg.expert_kernel, cfg.compute_dtype,
         )  # fmt: skip
 
     @property
@@ -109,10 +112,14 @@ def _router_params(s: Shapes) -> int:
 
 
 def other_temporaries(s: Shapes) -> int:
-    """Temporaries besides the gradients: the larger of what the update holds
-    (UPDATE_EXPERT_BUFFERS x W) and the activations of the forward and backward pass, which
-    XLA places in the same memory at another time."""
-    return max(UPDATE_EXPERT_BUFFERS * s.expert_tensor_bytes, activations(s))
+    """Temporaries besides the gradients: the larger of the expert-sized buffers the step
+    holds (UPDATE_EXPERT_BUFFERS x W, and w_enc in the compute dtype below float32) and the
+    activations of the forward and backward pass, which XLA places in the same memory at
+    another time."""
+    held = UPDATE_EXPERT_BUFFERS * s.expert_tensor_bytes
+    if s.compute_dtype != "float32":
+        held += s.expert_tensor_bytes * jnp.dtype(s.compute_dtype).itemsize // F32
+    return max(held, activations(s))
 
 
 def activations(s: Shapes) -> int:

@@ -102,7 +102,9 @@ def _replicated(compiled: dict, s: estimate.Shapes) -> list[str]:
     should, unless the 'expert' axis is 1 and that is the device's own shard)."""
     if s.expert == 1:
         return []
-    dims = {(s.num_experts, s.latents), (s.num_experts, s.latents, s.d)}
+    dims = {(s.num_experts, s.latents, s.d)}
+    if s.slots != s.num_experts:  # else the [slots, L] pre-activations have this shape too
+        dims.add((s.num_experts, s.latents))
     return [f"{name}: {hit}" for name, c in compiled.items()
             for hit in hlo.shape_instructions(c.as_text(), dims)]  # fmt: skip
 
