@@ -24,6 +24,7 @@ from sae_jax.init import geometric_median
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.metrics import MetricWriter, summary
 from sae_jax.model import SwitchSAE, check_mesh
+from sae_jax.plan.suggest import check_fits, device_memory_bytes
 from sae_jax.preemption import Preempted, PreemptionGuard
 from sae_jax.train_step import setup_training
 
@@ -75,6 +76,8 @@ def train(
     cfg = dataclasses.replace(sae_cfg, d=train_src.d).validate()
     mesh = make_mesh(tcfg.mesh_shape)
     check_mesh(cfg, dict(mesh.shape), tcfg.batch_size)
+    if (memory := device_memory_bytes()) is not None:  # GPU/TPU: before anything is created
+        check_fits(cfg, tcfg, (mesh.shape["data"], mesh.shape["expert"]), memory)
     tokens = token_sharding(mesh)
     rows = process_rows(tokens, tcfg.batch_size)
     local_rows = rows.stop - rows.start

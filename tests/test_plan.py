@@ -4,6 +4,7 @@ The planner simulates its own device count, so it runs in subprocesses (conftest
 devices for this one); each is run once per module and its JSON shared by the tests.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sae_jax.config import ConfigError
 from sae_jax.plan import hlo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,3 +110,17 @@ def test_collective_parsing():
     ]  # fmt: skip
     assert found[0].shape == "f32[16,3,4096] x 2"
     assert found[1].traffic_bytes() == 128 * 2 * 3 / 4
+
+
+def test_trainer_refuses_a_mesh_that_cannot_fit_in_one_line():
+    from sae_jax.gin_setup import parse
+    from sae_jax.plan.suggest import check_fits
+
+    cfg, tcfg = parse(["pod.gin"], [])
+    cfg = dataclasses.replace(cfg, d=4096, compute_dtype="bfloat16")
+    check_fits(cfg, tcfg, (1, 64), 80e9)  # 38 GiB per device: fits
+    with pytest.raises(ConfigError) as e:
+        check_fits(cfg, tcfg, (8, 8), 80e9)  # every expert on 8 devices: 300 GiB each
+    message = str(e.value)
+    assert "\n" not in message and "MESH_SHAPE=(8, 8) needs about" in message
+    assert "use --gin.MESH_SHAPE=(1, 64) on 64 devices" in message

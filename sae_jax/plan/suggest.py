@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
+from sae_jax import precision
+from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.plan import estimate
 from sae_jax.plan.estimate import Shapes
 
@@ -65,3 +69,26 @@ def describe(s: Shapes, c: Shapes, total: int) -> dict:
         "bindings": bindings,
         "line": line,
     }
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of this process's first device as JAX reports it (None on CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return stats.get("bytes_limit") if stats else None
+
+
+def check_fits(cfg: SAEConfig, tcfg: TrainConfig, mesh_shape: tuple[int, int],
+               memory_bytes: float) -> None:  # fmt: skip
+    """A one-line ConfigError, naming a MESH_SHAPE (and N) that would fit, when the analytic
+    estimate of the step's memory per device exceeds `memory_bytes`."""
+    cfg = dataclasses.replace(cfg, compute_dtype=precision.resolve(cfg.compute_dtype))
+    s = Shapes.of(cfg, tcfg, mesh_shape)
+    need = estimate.memory(s)["total"]
+    if need <= memory_bytes:
+        return
+    hint = suggest(s, memory_bytes)
+    raise ConfigError(
+        f"MESH_SHAPE={tuple(mesh_shape)} needs about {need / 2**30:.1f} GiB per device "
+        f"(estimate), the devices have {memory_bytes / 2**30:.1f} GiB; "
+        + (hint["line"] if hint else "no mesh fits: see python -m launch.plan")
+    )
