@@ -204,10 +204,18 @@ def test_gradient_is_the_return_trip():
 
 
 def test_real_op_path_lowers():
-    """The GPU/TPU path traces and type-checks (check_vma) with the same plan; XLA:CPU cannot
-    compile it, so only the lowering is checked."""
-    fn = sharded(functools.partial(round_trip, emulate=False), make_mesh((2, 4)), 2, 2)
+    """The GPU/TPU path, and its gradient, trace and type-check (check_vma) with the same
+    plan; XLA:CPU cannot compile ragged-all-to-all, so only the lowering is checked."""
+    real = functools.partial(round_trip, emulate=False)
+
+    def grad(x, expert):
+        return jax.grad(lambda x: jnp.sum(real(x, expert)[0] ** 2))(x)
+
     x = jax.ShapeDtypeStruct((8 * T_LOCAL, D), jnp.float32)
     expert = jax.ShapeDtypeStruct((8 * T_LOCAL,), jnp.int32)
-    text = fn.lower(x, expert).as_text()
-    assert text.count("ragged_all_to_all") >= 3
+    mesh = make_mesh((2, 4))
+    text = sharded(real, mesh, 2, 2).lower(x, expert).as_text()
+    assert text.count("ragged_all_to_all") == 3
+    # The forward's three, and the transposes of x's two trips (the plan reversed).
+    text = sharded(grad, mesh, 2, 1).lower(x, expert).as_text()
+    assert text.count("ragged_all_to_all") == 5
