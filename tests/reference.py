@@ -75,3 +75,26 @@ def switch_mse(x, params: dict, const: dict, k: int):
     z = jax.nn.relu(z + params["b_enc"][rows])
     x_hat = gate[:, None] * jnp.einsum("tk,tkd->td", z, params["w_dec"][rows]) + params["b_dec"]
     return jnp.sum((x - x_hat) ** 2) / x.size
+
+
+def ragged_all_to_all(operands, outputs, input_offsets, send_sizes, output_offsets, recv_sizes):
+    """`jax.lax.ragged_all_to_all` over one group of E devices, as its docstring specifies.
+
+    Each argument is a list over the devices in axis-index order: operands [N_rows, ...],
+    outputs [M, ...], offsets and sizes [K] with K = E * S; device src sends slice k,
+    operand[input_offsets[k]:][:send_sizes[k]], to device k // S, which writes it at
+    output_offsets[k] (an offset in the receiver's output) as its received slice
+    i = src * S + k % S, whose size is the receiver's recv_sizes[i]. Returns the outputs.
+    """
+    e = len(operands)
+    s = len(input_offsets[0]) // e
+    results = [np.array(o, copy=True) for o in outputs]
+    for dst in range(e):
+        for i in range(e * s):  # the receiver's slices, in its order
+            src, j = divmod(i, s)
+            k = dst * s + j  # the same slice, in the sender's order
+            size = int(recv_sizes[dst][i])
+            assert size == send_sizes[src][k], "send_sizes and recv_sizes disagree"
+            start, at = int(input_offsets[src][k]), int(output_offsets[src][k])
+            results[dst][at : at + size] = operands[src][start : start + size]
+    return results
