@@ -1,11 +1,14 @@
 """Benchmark the training step: tokens/s, step time, FLOP/s and peak memory per device.
 
     python -m launch.bench [--devices 8] [--out bench.json] [--steps 5] [--dtypes float32,bfloat16]
+                           [--dispatch capacity,dropless]
 
 Runs on whatever backend is present. Rows: N = 1 (dense TopK) and N = 4, 16, 64 at the same
-NUM_LATENTS; dense rows at NUM_LATENTS / N for FLOP-matched pairs; and, with several devices,
-the N = 16 step on a 1 x devices mesh against one device on the same global batch. Each row
-is timed once per COMPUTE_DTYPE in --dtypes.
+NUM_LATENTS, once per DISPATCH in --dispatch; dense rows at NUM_LATENTS / N for FLOP-matched
+pairs; and, with several devices, the N = 16 step on a 1 x devices mesh against one device
+on the same global batch (capacity dispatch). Each row is timed once per COMPUTE_DTYPE in
+--dtypes. `pad` is the rows the experts computed per token (N * C / T with capacity
+buffers, padded blocks / T dropless).
 Ratios are meaningful within one run; absolute times only on an accelerator.
 """
 
@@ -34,6 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="also time the shard reader on this directory")
     p.add_argument("--reader_batches", type=int, default=40, help="batches the reader times")
     p.add_argument("--dtypes", default="float32", help="COMPUTE_DTYPEs to time each row in")
+    p.add_argument("--dispatch", default="capacity", help="DISPATCHes of the --experts rows")
     p.add_argument("--out", default="bench.json")
     return p.parse_args(argv)
 
@@ -47,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     dtypes = [v for v in args.dtypes.split(",") if v]
+    dispatches = [v for v in args.dispatch.split(",") if v]
     for n in [int(v) for v in args.experts.split(",") if v]:
-        rows += [measure(args, n, args.num_latents, (1, 1), dtype) for dtype in dtypes]
+        for dtype in dtypes:
+            rows += [measure(args, n, args.num_latents, (1, 1), dtype, d) for d in dispatches]
     for n in [int(v) for v in args.matched.split(",") if v]:
         for dtype in dtypes:
             row = measure(args, 1, args.num_latents // n, (1, 1), dtype)
@@ -73,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure(args, num_experts: int, num_latents: int, mesh_shape, dtype: str = "float32") -> dict:
+def measure(
+    args, num_experts: int, num_latents: int, mesh_shape, dtype: str = "float32",
+    dispatch: str = "capacity",
+) -> dict:  # fmt: skip
     import jax
     import numpy as np
     from flax import nnx
@@ -86,7 +95,7 @@ def measure(args, num_experts: int, num_latents: int, mesh_shape, dtype: str = "
 
     cfg = SAEConfig(d=args.d, num_latents=num_latents, num_experts=num_experts, k=args.k,
                     capacity_factor=args.capacity_factor,
-                    compute_dtype=dtype).validate()  # fmt: skip
+                    compute_dtype=dtype, dispatch=dispatch).validate()  # fmt: skip
     tcfg = TrainConfig(steps=1000, batch_size=args.batch)
     mesh = make_mesh(mesh_shape)
     with jax.set_mesh(mesh):
@@ -111,6 +120,8 @@ def measure(args, num_experts: int, num_latents: int, mesh_shape, dtype: str = "
         "num_latents": num_latents,
         "mesh": f"{mesh_shape[0]}x{mesh_shape[1]}",
         "dtype": dtype,
+        "dispatch": dispatch,
+        "padding_overhead": float(metrics["padding_overhead"]),
         "step_ms": 1e3 * seconds,
         "tokens_per_sec": args.batch / seconds,
         "gflop_per_step": flops / 1e9 if flops else None,
@@ -160,22 +171,27 @@ def _peak_bytes(compiled) -> float:
 def print_table(report: dict) -> None:
     rows = report["rows"]
     print(f"backend: {report['backend']} ({report['device']})")
-    header = (f"{'N':>4} {'M':>6} {'mesh':>5} {'dtype':>8} {'step ms':>9} {'tok/s':>9} "
+    header = (f"{'N':>4} {'M':>6} {'mesh':>5} {'dtype':>8} {'dispatch':>8} {'pad':>5} "
+              f"{'step ms':>9} {'tok/s':>9} "
               f"{'vs N=1':>7} {'GFLOP/s':>8} {'peak MiB':>9} {'[T,M] MiB':>9}  note")  # fmt: skip
     print(header)
     for r in rows:
         base = _base_row(rows, r["dtype"])
         gf = f"{r['gflops_per_sec']:.1f}" if r["gflops_per_sec"] else "-"
         print(f"{r['num_experts']:>4} {r['num_latents']:>6} {r['mesh']:>5} {r['dtype']:>8} "
-              f"{r['step_ms']:>9.1f} {r['tokens_per_sec']:>9.0f} "
+              f"{r['dispatch']:>8} {r['padding_overhead']:>5.2f} {r['step_ms']:>9.1f} "
+              f"{r['tokens_per_sec']:>9.0f} "
               f"{r['tokens_per_sec'] / base['tokens_per_sec']:>7.2f} "
               f"{gf:>8} {r['peak_mib_per_device']:>9.1f} {r['tokens_by_latents_mib']:>9.1f}  "
               f"{('FLOP-matched to ' + r['matches']) if 'matches' in r else ''}")  # fmt: skip
 
 
 def _base_row(rows: list[dict], dtype: str) -> dict:
-    """The dense N = 1 row on one device in the same dtype ("vs N=1" divides by it)."""
-    same = [r for r in rows if r["dtype"] == dtype]
+    """The dense N = 1 row on one device in the same dtype, capacity dispatch where there is
+    one ("vs N=1" divides by it)."""
+    same = sorted(
+        (r for r in rows if r["dtype"] == dtype), key=lambda r: r["dispatch"] != "capacity"
+    )
     return next((r for r in same if r["num_experts"] == 1 and r["mesh"] == "1x1"), same[0])
 
 

@@ -9,6 +9,7 @@ import gin
 
 EXPERT_KERNELS = ("auto", "dense", "gather")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+DISPATCHES = ("capacity", "dropless")
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,11 @@ class SAEConfig:
     compute_dtype: 'float32', 'bfloat16' or 'auto' (float32 on CPU, bfloat16 on GPU/TPU): the
         dtype of the expert matmul operands and of the dispatched token buffers; they
         accumulate in float32, and parameters, router, losses and metrics stay float32.
+    dispatch: 'capacity' ([N, C, d] buffers; tokens past C are dropped) or 'dropless' (tokens
+        sorted by expert, each expert run on blocks of its own tokens; sae_jax/dropless.py).
+        'dropless' needs an 'expert' mesh axis of 1 for now.
+    block_size: rows per expert block of the dropless dispatch; 0 picks one from the tokens
+        per device and N (`dropless.auto_block_size`).
     """
 
     d: int = 0
@@ -42,6 +48,8 @@ class SAEConfig:
     eval_capacity_factor: float = 2.0
     expert_kernel: str = "auto"
     compute_dtype: str = "auto"
+    dispatch: str = "capacity"
+    block_size: int = 0
 
     @property
     def latents_per_expert(self) -> int:
@@ -73,6 +81,14 @@ class SAEConfig:
             raise ConfigError(
                 f"COMPUTE_DTYPE={self.compute_dtype!r}: use 'auto', 'float32' or 'bfloat16'"
             )
+        if self.dispatch not in DISPATCHES:
+            raise ConfigError(f"DISPATCH={self.dispatch!r}: use 'capacity' or 'dropless'")
+        if (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or (self.block_size < 0)
+        ):
+            raise ConfigError(f"block_size={self.block_size!r} must be an integer >= 0 (0: auto)")
         if self.k_aux < 0:
             raise ConfigError(f"k_aux={self.k_aux} must be >= 0")
         for name, cf in (

@@ -64,7 +64,7 @@ def evaluate(
     `features`: planted [F, d] directions, if known."""
     parts = [jax.device_get(eval_step(params, x, keep)) for x, keep in batches]
     result = {}
-    for name in ("loss", "l0", "lb_loss", "drop_fraction", "expert_load"):
+    for name in ("loss", "l0", "lb_loss", "drop_fraction", "padding_overhead", "expert_load"):
         result[name] = np.mean([p[name] for p in parts], axis=0)
     d = parts[0]["sum_x"].shape[-1]
     result["mse"] = np.sum([p["sq_err"] for p in parts]) / max(sum(p["n"] for p in parts) * d, 1)

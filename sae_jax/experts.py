@@ -50,6 +50,18 @@ class ExpertOut(NamedTuple):
     aux_norm: jax.Array  # [] sum over valid tokens of ||residual||^2
 
 
+class TokenOut(NamedTuple):
+    """The experts' results brought back to the tokens, whatever the dispatch."""
+
+    recon: jax.Array  # [T, d] float32 ungated decoder output (zeros for dropped tokens)
+    kept: jax.Array  # [T] bool, False where the token was dropped
+    fired: jax.Array  # [E, L] float32 tokens on which each local latent fired
+    l0_sum: jax.Array  # [] active latents summed over kept tokens
+    aux_err: jax.Array  # [] AuxK squared error sum
+    aux_norm: jax.Array  # [] AuxK residual norm sum
+    rows: jax.Array  # [] float32 token rows the experts computed, padding included
+
+
 def use_dense(kernel: str, latents: int) -> bool:
     """kernel: one of config.EXPERT_KERNELS (validated by SAEConfig)."""
     return kernel == "dense" or (kernel == "auto" and latents <= DENSE_MAX_LATENTS)
@@ -189,6 +201,25 @@ def _gathered_auxk_error(p: ExpertParams, xc, g, validf, dead, residual, aux_idx
     return total
 
 
+def expert_out(
+    p: ExpertParams, xc, b_dec, gate, valid, dead, *, k: int, k_aux: int, dense: bool,
+    chunk_bytes: int, dtype: str = "float32",
+) -> ExpertOut:  # fmt: skip
+    """One expert on one buffer of its tokens: the forward and, with a dead mask, AuxK.
+
+    p leaves for one expert ([L, d], [L]); xc [C, d] centred tokens; gate/valid [C];
+    dead [L] bool or None (no AuxK). Returns ExpertOut for this buffer (recon [C, d], ...,
+    fired [L], AuxK sums []).
+    """
+    recon, latents, idx, fired, pre = centred_forward(p, xc, b_dec, valid, k=k, dense=dense,
+                                                      dtype=dtype)  # fmt: skip
+    if dead is None or k_aux == 0:
+        zero = jnp.zeros_like(pre, shape=())  # keeps pre's varying mesh axes under shard_map
+        return ExpertOut(recon, latents, idx, fired, zero, zero)
+    err, norm = _auxk_sums(p, xc, gate, valid, dead, recon, pre, k_aux, dense, chunk_bytes, dtype)
+    return ExpertOut(recon, latents, idx, fired, err, norm)
+
+
 def run_experts(
     p: ExpertParams,
     xc: jax.Array,
@@ -207,17 +238,11 @@ def run_experts(
     dead [E, L] (None: no AuxK). Whether any latent is dead is decided once per step,
     outside (see train_step), so a step without dead latents compiles no AuxK at all.
     """
-    dense = use_dense(kernel, p.w_enc.shape[1])
-    forward = functools.partial(centred_forward, k=k, dense=dense, dtype=dtype)
-    recon, latents, idx, fired, pre = jax.vmap(forward, in_axes=(0, 0, None, 0))(
-        p, xc, b_dec, valid
-    )
-    if dead is None or k_aux == 0:
-        zero = jnp.zeros_like(pre, shape=())  # keeps pre's varying mesh axes under shard_map
-        return ExpertOut(recon, latents, idx, fired, zero, zero)
-    chunk_bytes = AUX_CHUNK_BYTES // p.w_enc.shape[0]  # the local experts run side by side
     one = functools.partial(
-        _auxk_sums, k_aux=k_aux, dense=dense, chunk_bytes=chunk_bytes, dtype=dtype
-    )
-    err, norm = jax.vmap(one)(p, xc, gate, valid, dead, recon, pre)
-    return ExpertOut(recon, latents, idx, fired, err.sum(), norm.sum())
+        expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, p.w_enc.shape[1]),
+        chunk_bytes=AUX_CHUNK_BYTES // p.w_enc.shape[0],  # the local experts run side by side
+        dtype=dtype,
+    )  # fmt: skip
+    dead_axis = None if dead is None else 0
+    out = jax.vmap(one, in_axes=(0, 0, None, 0, 0, dead_axis))(p, xc, b_dec, gate, valid, dead)
+    return out._replace(aux_err=out.aux_err.sum(), aux_norm=out.aux_norm.sum())

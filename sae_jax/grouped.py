@@ -1,16 +1,17 @@
 """Grouped per-expert computation without capacity buffers: sort, pad to blocks, map.
 
 Tokens are sorted by expert and each expert's group is padded to a multiple of a block size B,
-so the padded layout holds at most `max_blocks(T, N, B)` = ceil(T / B) + min(N, T) blocks of B
-rows, each block belonging to one expert. A `lax.map` over the blocks runs a per-block
-function with that block's expert weights (read by dynamic index); blocks past the last used
-one are skipped (`lax.cond`). The work is that of at most T + N * B rows, against N * T for
-dispatch with a capacity of every token, and no [N, T, ...] array is built.
+so the padded layout holds `max_blocks(T, N, B)` = ceil(T / B) + min(N, T) blocks of B rows
+(enough for any routing), each block belonging to one expert. A `lax.map` over the blocks
+runs a per-block function with that block's expert weights (read by dynamic index). The
+work is that of T + N * B rows, against N * T for dispatch with a capacity of every token,
+and no [N, T, ...] array is built.
 
 Differentiable with respect to the weights and the token inputs (tested). The backward
 accumulates the weight gradients in an [N, ...] carry of the reverse scan, one block's
-expert updated per step; whether XLA does that in place rather than as a full-size add per
-block is not yet measured: check it before using this for training.
+expert updated per step (see `map_blocks` for how that stays in place). The dropless
+training dispatch (sae_jax/dropless.py) uses the pieces: `plan_blocks`, `to_blocks`,
+`map_blocks`, `from_blocks`.
 
 `jax.lax.ragged_dot` is the native grouped matmul on GPU/TPU; XLA:CPU runs it as a dense
 masked product over all N groups, so this block form is the one that saves work everywhere.
@@ -60,7 +61,9 @@ def plan_blocks(expert: jax.Array, num_experts: int, block_size: int) -> BlockPl
     sorted_row = (block_end - expert_blocks)[sorted_expert] * block_size + rank
     row = jnp.zeros(tokens, jnp.int32).at[order].set(sorted_row, unique_indices=True)
     block_ids = jnp.arange(blocks, dtype=jnp.int32)
-    block_expert = jnp.searchsorted(block_end, block_ids, side="right").astype(jnp.int32)
+    # searchsorted(block_end, block_ids, side="right") as a [blocks, N] count (jnp.searchsorted
+    # fails under shard_map in jax 0.10 when only one operand varies over the mesh).
+    block_expert = jnp.sum(block_end[None, :] <= block_ids[:, None], axis=1, dtype=jnp.int32)
     valid = jnp.zeros(blocks * block_size, bool).at[row].set(True, unique_indices=True)
     return BlockPlan(
         row=row,
@@ -89,30 +92,40 @@ def grouped_apply(
     Returns fn's outputs per token: pytree of [T, ...], in the original token order.
     """
     plan = plan_blocks(expert, num_experts, block_size)
-    blocks = plan.valid.shape[0]
+    padded = jax.tree.map(lambda a: to_blocks(a, plan), tokens)
+    out = map_blocks(fn, weights, padded, plan)
+    return jax.tree.map(lambda a: from_blocks(a, plan), out)
 
-    def pad(a: jax.Array) -> jax.Array:
-        buf = jnp.zeros((blocks * block_size,) + a.shape[1:], a.dtype)
-        buf = buf.at[plan.row].set(a, unique_indices=True)
-        return buf.reshape((blocks, block_size) + a.shape[1:])
 
-    padded = jax.tree.map(pad, tokens)
-    one_block = jax.tree.map(lambda a: a[0], padded)
-    out_shape = jax.eval_shape(fn, _expert_weights(weights, 0), one_block, plan.valid[0])
+def to_blocks(a: jax.Array, plan: BlockPlan) -> jax.Array:
+    """Per-token values [T, ...] -> the padded layout [blocks, B, ...] (zeros in padding)."""
+    blocks, block_size = plan.valid.shape
+    buf = jnp.zeros((blocks * block_size,) + a.shape[1:], a.dtype)
+    buf = buf.at[plan.row].set(a, unique_indices=True)
+    return buf.reshape((blocks, block_size) + a.shape[1:])
+
+
+def from_blocks(a: jax.Array, plan: BlockPlan) -> jax.Array:
+    """The padded layout [blocks, B, ...] -> per-token values [T, ...] in token order."""
+    return a.reshape((-1,) + a.shape[2:])[plan.row]
+
+
+def map_blocks(fn: BlockFn, weights: PyTree, padded: PyTree, plan: BlockPlan) -> PyTree:
+    """fn on every block with its expert's weights: padded leaves [blocks, B, ...] -> fn's
+    outputs stacked over blocks. Unused blocks hold only padding (valid all False).
+
+    Every block runs: skipping unused ones with a `lax.cond` corrupts memory in XLA:CPU's
+    backward on meshes with several devices (jax 0.10), and the bound `max_blocks` is
+    what any routing may need. The block's weights are sliced in the loop body, so the
+    backward adds each block's weight gradient into the [N, ...] accumulator as a
+    dynamic-update-slice of one expert, in place (checked in the compiled HLO).
+    """
 
     def run_block(args):
-        e, used, x, valid = args
+        e, x, valid = args
+        return fn(_expert_weights(weights, e), x, valid)
 
-        def compute():
-            return fn(_expert_weights(weights, e), x, valid)
-
-        def skip():
-            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-
-        return jax.lax.cond(used, compute, skip)
-
-    out = jax.lax.map(run_block, (plan.block_expert, plan.block_used, padded, plan.valid))
-    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[plan.row], out)
+    return jax.lax.map(run_block, (plan.block_expert, padded, plan.valid))
 
 
 def _expert_weights(weights: PyTree, e: jax.Array | int) -> PyTree:

@@ -38,6 +38,7 @@ def loss_and_metrics(
         "lb_loss": lb,
         "aux_loss": aux,
         "drop_fraction": 1.0 - jnp.mean(out.kept.astype(jnp.float32)),
+        "padding_overhead": out.rows / tokens,  # rows computed per token (capacity / blocks)
         "expert_load": out.expert_counts / tokens,
     }
     return loss, metrics

@@ -6,8 +6,10 @@
     x_hat = p_{i*}(x) * W_dec[i*]^T z + b_dec
 
 With `num_experts = 1` there is no router and the module is a plain TopK SAE (Gao et al. 2024).
-Tokens are dispatched into [N, C, d] capacity buffers so only the routed expert's encoder runs;
-tokens past an expert's capacity are dropped and reconstruct to b_dec.
+Only the routed expert's encoder runs on a token. `SAEConfig.dispatch = 'capacity'` scatters
+tokens into [N, C, d] capacity buffers; tokens past an expert's capacity are dropped and
+reconstruct to b_dec. 'dropless' (sae_jax/dropless.py; all experts on each device) runs every
+token, sorted by expert into blocks.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from jax.sharding import PartitionSpec as P
 
 from sae_jax import dispatch, precision, routing
 from sae_jax.config import ConfigError, SAEConfig
-from sae_jax.experts import ExpertParams, centre, run_experts
+from sae_jax.dropless import run_dropless
+from sae_jax.experts import ExpertParams, TokenOut, centre, run_experts
 from sae_jax.mesh import AXES
 
 EXPERT_AXES = ("expert", None, None)
@@ -42,6 +45,7 @@ class SwitchOut(NamedTuple):
     l0_sum: jax.Array  # [] active latents summed over kept tokens
     aux_err: jax.Array  # [] AuxK squared error sum
     aux_norm: jax.Array  # [] AuxK residual norm sum
+    rows: jax.Array  # [] token rows the experts computed (capacity slots or padded blocks)
 
 
 def unit_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -108,7 +112,7 @@ class SwitchSAE(nnx.Module):
             None if dead is None else expert_spec,
         )
         tok = P(axes)
-        out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P())
+        out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P(), P())
         return jax.shard_map(
             local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(axes)
         )(*args)
@@ -120,6 +124,11 @@ def check_mesh(cfg: SAEConfig, mesh_shape: dict[str, int], tokens: int | None = 
     if cfg.num_experts % e:
         raise ConfigError(
             f"NUM_EXPERTS={cfg.num_experts} is not divisible by the 'expert' mesh axis ({e})"
+        )
+    if cfg.dispatch == "dropless" and e > 1:
+        raise ConfigError(
+            f"DISPATCH='dropless' across devices needs an 'expert' mesh axis of 1 for now "
+            f"(MESH_SHAPE has {e}); use DISPATCH='capacity' or MESH_SHAPE=(-1, 1)"
         )
     if tokens is not None and tokens % devices:
         raise ConfigError(f"batch of {tokens} tokens is not divisible by {devices} devices")
@@ -137,53 +146,87 @@ def switch_apply(
     expert_axis: str | None = None,
     all_axes: tuple[str, ...] | None = None,
 ) -> SwitchOut:
-    """Route, dispatch into capacity buffers, run the experts on their buffers, combine.
+    """Route, run each token's expert (capacity or dropless dispatch), combine.
 
     Written for one device's share: x [T_local, d], experts [N_local, ...], dead [N_local, L]
-    (None: no AuxK). The buffers carry x - b_dec (centred in float32) in cfg.compute_dtype,
-    and the reconstructions come back in it.
-    With `expert_axis` (inside shard_map) the [N, C, .] buffers go through an all_to_all to
-    [N_local, E*C, .] on the expert's device and back, and sums are psum'd over `all_axes`.
+    (None: no AuxK). Tokens are centred (x - b_dec) in float32 and travel in
+    cfg.compute_dtype, and the reconstructions come back in it.
+    Inside shard_map (`expert_axis`), sums are psum'd over `all_axes`.
     """
-    tokens, n = x.shape[0], cfg.num_experts
     x = x.astype(jnp.float32)
-    if router is None:
-        expert = jnp.zeros((tokens,), jnp.int32)
-        gate = jnp.ones((tokens,), jnp.float32)
-        counts = prob_sums = jnp.full((1,), tokens, jnp.float32)  # every token has p = 1
-        slot, cap = jnp.arange(tokens, dtype=jnp.int32), tokens
-    else:
-        r = routing.route(x, *router)
-        expert, gate = r.expert, r.gate
-        counts, prob_sums = routing.load_sums(r, n)
-        slot = dispatch.assign_slots(expert, n)
-        cap = dispatch.capacity(tokens, n, capacity_factor)
-    kept = slot < cap
+    expert, gate, counts, prob_sums = _route(x, router, cfg.num_experts)
     dtype = precision.resolve(cfg.compute_dtype)  # of the buffers and the reconstructions
     centred = centre(x, b_dec, dtype)
-    buffers = [dispatch.to_buffers(v, expert, slot, n, cap) for v in (centred, gate, kept)]
-    if expert_axis:
-        buffers = [jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True) for b in buffers]
-    x_buf, gate_buf, valid_buf = buffers
+    data_axes = tuple(a for a in all_axes or () if a != expert_axis)
     if all_axes:
         # Expert weights are replicated along 'data'; mark them varying once, here, so their
         # gradient is summed over 'data' once (not, say, once per AuxK chunk).
-        data_axes = tuple(a for a in all_axes if a != expert_axis)
         experts = jax.tree.map(lambda w: jax.lax.pcast(w, data_axes, to="varying"), experts)
-    out = run_experts(
-        experts, x_buf, b_dec, gate_buf, valid_buf, dead,
-        k=cfg.k, k_aux=cfg.k_aux_effective, kernel=cfg.expert_kernel, dtype=dtype,
-    )  # fmt: skip
-    recon_buf = out.recon.astype(dtype)
-    if expert_axis:
-        recon_buf = jax.lax.all_to_all(recon_buf, expert_axis, 1, 0, tiled=True)
-    recon = dispatch.from_buffers(recon_buf, expert, slot).astype(jnp.float32)
-    x_hat = gate[:, None] * recon + b_dec
-    l0_sum = jnp.sum((out.latents > 0) * valid_buf[..., None])
-    sums = (counts, prob_sums, l0_sum, out.aux_err, out.aux_norm)
+    kw = dict(k=cfg.k, k_aux=cfg.k_aux_effective, kernel=cfg.expert_kernel, dtype=dtype)
+    if cfg.dispatch == "dropless":  # check_mesh ensures every expert is local
+        out = run_dropless(experts, centred, b_dec, expert, gate, dead, **kw,
+                           block_size=cfg.block_size)  # fmt: skip
+    else:
+        out = _capacity_experts(experts, centred, b_dec, expert, gate, dead, **kw,
+                                n=cfg.num_experts, capacity_factor=capacity_factor,
+                                expert_axis=expert_axis)  # fmt: skip
+    x_hat = gate[:, None] * out.recon + b_dec
+    sums = (counts, prob_sums, out.l0_sum, out.aux_err, out.aux_norm, out.rows)
     fired = out.fired
     if all_axes:
         sums = jax.lax.psum(sums, all_axes)
         fired = jax.lax.psum(fired, data_axes)
-    counts, prob_sums, l0_sum, aux_err, aux_norm = sums
-    return SwitchOut(x_hat, expert, gate, kept, counts, prob_sums, fired, l0_sum, aux_err, aux_norm)
+    counts, prob_sums, l0_sum, aux_err, aux_norm, rows = sums
+    return SwitchOut(x_hat, expert, gate, out.kept, counts, prob_sums, fired, l0_sum, aux_err,
+                     aux_norm, rows)  # fmt: skip
+
+
+def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, n: int):
+    """Routed expert [T], gate [T], and the per-expert token counts and summed
+    probabilities [N]. Without a router (N = 1) every token goes to expert 0 with p = 1."""
+    if router is None:
+        tokens = x.shape[0]
+        sums = jnp.full((1,), tokens, jnp.float32)
+        return jnp.zeros((tokens,), jnp.int32), jnp.ones((tokens,), jnp.float32), sums, sums
+    r = routing.route(x, *router)
+    return (r.expert, r.gate, *routing.load_sums(r, n))
+
+
+def _capacity_experts(
+    experts: ExpertParams,
+    centred: jax.Array,
+    b_dec: jax.Array,
+    expert: jax.Array,
+    gate: jax.Array,
+    dead: jax.Array | None,
+    *,
+    n: int,
+    capacity_factor: float,
+    expert_axis: str | None,
+    k: int,
+    k_aux: int,
+    kernel: str,
+    dtype: str,
+) -> TokenOut:
+    """Scatter the tokens into [N, C, d] buffers (tokens past C are dropped), run the
+    experts on them, gather back. With `expert_axis` the buffers go through an all_to_all to
+    [N_local, E*C, .] on the expert's device and back."""
+    tokens = centred.shape[0]
+    if n == 1:
+        slot, cap = jnp.arange(tokens, dtype=jnp.int32), tokens
+    else:
+        slot, cap = dispatch.assign_slots(expert, n), dispatch.capacity(tokens, n, capacity_factor)
+    kept = slot < cap
+    buffers = [dispatch.to_buffers(v, expert, slot, n, cap) for v in (centred, gate, kept)]
+    if expert_axis:
+        buffers = [jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True) for b in buffers]
+    x_buf, gate_buf, valid_buf = buffers
+    out = run_experts(experts, x_buf, b_dec, gate_buf, valid_buf, dead, k=k, k_aux=k_aux,
+                      kernel=kernel, dtype=dtype)  # fmt: skip
+    recon_buf = out.recon.astype(dtype)
+    if expert_axis:
+        recon_buf = jax.lax.all_to_all(recon_buf, expert_axis, 1, 0, tiled=True)
+    recon = dispatch.from_buffers(recon_buf, expert, slot).astype(jnp.float32)
+    l0_sum = jnp.sum((out.latents > 0) * valid_buf[..., None])
+    rows = jnp.float32(valid_buf.size)  # this device's slots: N * C however the experts split
+    return TokenOut(recon, kept, out.fired, l0_sum, out.aux_err, out.aux_norm, rows)

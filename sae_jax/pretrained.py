@@ -113,7 +113,7 @@ def read_sharded(path: Path) -> dict[str, np.ndarray]:
 def default_block(tokens: int, num_experts: int) -> int:
     """Expert block rows for T tokens over N experts: the balanced group size T / N rounded up
     to a power of 2, within [MIN_BLOCK, MAX_BLOCK] (encode then computes at most T + N * B
-    rows, and T + (non-empty experts) * B when used blocks alone run)."""
+    rows)."""
     per_expert = max(1, -(-tokens // num_experts))
     return int(min(MAX_BLOCK, max(MIN_BLOCK, 1 << (per_expert - 1).bit_length())))
 

@@ -25,6 +25,17 @@ def test_bench_rows_carry_their_dtype(capsys):
     assert args.dtypes == "float32,bfloat16" and bench.parse_args([]).dtypes == "float32"
     row = bench.measure(args, 4, 64, (1, 1), "bfloat16")
     assert row["dtype"] == "bfloat16" and row["tokens_per_sec"] > 0
+    assert row["dispatch"] == "capacity" and row["padding_overhead"] == 1.25
     dense = {**row, "num_experts": 1, "tokens_per_sec": row["tokens_per_sec"] / 2}
     bench.print_table({"backend": "cpu", "device": "cpu", "rows": [dense, row]})
     assert " bfloat16 " in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_bench_times_each_dispatch(capsys):
+    args = bench.parse_args(["--d=16", "--k=4", "--batch=64", "--steps=1"])
+    assert args.dispatch == "capacity"
+    row = bench.measure(args, 4, 64, (1, 1), "float32", "dropless")
+    assert row["dispatch"] == "dropless" and row["tokens_per_sec"] > 0
+    assert 1.0 <= row["padding_overhead"] <= 1.5 and row["peak_mib_per_device"] > 0
+    bench.print_table({"backend": "cpu", "device": "cpu", "rows": [row]})
+    assert " dropless " in capsys.readouterr().out.splitlines()[-1]

@@ -1,0 +1,182 @@
+"""Dropless dispatch: every token runs its routed expert, on 1 device and on an (8, 1) mesh."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_model
+from flax import nnx
+from reference import auxk_sums, switch_mse, switch_sae
+from test_model import _all_shapes
+
+from sae_jax import grouped
+from sae_jax.config import ConfigError, SAEConfig, TrainConfig
+from sae_jax.dropless import auto_block_size
+from sae_jax.losses import loss_and_metrics
+from sae_jax.mesh import make_mesh, token_sharding
+from sae_jax.trainer import train
+
+N, D, T = 4, 16, 64
+CFG = SAEConfig(d=D, num_latents=64, num_experts=N, k=4, k_aux=6, dispatch="dropless")
+
+
+def routing_of(name: str) -> np.ndarray:
+    """The expert each of T tokens is sent to (the router below follows the +10 direction)."""
+    rng = np.random.default_rng(3)
+    return {
+        "balanced": np.arange(T) % N,
+        "one_expert_90pct": np.where(np.arange(T) % 10 == 9, np.arange(T) % N, 2),
+        "empty_experts": rng.choice([1, 3], T),
+    }[name]
+
+
+def routed_model(cfg: SAEConfig):
+    model = random_model(cfg, seed=4)
+    model.w_router[...] = jnp.eye(D, N)
+    model.b_router[...] = jnp.zeros(D)
+    return model
+
+
+def tokens_for(experts: np.ndarray) -> np.ndarray:
+    x = np.random.default_rng(5).normal(size=(len(experts), D)).astype(np.float32)
+    x[np.arange(len(experts)), experts] += 10.0
+    return x
+
+
+def forward_and_grads(cfg: SAEConfig, x: np.ndarray, dead: np.ndarray, mesh_shape, lb=3.0):
+    """(loss, SwitchOut, metrics, grads) of the full loss (MSE + lb + AuxK) on a mesh of
+    `mesh_shape`, and numpy copies of the parameters."""
+    mesh = make_mesh(mesh_shape)
+    with jax.set_mesh(mesh):
+        graphdef, state = nnx.split(routed_model(cfg))
+        xs = jax.device_put(x, token_sharding(mesh))
+
+        def loss(state):
+            out = nnx.merge(graphdef, state)(xs, jnp.asarray(dead))
+            value, metrics = loss_and_metrics(xs, out, lb_alpha=lb, aux_weight=1 / 32)
+            return value, (out, metrics)
+
+        (value, (out, m)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+        const = {k: np.asarray(v) for k, v in nnx.to_pure_dict(state).items()}
+        return jax.device_get((value, out, m, nnx.to_pure_dict(grads))), const
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (8, 1)])
+@pytest.mark.parametrize("name", ["balanced", "one_expert_90pct", "empty_experts"])
+def test_dropless_equals_per_token_reference(name, mesh_shape):
+    experts = routing_of(name)
+    x = tokens_for(experts)
+    dead = np.random.default_rng(6).random((N, 16)) < 0.5
+    (loss, out, m, grads), const = forward_and_grads(CFG, x, dead, mesh_shape)
+    # Outputs: the per-token equations, nothing dropped.
+    ref_hat, ref_expert, ref_gate = switch_sae(x, const, CFG.k)
+    np.testing.assert_array_equal(out.expert, experts)
+    np.testing.assert_array_equal(ref_expert, experts)
+    assert out.kept.all() and m["drop_fraction"] == 0.0
+    np.testing.assert_allclose(out.gate, ref_gate, rtol=1e-6)
+    np.testing.assert_allclose(out.x_hat, ref_hat, rtol=1e-4, atol=1e-5)
+    ref_err, ref_norm = auxk_sums(x, const, const, dead, CFG.k, CFG.k_aux)
+    np.testing.assert_allclose([out.aux_err, out.aux_norm], [ref_err, ref_norm], rtol=1e-4)
+    # Rows computed: each device runs T_local / B + N blocks of B rows.
+    local = T // mesh_shape[0]
+    block = auto_block_size(local, N)
+    assert m["padding_overhead"] == pytest.approx(
+        grouped.max_blocks(local, N, block) * block / local
+    )
+    # The loss and every gradient: the capacity dispatch with room for every token (itself
+    # tested against the reference), and the reference's MSE gradients.
+    roomy = dataclasses.replace(CFG, dispatch="capacity", capacity_factor=float(N))
+    (ref_loss, ref_out, ref_m, ref_grads), _ = forward_and_grads(roomy, x, dead, mesh_shape)
+    assert ref_out.kept.all()
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(out.fired, ref_out.fired)
+    for key in ("mse", "fvu", "l0", "lb_loss", "aux_loss", "expert_load"):
+        np.testing.assert_allclose(m[key], ref_m[key], rtol=1e-5, err_msg=key)
+    assert ref_m["aux_loss"] > 0
+    for key, ref_grad in ref_grads.items():
+        np.testing.assert_allclose(grads[key], ref_grad, rtol=2e-4, atol=1e-6, err_msg=key)
+    (_, _, _, mse_grads), _ = forward_and_grads(
+        dataclasses.replace(CFG, k_aux=0), x, dead, mesh_shape, lb=0.0
+    )
+    mse_ref = jax.grad(lambda p: switch_mse(x, p, const, CFG.k))(const)
+    for key, ref_grad in mse_ref.items():
+        np.testing.assert_allclose(mse_grads[key], ref_grad, rtol=1e-3, atol=1e-6, err_msg=key)
+
+
+def test_gather_kernel_and_explicit_block_size():
+    cfg = dataclasses.replace(CFG, expert_kernel="gather", block_size=3)
+    x = tokens_for(routing_of("one_expert_90pct"))
+    dead = np.ones((N, 16), bool)
+    (loss, out, m, grads), _ = forward_and_grads(cfg, x, dead, (1, 1))
+    (ref_loss, ref_out, _, ref_grads), _ = forward_and_grads(
+        dataclasses.replace(cfg, dispatch="capacity", capacity_factor=float(N)), x, dead, (1, 1)
+    )
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(out.x_hat, ref_out.x_hat, rtol=1e-5, atol=1e-5)
+    for key, ref_grad in ref_grads.items():
+        np.testing.assert_allclose(grads[key], ref_grad, rtol=2e-4, atol=1e-6, err_msg=key)
+    assert m["padding_overhead"] == pytest.approx(grouped.max_blocks(T, N, 3) * 3 / T)
+
+
+def test_dropless_builds_no_tokens_by_latents_or_experts_by_tokens_array(mesh1):
+    tokens, m, n = 512, 2048, 8
+    cfg = SAEConfig(d=32, num_latents=m, num_experts=n, k=8, k_aux=16, dispatch="dropless")
+    graphdef, state = nnx.split(random_model(cfg))
+    x, dead = jnp.zeros((tokens, 32)), jnp.ones((n, m // n), bool)
+
+    def loss(state):
+        out = nnx.merge(graphdef, state)(x, dead)
+        return loss_and_metrics(x, out, lb_alpha=3.0, aux_weight=1 / 32)[0]
+
+    shapes = _all_shapes(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    block = auto_block_size(tokens, n)
+    assert (block, m // n) in shapes  # one block's pre-activations
+    assert not [s for s in shapes if np.prod(s) >= tokens * m]
+    assert not [s for s in shapes if tokens in s and n in s and len(s) > 2]
+
+
+def test_auto_block_size():
+    assert auto_block_size(4096, 16) == 64
+    assert auto_block_size(4096, 256) == 8
+    assert auto_block_size(4096, 1) == 256
+    assert auto_block_size(100, 2) == 8  # 12.5 rounded down to a power of 2
+
+
+def test_dropless_config_errors_are_one_line():
+    with pytest.raises(ConfigError, match="DISPATCH='sorted'") as e:
+        SAEConfig(d=8, dispatch="sorted").validate()
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="block_size=-1"):
+        SAEConfig(d=8, block_size=-1).validate()
+    cfg = SAEConfig(d=8, num_latents=64, num_experts=4, k=2, dispatch="dropless")
+    with jax.set_mesh(make_mesh((2, 4))), pytest.raises(ConfigError) as e:
+        random_model(cfg)
+    assert str(e.value).startswith("DISPATCH='dropless' across devices needs")
+    assert "\n" not in str(e.value)
+
+
+def test_dropless_training_drops_nothing_and_matches_capacity(tmp_path):
+    """The default config (configs/default.gin) for 300 steps, both dispatches."""
+    cfg = SAEConfig(num_latents=1024, num_experts=4, k=8, k_aux=32)
+    tcfg = TrainConfig(steps=300, batch_size=2048, lr=3e-3, log_every=50, eval_tokens=8192,
+                       dead_after_tokens=200_000)  # fmt: skip
+    finals = {}
+    for dispatch in ("capacity", "dropless"):
+        run_cfg = dataclasses.replace(cfg, dispatch=dispatch)
+        finals[dispatch] = train(run_cfg, tcfg, tmp_path / dispatch, progress=False)
+    rows = [r for r in _read(tmp_path / "dropless" / "metrics.jsonl") if "fvu" in r]
+    assert rows and all(r["drop_fraction"] == 0.0 for r in rows)
+    assert all(r["padding_overhead"] == 1.25 for r in rows)  # 256 + 4 * 16 rows per device
+    capacity_rows = [r for r in _read(tmp_path / "capacity" / "metrics.jsonl") if "fvu" in r]
+    assert capacity_rows[0]["padding_overhead"] == pytest.approx(1.25)
+    dropless, capacity = finals["dropless"], finals["capacity"]
+    assert dropless["eval/drop_fraction"] == 0.0
+    assert dropless["eval/fvu"] <= capacity["eval/fvu"], (dropless, capacity)
+
+
+def _read(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
