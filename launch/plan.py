@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from launch.cli import parse_with_bindings
+
 HARDWARE = ("h100", "tpu-v5p", "cpu")
 
 
@@ -25,10 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--d", type=int, default=None, help="input dimension (default: the data's)")
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
     p.add_argument("--hlo_out", default=None, help="write each step's optimized HLO here")
-    gin_args = [a for a in argv if a.startswith("--gin.")]
-    args = p.parse_args([a for a in argv if not a.startswith("--gin.")])
-    args.bindings = [a[len("--gin.") :] for a in gin_args]
-    return args
+    return parse_with_bindings(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from launch.cli import parse_with_bindings
 from sae_jax.config import ConfigError
 
 
@@ -29,10 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     multi.add_argument("--coordinator_address", default=None, help="host:port, or 'auto'")
     multi.add_argument("--num_processes", type=int, default=None)
     multi.add_argument("--process_id", type=int, default=None)
-    gin_args = [a for a in argv if a.startswith("--gin.")]
-    args = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
-    args.bindings = [a[len("--gin.") :] for a in gin_args]
-    return args
+    return parse_with_bindings(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
