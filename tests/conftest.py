@@ -41,6 +41,16 @@ def random_model(cfg: SAEConfig, seed: int = 0) -> SwitchSAE:
     return model
 
 
+def jaxpr_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every value a jaxpr (and its sub-jaxprs) computes."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes += jaxpr_shapes(sub)
+    return shapes
+
+
 @pytest.fixture(autouse=True)
 def _fresh_gin():
     """Gin bindings are global; no test sees another's."""

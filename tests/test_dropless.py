@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_model
+from conftest import jaxpr_shapes, random_model
 from flax import nnx
 from reference import auxk_sums, switch_mse, switch_sae
-from test_model import _all_shapes
 
 from sae_jax import grouped
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
@@ -130,7 +129,7 @@ def test_dropless_builds_no_tokens_by_latents_or_experts_by_tokens_array(mesh1):
         out = nnx.merge(graphdef, state)(x, dead)
         return loss_and_metrics(x, out, lb_alpha=3.0, aux_weight=1 / 32)[0]
 
-    shapes = _all_shapes(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    shapes = jaxpr_shapes(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
     block = auto_block_size(tokens, n)
     assert (block, m // n) in shapes  # one block's pre-activations
     assert not [s for s in shapes if np.prod(s) >= tokens * m]

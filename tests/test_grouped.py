@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jaxpr_shapes
 from reference import switch_sae, topk_sae_token
 
 from sae_jax import dispatch, grouped
@@ -106,15 +107,6 @@ def test_grouped_apply_values_and_gradients():
     assert float(jnp.abs(grads[0][0]).max()) == 0.0  # expert 0 had no tokens
 
 
-def _all_shapes(jaxpr) -> list[tuple[int, ...]]:
-    shapes = []
-    for eqn in jaxpr.eqns:
-        shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            shapes += _all_shapes(sub)
-    return shapes
-
-
 def _over_budget(shapes, tokens: int, rows: int, width: int) -> list:
     """Arrays larger than `rows` padded rows of `width`, or holding both a T and an N axis
     beyond a [T, N] router matrix."""
@@ -128,7 +120,7 @@ def test_encode_builds_no_experts_by_tokens_array():
     x = jnp.zeros((tokens, D), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda x: sae.encode(x, block_size=block))(x).jaxpr
     rows = grouped.max_blocks(tokens, N, block) * block  # <= T + N * B = 264, not N * T = 1600
-    shapes = _all_shapes(jaxpr)
+    shapes = jaxpr_shapes(jaxpr)
     assert (block, LAT) in shapes  # the per-block pre-activations
     assert not _over_budget(shapes, tokens, rows, max(D, LAT)), _over_budget(
         shapes, tokens, rows, max(D, LAT)
@@ -139,4 +131,4 @@ def test_encode_builds_no_experts_by_tokens_array():
     def capacity_dispatch(x):
         return dispatch.to_buffers(x, expert, dispatch.assign_slots(expert, N), N, tokens)
 
-    assert _over_budget(_all_shapes(jax.make_jaxpr(capacity_dispatch)(x).jaxpr), tokens, rows, D)
+    assert _over_budget(jaxpr_shapes(jax.make_jaxpr(capacity_dispatch)(x).jaxpr), tokens, rows, D)

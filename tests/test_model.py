@@ -3,7 +3,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_model
+from conftest import jaxpr_shapes, random_model
 from flax import nnx
 from reference import auxk_sums, switch_mse, switch_sae, topk_sae_token
 
@@ -151,22 +151,13 @@ def test_no_tokens_by_latents_array_with_experts(mesh1, num_experts, kernel):
         out = nnx.merge(graphdef, state)(x, dead)
         return loss_and_metrics(x, out, lb_alpha=3.0, aux_weight=1 / 32)[0]
 
-    shapes = _all_shapes(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+    shapes = jaxpr_shapes(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
     big = [s for s in shapes if np.prod(s) >= tokens * m]
     if num_experts == 1:
         assert big, "the dense TopK SAE does build [tokens, M] pre-activations"
     else:
         assert any(m // 8 in s for s in shapes)  # per-expert [C, L] arrays exist
         assert not big, f"a [tokens, M]-sized array: {big}"
-
-
-def _all_shapes(jaxpr) -> list[tuple[int, ...]]:
-    shapes = []
-    for eqn in jaxpr.eqns:
-        shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            shapes += _all_shapes(sub)
-    return shapes
 
 
 @pytest.mark.parametrize(
