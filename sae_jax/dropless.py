@@ -1,11 +1,16 @@
-"""Dropless dispatch on one device: every token runs its routed expert, nothing is dropped.
+"""Dropless dispatch: every token runs its routed expert, nothing is dropped.
 
-Tokens are sorted by expert and each expert's group is padded to blocks of B rows
-(sae_jax/grouped.py); each block runs the same per-expert forward and AuxK as the capacity
-path (`experts.expert_out`) with its expert's weights. The layout has T / B + N blocks
-(what any routing may need), so the work is that of T + N * B rows, and no [N, T, .]
-buffer is built. With all experts on this device no tokens move between
-devices; the cross-device exchange is another path.
+On the experts' device, tokens are sorted by expert and each expert's group is padded to
+blocks of B rows (sae_jax/grouped.py); each block runs the same per-expert forward and AuxK
+as the capacity path (`experts.expert_out`) with its expert's weights. The layout has room
+for T / B + N blocks (what any routing may need) but only the blocks holding tokens run, so
+the work is that of at most T + N * B rows, and no [N, T, .] buffer is built.
+
+Across devices (`run_dropless_exchanged`, experts split over an 'expert' mesh axis of E
+devices), each device sends exactly its routed rows to the experts' devices with a ragged
+all-to-all (sae_jax/ragged.py) and gets the reconstructions back the same way. The receive
+buffer must hold E * T_local rows (any routing may send every token to one device); its
+unused rows get no block.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sae_jax import grouped
+from sae_jax import grouped, ragged
 from sae_jax.experts import AUX_CHUNK_BYTES, ExpertParams, TokenOut, expert_out, use_dense
 
 MIN_BLOCK, MAX_BLOCK = 8, 256
@@ -43,29 +48,31 @@ def run_dropless(
     kernel: str,
     dtype: str,
     block_size: int = 0,
+    present: jax.Array | None = None,
 ) -> TokenOut:
     """Every token through its routed expert, one block of B same-expert tokens at a time.
 
     p leaves [N, ...] (all experts local); xc [T, d] centred tokens in `dtype`; b_dec [d];
     expert [T] int32; gate [T] router probability; dead [N, L] bool or None (no AuxK);
-    block_size 0: `auto_block_size`. The recon is rounded to `dtype` as the capacity path's
-    buffers are.
+    block_size 0: `auto_block_size`; present [T] bool: False for rows that hold no token
+    (a received buffer's unused rows; None: all rows are tokens). The recon is rounded to
+    `dtype` as the capacity path's buffers are.
     """
     n, lat = p.w_enc.shape[:2]
     block = block_size or auto_block_size(xc.shape[0], n)
-    plan = grouped.plan_blocks(expert, n, block)
+    plan = grouped.plan_blocks(expert, n, block, present)
     one = functools.partial(
-        expert_out, b_dec=b_dec, k=k, k_aux=k_aux, dense=use_dense(kernel, lat),
+        expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, lat),
         chunk_bytes=AUX_CHUNK_BYTES, dtype=dtype,
     )  # fmt: skip
 
-    def block_fn(w, tokens, valid):
+    def block_fn(w, tokens, valid, b_dec):
         (p_e, dead_e), (xc_b, gate_b) = w, tokens
-        out = one(p_e, xc_b, gate=gate_b, valid=valid, dead=dead_e)
+        out = one(p_e, xc_b, b_dec, gate=gate_b, valid=valid, dead=dead_e)
         return out._replace(recon=out.recon.astype(dtype))
 
     padded = (grouped.to_blocks(xc, plan), grouped.to_blocks(gate, plan))
-    out = grouped.map_blocks(block_fn, (p, dead), padded, plan)
+    out = grouped.map_blocks(block_fn, (p, dead), padded, plan, shared=(b_dec,), token_grads=False)
     fired = jnp.zeros((n, lat), jnp.float32).at[plan.block_expert].add(out.fired)
     return TokenOut(
         recon=grouped.from_blocks(out.recon, plan).astype(jnp.float32),
@@ -74,5 +81,47 @@ def run_dropless(
         l0_sum=jnp.sum((out.latents > 0) * plan.valid[..., None]),
         aux_err=out.aux_err.sum(),
         aux_norm=out.aux_norm.sum(),
-        rows=jnp.zeros_like(gate, shape=()) + plan.valid.size,  # every block runs
+        rows=(plan.used_blocks * block).astype(jnp.float32),
     )
+
+
+def run_dropless_exchanged(
+    p: ExpertParams,
+    xc: jax.Array,
+    b_dec: jax.Array,
+    expert: jax.Array,
+    gate: jax.Array,
+    dead: jax.Array | None,
+    *,
+    expert_axis: str,
+    num_experts: int,
+    k: int,
+    k_aux: int,
+    kernel: str,
+    dtype: str,
+    block_size: int = 0,
+) -> TokenOut:
+    """Dropless across the devices of `expert_axis`; call inside `jax.shard_map`.
+
+    This device's tokens: xc [T_local, d] centred in `dtype`, expert [T_local] (global ids;
+    device j holds experts [j * N_local, (j + 1) * N_local)), gate [T_local]. Its experts:
+    p leaves [N_local, ...], dead [N_local, L] or None. Returns the TokenOut of this device's
+    tokens (recon [T_local, d]), with fired and the sums over the tokens its experts ran.
+    """
+    devices, tokens = jax.lax.axis_size(expert_axis), xc.shape[0]
+    n_local = num_experts // devices
+    order, send_sizes = ragged.sort_by_destination(expert // n_local, devices)
+    trip_out, trip_back = ragged.plan_exchange(send_sizes, expert_axis)
+    rows = ragged.max_received_rows(devices, tokens)
+
+    def send(v):
+        return ragged.ragged_exchange(v[order], trip_out, expert_axis, rows)
+
+    out = run_dropless(
+        p, send(xc), b_dec, send(expert % n_local), send(gate), dead, k=k, k_aux=k_aux,
+        kernel=kernel, dtype=dtype, block_size=block_size or auto_block_size(tokens, n_local),
+        present=jnp.arange(rows) < jnp.sum(trip_out.recv_sizes),
+    )  # fmt: skip
+    back = ragged.ragged_exchange(out.recon.astype(dtype), trip_back, expert_axis, tokens)
+    recon = jnp.zeros_like(back).at[order].set(back, unique_indices=True)
+    return out._replace(recon=recon.astype(jnp.float32), kept=jnp.ones(tokens, bool))

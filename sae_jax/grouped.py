@@ -19,6 +19,7 @@ masked product over all N groups, so this block form is the one that saves work 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -27,17 +28,18 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
-# fn(weights of one expert, tokens [B, ...], valid [B] bool) -> pytree of [B, ...]
+# fn(weights of one expert, tokens [B, ...], valid [B] bool, *shared) -> pytree of [B, ...]
 BlockFn = Callable[[PyTree, PyTree, jax.Array], PyTree]
 
 
 class BlockPlan(NamedTuple):
     """Where each token goes in the padded, expert-sorted layout of `blocks` x B rows."""
 
-    row: jax.Array  # [T] int32 row of each token in [0, blocks * B)
+    row: jax.Array  # [T] int32 row of each token in [0, blocks * B) (blocks * B: absent)
     block_expert: jax.Array  # [blocks] int32 expert of each block (N - 1 for unused blocks)
     block_used: jax.Array  # [blocks] bool: the block holds at least one token
     valid: jax.Array  # [blocks, B] bool: the row holds a token (False for padding)
+    used_blocks: jax.Array  # [] int32: blocks holding tokens, the first ones of the layout
 
 
 def max_blocks(tokens: int, num_experts: int, block_size: int) -> int:
@@ -46,30 +48,40 @@ def max_blocks(tokens: int, num_experts: int, block_size: int) -> int:
     return math.ceil(tokens / block_size) + min(num_experts, tokens)
 
 
-def plan_blocks(expert: jax.Array, num_experts: int, block_size: int) -> BlockPlan:
+def plan_blocks(
+    expert: jax.Array, num_experts: int, block_size: int, present: jax.Array | None = None
+) -> BlockPlan:
     """Sort tokens by expert (stable: tokens keep their order inside a group) and pad each
-    expert's group to a multiple of block_size. expert: [T] int32 in [0, N)."""
+    expert's group to a multiple of block_size. expert: [T] int32 in [0, N); present: [T]
+    bool, False for rows that hold no token (they get no row: `to_blocks` drops them and
+    `from_blocks` reads zeros there), None: every row is a token."""
     tokens = expert.shape[0]
     blocks = max_blocks(tokens, num_experts, block_size)
-    counts = jnp.zeros(num_experts, jnp.int32).at[expert].add(1)
+    if present is None:
+        present = jnp.ones(tokens, bool)
+    key = jnp.where(present, expert, num_experts)  # absent rows sort last, in no group
+    counts = jnp.zeros(num_experts + 1, jnp.int32).at[key].add(1)[:num_experts]
     expert_blocks = -(-counts // block_size)  # ceil
     block_end = jnp.cumsum(expert_blocks)  # [N] first block after each expert's blocks
     token_start = jnp.cumsum(counts) - counts  # [N] first sorted position of each expert
-    order = jnp.argsort(expert, stable=True)
-    sorted_expert = expert[order]
+    order = jnp.argsort(key, stable=True)
+    sorted_key = key[order]
+    sorted_expert = jnp.minimum(sorted_key, num_experts - 1)
     rank = jnp.arange(tokens, dtype=jnp.int32) - token_start[sorted_expert]
     sorted_row = (block_end - expert_blocks)[sorted_expert] * block_size + rank
+    sorted_row = jnp.where(sorted_key < num_experts, sorted_row, blocks * block_size)
     row = jnp.zeros(tokens, jnp.int32).at[order].set(sorted_row, unique_indices=True)
     block_ids = jnp.arange(blocks, dtype=jnp.int32)
     # searchsorted(block_end, block_ids, side="right") as a [blocks, N] count (jnp.searchsorted
     # fails under shard_map in jax 0.10 when only one operand varies over the mesh).
     block_expert = jnp.sum(block_end[None, :] <= block_ids[:, None], axis=1, dtype=jnp.int32)
-    valid = jnp.zeros(blocks * block_size, bool).at[row].set(True, unique_indices=True)
+    valid = jnp.zeros(blocks * block_size, bool).at[row].set(True, mode="drop")
     return BlockPlan(
         row=row,
         block_expert=jnp.minimum(block_expert, num_experts - 1),
         block_used=block_ids < block_end[-1],
         valid=valid.reshape(blocks, block_size),
+        used_blocks=block_end[-1],
     )
 
 
@@ -101,32 +113,179 @@ def to_blocks(a: jax.Array, plan: BlockPlan) -> jax.Array:
     """Per-token values [T, ...] -> the padded layout [blocks, B, ...] (zeros in padding)."""
     blocks, block_size = plan.valid.shape
     buf = jnp.zeros((blocks * block_size,) + a.shape[1:], a.dtype)
-    buf = buf.at[plan.row].set(a, unique_indices=True)
+    buf = buf.at[plan.row].set(a, mode="drop")  # rows of absent tokens are out of range
     return buf.reshape((blocks, block_size) + a.shape[1:])
 
 
 def from_blocks(a: jax.Array, plan: BlockPlan) -> jax.Array:
     """The padded layout [blocks, B, ...] -> per-token values [T, ...] in token order."""
-    return a.reshape((-1,) + a.shape[2:])[plan.row]
+    return a.reshape((-1,) + a.shape[2:]).at[plan.row].get(mode="fill", fill_value=0)
 
 
-def map_blocks(fn: BlockFn, weights: PyTree, padded: PyTree, plan: BlockPlan) -> PyTree:
-    """fn on every block with its expert's weights: padded leaves [blocks, B, ...] -> fn's
-    outputs stacked over blocks. Unused blocks hold only padding (valid all False).
+def map_blocks(
+    fn: BlockFn,
+    weights: PyTree,
+    padded: PyTree,
+    plan: BlockPlan,
+    shared: tuple = (),
+    token_grads: bool = True,
+) -> PyTree:
+    """fn on every used block with its expert's weights: padded leaves [blocks, B, ...] -> fn's
+    outputs stacked over blocks (zeros for the unused blocks, which hold only padding).
 
-    Every block runs: skipping unused ones with a `lax.cond` corrupts memory in XLA:CPU's
-    backward on meshes with several devices (jax 0.10), and the bound `max_blocks` is
-    what any routing may need. The block's weights are sliced in the loop body, so the
-    backward adds each block's weight gradient into the [N, ...] accumulator as a
-    dynamic-update-slice of one expert, in place (checked in the compiled HLO).
+    fn(weights of one expert, tokens [B, ...], valid [B], *shared): `shared` holds arrays every
+    block uses (say b_dec) that need a gradient; fn must not close over differentiated values.
+    token_grads=False: the tokens get no gradient (saves its matmuls in the backward).
+    Only the first `plan.used_blocks` blocks run (a while loop), forward and backward, so the
+    work follows the tokens, not the worst-case layout. The backward (a custom VJP) runs the
+    blocks again, each block's `jax.vjp` recomputing its forward: nothing per block is kept
+    between the passes (a scan's backward would keep each block's copy of its expert's
+    weights), and each block's weight gradient is added into the [N, ...] accumulator in place.
     """
+    return _used_blocks_map(fn, token_grads, weights, padded, plan.block_expert, plan.valid,
+                            plan.used_blocks, *shared)  # fmt: skip
 
-    def run_block(args):
-        e, x, valid = args
-        return fn(_expert_weights(weights, e), x, valid)
 
-    return jax.lax.map(run_block, (plan.block_expert, padded, plan.valid))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _used_blocks_map(fn, token_grads, weights, padded, block_expert, valid, used, *shared):
+    return _forward(fn, weights, padded, block_expert, valid, used, shared)
+
+
+def _forward(fn, weights, padded, block_expert, valid, used, shared):
+    # Inside the loop every value varies over the mesh axes of the tokens (see _backward_rule).
+    axes = _varying_axes((weights, padded, block_expert, valid, used, shared))
+    weights, padded, shared = (_vary_all(t, axes) for t in (weights, padded, shared))
+
+    def run(i, outs):
+        w, x = _expert_weights(weights, block_expert[i]), _index(padded, i)
+        return _set(outs, i, fn(w, x, valid[i], *shared))
+
+    example = (_expert_weights(weights, block_expert[0]), _index(padded, 0), valid[0], *shared)
+    shapes = jax.eval_shape(fn, *example)
+    outs = jax.tree.map(lambda s: _zeros((valid.shape[0],) + s.shape, s.dtype, axes), shapes)
+    return jax.lax.fori_loop(0, used, run, outs)
+
+
+def _forward_rule(fn, token_grads, weights, padded, block_expert, valid, used, *shared):
+    out = _forward(fn, weights, padded, block_expert, valid, used, shared)
+    return out, (weights, padded, block_expert, valid, used, shared)
+
+
+def _backward_rule(fn, token_grads, residuals, cotangents):
+    weights, padded, block_expert, valid, used, shared = residuals
+    # Inside the loop every value varies over the mesh axes of the tokens: a collective there
+    # (the psum that transposes a replicated value's use) would run a device-dependent number
+    # of times. Replicated inputs' gradients are summed over devices after the loop instead.
+    axes = _varying_axes(residuals)
+    weights, padded, shared = (_vary_all(t, axes) for t in (weights, padded, shared))
+    x_leaves = _diff_leaves(padded) if token_grads else []
+    zeros = jax.tree.map(_zeros_like, (_diff_leaves(weights), x_leaves, _diff_leaves(shared)))
+
+    def run(i, grads):
+        g_w, g_x, g_s = grads
+        e = block_expert[i]
+        w, x = _expert_weights(weights, e), _index(padded, i)
+
+        def block(w_d, x_d, s_d):
+            x_b = _merge(x, x_d) if token_grads else x
+            return _diff_leaves(fn(_merge(w, w_d), x_b, valid[i], *_merge(shared, s_d)))
+
+        x_d = _diff_leaves(x) if token_grads else []
+        _, vjp = jax.vjp(block, _diff_leaves(w), x_d, _diff_leaves(shared))
+        d_w, d_x, d_s = vjp(_diff_leaves(_index(cotangents, i)))
+        g_w = jax.tree.map(lambda g, d: _add_at(g, e, d), g_w, d_w)
+        g_x = _set(g_x, i, d_x)
+        g_s = jax.tree.map(lambda g, d: _vary_as(g + d, g), g_s, d_s)
+        return g_w, g_x, g_s
+
+    g_w, g_x, g_s = jax.lax.fori_loop(0, used, run, zeros)
+    weights, padded, _, _, _, shared = residuals
+    g_x = _cotangent(padded, g_x) if token_grads else jax.tree.map(lambda _: None, padded)
+    return (_cotangent(weights, g_w), g_x, None, None, None, *_cotangent(shared, g_s))
+
+
+def _cotangent(primal: PyTree, grads: list) -> PyTree:
+    """The gradients of primal's floating-point leaves, each summed over the mesh axes that
+    its leaf is replicated on, in primal's structure (None for the other leaves)."""
+    leaves = _diff_leaves(primal)
+    summed = [_sum_to_type(g, p) for g, p in zip(grads, leaves, strict=True)]
+    return _merge(primal, summed, fill=None)
+
+
+_used_blocks_map.defvjp(_forward_rule, _backward_rule)
+
+
+def _is_diff(a) -> bool:
+    return jnp.issubdtype(a.dtype, jnp.inexact)
+
+
+def _diff_leaves(tree: PyTree) -> list:
+    """The floating-point leaves of a pytree (what gets cotangents), in flattening order."""
+    return [a for a in jax.tree.leaves(tree) if _is_diff(a)]
+
+
+def _merge(tree: PyTree, diff: list, fill: Any = "keep") -> PyTree:
+    """tree with its floating-point leaves replaced, in order, by `diff`; the other leaves
+    kept (fill='keep') or replaced by `fill`."""
+    leaves, treedef = jax.tree.flatten(tree)
+    it = iter(diff)
+    new = [next(it) if _is_diff(a) else (a if fill == "keep" else fill) for a in leaves]
+    return jax.tree.unflatten(treedef, new)
+
+
+def _index(tree: PyTree, i) -> PyTree:
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _set(tree: PyTree, i, values: PyTree) -> PyTree:
+    def put(a, v):
+        return jax.lax.dynamic_update_index_in_dim(a, _vary_as(v.astype(a.dtype), a), i, 0)
+
+    return jax.tree.map(put, tree, values)
+
+
+def _add_at(acc: jax.Array, e, value: jax.Array) -> jax.Array:
+    row = jax.lax.dynamic_index_in_dim(acc, e, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(acc, _vary_as(row + value, acc), e, 0)
+
+
+def _vary_as(v: jax.Array, like: jax.Array) -> jax.Array:
+    """v marked varying over the mesh axes `like` varies over (a loop carry's type)."""
+    missing = tuple(sorted(jax.typeof(like).mat.varying - jax.typeof(v).mat.varying))
+    return jax.lax.pcast(v, missing, to="varying") if missing else v
+
+
+def _varying_axes(tree: PyTree) -> tuple[str, ...]:
+    """Mesh axes any leaf varies over (inside `jax.shard_map`; empty outside)."""
+    axes = set().union(*(jax.typeof(a).mat.varying for a in jax.tree.leaves(tree)))
+    return tuple(sorted(axes))
+
+
+def _zeros_like(a: jax.Array) -> jax.Array:
+    return _vary_as(jnp.zeros(a.shape, a.dtype), a)
+
+
+def _zeros(shape, dtype, axes: tuple[str, ...]) -> jax.Array:
+    """Zeros varying over `axes`, to start a loop carry that the body makes vary."""
+    z = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(z, axes, to="varying") if axes else z
 
 
 def _expert_weights(weights: PyTree, e: jax.Array | int) -> PyTree:
     return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False), weights)
+
+
+def _vary_all(tree: PyTree, axes: tuple[str, ...]) -> PyTree:
+    """Every leaf marked varying over all of `axes` (pvary moves no data)."""
+
+    def vary(a):
+        missing = tuple(x for x in axes if x not in jax.typeof(a).mat.varying)
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(vary, tree)
+
+
+def _sum_to_type(g: jax.Array, primal: jax.Array) -> jax.Array:
+    """A gradient varying over more mesh axes than its primal, summed over the extra axes."""
+    extra = tuple(sorted(jax.typeof(g).mat.varying - jax.typeof(primal).mat.varying))
+    return jax.lax.psum(g, extra) if extra else g

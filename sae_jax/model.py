@@ -8,8 +8,8 @@
 With `num_experts = 1` there is no router and the module is a plain TopK SAE (Gao et al. 2024).
 Only the routed expert's encoder runs on a token. `SAEConfig.dispatch = 'capacity'` scatters
 tokens into [N, C, d] capacity buffers; tokens past an expert's capacity are dropped and
-reconstruct to b_dec. 'dropless' (sae_jax/dropless.py; all experts on each device) runs every
-token, sorted by expert into blocks.
+reconstruct to b_dec. 'dropless' (sae_jax/dropless.py) runs every token, sorted by expert
+into blocks; across devices a ragged all-to-all moves exactly the routed rows.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from sae_jax import dispatch, precision, routing
 from sae_jax.config import ConfigError, SAEConfig
-from sae_jax.dropless import run_dropless
+from sae_jax.dropless import run_dropless, run_dropless_exchanged
 from sae_jax.experts import ExpertParams, TokenOut, centre, run_experts
 from sae_jax.mesh import AXES
 
@@ -125,11 +125,6 @@ def check_mesh(cfg: SAEConfig, mesh_shape: dict[str, int], tokens: int | None = 
         raise ConfigError(
             f"NUM_EXPERTS={cfg.num_experts} is not divisible by the 'expert' mesh axis ({e})"
         )
-    if cfg.dispatch == "dropless" and e > 1:
-        raise ConfigError(
-            f"DISPATCH='dropless' across devices needs an 'expert' mesh axis of 1 for now "
-            f"(MESH_SHAPE has {e}); use DISPATCH='capacity' or MESH_SHAPE=(-1, 1)"
-        )
     if tokens is not None and tokens % devices:
         raise ConfigError(f"batch of {tokens} tokens is not divisible by {devices} devices")
 
@@ -163,7 +158,11 @@ def switch_apply(
         # gradient is summed over 'data' once (not, say, once per AuxK chunk).
         experts = jax.tree.map(lambda w: jax.lax.pcast(w, data_axes, to="varying"), experts)
     kw = dict(k=cfg.k, k_aux=cfg.k_aux_effective, kernel=cfg.expert_kernel, dtype=dtype)
-    if cfg.dispatch == "dropless":  # check_mesh ensures every expert is local
+    if cfg.dispatch == "dropless" and expert_axis and jax.lax.axis_size(expert_axis) > 1:
+        out = run_dropless_exchanged(experts, centred, b_dec, expert, gate, dead, **kw,
+                                     expert_axis=expert_axis, num_experts=cfg.num_experts,
+                                     block_size=cfg.block_size)  # fmt: skip
+    elif cfg.dispatch == "dropless":  # every expert is on this device
         out = run_dropless(experts, centred, b_dec, expert, gate, dead, **kw,
                            block_size=cfg.block_size)  # fmt: skip
     else:

@@ -1,6 +1,7 @@
-"""Dropless dispatch: every token runs its routed expert, on 1 device and on an (8, 1) mesh."""
+"""Dropless dispatch: every token runs its routed expert, on 1 device and on meshes of 8."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,15 +11,15 @@ from conftest import jaxpr_shapes, random_model
 from flax import nnx
 from reference import auxk_sums, switch_mse, switch_sae
 
-from sae_jax import grouped
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.dropless import auto_block_size
 from sae_jax.losses import loss_and_metrics
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.trainer import train
 
-N, D, T = 4, 16, 64
-CFG = SAEConfig(d=D, num_latents=64, num_experts=N, k=4, k_aux=6, dispatch="dropless")
+N, D, T = 8, 16, 64
+CFG = SAEConfig(d=D, num_latents=128, num_experts=N, k=4, k_aux=6, dispatch="dropless")
+MESHES = [(1, 1), (1, 8), (2, 4), (8, 1)]
 
 
 def routing_of(name: str) -> np.ndarray:
@@ -44,25 +45,33 @@ def tokens_for(experts: np.ndarray) -> np.ndarray:
     return x
 
 
-def forward_and_grads(cfg: SAEConfig, x: np.ndarray, dead: np.ndarray, mesh_shape, lb=3.0):
-    """(loss, SwitchOut, metrics, grads) of the full loss (MSE + lb + AuxK) on a mesh of
-    `mesh_shape`, and numpy copies of the parameters."""
+@functools.cache
+def _loss_and_grads(cfg: SAEConfig, mesh_shape, lb: float):
+    """One compiled (loss, grads) per config and mesh: the routings differ only in data."""
     mesh = make_mesh(mesh_shape)
     with jax.set_mesh(mesh):
         graphdef, state = nnx.split(routed_model(cfg))
+
+    def loss(state, xs, dead):
+        out = nnx.merge(graphdef, state)(xs, dead)
+        value, metrics = loss_and_metrics(xs, out, lb_alpha=lb, aux_weight=1 / 32)
+        return value, (out, metrics)
+
+    return mesh, state, jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def forward_and_grads(cfg: SAEConfig, x: np.ndarray, dead: np.ndarray, mesh_shape, lb=3.0):
+    """(loss, SwitchOut, metrics, grads) of the full loss (MSE + lb + AuxK) on a mesh of
+    `mesh_shape`, and numpy copies of the parameters."""
+    mesh, state, fn = _loss_and_grads(cfg, tuple(mesh_shape), lb)
+    with jax.set_mesh(mesh):
         xs = jax.device_put(x, token_sharding(mesh))
-
-        def loss(state):
-            out = nnx.merge(graphdef, state)(xs, jnp.asarray(dead))
-            value, metrics = loss_and_metrics(xs, out, lb_alpha=lb, aux_weight=1 / 32)
-            return value, (out, metrics)
-
-        (value, (out, m)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+        (value, (out, m)), grads = fn(state, xs, jnp.asarray(dead))
         const = {k: np.asarray(v) for k, v in nnx.to_pure_dict(state).items()}
         return jax.device_get((value, out, m, nnx.to_pure_dict(grads))), const
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1), (8, 1)])
+@pytest.mark.parametrize("mesh_shape", MESHES)
 @pytest.mark.parametrize("name", ["balanced", "one_expert_90pct", "empty_experts"])
 def test_dropless_equals_per_token_reference(name, mesh_shape):
     experts = routing_of(name)
@@ -78,12 +87,7 @@ def test_dropless_equals_per_token_reference(name, mesh_shape):
     np.testing.assert_allclose(out.x_hat, ref_hat, rtol=1e-4, atol=1e-5)
     ref_err, ref_norm = auxk_sums(x, const, const, dead, CFG.k, CFG.k_aux)
     np.testing.assert_allclose([out.aux_err, out.aux_norm], [ref_err, ref_norm], rtol=1e-4)
-    # Rows computed: each device runs T_local / B + N blocks of B rows.
-    local = T // mesh_shape[0]
-    block = auto_block_size(local, N)
-    assert m["padding_overhead"] == pytest.approx(
-        grouped.max_blocks(local, N, block) * block / local
-    )
+    assert m["padding_overhead"] == pytest.approx(rows_computed(experts, mesh_shape) / T)
     # The loss and every gradient: the capacity dispatch with room for every token (itself
     # tested against the reference), and the reference's MSE gradients.
     roomy = dataclasses.replace(CFG, dispatch="capacity", capacity_factor=float(N))
@@ -96,12 +100,23 @@ def test_dropless_equals_per_token_reference(name, mesh_shape):
     assert ref_m["aux_loss"] > 0
     for key, ref_grad in ref_grads.items():
         np.testing.assert_allclose(grads[key], ref_grad, rtol=2e-4, atol=1e-6, err_msg=key)
+    if mesh_shape != (1, 1):
+        return  # the capacity path on these meshes equals one device (test_parallel.py)
     (_, _, _, mse_grads), _ = forward_and_grads(
         dataclasses.replace(CFG, k_aux=0), x, dead, mesh_shape, lb=0.0
     )
     mse_ref = jax.grad(lambda p: switch_mse(x, p, const, CFG.k))(const)
     for key, ref_grad in mse_ref.items():
         np.testing.assert_allclose(mse_grads[key], ref_grad, rtol=1e-3, atol=1e-6, err_msg=key)
+
+
+def rows_computed(experts: np.ndarray, mesh_shape) -> int:
+    """Rows the dropless blocks hold: per row of the mesh (the devices that exchange tokens)
+    and per expert, its tokens rounded up to blocks of B = auto_block_size(T_local, N_local)."""
+    data, expert_devices = mesh_shape
+    block = auto_block_size(T // (data * expert_devices), N // expert_devices)
+    counts = [np.bincount(part, minlength=N) for part in np.split(experts, data)]
+    return int(sum((-(-c // block) * block).sum() for c in counts))
 
 
 def test_gather_kernel_and_explicit_block_size():
@@ -116,7 +131,8 @@ def test_gather_kernel_and_explicit_block_size():
     np.testing.assert_allclose(out.x_hat, ref_out.x_hat, rtol=1e-5, atol=1e-5)
     for key, ref_grad in ref_grads.items():
         np.testing.assert_allclose(grads[key], ref_grad, rtol=2e-4, atol=1e-6, err_msg=key)
-    assert m["padding_overhead"] == pytest.approx(grouped.max_blocks(T, N, 3) * 3 / T)
+    counts = np.bincount(routing_of("one_expert_90pct"), minlength=N)
+    assert m["padding_overhead"] == pytest.approx((-(-counts // 3) * 3).sum() / T)
 
 
 def test_dropless_builds_no_tokens_by_latents_or_experts_by_tokens_array(mesh1):
@@ -149,11 +165,6 @@ def test_dropless_config_errors_are_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="block_size=-1"):
         SAEConfig(d=8, block_size=-1).validate()
-    cfg = SAEConfig(d=8, num_latents=64, num_experts=4, k=2, dispatch="dropless")
-    with jax.set_mesh(make_mesh((2, 4))), pytest.raises(ConfigError) as e:
-        random_model(cfg)
-    assert str(e.value).startswith("DISPATCH='dropless' across devices needs")
-    assert "\n" not in str(e.value)
 
 
 def test_dropless_training_drops_nothing_and_matches_capacity(tmp_path):
@@ -167,7 +178,8 @@ def test_dropless_training_drops_nothing_and_matches_capacity(tmp_path):
         finals[dispatch] = train(run_cfg, tcfg, tmp_path / dispatch, progress=False)
     rows = [r for r in _read(tmp_path / "dropless" / "metrics.jsonl") if "fvu" in r]
     assert rows and all(r["drop_fraction"] == 0.0 for r in rows)
-    assert all(r["padding_overhead"] == 1.25 for r in rows)  # 256 + 4 * 16 rows per device
+    # Rows computed per device: 256 tokens in blocks of 16, at most 256 + 4 * 16 rows.
+    assert all(1.0 <= r["padding_overhead"] <= 1.25 for r in rows)
     capacity_rows = [r for r in _read(tmp_path / "capacity" / "metrics.jsonl") if "fvu" in r]
     assert capacity_rows[0]["padding_overhead"] == pytest.approx(1.25)
     dropless, capacity = finals["dropless"], finals["capacity"]
