@@ -115,12 +115,9 @@ def train(
         if start:
             state = ckpt.restore(start, like=state)
             say(lead, resume_message(ckpt, start, changes))
-        wandb_config = {"model": model_record(cfg), "train": dataclasses.asdict(tcfg)}
-        writer = (
-            MetricWriter(workdir, resume_step=start, wandb_config=wandb_config if wandb else None)
-            if lead
-            else None
-        )
+        run_config = {"model": model_record(cfg), "train": dataclasses.asdict(tcfg)}
+        wandb_config = run_config if wandb else None
+        writer = MetricWriter(workdir, start, wandb_config) if lead else None
         if lead and config_text:
             (Path(workdir) / "config.gin").write_text(config_text)
         eval_step = make_eval_step(
@@ -159,10 +156,14 @@ def train(
             f"training steps {start + 1}-{tcfg.steps}")  # fmt: skip
         bar = tqdm(total=tcfg.steps, initial=start, disable=not (progress and lead), unit="step")
         last_time, last_step = time.perf_counter(), start
+        auxk_said = False
         batches = train_src.batches("train", rows, tcfg.batch_size, start=position)
         with PreemptionGuard() as guard, closing(ckpt), closing(batches):
             for step in range(start, tcfg.steps):
                 batch = next(batches)
+                if lead and not auxk_said and step_fn.uses_auxk(state):
+                    auxk_said = True  # the AuxK variant compiles at its first use
+                    tqdm.write(f"step {step + 1}: dead latents; compiling the AuxK step")
                 state, metrics = step_fn(state, put_local(batch.x, tokens, tcfg.batch_size))
                 position = batch.position
                 done = step + 1

@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_logs import scalars
 
 from launch import train as train_cli

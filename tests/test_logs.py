@@ -7,7 +7,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -95,8 +94,15 @@ def test_resuming_with_other_settings_is_named_in_one_line_and_refused_unless_al
         check_changes(record(), cfg, tcfg, tmp_path, allow=False)
     message = str(e.value)
     assert "\n" not in message and "--allow_changes" in message
-    for change in ("K 4 -> 8", "CAPACITY_FACTOR 1.25 -> 2.0", "COMPUTE_DTYPE 'auto' -> 'bfloat16'",
-                   "DISPATCH 'capacity' -> 'dropless'", "STEPS 20 -> 40", "LR 0.001 -> None"):  # fmt: skip
+    changed = [
+        "K 4 -> 8",
+        "CAPACITY_FACTOR 1.25 -> 2.0",
+        "COMPUTE_DTYPE 'auto' -> 'bfloat16'",
+        "DISPATCH 'capacity' -> 'dropless'",
+        "STEPS 20 -> 40",
+        "LR 0.001 -> None",
+    ]
+    for change in changed:
         assert change in message, change
     assert len(check_changes(record(), cfg, tcfg, tmp_path, allow=True)) == 6
     # A JSON round trip (what the checkpoint stores) changes nothing.
@@ -177,4 +183,3 @@ def test_log_axis_only_over_a_wide_range():
     assert y_scale([3.0, 3.2, 3.4]) == "linear"  # the LB term keeps the loss near 3
     assert y_scale([1.0, 0.3, 0.05, 0.02]) == "log"  # a falling FVU
     assert y_scale([0.0, 0.5]) == "linear" and y_scale([]) == "linear"
-
