@@ -19,12 +19,14 @@ def parse_with_bindings(parser: argparse.ArgumentParser, argv: list[str]) -> arg
 
 
 def macro_help() -> str:
-    """The macros of configs/base.gin with their defaults and comments, for an --help epilog:
-    'macros (override with --gin.NAME=VALUE; a path needs no quotes): ...'."""
+    """The macros of configs/base.gin with their values and comments, for an --help epilog."""
     lines = re.findall(r"^([A-Z][A-Z0-9_]*\s*=.*)$", BASE_GIN.read_text(), flags=re.M)
-    return "macros (override with --gin.NAME=VALUE; strings and paths need no quotes):\n" + (
-        "\n".join(f"  {line}" for line in lines)
+    head = (
+        "macros, with their configs/base.gin values (a config file, such as the default\n"
+        "configs/default.gin, sets some of them). Override with --gin.NAME=VALUE; strings and\n"
+        "paths need no quotes (--gin.TRAIN_DATA=data/x):\n"
     )
+    return head + "\n".join(f"  {line}" for line in lines)
 
 
 def add_multihost_args(parser: argparse.ArgumentParser) -> None:
