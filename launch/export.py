@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from launch.cli import add_multihost_args, initialize_multihost
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -29,25 +31,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max_file_bytes", type=int, default=None,
                         help="largest safetensors file (default 4 GiB); smaller forces "
                         "the sharded form")  # fmt: skip
-    multi = parser.add_argument_group(
-        "multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)"
-    )
-    multi.add_argument("--coordinator_address", default=None, help="host:port, or 'auto'")
-    multi.add_argument("--num_processes", type=int, default=None)
-    multi.add_argument("--process_id", type=int, default=None)
+    add_multihost_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from sae_jax.config import ConfigError
-    from sae_jax.distributed import initialize
 
-    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    initialize_multihost(args)
     try:
         out, step = export_run(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     print(f"exported step {step} to {out}")
     return 0
@@ -68,7 +64,7 @@ def export_run(args: argparse.Namespace) -> tuple[Path, int]:
             raise ConfigError(f"no checkpoint of step {step} in {ckpt.directory} (steps: "
                               f"{', '.join(map(str, sorted(steps)))})")  # fmt: skip
         record = ckpt.record(step)
-        cfg = SAEConfig(**record["model"])
+        cfg = SAEConfig.from_record(record["model"])
         params = ckpt.restore_params(step, export_mesh(cfg.num_experts))
     finally:
         ckpt.close()

@@ -13,14 +13,15 @@ import json
 import os
 import sys
 
-from launch.cli import parse_with_bindings
+from launch.cli import macro_help, parse_with_bindings
 
 HARDWARE = ("h100", "tpu-v5p", "cpu")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=macro_help())  # fmt: skip
     p.add_argument("--gin_file", action="append", default=[], help="gin config (repeatable)")
     p.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
     p.add_argument("--hardware", choices=HARDWARE, default="h100")

@@ -2,7 +2,8 @@
 
     python -m launch.train [--gin_file=F ...] [--gin.NAME=VALUE ...] [--workdir=DIR]
 
-With no arguments it runs configs/default.gin (synthetic data with planted features).
+With no arguments it runs configs/default.gin (synthetic data with planted features). The same
+command again resumes DIR from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.cli import parse_with_bindings
+from launch.cli import add_multihost_args, initialize_multihost, macro_help, parse_with_bindings
 from sae_jax.config import ConfigError
 
 
@@ -20,16 +21,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m launch.train",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=macro_help(),
     )
     parser.add_argument("--gin_file", action="append", default=[], help="gin config (repeatable)")
     parser.add_argument("--workdir", default=None, help="output directory (default runs/<config>)")
     parser.add_argument("--no_progress", action="store_true", help="no console progress bar")
-    multi = parser.add_argument_group(
-        "multi-host (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)"
+    parser.add_argument(
+        "--allow_changes",
+        action="store_true",
+        help="resume DIR although K, LR, STEPS, ... differ from its checkpoint's",
     )
-    multi.add_argument("--coordinator_address", default=None, help="host:port, or 'auto'")
-    multi.add_argument("--num_processes", type=int, default=None)
-    multi.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log to Weights & Biases (needs `pip install wandb`; "
+                        "WANDB_MODE=offline works with no network)")  # fmt: skip
+    add_multihost_args(parser)
     return parse_with_bindings(parser, argv)
 
 
@@ -38,19 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that --help answers without loading JAX.
     import gin
 
-    from sae_jax.distributed import initialize
     from sae_jax.gin_setup import DEFAULT_CONFIG, parse
     from sae_jax.preemption import Preempted
     from sae_jax.trainer import TrainingError, train
 
-    initialize(args.coordinator_address, args.num_processes, args.process_id)
+    initialize_multihost(args)
     try:
         sae_cfg, train_cfg = parse(args.gin_file, args.bindings)
         stem = Path(args.gin_file[-1]).stem if args.gin_file else DEFAULT_CONFIG.stem
         workdir = Path(args.workdir or Path("runs") / stem)
         train(
             sae_cfg, train_cfg, workdir, progress=not args.no_progress,
-            config_text=gin.config_str(),
+            config_text=gin.config_str(), allow_changes=args.allow_changes, wandb=args.wandb,
         )  # fmt: skip
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ import math
 import gin
 
 EXPERT_KERNELS = ("auto", "dense", "gather")
+RETIRED_KEYS = {"encoder_bias"}  # model-record keys of older versions, read and dropped
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 DISPATCHES = ("capacity", "dropless")
 
@@ -43,7 +44,6 @@ class SAEConfig:
     num_experts: int = 1
     k: int = 32
     k_aux: int = 256
-    encoder_bias: bool = True
     capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     expert_kernel: str = "auto"
@@ -59,8 +59,22 @@ class SAEConfig:
     def k_aux_effective(self) -> int:
         return min(self.k_aux, self.latents_per_expert)
 
+    @classmethod
+    def from_record(cls, record: dict) -> SAEConfig:
+        """The config a checkpoint's model record (`dataclasses.asdict`) describes. Keys of
+        older versions that no longer configure anything (`encoder_bias`: every SAE had
+        one) are dropped; fields a record lacks take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - known - RETIRED_KEYS)
+        if unknown:
+            raise ConfigError(f"the checkpoint's model record has keys this version does not "
+                              f"know ({', '.join(unknown)}); export it with the version that "
+                              "wrote it")  # fmt: skip
+        return cls(**{k: v for k, v in record.items() if k in known})
+
     def validate(self, need_d: bool = True) -> SAEConfig:
         """Raise ConfigError on a bad value; `need_d=False` before the data has set d."""
+        check_types(self)
         _positive("NUM_LATENTS", self.num_latents)
         _positive("NUM_EXPERTS", self.num_experts)
         _positive("K", self.k)
@@ -131,6 +145,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def validate(self) -> TrainConfig:
+        check_types(self)
         _positive("STEPS", self.steps)
         _positive("BATCH_SIZE", self.batch_size)
         _positive("LOG_EVERY", self.log_every)
@@ -150,6 +165,59 @@ class TrainConfig:
 
     def learning_rate(self, num_latents: int) -> float:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
+
+
+# The configs/base.gin macro that binds each field, to name it in messages as the user
+# writes it (tests/test_cli.py checks this against base.gin); other fields: Class.field.
+MACROS = {
+    "SAEConfig": {
+        "num_latents": "NUM_LATENTS", "num_experts": "NUM_EXPERTS", "k": "K",
+        "capacity_factor": "CAPACITY_FACTOR", "eval_capacity_factor": "EVAL_CAPACITY_FACTOR",
+        "compute_dtype": "COMPUTE_DTYPE", "dispatch": "DISPATCH",
+    },
+    "TrainConfig": {
+        "steps": "STEPS", "batch_size": "BATCH_SIZE", "lr": "LR", "seed": "SEED",
+        "lb_alpha": "LB_ALPHA", "train_data": "TRAIN_DATA", "eval_data": "EVAL_DATA",
+        "eval_every": "EVAL_EVERY", "log_every": "LOG_EVERY", "mesh_shape": "MESH_SHAPE",
+        "checkpoint_every": "CHECKPOINT_EVERY",
+    },
+}  # fmt: skip
+
+
+def binding_name(cls: type, field: str) -> str:
+    """How a user sets `field` of `cls`: its macro (`K`) or `SAEConfig.k_aux`."""
+    return MACROS.get(cls.__name__, {}).get(field, f"{cls.__name__}.{field}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# Field annotations (strings, as written above) -> (what a value must be, test).
+_TYPES = {
+    "int": ("an integer", _is_int),
+    "float": ("a number", _is_number),
+    "float | None": ("a number or None", lambda v: v is None or _is_number(v)),
+    "str": ("a quoted string", lambda v: isinstance(v, str)),
+    "tuple[int, int]": (
+        "a pair of integers like (1, 8)",
+        lambda v: isinstance(v, tuple | list) and len(v) == 2 and all(map(_is_int, v)),
+    ),
+}
+
+
+def check_types(cfg: SAEConfig | TrainConfig) -> None:
+    """A one-line ConfigError naming the binding when a field holds a value of the wrong type
+    (`LR='abc'`), before any comparison could raise a TypeError."""
+    for field in dataclasses.fields(cfg):
+        what, ok = _TYPES[field.type]
+        value = getattr(cfg, field.name)
+        if not ok(value):
+            raise ConfigError(f"{binding_name(type(cfg), field.name)}={value!r} must be {what}")
 
 
 def _positive(name: str, value: object) -> None:

@@ -1,11 +1,15 @@
 """Parse gin config files and command-line bindings into validated config objects.
 
 Every config includes configs/base.gin, which defines the macros a user may override
-(`--gin.STEPS=100`). A misspelt macro or binding, or a bad value, is a one-line ConfigError.
+(`--gin.STEPS=100`). A misspelt macro or binding, or a bad value, is a one-line ConfigError
+naming the binding. A bare word that gin cannot read as a value is taken as a string, so a
+path needs no gin quoting on the command line (`--gin.TRAIN_DATA=data/x`).
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import logging
 import re
 from collections.abc import Sequence
@@ -19,6 +23,8 @@ from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.gin"
 _MACRO = re.compile(r"^[A-Z][A-Z0-9_]*$")
+_BARE_WORD = re.compile(r"^[^\s'\"@%()\[\]{},=]+$")  # no quotes, references or brackets
+_VALUES = "a number, 'quoted string', (tuple), True, False, None, @name or %MACRO"
 
 
 def resolve_config_path(name: str | Path) -> Path:
@@ -46,7 +52,8 @@ def parse(
         gin.parse_config_files_and_bindings(files, None, finalize_config=False)
         for binding in bindings:
             _check_macro_binding(binding)
-        gin.parse_config_files_and_bindings(None, list(bindings))
+            _bind(binding)
+        gin.finalize()
         sae_cfg, train_cfg = SAEConfig(), TrainConfig()
     except ConfigError:
         raise
@@ -70,6 +77,48 @@ def _check_macro_binding(binding: str) -> None:
             gin.query_parameter(f"%{name}")
         except ValueError:
             raise ConfigError(f"unknown macro {name!r}; known: {', '.join(macros())}") from None
+
+
+def _bind(binding: str) -> None:
+    """Parse one NAME=VALUE binding. A bare word gin cannot read (`data/x`) is bound as the
+    string 'data/x' where NAME holds a string. Errors name the binding."""
+    name, value = (part.strip() for part in binding.split("=", 1))
+    try:
+        gin.parse_config(binding)
+    except Exception as e:  # gin's parser raises ValueError, SyntaxError, TokenError...
+        if _BARE_WORD.match(value) and _holds_string(name):
+            gin.parse_config(f"{name} = {value!r}")
+        elif _is_value(value):
+            raise ConfigError(f"--gin.{binding}: {_one_line(e)}") from None
+        else:
+            raise ConfigError(f"--gin.{binding}: {value} is not a value; write {_VALUES}") from None
+
+
+def _is_value(text: str) -> bool:
+    """Whether `text` is a Python literal or a gin reference (what gin can bind)."""
+    if text[:1] in ("@", "%"):
+        return True
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def _holds_string(name: str) -> bool:
+    """Whether the macro or parameter `name` is bound to, or defaults to, a string."""
+    try:
+        if isinstance(gin.query_parameter(name if "." in name else f"%{name}"), str):
+            return True
+    except ValueError:
+        pass  # a parameter that no config file binds
+    configurable, _, param = name.rpartition(".")
+    try:
+        target = gin.get_configurable(configurable.rpartition("/")[2])
+        default = inspect.signature(target).parameters[param].default
+    except (ValueError, KeyError, TypeError):
+        return False
+    return isinstance(default, str)
 
 
 def macros() -> list[str]:

@@ -37,7 +37,8 @@ def loss_and_metrics(
         "l0": out.l0_sum / tokens,
         "lb_loss": lb,
         "aux_loss": aux,
-        "drop_fraction": 1.0 - jnp.mean(out.kept.astype(jnp.float32)),
+        # the mean of the dropped, not 1 - mean(kept): never a negative rounding error
+        "drop_fraction": jnp.mean(jnp.logical_not(out.kept).astype(jnp.float32)),
         "padding_overhead": out.rows / tokens,  # rows computed per token (capacity / blocks)
         "expert_load": out.expert_counts / tokens,
     }

@@ -1,4 +1,6 @@
-"""Metric output: one JSON object per logged step in DIR/metrics.jsonl, and a console bar."""
+"""Metric output: one JSON object per logged step in DIR/metrics.jsonl, the same rows as
+TensorBoard events in DIR (and optionally Weights & Biases; sae_jax/metric_logs.py), and the
+console summary."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sae_jax.metric_logs import TensorBoardLog, WandbLog
 
 
 def to_python(value: Any) -> Any:
@@ -22,9 +26,10 @@ def to_python(value: Any) -> Any:
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | Path, resume_step: int = 0):
+    def __init__(self, workdir: str | Path, resume_step: int = 0, wandb_config: dict | None = None):
         """Start a new file, or on resume keep only the rows up to `resume_step` (later rows
-        belong to steps that will run again)."""
+        belong to steps that will run again). `wandb_config`: also log to a Weights & Biases
+        run with this config."""
         self.path = Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -38,16 +43,23 @@ class MetricWriter:
         self._file = self.path.open("w")
         self._file.writelines(kept)
         self._file.flush()
+        self._logs = [TensorBoardLog(self.path.parent, resume_step)]
+        if wandb_config is not None:
+            self._logs.append(WandbLog(self.path.parent, wandb_config))
 
     def write(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """Append one row (a dict that holds "step"); returns it JSON-ready."""
         row = {k: to_python(v) for k, v in metrics.items()}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
+        for log in self._logs:
+            log.write(row)
         return row
 
     def close(self) -> None:
         self._file.close()
+        for log in self._logs:
+            log.close()
 
 
 def summary(row: dict[str, Any], names: tuple[str, ...]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -11,11 +12,12 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-CURVES = ("loss", "fvu", "l0", "dead_fraction")
+CURVES = ("loss", "mse", "fvu", "l0", "dead_fraction")
 
 
 def training_curves(metrics_path: Path, out: Path) -> Path:
-    """loss, FVU (with eval/fvu points), L0 and dead fraction against tokens."""
+    """loss, MSE, FVU (with the eval points), L0 and dead fraction against tokens; a log y axis
+    only where the values span more than a decade."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for ax, name in zip(axes, CURVES, strict=True):
@@ -28,10 +30,18 @@ def training_curves(metrics_path: Path, out: Path) -> Path:
         ax.set_xlabel("tokens")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
         ax.set_title(name)
-        if name in ("loss", "fvu"):
-            ax.set_yscale("log")
+        ax.set_yscale(y_scale([v for _, v in points + evals]))
         ax.legend()
     return _save(fig, out)
+
+
+def y_scale(values: list[float], decades: float = 1.0) -> str:
+    """'log' for positive values spanning more than `decades` powers of ten (a falling FVU),
+    else 'linear' (a log axis over 3.0-3.4 shows only unlabelled minor ticks)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values or min(values) <= 0:
+        return "linear"
+    return "log" if math.log10(max(values) / min(values)) > decades else "linear"
 
 
 def expert_load(load: list[float], out: Path) -> Path:

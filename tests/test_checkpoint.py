@@ -122,7 +122,7 @@ def test_checkpoint_cut_off_mid_write_is_never_used(tmp_path, capsys):
         if f.is_file():
             f.unlink()
     capsys.readouterr()
-    assert run(tmp_path, ONE, "--gin.STEPS=40") == 0
+    assert run(tmp_path, ONE, "--gin.STEPS=40", "--allow_changes") == 0
     out = capsys.readouterr().out
     assert "resuming from the checkpoint at step 20" in out
     assert "ignored incomplete checkpoint 30.orbax-checkpoint-tmp-1234567" in out
@@ -138,13 +138,22 @@ def test_incompatible_workdir_is_refused_untouched(tmp_path, capsys):
     assert "\n" not in err
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
+    # A checkpoint whose tree this version does not have (an older layout): one line from
+    # training and from export, not orbax's traceback.
+    delete_from_checkpoint(tmp_path / "checkpoints" / "10", "params.w_enc.")
+    assert run(tmp_path, ONE, "--gin.STEPS=20", "--allow_changes") == 2
+    assert export_cli.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}"]) == 2
+    for err in capsys.readouterr().err.strip().splitlines():
+        assert err.startswith("error: the checkpoint at step 10 in") and "does not match" in err
+
 
 def test_restore_onto_other_meshes(tmp_path, capsys):
     for steps, mesh in ((10, "(2, 4)"), (20, "(4, 2)"), (30, "(1, 1)")):
-        assert run(tmp_path, f"--gin.MESH_SHAPE={mesh}", f"--gin.STEPS={steps}") == 0
+        assert run(tmp_path, f"--gin.MESH_SHAPE={mesh}", f"--gin.STEPS={steps}",
+                   "--allow_changes") == 0  # fmt: skip
     out = capsys.readouterr().out
-    assert "resuming from the checkpoint at step 10" in out
-    assert "resuming from the checkpoint at step 20" in out
+    assert "resuming from the checkpoint at step 10, with changed settings: STEPS 10 -> 20" in out
+    assert "resuming from the checkpoint at step 20, with changed settings: STEPS 20 -> 30" in out
     train_rows = [r for r in rows(tmp_path) if "loss" in r]
     assert [r["step"] for r in train_rows] == [10, 20, 30]
     assert all(np.isfinite(r["loss"]) for r in train_rows)

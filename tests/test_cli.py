@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_logs import scalars
 
 from launch import train as train_cli
 
@@ -16,7 +17,10 @@ TINY = [
 
 
 def test_cli_runs_with_overrides(tmp_path, capsys):
-    rc = train_cli.main([f"--workdir={tmp_path}", "--gin.NUM_EXPERTS=2", *TINY])
+    """One tiny run: metrics.jsonl and the same rows in TensorBoard's events, what the console
+    says, then the same command again (nothing to do) and another K (refused)."""
+    args = [f"--workdir={tmp_path}", "--gin.NUM_EXPERTS=2", "--gin.EVAL_DATA=synthetic", *TINY]
+    rc = train_cli.main(args)
     assert rc == 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -28,7 +32,24 @@ def test_cli_runs_with_overrides(tmp_path, capsys):
         "STEPS = 4" in (tmp_path / "config.gin").read_text()
         or "steps = 4" in (tmp_path / "config.gin").read_text()
     )
-    assert "eval/fvu=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for said in ("compiling the training step", "final evaluation on 512 tokens",
+                 "exporting the SAE to", "eval/fvu="):  # fmt: skip
+        assert said in out, said
+    events = scalars(tmp_path)  # read by TensorBoard's own reader
+    for row in rows:
+        for name, value in row.items():
+            if isinstance(value, float):
+                tag = name if "/" in name else f"train/{name}"
+                assert (row["step"], pytest.approx(value)) in events[tag], (name, row["step"])
+
+    assert train_cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("already trained to step 4 (STEPS=4): nothing to do") == 1
+    assert "resuming" not in out and "compiling" not in out
+    assert train_cli.main([*args, "--gin.K=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "was trained with other settings (K 4 -> 2)" in err and "\n" not in err
 
 
 @pytest.mark.parametrize(
@@ -41,6 +62,8 @@ def test_cli_runs_with_overrides(tmp_path, capsys):
         ("--gin.STEPS=-1", "STEPS=-1 must be a positive integer"),
         ("--gin.NOT_A_BINDING", "NAME=VALUE"),
         ("--gin.COMPUTE_DTYPE='fp8'", "COMPUTE_DTYPE='fp8': use"),
+        ("--gin.LR='abc'", "LR='abc' must be a number or None"),
+        ("--gin.TRAIN_DATA=data/nope", "data source 'data/nope' is neither 'synthetic' nor"),
     ],
 )
 def test_cli_rejects_bad_binding_in_one_line(tmp_path, capsys, binding, message):
@@ -62,6 +85,7 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "launch.train", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0 and "--gin_file" in out.stdout
+    assert "NUM_EXPERTS = 8" in out.stdout and "TRAIN_DATA = 'synthetic'" in out.stdout
 
 
 def test_nan_loss_stops_with_a_clear_message_and_no_checkpoint(tmp_path, capsys):

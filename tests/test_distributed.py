@@ -157,7 +157,7 @@ def test_two_processes_read_their_own_shards(tmp_path):
     assert source["process_count"] == 2
     # 6 steps x 256 rows per process, plus any outliers each stream skipped (8 in all)
     assert all(6 * 256 <= p <= 6 * 256 + 8 for p in source["positions"])
-    more = [*run, *data, "--gin.STEPS=9", "--gin.MESH_SHAPE=(1, 1)"]
+    more = [*run, *data, "--gin.STEPS=9", "--gin.MESH_SHAPE=(1, 1)", "--allow_changes"]
     assert train_cli.main([f"--workdir={workdir}", *more]) == 2
 
 
