@@ -11,6 +11,7 @@ EXPERT_KERNELS = ("auto", "dense", "gather")
 RETIRED_KEYS = {"encoder_bias"}  # model-record keys of older versions, read and dropped
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 DISPATCHES = ("capacity", "dropless")
+GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")
 
 
 class ConfigError(ValueError):
@@ -34,9 +35,12 @@ class SAEConfig:
         accumulate in float32, and parameters, router, losses and metrics stay float32.
     dispatch: 'capacity' ([N, C, d] buffers; tokens past C are dropped) or 'dropless' (tokens
         sorted by expert, each expert run on blocks of its own tokens; sae_jax/dropless.py).
-        'dropless' needs an 'expert' mesh axis of 1 for now.
     block_size: rows per expert block of the dropless dispatch; 0 picks one from the tokens
         per device and N (`dropless.auto_block_size`).
+    grouped_matmul: how dropless runs the experts whose tokens are all on the device:
+        'ragged_dot' (sae_jax/ragged_experts.py; native on GPU/TPU, a dense masked product on
+        CPU), 'blocks' (sae_jax/grouped.py) or 'auto' (ragged_dot on GPU/TPU with the dense
+        kernel, else blocks). Across devices dropless always uses blocks.
     """
 
     d: int = 0
@@ -50,6 +54,7 @@ class SAEConfig:
     compute_dtype: str = "auto"
     dispatch: str = "capacity"
     block_size: int = 0
+    grouped_matmul: str = "auto"
 
     @property
     def latents_per_expert(self) -> int:
@@ -103,6 +108,10 @@ class SAEConfig:
             or (self.block_size < 0)
         ):
             raise ConfigError(f"block_size={self.block_size!r} must be an integer >= 0 (0: auto)")
+        if self.grouped_matmul not in GROUPED_MATMULS:
+            raise ConfigError(
+                f"grouped_matmul={self.grouped_matmul!r}: use auto, ragged_dot or blocks"
+            )
         if self.k_aux < 0:
             raise ConfigError(f"k_aux={self.k_aux} must be >= 0")
         for name, cf in (

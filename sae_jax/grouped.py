@@ -2,14 +2,14 @@
 
 Tokens are sorted by expert and each expert's group is padded to a multiple of a block size B,
 so the padded layout holds `max_blocks(T, N, B)` = ceil(T / B) + min(N, T) blocks of B rows
-(enough for any routing), each block belonging to one expert. A `lax.map` over the blocks
-runs a per-block function with that block's expert weights (read by dynamic index). The
-work is that of T + N * B rows, against N * T for dispatch with a capacity of every token,
-and no [N, T, ...] array is built.
+(enough for any routing), each block belonging to one expert; the used blocks come first. A
+loop over the used blocks runs a per-block function with that block's expert weights (read
+by dynamic index). The work is that of at most T + N * B rows, against N * T for dispatch
+with a capacity of every token, and no [N, T, ...] array is built.
 
-Differentiable with respect to the weights and the token inputs (tested). The backward
-accumulates the weight gradients in an [N, ...] carry of the reverse scan, one block's
-expert updated per step (see `map_blocks` for how that stays in place). The dropless
+Differentiable with respect to the weights, the token inputs and shared arrays (tested):
+`map_blocks` has a custom VJP whose backward loops over the used blocks again, adding each
+block's weight gradient into an [N, ...] accumulator in place. The dropless
 training dispatch (sae_jax/dropless.py) uses the pieces: `plan_blocks`, `to_blocks`,
 `map_blocks`, `from_blocks`.
 

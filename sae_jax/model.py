@@ -26,8 +26,9 @@ from jax.sharding import PartitionSpec as P
 from sae_jax import dispatch, precision, routing
 from sae_jax.config import ConfigError, SAEConfig
 from sae_jax.dropless import run_dropless, run_dropless_exchanged
-from sae_jax.experts import ExpertParams, TokenOut, centre, run_experts
+from sae_jax.experts import ExpertParams, TokenOut, centre, run_experts, use_dense
 from sae_jax.mesh import AXES
+from sae_jax.ragged_experts import run_ragged
 
 EXPERT_AXES = ("expert", None, None)
 
@@ -162,7 +163,10 @@ def switch_apply(
         out = run_dropless_exchanged(experts, centred, b_dec, expert, gate, dead, **kw,
                                      expert_axis=expert_axis, num_experts=cfg.num_experts,
                                      block_size=cfg.block_size)  # fmt: skip
-    elif cfg.dispatch == "dropless":  # every expert is on this device
+    elif cfg.dispatch == "dropless" and _use_ragged_dot(cfg):  # every expert is here
+        out = run_ragged(experts, centred, b_dec, expert, gate, dead, k=cfg.k,
+                         k_aux=cfg.k_aux_effective, dtype=dtype)  # fmt: skip
+    elif cfg.dispatch == "dropless":
         out = run_dropless(experts, centred, b_dec, expert, gate, dead, **kw,
                            block_size=cfg.block_size)  # fmt: skip
     else:
@@ -178,6 +182,15 @@ def switch_apply(
     counts, prob_sums, l0_sum, aux_err, aux_norm, rows = sums
     return SwitchOut(x_hat, expert, gate, out.kept, counts, prob_sums, fired, l0_sum, aux_err,
                      aux_norm, rows)  # fmt: skip
+
+
+def _use_ragged_dot(cfg: SAEConfig) -> bool:
+    """ragged_dot for experts that are all on this device: asked for, or 'auto' on GPU/TPU
+    with the dense kernel (see SAEConfig.grouped_matmul)."""
+    if cfg.grouped_matmul != "auto":
+        return cfg.grouped_matmul == "ragged_dot"
+    dense = use_dense(cfg.expert_kernel, cfg.latents_per_expert)
+    return dense and jax.default_backend() != "cpu"
 
 
 def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, n: int):

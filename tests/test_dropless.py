@@ -110,6 +110,37 @@ def test_dropless_equals_per_token_reference(name, mesh_shape):
         np.testing.assert_allclose(mse_grads[key], ref_grad, rtol=1e-3, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.parametrize("name", ["balanced", "one_expert_90pct", "empty_experts"])
+def test_ragged_dot_path_equals_block_path(name):
+    """grouped_matmul='ragged_dot' (the GPU/TPU path; a dense masked product on CPU) against
+    the block path CPU runs ('auto' here), which equals the per-token reference above."""
+    x = tokens_for(routing_of(name))
+    dead = np.random.default_rng(6).random((N, 16)) < 0.5
+    ragged_cfg = dataclasses.replace(CFG, grouped_matmul="ragged_dot")
+    (loss, out, m, grads), _ = forward_and_grads(ragged_cfg, x, dead, (1, 1))
+    (ref_loss, ref_out, ref_m, ref_grads), _ = forward_and_grads(CFG, x, dead, (1, 1))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(out.x_hat, ref_out.x_hat, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose([out.aux_err, out.aux_norm], [ref_out.aux_err, ref_out.aux_norm],
+                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_array_equal(out.fired, ref_out.fired)
+    for key in ("mse", "l0", "lb_loss", "aux_loss", "expert_load", "drop_fraction"):
+        np.testing.assert_allclose(m[key], ref_m[key], rtol=1e-5, err_msg=key)
+    assert m["padding_overhead"] == 1.0  # no padding rows
+    for key, ref_grad in ref_grads.items():
+        np.testing.assert_allclose(grads[key], ref_grad, rtol=2e-4, atol=1e-6, err_msg=key)
+
+
+def test_ragged_dot_only_where_asked_or_on_accelerators(mesh1):
+    graphdef, state = nnx.split(random_model(dataclasses.replace(CFG, grouped_matmul="ragged_dot")))
+    x = jnp.zeros((T, D))
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x, None).x_hat)(state))
+    assert "ragged_dot" in jaxpr and "while" not in jaxpr
+    graphdef, state = nnx.split(random_model(CFG))  # 'auto' on CPU: blocks
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x, None).x_hat)(state))
+    assert "ragged_dot" not in jaxpr and "while" in jaxpr
+
+
 def rows_computed(experts: np.ndarray, mesh_shape) -> int:
     """Rows the dropless blocks hold: per row of the mesh (the devices that exchange tokens)
     and per expert, its tokens rounded up to blocks of B = auto_block_size(T_local, N_local)."""

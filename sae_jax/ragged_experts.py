@@ -1,0 +1,88 @@
+"""Dropless experts with `jax.lax.ragged_dot`, the grouped matmul of GPU and TPU.
+
+Tokens sorted by expert (expert i's rows contiguous, groups in expert order, rows that hold no
+token last) go through their experts as ragged_dot products with the [N, L, d] weights: no
+padding to blocks, no per-block loop. The equations are `experts.expert_out`'s dense kernel:
+the values come from the [R, L] pre-activations, the top-k from their gradient-free copy, the
+sparse codes [R, L] multiply W_dec, and AuxK reconstructs the residual with each row's
+expert's dead latents.
+
+XLA:CPU lowers ragged_dot to a dense masked product over all N groups (N times the work), so
+on CPU the block path (sae_jax/grouped.py) runs instead; the tests run this one on CPU
+against it. It holds [R, L] pre-activations for the R = T_local rows of one device (the
+capacity path holds [N, C, L]), so it serves experts that are all on the device; across
+devices the receive buffer's worst case (E x T_local rows) would make that E times larger,
+and the block path, which computes only the blocks that hold tokens, is used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sae_jax.experts import ExpertParams, TokenOut
+
+
+def run_ragged(
+    p: ExpertParams,
+    xc: jax.Array,
+    b_dec: jax.Array,
+    expert: jax.Array,
+    gate: jax.Array,
+    dead: jax.Array | None,
+    *,
+    k: int,
+    k_aux: int,
+    dtype: str,
+) -> TokenOut:
+    """Every token through its routed expert: p leaves [N, ...] (all experts local); xc
+    [T, d] centred tokens in `dtype`; expert [T] int32; gate [T]; dead [N, L] bool or None.
+    Same results as `dropless.run_dropless` with the dense kernel (no padding rows)."""
+    n, lat = p.w_enc.shape[:2]
+    order = jnp.argsort(expert, stable=True)
+    sizes = jnp.zeros(n, jnp.int32).at[expert].add(1)
+    e_s, xs, g_s = expert[order], xc[order], gate[order][:, None]
+    # b_dec's encoder gradient as in experts.with_b_dec_grad: v = -W_enc b_dec per expert.
+    v = -jnp.einsum("nld,d->nl", jax.lax.stop_gradient(p.w_enc), b_dec)
+    core = _ragged(xs, jnp.swapaxes(p.w_enc, 1, 2), sizes, dtype)  # [T, L]
+    pre_grad = core + (p.b_enc + (v - jax.lax.stop_gradient(v)))[e_s]
+    pre = jax.lax.stop_gradient(pre_grad)
+    _, idx = jax.lax.top_k(pre, k)
+    latents = jax.nn.relu(jnp.take_along_axis(pre_grad, idx, axis=1))
+    recon = _ragged(_codes(latents, idx, lat, dtype), p.w_dec, sizes, dtype)
+    fired = jnp.zeros((n, lat), jnp.float32).at[e_s[:, None], idx].add(latents > 0)
+    aux_err = aux_norm = jnp.zeros((), jnp.float32)
+    if dead is not None and k_aux:
+        # Only the expert weights get AuxK's gradient: residual, gate and b_dec are constants.
+        residual = jax.lax.stop_gradient(xs.astype(jnp.float32) - g_s * recon)
+        dead_s = dead[e_s]  # [T, L]
+        _, aux_idx = jax.lax.top_k(jnp.where(dead_s, jax.nn.relu(pre), 0.0), k_aux)
+        aux_pre = core + p.b_enc[e_s]
+        aux_vals = jax.nn.relu(jnp.take_along_axis(aux_pre, aux_idx, axis=1))
+        aux_vals = aux_vals * jnp.take_along_axis(dead_s, aux_idx, axis=1)
+        aux = jax.lax.stop_gradient(g_s) * _ragged(
+            _codes(aux_vals, aux_idx, lat, dtype), p.w_dec, sizes, dtype
+        )
+        aux_err, aux_norm = jnp.sum((residual - aux) ** 2), jnp.sum(residual**2)
+    tokens = expert.shape[0]
+    return TokenOut(
+        recon=jnp.zeros_like(recon).at[order].set(recon, unique_indices=True),
+        kept=jnp.ones(tokens, bool),
+        fired=fired,
+        l0_sum=jnp.sum(latents > 0).astype(jnp.float32),
+        aux_err=aux_err,
+        aux_norm=aux_norm,
+        rows=jnp.float32(tokens),
+    )
+
+
+def _ragged(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array, dtype: str) -> jax.Array:
+    """lhs [R, a] rows grouped by `sizes` [N], times rhs [N, a, b]: [R, b] float32."""
+    return jax.lax.ragged_dot(lhs.astype(dtype), rhs.astype(dtype), sizes,
+                              preferred_element_type=jnp.float32)  # fmt: skip
+
+
+def _codes(values: jax.Array, idx: jax.Array, latents: int, dtype: str) -> jax.Array:
+    """Sparse codes [R, L] with values [R, k] at idx [R, k]."""
+    rows = jnp.arange(values.shape[0])[:, None]
+    return jnp.zeros((values.shape[0], latents), dtype).at[rows, idx].set(values.astype(dtype))
