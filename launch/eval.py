@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name, fmt in TABLE:
         if name in result:
-            print(f"{name:>22}  {fmt.format(result[name])}")
-    print(f"{'expert_load':>22}  " + " ".join(f"{v:.3f}" for v in result["expert_load"]))
+            print(f"{name:>28}  {fmt.format(result[name])}")
+    print(f"{'expert_load':>28}  " + " ".join(f"{v:.3f}" for v in result["expert_load"]))
     print(f"wrote {Path(args.workdir) / 'eval.json'}")
     for path in result.get("plots", []):
         print(f"wrote {path}")

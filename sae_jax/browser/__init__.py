@@ -13,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 from sae_jax.analysis import duplicate_pairs
 from sae_jax.browser.collect import Collected, collect
 from sae_jax.browser.site import SiteInfo, write_site
@@ -56,9 +58,8 @@ def build_browser(workdir: str | Path, data: str | None = None, *, tokens: int =
         if info.kind == "text" and info.decode is None:
             info.kind = "activations"
     else:
-        info.features = source.features.__array__()
-        info.features_per_group = source.num_features // source.num_groups
-    pairs = duplicate_pairs(sae.params["w_dec"].__array__())
+        info.features = np.asarray(source.features)
+    pairs = duplicate_pairs(np.asarray(sae.params["w_dec"]))
     log(f"browse: writing pages ({len(pairs)} duplicated pairs)")
     index = write_site(workdir / "browser", sae, got, info, pairs)
     return index, got
@@ -76,7 +77,7 @@ def _text_and_effects(model: str, sae, k: int, use_model: bool):
             effects = None
         else:
             unembed, tokenizer = load_unembedding(model)
-            rows = sae.params["w_dec"].__array__().reshape(sae.cfg.num_latents, -1)
+            rows = np.asarray(sae.params["w_dec"]).reshape(sae.cfg.num_latents, -1)
             effects = logit_effects(rows, unembed, k)
     except (ImportError, ValueError, OSError) as e:
         return None, None, f"model {model} not loadable ({str(e).splitlines()[0]})"

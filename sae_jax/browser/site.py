@@ -38,7 +38,6 @@ class SiteInfo:
     note: str = ""
     decode: Callable[[int], str] | None = None  # token id -> text (kind 'text')
     features: np.ndarray | None = None  # synthetic: planted directions [F, d]
-    features_per_group: int = 0
     effects: tuple | None = None  # decoder logit effects (ids, logits, ids, logits), [M, k] each
     metrics: dict = field(default_factory=dict)
 
@@ -105,8 +104,9 @@ class _Site:
         stats = self.got.stats
         items, values = stats.top.get(i)
         sample_items, sample_values = stats.sample.get(i)
-        weaker = [(t, v) for t, v in zip(sample_items, sample_values, strict=True)
-                  if t not in set(items.tolist())]  # fmt: skip
+        in_top = set(items.tolist())
+        weaker = [(t, v) for t, v in zip(sample_items.tolist(), sample_values, strict=True)
+                  if t not in in_top]  # fmt: skip
         weaker.sort(key=lambda tv: -tv[1])
         hist = stats.hist[i]
         nz = np.flatnonzero(hist)

@@ -42,7 +42,7 @@ function el(tag, attrs, ...children) {
   return node;
 }
 const pct = (v, digits = 2) => (100 * v).toFixed(digits) + "%";
-const num = (v) => (Math.abs(v) >= 100 ? v.toFixed(1) : Math.abs(v) >= 1 ? v.toFixed(3) : v.toPrecision(3));
+const num = (v) => (Number.isInteger(v) ? String(v) : Math.abs(v) >= 100 ? v.toFixed(1) : Math.abs(v) >= 1 ? v.toFixed(3) : v.toPrecision(3));
 const latentLink = (id, text) => el("a", { href: "latent.html#" + id, class: "latent-link" }, text ?? "#" + id);
 const expertLink = (e, text) => el("a", { href: "expert.html#" + e, class: "expert-link" }, text ?? "expert " + e);
 const fact = (name, value) => el("span", {}, name + " ", el("b", {}, value));
@@ -123,10 +123,10 @@ function histogram(hist, edges, width = 420, height = 110) {
   return svg;
 }
 
-function keyChips(keys, vocabText) {
+function keyChips(keys) {
   return el("div", { class: "keys" }, keys.map(([text, count, share]) =>
     el("span", { title: count + " tokens, " + pct(share, 0) + " of this token's occurrences" },
-      showText(vocabText ? text : text) + " " + count)));
+      showText(text) + " " + count)));
 }
 
 // --- pages ---------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ async function renderIndex(main) {
       if (id) location.href = "latent.html#" + parseInt(id, 10);
     } }, "latent id ", el("input", { id: "latent-id", size: 8, inputmode: "numeric" }), " ",
       el("button", { type: "submit" }, "open")),
-    el("form", { id: "token-form", onsubmit: (ev) => {
+    o.kind === "activations" ? el("span", {}, "(look-up by token text needs token ids)") : el("form", { id: "token-form", onsubmit: (ev) => {
       ev.preventDefault();
       lookUp(document.getElementById("token-text").value, o.kind);
     } }, o.kind === "synthetic" ? "planted feature (f123) " : "token text ",
@@ -260,7 +260,8 @@ async function renderLatent(main) {
     el("h2", {}, "Top activations"),
     el("div", { id: "top" }, r.top.length ? r.top.map((c) => contextRow(c, r.max, vocab, match)) : el("p", {}, "never fired")),
     el("h2", {}, "A random sample of weaker activations"),
-    el("div", { id: "sample" }, r.sample.map((c) => contextRow(c, r.max, vocab, match))),
+    el("div", { id: "sample" }, r.sample.length ? r.sample.map((c) => contextRow(c, r.max, vocab, match))
+      : el("p", {}, "none beyond the top activations")),
   );
 }
 
