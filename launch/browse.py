@@ -24,6 +24,8 @@ def parse_args(argv):
     p.add_argument("--top_k", type=int, default=16, help="top contexts kept per latent")
     p.add_argument("--no_model", action="store_true",
                    help="do not load the LM (no promoted/suppressed tokens)")  # fmt: skip
+    p.add_argument("--no_duplicates", action="store_true",
+                   help="skip the all-pairs decoder cosine search (M^2 d work)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index, _ = build_browser(args.workdir, args.data, tokens=args.tokens,
                                  batch_size=args.batch_size, top_k=args.top_k,
-                                 use_model=not args.no_model)  # fmt: skip
+                                 use_model=not args.no_model,
+                                 duplicates=not args.no_duplicates)  # fmt: skip
     except ConfigError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ __all__ = ["Collected", "build_browser", "collect"]
 
 def build_browser(workdir: str | Path, data: str | None = None, *, tokens: int = 65536,
                   batch_size: int = 4096, top_k: int = 16, sample_k: int = 8,
-                  effects_k: int = 10, use_model: bool = True,
+                  effects_k: int = 10, use_model: bool = True, duplicates: bool = True,
                   log=print) -> tuple[Path, Collected]:  # fmt: skip
     """Write workdir/browser/ for the run's exported SAE over `tokens` tokens of `data` (default:
     the run's EVAL_DATA). Returns (index.html, what was collected)."""
@@ -59,8 +59,9 @@ def build_browser(workdir: str | Path, data: str | None = None, *, tokens: int =
             info.kind = "activations"
     else:
         info.features = np.asarray(source.features)
-    pairs = duplicate_pairs(np.asarray(sae.params["w_dec"]))
-    log(f"browse: writing pages ({len(pairs)} duplicated pairs)")
+    pairs = duplicate_pairs(np.asarray(sae.params["w_dec"])) if duplicates else None
+    found = "duplicates not searched" if pairs is None else f"{len(pairs)} duplicated pairs"
+    log(f"browse: writing pages ({found})")
     index = write_site(workdir / "browser", sae, got, info, pairs)
     return index, got
 

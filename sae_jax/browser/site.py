@@ -42,8 +42,9 @@ class SiteInfo:
     metrics: dict = field(default_factory=dict)
 
 
-def write_site(out: Path, sae, got: Collected, info: SiteInfo, duplicates: list) -> Path:
-    """Write out/ (index.html, expert.html, latent.html, assets/, data/); returns index.html."""
+def write_site(out: Path, sae, got: Collected, info: SiteInfo, duplicates: list | None) -> Path:
+    """Write out/ (index.html, expert.html, latent.html, assets/, data/); returns index.html.
+    duplicates: (latent, latent, cosine) pairs, or None when they were not searched."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -58,14 +59,15 @@ def write_site(out: Path, sae, got: Collected, info: SiteInfo, duplicates: list)
 
 
 class _Site:
-    def __init__(self, out: Path, sae, got: Collected, info: SiteInfo, duplicates: list):
+    def __init__(self, out: Path, sae, got: Collected, info: SiteInfo, duplicates: list | None):
         self.out, self.sae, self.got, self.info = out, sae, got, info
         self.cfg = sae.cfg
-        self.duplicates = duplicates
+        self.searched = duplicates is not None  # None: the search was skipped
+        self.duplicates = duplicates or []
         self.vocab: set[int] = set()
         self.decode = functools.lru_cache(maxsize=None)(info.decode) if info.decode else None
         self.twins: dict[int, list] = {}
-        for a, b, c in duplicates:
+        for a, b, c in self.duplicates:
             self.twins.setdefault(int(a), []).append([int(b), round(float(c), 4)])
             self.twins.setdefault(int(b), []).append([int(a), round(float(c), 4)])
         self.best_feature = None
@@ -234,6 +236,7 @@ class _Site:
             "experts": experts, "metrics": {k: v for k, v in self.info.metrics.items()
                                             if isinstance(v, str) or math.isfinite(v)},
             "duplicates": [[int(a), int(b), round(c, 4)] for a, b, c in self.duplicates],
+            "duplicates_searched": self.searched,
             "dead_fraction": float(np.mean(freq == 0)),
         }  # fmt: skip
 

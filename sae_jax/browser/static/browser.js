@@ -160,7 +160,8 @@ async function renderIndex(main) {
         el("td", { class: "num" }, el("span", { class: "bar", style: "width:" + Math.round(300 * e.load) + "px" }), " ", pct(e.load, 1)),
         el("td", { class: "num" }, e.width), el("td", { class: "num" }, pct(e.dead, 1)),
         el("td", { class: "num" }, pct(e.dense, 1)), el("td", {}, keyChips(e.keys.slice(0, 6))))), "experts"),
-    el("h2", {}, "Duplicated features across experts (decoder cosine > 0.9): " + o.duplicates.length + " pairs"),
+    el("h2", {}, "Duplicated features across experts (decoder cosine > 0.9): " +
+      (o.duplicates_searched ? o.duplicates.length + " pairs" : "not searched (--no_duplicates)")),
     o.duplicates.length ? table(["latent", "latent", "cosine"], o.duplicates.slice(0, 500).map(([a, b, c]) =>
       el("tr", {}, el("td", {}, latentLink(a)), el("td", {}, latentLink(b)), el("td", { class: "num" }, c.toFixed(3)))))
       : el("p", {}, "none"),
