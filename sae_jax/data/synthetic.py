@@ -81,6 +81,15 @@ class SyntheticData:
         for step in itertools.count(start):
             yield Batch(np.asarray(self.batch(split, step, batch_size)[rows]), step + 1)
 
+    def planted(self, split: str, step: int, size: int) -> tuple[np.ndarray, ...]:
+        """The ground truth of batch(split, step, size): feature ids [size, m] (-1 where a slot
+        is unused), their magnitudes [size, m] (before the global scale) and groups [size]."""
+        key = jax.random.fold_in(jax.random.fold_in(self._key, _SPLITS[split]), step)
+        ids, mag, group = _draw(key, self._cdf, self.mean_active, size, self.max_active,
+                                self.num_groups)  # fmt: skip
+        ids, mag = np.asarray(ids), np.asarray(mag)
+        return np.where(mag > 0, ids, -1), mag, np.asarray(group)[:, 0]
+
     def max_batches(self, batch_size: int) -> float:
         return math.inf
 
@@ -96,6 +105,13 @@ def _unit(v: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
 def _generate(key, features, cdf, mean_active, n: int, max_active: int, groups: int):
     """[n, d]: sum over a token's drawn features of magnitude * direction."""
+    ids, mag, _ = _draw(key, cdf, mean_active, n, max_active, groups)
+    return jnp.einsum("nm,nmd->nd", mag, features[ids])
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _draw(key, cdf, mean_active, n: int, max_active: int, groups: int):
+    """Each token's feature ids [n, max_active], magnitudes (0 past its count) and group."""
     k_group, k_count, k_ids, k_mag = jax.random.split(key, 4)
     group = jax.random.randint(k_group, (n, 1), 0, groups)
     count = jax.random.poisson(k_count, mean_active, (n,))
@@ -103,4 +119,4 @@ def _generate(key, features, cdf, mean_active, n: int, max_active: int, groups: 
     ids = group * cdf.shape[0] + jnp.minimum(within, cdf.shape[0] - 1)
     mag = jax.random.uniform(k_mag, (n, max_active), minval=0.5, maxval=1.5)
     mag = mag * (jnp.arange(max_active) < count[:, None])
-    return jnp.einsum("nm,nmd->nd", mag, features[ids])
+    return ids, mag, group

@@ -1,0 +1,94 @@
+"""The feature browser: static HTML pages of a run's experts and latents (launch.browse).
+
+`build_browser` encodes evaluation tokens with the run's exported SAE (collect.py), then
+writes DIR/browser/ (site.py): an overview of the experts, a page per expert and per latent,
+look-up by latent id and by token text. On text dumps with token ids the contexts are text;
+on synthetic data, the planted features; when the shards' manifest names a loadable model,
+each latent's decoder row is read through its unembedding (unembed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from sae_jax.analysis import duplicate_pairs
+from sae_jax.browser.collect import Collected, collect
+from sae_jax.browser.site import SiteInfo, write_site
+from sae_jax.config import ConfigError
+from sae_jax.data import ActivationData
+from sae_jax.run_data import load_run_sae, open_eval_data
+
+REDUMP = ("this dump has no token ids (written before the dumper stored them), so contexts "
+          "show token positions, not text; re-dump it with python -m launch.dump_activations "
+          "to see text")  # fmt: skip
+
+__all__ = ["Collected", "build_browser", "collect"]
+
+
+def build_browser(workdir: str | Path, data: str | None = None, *, tokens: int = 65536,
+                  batch_size: int = 4096, top_k: int = 16, sample_k: int = 8,
+                  effects_k: int = 10, use_model: bool = True, duplicates: bool = True,
+                  log=print) -> tuple[Path, Collected]:  # fmt: skip
+    """Write workdir/browser/ for the run's exported SAE over `tokens` tokens of `data` (default:
+    the run's EVAL_DATA). Returns (index.html, what was collected)."""
+    workdir = Path(workdir)
+    sae = load_run_sae(workdir)
+    source = open_eval_data(workdir, data)
+    real = isinstance(source, ActivationData)
+    if source.d != sae.cfg.d:
+        raise ConfigError(f"{data or 'EVAL_DATA'}: d = {source.d}, but the SAE has d = "
+                          f"{sae.cfg.d}")  # fmt: skip
+    log(f"browse: encoding {tokens} tokens with {sae.cfg.num_latents} latents")
+    got = collect(sae, source, tokens, batch_size, top_k, sample_k)
+    info = SiteInfo(title=workdir.resolve().name, kind="synthetic", data="synthetic (seed)",
+                    metrics=_eval_metrics(workdir))  # fmt: skip
+    if real:
+        info.data = str(source.directory)
+        info.kind = "text" if source.has_token_ids else "activations"
+        info.note = "" if source.has_token_ids else REDUMP
+        model = source.manifest.get("source", {}).get("model")
+        if model:
+            info.decode, info.effects, why = _text_and_effects(model, sae, effects_k, use_model)
+            if why:
+                info.note = (info.note + "; " if info.note else "") + why
+        if info.kind == "text" and info.decode is None:
+            info.kind = "activations"
+    else:
+        info.features = np.asarray(source.features)
+    pairs = duplicate_pairs(np.asarray(sae.params["w_dec"])) if duplicates else None
+    found = "duplicates not searched" if pairs is None else f"{len(pairs)} duplicated pairs"
+    log(f"browse: writing pages ({found})")
+    index = write_site(workdir / "browser", sae, got, info, pairs)
+    return index, got
+
+
+def _text_and_effects(model: str, sae, k: int, use_model: bool):
+    """(decode, logit effects or None, note) for the manifest's model; a note says what could
+    not be loaded."""
+    try:
+        from sae_jax.browser.unembed import load_unembedding, logit_effects
+        from sae_jax.data.dumper import load_tokenizer
+
+        if not use_model:
+            tokenizer = load_tokenizer(model)
+            effects = None
+        else:
+            unembed, tokenizer = load_unembedding(model)
+            rows = np.asarray(sae.params["w_dec"]).reshape(sae.cfg.num_latents, -1)
+            effects = logit_effects(rows, unembed, k)
+    except (ImportError, ValueError, OSError) as e:
+        return None, None, f"model {model} not loadable ({str(e).splitlines()[0]})"
+    return (lambda i: tokenizer.decode([i])), effects, ""
+
+
+def _eval_metrics(workdir: Path) -> dict:
+    path = workdir / "eval.json"
+    if not path.exists():
+        return {}
+    result = json.loads(path.read_text())
+    return {k: v for k, v in result.items()
+            if isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
