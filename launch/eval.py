@@ -5,10 +5,10 @@
 Uses DIR/export (written at the end of training, or by `python -m launch.export`), so the
 SAE runs on raw activations with no capacity limit (hence `fvu_dropless`, where the training
 log's `eval/fvu` is at the evaluation capacity factor); `drop_fraction` is what the dispatch
-at that factor would drop. Without --data it evaluates the run's own EVAL_DATA (synthetic data
-is regenerated from the run's seed). When the shards' manifest names a model the dumper can
-load, the reconstruction is also spliced into that model on the held-out text (loss
-recovered; needs the `dump` extra).
+at that factor would drop (0 for a DISPATCH='dropless' run). Without --data it evaluates the
+run's own EVAL_DATA (synthetic data is regenerated from the run's seed). When the shards'
+manifest names a model the dumper can load, the reconstruction is also spliced into that
+model on the held-out text (loss recovered; needs the `dump` extra).
 """
 
 from __future__ import annotations
@@ -112,8 +112,9 @@ def evaluate_run(args) -> dict:
     return result
 
 
-def _eval_capacity(workdir: Path) -> float:
-    """The run's evaluation capacity factor, from its latest checkpoint record."""
+def _eval_capacity(workdir: Path) -> float | None:
+    """The run's evaluation capacity factor, from its latest checkpoint record; None for a
+    dropless run (no token is ever dropped)."""
     from sae_jax.checkpoint import Checkpointer
     from sae_jax.config import SAEConfig
 
@@ -122,7 +123,10 @@ def _eval_capacity(workdir: Path) -> float:
         step = ckpt.latest_step()
         if step is None:
             return SAEConfig.eval_capacity_factor
-        return float(ckpt.record(step)["model"]["eval_capacity_factor"])
+        model = ckpt.record(step)["model"]
+        if model.get("dispatch") == "dropless":
+            return None
+        return float(model["eval_capacity_factor"])
     finally:
         ckpt.close()
 

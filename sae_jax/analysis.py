@@ -85,7 +85,7 @@ class EvalAccumulator:
     for outlier tokens, which are left out of MSE/FVU but counted in
     `fvu_dropless_with_outliers`)."""
 
-    def __init__(self, sae: PretrainedSAE, capacity_factor: float, input_scale: float = 1.0):
+    def __init__(self, sae: PretrainedSAE, capacity_factor: float | None, input_scale: float = 1.0):
         self.sae, self.cf, self.scale = sae, capacity_factor, input_scale
         cfg = sae.cfg
         self.fired = np.zeros(cfg.num_latents, np.int64)
@@ -120,7 +120,8 @@ class EvalAccumulator:
         self.load += np.bincount(expert, minlength=self.sae.cfg.num_experts)
         if self.sae.cfg.num_experts > 1:
             s["entropy"] += router_entropy(np.asarray(self.sae.route(x).probs)).sum()
-        s["dropped"] += dropped_at_capacity(expert, self.sae.cfg.num_experts, self.cf)
+        if self.cf is not None:  # None: a dropless run, nothing dropped
+            s["dropped"] += dropped_at_capacity(expert, self.sae.cfg.num_experts, self.cf)
         s["tokens"] += len(x)
 
     def finish(self) -> dict:

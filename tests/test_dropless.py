@@ -11,6 +11,7 @@ from conftest import jaxpr_shapes, random_model
 from flax import nnx
 from reference import auxk_sums, switch_mse, switch_sae
 
+from launch import eval as eval_cli
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.dropless import auto_block_size
 from sae_jax.losses import loss_and_metrics
@@ -216,6 +217,9 @@ def test_dropless_training_drops_nothing_and_matches_capacity(tmp_path):
     dropless, capacity = finals["dropless"], finals["capacity"]
     assert dropless["eval/drop_fraction"] == 0.0
     assert dropless["eval/fvu"] <= capacity["eval/fvu"], (dropless, capacity)
+    # launch.eval counts no hypothetical capacity drops for a dropless run.
+    assert eval_cli._eval_capacity(tmp_path / "dropless") is None
+    assert eval_cli._eval_capacity(tmp_path / "capacity") == 2.0
 
 
 def _read(path):
