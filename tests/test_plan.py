@@ -124,3 +124,40 @@ def test_trainer_refuses_a_mesh_that_cannot_fit_in_one_line():
     message = str(e.value)
     assert "\n" not in message and "MESH_SHAPE=(8, 8) needs about" in message
     assert "use --gin.MESH_SHAPE=(1, 64) on 64 devices" in message
+
+
+@pytest.fixture(scope="module")
+def dropless8(tmp_path_factory):
+    """pod.gin's dropless step scaled down (d = 256, L = 2048, 2048 tokens per device) on 8
+    devices: the receive buffer (E x T_local rows) outweighs an expert shard as on 256
+    devices at full size, and it compiles in under a minute."""
+    return run_plan(
+        tmp_path_factory.mktemp("dropless8") / "plan.json", "--devices=8", "--d=256",
+        "--gin.NUM_LATENTS=131072", "--gin.NUM_EXPERTS=64", "--gin.BATCH_SIZE=16384",
+        "--gin.DISPATCH='dropless'",
+    )  # fmt: skip
+
+
+def test_dropless_estimate_within_ten_percent_of_xla(dropless8):
+    plan = dropless8
+    compiled = plan["memory"]["compiled"]["total_bytes"]
+    estimate = plan["memory"]["estimate"]["total_bytes"]
+    assert abs(estimate - compiled) <= 0.1 * compiled, (estimate, compiled)
+    dl = plan["dropless"]
+    assert dl["received_rows"] == 8 * 2048 and dl["emulated_exchange"] is True
+    # Without the emulation's chunk buffers (GPU/TPU) the estimate is no larger.
+    assert plan["memory"]["estimate_on_hardware_bytes"] <= estimate
+
+
+def test_dropless_collectives_real_op_estimate_beside_the_emulation(dropless8):
+    plan = dropless8
+    d, tokens, devices = 256, 2048, 8
+    # The emulation's all_to_all carries worst-case [E, T_local, d] chunks (float32 on CPU).
+    big = [c for c in plan["collectives"] if c["op"] == "all-to-all" and c["bytes"] >= 2**20]
+    assert len(big) == 3 and all(c["bytes"] == devices * tokens * d * 4 for c in big)
+    # ragged_all_to_all sends the T_local routed rows in bfloat16: out, back, backward.
+    ragged = plan["ragged_estimate"]
+    assert [c["bytes"] for c in ragged] == [tokens * (2 * d + 8)] + [tokens * 2 * d] * 2
+    assert plan["estimate"]["collectives_from"] == "hlo + ragged_all_to_all estimate"
+    f = plan["flops_per_token_estimate"]
+    assert f["recompute"] > 0 and plan["estimate"]["flops_from"] == "analytic"

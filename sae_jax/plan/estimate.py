@@ -8,6 +8,12 @@ Memory terms (float32 state; W = one expert tensor's local shard, N_local x L x 
   gradients        one gradient per parameter: = parameters
   other            the rest of XLA's temporaries: see `other_temporaries`
 The new state is donated (aliased to the old), so outputs add nothing but the metrics.
+
+Dropless dispatch (sae_jax/dropless.py) replaces the capacity buffers by its exchange and
+block buffers (`dropless_activations`), which follow the worst-case receive buffer of
+R = E x T_local rows, not the tokens routed; across devices it also moves different bytes
+(`ragged_exchanges`) and computes T_local + N_local x B rows per device, each block's forward
+twice (`flops_per_token`).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ import math
 
 import jax.numpy as jnp
 
+from sae_jax import grouped, ragged
 from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.dropless import auto_block_size
 from sae_jax.experts import AUX_CHUNK_BYTES, use_dense
+from sae_jax.plan.hlo import Collective
 from sae_jax.train_step import DEAD_COUNT_LAG
 
 F32 = 4
@@ -31,6 +40,20 @@ UPDATE_EXPERT_BUFFERS = 1
 # Elementwise FLOPs per parameter of the update: global-norm clipping (2), Adam's moments
 # and step (~12), the decoder-gradient projection and row renormalisation (~6).
 UPDATE_FLOPS_PER_PARAM = 20
+# Dropless buffers of R x d (R = E x T_local received rows, or the block layout's rows), as
+# measured on XLA:CPU (configs/pod.gin on 256 devices and a d = 256, 8-device variant; see
+# `dropless_activations`). Around the exchanges the step holds one such buffer in the compute
+# dtype (the received tokens, then their layout) and DROPLESS_EXCHANGE_F32_BUFFERS in float32
+# (the reconstructions of the layout rows and their gradient, on both sides of
+# `from_blocks`), plus, with the CPU emulation of ragged_all_to_all, its [E, T_local, d]
+# chunk buffers on both sides of the all_to_all (XLA:CPU sends bfloat16 as float32):
+# DROPLESS_EMULATION_BUFFERS. During the blocks' backward loop: the layout in the compute
+# dtype and DROPLESS_LOOP_F32_BUFFERS float32 gradients of it, with one block's expert weight
+# slices and their gradients (DROPLESS_BLOCK_EXPERT_ROWS float32 [L, d]) and its AuxK rows.
+DROPLESS_EXCHANGE_F32_BUFFERS = 4
+DROPLESS_EMULATION_BUFFERS = 2
+DROPLESS_LOOP_F32_BUFFERS = 2
+DROPLESS_BLOCK_EXPERT_ROWS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +71,20 @@ class Shapes:
     capacity_factor: float
     kernel: str = "auto"
     compute_dtype: str = "float32"
+    dispatch: str = "capacity"
+    block_size: int = 0  # dropless; 0: auto
+    emulated_exchange: bool = False  # dropless on CPU: ragged_all_to_all is emulated
 
     @classmethod
-    def of(cls, cfg: SAEConfig, tcfg: TrainConfig, mesh_shape: tuple[int, int]) -> Shapes:
+    def of(
+        cls, cfg: SAEConfig, tcfg: TrainConfig, mesh_shape: tuple[int, int], backend: str
+    ) -> Shapes:
+        """backend: where the step runs ('cpu' emulates ragged_all_to_all)."""
         return cls(
             cfg.d, cfg.num_latents, cfg.num_experts, cfg.k, cfg.k_aux_effective,
             tcfg.batch_size, mesh_shape[0], mesh_shape[1], cfg.capacity_factor,
-            cfg.expert_kernel, cfg.compute_dtype,
+            cfg.expert_kernel, cfg.compute_dtype, cfg.dispatch, cfg.block_size,
+            backend == "cpu",
         )  # fmt: skip
 
     @property
@@ -79,6 +109,39 @@ class Shapes:
         C = ceil(cf x T_local / N) (one buffer row per (source device, expert))."""
         cap = math.ceil(self.capacity_factor * self.local_tokens / self.num_experts)
         return self.num_experts * cap
+
+    @property
+    def dropless(self) -> bool:
+        return self.dispatch == "dropless"
+
+    @property
+    def exchanged(self) -> bool:
+        """Dropless with its tokens sent to the experts' devices (a ragged all-to-all)."""
+        return self.dropless and self.expert > 1
+
+    @property
+    def block(self) -> int:
+        """B, the dropless block size (sae_jax/dropless.py `auto_block_size` when 0)."""
+        return self.block_size or auto_block_size(self.local_tokens, self.local_experts)
+
+    @property
+    def received_rows(self) -> int:
+        """R, the dropless receive buffer: E x T_local rows (T_local on one device)."""
+        return ragged.max_received_rows(self.expert, self.local_tokens)
+
+    @property
+    def layout_rows(self) -> int:
+        """Rows of the dropless block layout: room for any routing of R rows."""
+        return grouped.max_blocks(self.received_rows, self.local_experts, self.block) * self.block
+
+    @property
+    def computed_rows(self) -> int:
+        """Token rows a device's experts compute per step: its slots (capacity) or, dropless,
+        the T_local rows it receives under balanced routing plus at most a block of padding
+        per local expert: T_local + N_local x B (the used blocks, not the layout)."""
+        if self.dropless:
+            return min(self.local_tokens + self.local_experts * self.block, self.layout_rows)
+        return self.slots
 
     @property
     def dense(self) -> bool:
@@ -119,7 +182,7 @@ def other_temporaries(s: Shapes) -> int:
     held = UPDATE_EXPERT_BUFFERS * s.expert_tensor_bytes
     if s.compute_dtype != "float32":
         held += s.expert_tensor_bytes * jnp.dtype(s.compute_dtype).itemsize // F32
-    return max(held, activations(s))
+    return max(held, dropless_activations(s) if s.dropless else activations(s))
 
 
 def activations(s: Shapes) -> int:
@@ -137,21 +200,71 @@ def activations(s: Shapes) -> int:
     return buffers + pre + kernel + aux
 
 
+def dropless_activations(s: Shapes) -> int:
+    """Largest live dropless buffers, per device: the larger of the exchange phase and the
+    blocks' backward loop (see DROPLESS_EXCHANGE_F32_BUFFERS), each dominated by [R, d]
+    buffers with R = E x T_local, the worst case whatever the routing; the emulation's chunk
+    buffers count on CPU only (on GPU/TPU ragged_all_to_all writes into the receive
+    buffer). Plus the blocks' stacked outputs (fired [blocks, L], latents and ids
+    [blocks, B, k]) and the tokens' side [T_local, d]."""
+    rows, blocks = max(s.received_rows, s.layout_rows), s.layout_rows // s.block
+    itemsize = jnp.dtype(s.compute_dtype).itemsize
+    exchange = (DROPLESS_EXCHANGE_F32_BUFFERS * F32 + itemsize) * rows * s.d
+    if s.emulated_exchange and s.exchanged:
+        chunk_rows = s.expert * min(s.local_tokens, s.received_rows)
+        exchange += DROPLESS_EMULATION_BUFFERS * chunk_rows * s.d * F32
+    weights = DROPLESS_BLOCK_EXPERT_ROWS * s.latents * s.d * F32
+    if s.dense:  # one block's [B, L] pre-activations, codes and AuxK's masked copies
+        aux = 4 * s.block * s.latents * F32
+    else:  # its gathered AuxK rows [B, k_aux, d] (chunked), values and gradients
+        aux = 4 * min(AUX_CHUNK_BYTES, s.block * s.k_aux * s.d * F32)
+    loop = (DROPLESS_LOOP_F32_BUFFERS * F32 + itemsize) * rows * s.d + weights + aux
+    stacked = blocks * (s.latents + 2 * s.block * s.k) * F32
+    tokens = 4 * s.local_tokens * s.d * F32
+    return max(exchange, loop) + stacked + tokens
+
+
+def ragged_exchanges(s: Shapes) -> list[Collective]:
+    """What `jax.lax.ragged_all_to_all` would move per step and device on GPU/TPU, where it
+    sends exactly the routed rows (an analytic estimate: balanced routing, every device sends
+    and receives T_local rows, 1/E of them its own). Dropless across an 'expert' axis only
+    (else []). The trips: tokens out ([T_local, d] in the compute dtype, with their expert id
+    and gate: 8 bytes a row), reconstructions back, and the backward's reconstruction
+    gradients out again. The [E] send sizes' all_gather is in the compiled HLO already."""
+    if not s.exchanged:
+        return []
+    row = s.d * jnp.dtype(s.compute_dtype).itemsize
+    dt = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(s.compute_dtype, "?")
+    shape = f"{dt}[{s.local_tokens},{s.d}] (estimate)"
+    trips = [("tokens out (+ expert id, gate)", row + 8), ("reconstructions back", row),
+             ("backward: their gradients", row)]  # fmt: skip
+    return [
+        Collective("ragged-all-to-all", name, shape, s.local_tokens * size, s.expert)
+        for name, size in trips
+    ]
+
+
 def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
     """Matmul FLOPs per input token of the forward and backward pass (2 per multiply-add),
     plus the elementwise update of the local expert shards (replicated over 'data'). Expert
-    work is per slot, so it is scaled by S / T_local (capacity factor and rounding). The
-    router's backward reaches w_router and b_router."""
-    ld, kd, pad = s.latents * s.d, s.k * s.d, s.slots / s.local_tokens
+    work is per computed row, so it is scaled by rows / T_local: slots (capacity factor and
+    rounding), or dropless T_local + N_local x B. Dropless also runs each block's forward a
+    second time, in the backward (its custom VJP keeps nothing per block): `recompute`.
+    The router's backward reaches w_router and b_router."""
+    ld, kd, pad = s.latents * s.d, s.k * s.d, s.computed_rows / s.local_tokens
+    aux_on = auxk and s.k_aux > 0
     if s.dense:  # pre-activations with grad; codes [C, L] @ W_dec
         enc, dec, aux = 4 * ld, 6 * ld, 10 * ld
+        forward = 4 * ld + (4 * ld if aux_on else 0)
     else:  # gradient-free pre-activations; k gathered rows with grad
         enc, dec, aux = 2 * ld + 6 * kd, 6 * kd, 10 * s.k_aux * s.d
+        forward = 2 * ld + 4 * kd + (4 * s.k_aux * s.d if aux_on else 0)
     terms = {
         "router": 6.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0,
         "encoder": pad * enc,
         "decoder": pad * dec,
-        "auxk": pad * aux if auxk and s.k_aux else 0.0,
+        "auxk": pad * aux if aux_on else 0.0,
+        "recompute": pad * forward if s.dropless else 0.0,
         "update": UPDATE_FLOPS_PER_PARAM * 2 * s.num_latents * s.d * s.data / s.batch,
     }
     terms["total"] = sum(terms.values())

@@ -35,13 +35,14 @@ class Collective:
     def traffic_bytes(self) -> float:
         """Bytes each device sends (= receives) with the usual algorithms: ring all-reduce
         2(n-1)/n of the buffer; all-gather and all-to-all (n-1)/n of the result; reduce-scatter
-        (n-1)/n of its input (n x the result); collective-permute the whole buffer."""
+        (n-1)/n of its input (n x the result); collective-permute the whole buffer; a
+        ragged-all-to-all (`bytes`: the rows it sends) all but the 1/n that stay local."""
         n = self.group_size
         if n <= 1:
             return 0.0
         return self.bytes * {
             "all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "all-to-all": (n - 1) / n,
-            "reduce-scatter": n - 1, "collective-permute": 1.0,
+            "reduce-scatter": n - 1, "collective-permute": 1.0, "ragged-all-to-all": (n - 1) / n,
         }[self.op]  # fmt: skip
 
 

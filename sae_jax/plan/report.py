@@ -29,7 +29,7 @@ def measure(cfg: SAEConfig, tcfg: TrainConfig, hlo_out: Path | None = None) -> d
     reported is the variant, with or without AuxK, that needs more memory) and the estimate."""
     mesh = make_mesh(tcfg.mesh_shape)
     mesh_shape = (mesh.shape["data"], mesh.shape["expert"])
-    shapes = estimate.Shapes.of(cfg, tcfg, mesh_shape)
+    shapes = estimate.Shapes.of(cfg, tcfg, mesh_shape, jax.default_backend())
     with tempfile.TemporaryDirectory() as dumps:
         compiled = build.compile_steps(cfg, tcfg, mesh, Path(dumps))
         steps = {name: _step(c, Path(dumps) / name, mesh.size) for name, c in compiled.items()}
@@ -41,6 +41,7 @@ def measure(cfg: SAEConfig, tcfg: TrainConfig, hlo_out: Path | None = None) -> d
     train = steps[train_name]
     return {
         "config": _config(cfg, tcfg, mesh_shape, mesh.size),
+        "dropless": _dropless(shapes),
         "backend": jax.default_backend(),
         "train_step": train_name,
         "memory": {
@@ -54,6 +55,7 @@ def measure(cfg: SAEConfig, tcfg: TrainConfig, hlo_out: Path | None = None) -> d
         "largest_buffers": train["largest_buffers"],
         "collectives": train["collectives"],
         "collective_bytes": sum(c["bytes"] for c in train["collectives"]),
+        "ragged_estimate": [_collective(c) for c in estimate.ragged_exchanges(shapes)],
         "flops_per_token": train["cost"]["flops"] * mesh.size / tcfg.batch_size,
         "flops_per_token_estimate": estimate.flops_per_token(shapes, train_name == "train_auxk"),
         "replicated_expert_buffers": _replicated(compiled, shapes),
@@ -67,13 +69,25 @@ def plan_for(measured: dict, hw: Hardware) -> dict:
     plan = {k: v for k, v in measured.items() if k not in ("_shapes", "backend")}
     plan["hardware"] = {**dataclasses.asdict(hw), "backend": measured["backend"]}
     cost = measured["steps"][measured["train_step"]]["cost"]
-    fields = [f.name for f in dataclasses.fields(hlo.Collective)]
-    collectives = [hlo.Collective(**{f: c[f] for f in fields}) for c in measured["collectives"]]
-    config = measured["config"]
+    shapes, config = measured["_shapes"], measured["config"]
+    collectives = [_from_dict(c) for c in measured["collectives"]]
+    if hw.name != "cpu" and shapes.exchanged:
+        # The real ragged_all_to_all there, not the CPU emulation's worst-case all_to_alls.
+        collectives = [c for c in collectives if c.op != "all-to-all"]
+        collectives += [_from_dict(c) for c in measured["ragged_estimate"]]
+        real = estimate.memory(dataclasses.replace(shapes, emulated_exchange=False))["total"]
+        plan["memory"] = {**plan["memory"], "estimate_on_hardware_bytes": real}
+    flops = cost["flops"]
+    if shapes.dropless:  # XLA counts the block loops' bodies once: use the analytic FLOPs
+        flops = measured["flops_per_token_estimate"]["total"] * shapes.local_tokens
     time = roofline.step_time(
-        cost["flops"], cost["bytes_accessed"], collectives, hw, config["compute_dtype"],
+        flops, cost["bytes_accessed"], collectives, hw, config["compute_dtype"],
         config["batch_size"],
     )  # fmt: skip
+    time["flops_from"] = "analytic" if shapes.dropless else "xla"
+    time["collectives_from"] = (
+        "hlo + ragged_all_to_all estimate" if hw.name != "cpu" and shapes.exchanged else "hlo"
+    )
     fits = measured["memory"]["needed_bytes"] <= hw.memory_bytes
     plan.update(
         estimate=time,
@@ -90,11 +104,16 @@ def _step(compiled, dump_dir: Path, devices: int) -> dict:
         "memory": build.memory(compiled),
         "cost": build.cost(compiled),
         "largest_buffers": hlo.largest_buffers(dump_dir, text),
-        "collectives": [
-            {**dataclasses.asdict(c), "traffic_bytes": c.traffic_bytes()}
-            for c in hlo.collectives(text, devices)
-        ],
+        "collectives": [_collective(c) for c in hlo.collectives(text, devices)],
     }
+
+
+def _collective(c: hlo.Collective) -> dict:
+    return {**dataclasses.asdict(c), "traffic_bytes": c.traffic_bytes()}
+
+
+def _from_dict(c: dict) -> hlo.Collective:
+    return hlo.Collective(**{f.name: c[f.name] for f in dataclasses.fields(hlo.Collective)})
 
 
 def _replicated(compiled: dict, s: estimate.Shapes) -> list[str]:
@@ -109,6 +128,17 @@ def _replicated(compiled: dict, s: estimate.Shapes) -> list[str]:
             for hit in hlo.shape_instructions(c.as_text(), dims)]  # fmt: skip
 
 
+def _dropless(s: estimate.Shapes) -> dict | None:
+    """The dropless buffers' sizes per device (None for capacity dispatch)."""
+    if not s.dropless:
+        return None
+    return {
+        "block_size": s.block, "received_rows": s.received_rows, "layout_rows": s.layout_rows,
+        "computed_rows": s.computed_rows, "local_tokens": s.local_tokens,
+        "emulated_exchange": s.emulated_exchange and s.exchanged,
+    }  # fmt: skip
+
+
 def _rename_total(terms: dict) -> dict:
     out = dict(terms)
     out["total_bytes"] = out.pop("total")
@@ -120,7 +150,7 @@ def _config(cfg: SAEConfig, tcfg: TrainConfig, mesh_shape, devices: int) -> dict
         "d": cfg.d, "num_latents": cfg.num_latents, "num_experts": cfg.num_experts, "k": cfg.k,
         "batch_size": tcfg.batch_size, "mesh_shape": list(mesh_shape), "devices": devices,
         "capacity_factor": cfg.capacity_factor,
-        "compute_dtype": getattr(cfg, "compute_dtype", "float32"),
+        "compute_dtype": getattr(cfg, "compute_dtype", "float32"), "dispatch": cfg.dispatch,
     }  # fmt: skip
 
 
@@ -144,6 +174,7 @@ def format_text(plan: dict) -> str:
         f"{k} {_size(v)}" for k, v in e.items() if k != "total_bytes"))  # fmt: skip
     ratio = e["total_bytes"] / max(m["total_bytes"], 1)
     lines.append(f"  total {_size(e['total_bytes'])} ({ratio:.2f} x compiled)")
+    lines += _dropless_lines(plan)
     lines += ["", "largest buffers (XLA's buffer assignment; shapes sharing one allocation):"]
     lines += [f"  {_size(b['bytes'])}  {b['shapes'][:110]}" for b in plan["largest_buffers"]]
     lines += ["", "collectives per step, per device (result shape; traffic with the algorithm):"]
@@ -153,6 +184,7 @@ def format_text(plan: dict) -> str:
                      f"group {col['group_size']:>5}  traffic {traffic}")  # fmt: skip
     total_traffic = sum(col["traffic_bytes"] for col in plan["collectives"])
     lines.append(f"  total {_size(plan['collective_bytes'])}, traffic {_size(total_traffic)}")
+    lines += _ragged_lines(plan)
     f = plan["flops_per_token_estimate"]
     lines += [
         "",
@@ -170,6 +202,8 @@ def format_text(plan: dict) -> str:
         f"-> step {_ms(t['step_s'])}, {t['tokens_per_sec']:.3g} tokens/s (estimate; limited "
         f"by {t['limit']})"
     )
+    if t["flops_from"] != "xla" or t["collectives_from"] != "hlo":
+        lines.append(f"  (FLOPs: {t['flops_from']}; collectives: {t['collectives_from']})")
     if plan["fits"]:
         lines.append(f"fits: needs {_size(mem['needed_bytes'])} per device of "
                      f"{_size(hw['memory_bytes'])}")  # fmt: skip
@@ -182,6 +216,45 @@ def format_text(plan: dict) -> str:
         lines.append("warning: whole expert tensors on one device: "
                      + "; ".join(plan["replicated_expert_buffers"][:4]))  # fmt: skip
     return "\n".join(lines)
+
+
+def _dropless_lines(plan: dict) -> list[str]:
+    dl = plan.get("dropless")
+    if not dl:
+        return []
+    lines = [
+        f"dropless: receive buffer R = {dl['received_rows']} rows (E x T_local, the worst "
+        f"case), block layout {dl['layout_rows']} rows (B = {dl['block_size']}); rows computed "
+        f"<= {dl['computed_rows']} per device for {dl['local_tokens']} tokens (balanced routing)"
+    ]
+    if "estimate_on_hardware_bytes" in plan["memory"]:
+        lines.append(
+            f"  on {plan['hardware']['name']} (real ragged_all_to_all, no emulation chunk "
+            f"buffers): estimate {_size(plan['memory']['estimate_on_hardware_bytes'])}"
+        )
+    return lines
+
+
+def _ragged_lines(plan: dict) -> list[str]:
+    ragged = plan.get("ragged_estimate")
+    if not ragged:
+        return []
+    lines = [
+        "  (the all-to-alls above are XLA:CPU's emulation of ragged_all_to_all: worst-case "
+        "[E, T_local, d] chunks, float32 on CPU)",
+        "ragged_all_to_all on GPU/TPU, per step and device (ANALYTIC ESTIMATE: routed rows "
+        "only, balanced routing):",
+    ]
+    for col in ragged:
+        lines.append(f"  {col['op']:<18} {col['shape'][:40]:<40} {_size(col['bytes']):>10} "
+                     f"group {col['group_size']:>5}  traffic {_size(col['traffic_bytes'])}  "
+                     f"{col['name']}")  # fmt: skip
+    others = [c for c in plan["collectives"] if c["op"] != "all-to-all"]
+    traffic = sum(c["traffic_bytes"] for c in ragged + others)
+    emulated = sum(c["traffic_bytes"] for c in plan["collectives"])
+    lines.append(f"  with the HLO's other collectives: traffic {_size(traffic)} per step "
+                 f"(emulated: {_size(emulated)})")  # fmt: skip
+    return lines
 
 
 def _size(b: float) -> str:

@@ -82,7 +82,7 @@ def check_fits(cfg: SAEConfig, tcfg: TrainConfig, mesh_shape: tuple[int, int],
     """A one-line ConfigError, naming a MESH_SHAPE (and N) that would fit, when the analytic
     estimate of the step's memory per device exceeds `memory_bytes`."""
     cfg = dataclasses.replace(cfg, compute_dtype=precision.resolve(cfg.compute_dtype))
-    s = Shapes.of(cfg, tcfg, mesh_shape)
+    s = Shapes.of(cfg, tcfg, mesh_shape, jax.default_backend())
     need = estimate.memory(s)["total"]
     if need <= memory_bytes:
         return
