@@ -1,14 +1,15 @@
 """Benchmark the training step: tokens/s, step time, FLOP/s and peak memory per device.
 
     python -m launch.bench [--devices 8] [--out bench.json] [--steps 5] [--dtypes float32,bfloat16]
-                           [--dispatch capacity,dropless]
+                           [--dispatch capacity,dropless] [--peer sparsify]
 
 Runs on whatever backend is present. Rows: N = 1 (dense TopK) and N = 4, 16, 64 at the same
 NUM_LATENTS, once per DISPATCH in --dispatch; dense rows at NUM_LATENTS / N for FLOP-matched
 pairs; and, with several devices, the N = 16 step on a 1 x devices mesh against one device
 on the same global batch (capacity dispatch). Each row is timed once per COMPUTE_DTYPE in
 --dtypes. `pad` is the rows the experts computed per token (N * C / T with capacity
-buffers, padded blocks / T dropless).
+buffers, padded blocks / T dropless). `--peer sparsify` adds EleutherAI sparsify's TopK step
+on the same d, NUM_LATENTS, k and batch (launch/peer.py; the `sparsify` extra).
 Ratios are meaningful within one run; absolute times only on an accelerator.
 """
 
@@ -19,6 +20,8 @@ import json
 import os
 import sys
 import time
+
+from launch import peer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,6 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reader_batches", type=int, default=40, help="batches the reader times")
     p.add_argument("--dtypes", default="float32", help="COMPUTE_DTYPEs to time each row in")
     p.add_argument("--dispatch", default="capacity", help="DISPATCHes of the --experts rows")
+    p.add_argument("--peer", default="", choices=("", *peer.PEERS), help="also time this peer")
+    p.add_argument("--peer_threads", type=int, default=2, help="CPU threads of the peer")
     p.add_argument("--out", default="bench.json")
     return p.parse_args(argv)
 
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         devices = len(jax.devices())
         for shape in ((1, 1), (1, devices)):
             rows += [measure(args, args.mesh_expert, args.num_latents, shape, d) for d in dtypes]
+    if args.peer:
+        rows += peer_rows(args)
     report = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "rows": rows}
     print_table(report)
     if args.data:
@@ -131,6 +138,16 @@ def measure(
     }
 
 
+def peer_rows(args) -> list[dict]:
+    """The peer's row, or none (and one line saying why) when it is not installed."""
+    try:
+        shapes = dict(d=args.d, num_latents=args.num_latents, k=args.k, batch=args.batch)
+        return [peer.measure(args.peer, **shapes, steps=args.steps, threads=args.peer_threads)]
+    except peer.PeerMissing as e:
+        print(f"skipped: {e}")
+        return []
+
+
 def measure_reader(args) -> dict:
     """Tokens/s that ActivationData delivers (shuffle windows, outlier filter, scaling, and
     the prefetch thread) with nothing else running, after its first batch."""
@@ -178,12 +195,14 @@ def print_table(report: dict) -> None:
     for r in rows:
         base = _base_row(rows, r["dtype"])
         gf = f"{r['gflops_per_sec']:.1f}" if r["gflops_per_sec"] else "-"
+        peak = f"{r['peak_mib_per_device']:.1f}" if r["peak_mib_per_device"] else "-"
+        note = f"FLOP-matched to {r['matches']}" if "matches" in r else r.get("peer", "")
         print(f"{r['num_experts']:>4} {r['num_latents']:>6} {r['mesh']:>5} {r['dtype']:>8} "
               f"{r['dispatch']:>8} {r['padding_overhead']:>5.2f} {r['step_ms']:>9.1f} "
               f"{r['tokens_per_sec']:>9.0f} "
               f"{r['tokens_per_sec'] / base['tokens_per_sec']:>7.2f} "
-              f"{gf:>8} {r['peak_mib_per_device']:>9.1f} {r['tokens_by_latents_mib']:>9.1f}  "
-              f"{('FLOP-matched to ' + r['matches']) if 'matches' in r else ''}")  # fmt: skip
+              f"{gf:>8} {peak:>9} {r['tokens_by_latents_mib']:>9.1f}  "
+              f"{note}")  # fmt: skip
 
 
 def _base_row(rows: list[dict], dtype: str) -> dict:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from sae_jax import grouped
-from sae_jax.experts import AUX_CHUNK_BYTES, ExpertParams, TokenOut, expert_out, use_dense
+from sae_jax.experts import ExpertParams, TokenOut, expert_out, use_dense
 
 MIN_BLOCK, MAX_BLOCK = 8, 256
 
@@ -47,7 +47,8 @@ def run_dropless(
     """Every token through its routed expert, one block of B same-expert tokens at a time.
 
     p leaves [N, ...] (all experts local); xc [T, d] centred tokens in `dtype`; b_dec [d];
-    expert [T] int32; gate [T] router probability; dead [N, L] bool or None (no AuxK);
+    expert [T] int32; gate [T] router probability; dead [N, B] int32 dead latent ids
+    (experts.compact_dead) or None (no AuxK);
     block_size 0: `auto_block_size`. The recon is rounded to `dtype` as the capacity path's
     buffers are.
     """
@@ -55,13 +56,12 @@ def run_dropless(
     block = block_size or auto_block_size(xc.shape[0], n)
     plan = grouped.plan_blocks(expert, n, block)
     one = functools.partial(
-        expert_out, b_dec=b_dec, k=k, k_aux=k_aux, dense=use_dense(kernel, lat),
-        chunk_bytes=AUX_CHUNK_BYTES, dtype=dtype,
-    )  # fmt: skip
+        expert_out, b_dec=b_dec, k=k, k_aux=k_aux, dense=use_dense(kernel, lat), dtype=dtype
+    )
 
     def block_fn(w, tokens, valid):
         (p_e, dead_e), (xc_b, gate_b) = w, tokens
-        out = one(p_e, xc_b, gate=gate_b, valid=valid, dead=dead_e)
+        out = one(p_e, xc_b, gate=gate_b, valid=valid, dead_ids=dead_e)
         return out._replace(recon=out.recon.astype(dtype))
 
     padded = (grouped.to_blocks(xc, plan), grouped.to_blocks(gate, plan))

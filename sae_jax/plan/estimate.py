@@ -18,7 +18,7 @@ import math
 import jax.numpy as jnp
 
 from sae_jax.config import SAEConfig, TrainConfig
-from sae_jax.experts import AUX_CHUNK_BYTES, use_dense
+from sae_jax.experts import use_dense
 from sae_jax.train_step import DEAD_COUNT_LAG
 
 F32 = 4
@@ -126,14 +126,14 @@ def activations(s: Shapes) -> int:
     """Largest live activations, per device: the capacity buffers [S, d] on both sides of
     the all_to_alls, the pre-activations [S, L] and either the dense kernel's codes and
     their gradient ([S, L] each) or the gather kernel's rows ([S, k, d], encoder and
-    decoder), plus AuxK's masked pre-activations and chunks."""
+    decoder), plus AuxK's at its largest bucket (every latent dead)."""
     slots, tokens = s.slots, s.local_tokens
     buffers = 4 * (slots + tokens) * s.d * F32
     pre = slots * s.latents * F32
     kernel = 2 * pre if s.dense else 2 * slots * s.k * s.d * F32
-    # AuxK: the dead-masked [S, L] pre-activations and their top-k input; the gather kernel
-    # also holds its chunks of gathered rows (measured: pod_1b.gin on 1024 devices).
-    aux = 2 * pre + (0 if s.dense else 2 * AUX_CHUNK_BYTES)
+    # AuxK with every latent dead: the [S, L] pre-activations of the dead columns, their
+    # top-k selection mask and their gradient.
+    aux = 3 * pre
     return buffers + pre + kernel + aux
 
 
@@ -146,7 +146,7 @@ def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
     if s.dense:  # pre-activations with grad; codes [C, L] @ W_dec
         enc, dec, aux = 4 * ld, 6 * ld, 10 * ld
     else:  # gradient-free pre-activations; k gathered rows with grad
-        enc, dec, aux = 2 * ld + 6 * kd, 6 * kd, 10 * s.k_aux * s.d
+        enc, dec, aux = 2 * ld + 6 * kd, 6 * kd, 10 * ld
     terms = {
         "router": 6.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0,
         "encoder": pad * enc,
