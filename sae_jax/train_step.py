@@ -41,10 +41,10 @@ class TrainState:
     recent_dead: jax.Array  # [DEAD_COUNT_LAG] int32 most dead latents in one expert, recent steps
 
 
-def make_optimizer(tcfg: TrainConfig, num_latents: int) -> optax.GradientTransformation:
+def make_optimizer(tcfg: TrainConfig, latents_per_expert: int) -> optax.GradientTransformation:
     """Adam, constant LR then linear decay to 0 over the last part. The step clips gradients
     by their global norm (`tcfg.grad_clip`) before it (see update.apply_update)."""
-    lr = tcfg.learning_rate(num_latents)
+    lr = tcfg.learning_rate(latents_per_expert)
     decay_steps = int(round(tcfg.steps * tcfg.decay_fraction))
     hold = tcfg.steps - decay_steps
     schedule = optax.join_schedules(
@@ -81,7 +81,7 @@ def init_state(model: SwitchSAE, tx: optax.GradientTransformation) -> TrainState
 def setup_training(model: SwitchSAE, tcfg: TrainConfig):
     """(graphdef, initial TrainState, TrainStep) for a model built under the current mesh;
     the step keeps the state in the layout it was created in."""
-    tx = make_optimizer(tcfg, model.cfg.num_latents)
+    tx = make_optimizer(tcfg, model.cfg.latents_per_expert)
     graphdef, state = nnx.graphdef(model), init_state(model, tx)
     return graphdef, state, TrainStep(graphdef, tx, tcfg, sharding_of(state))
 

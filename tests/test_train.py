@@ -53,6 +53,8 @@ def test_learning_rate_schedule_holds_then_decays():
     tcfg = TrainConfig(steps=100, lr=None, decay_fraction=0.2)
     lr = tcfg.learning_rate(2**16)
     assert lr == pytest.approx(1e-4)
+    # The default scales with the latents per expert: 4x narrower experts, 2x the LR.
+    assert TrainConfig(base_lr=1e-3).learning_rate(2**12) == pytest.approx(2e-3)
     tx = make_optimizer(tcfg, 2**16)
     params = {"w": jnp.zeros(())}
     state = tx.init(params)
