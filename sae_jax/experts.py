@@ -3,8 +3,10 @@
 The top-k latents are chosen on gradient-free pre-activations; gradients reach only the k
 chosen latents. Two kernels compute the chosen values and the decode:
 
-- `gather` (wide experts): the k encoder/decoder rows of each token are gathered
-  ([C, k, d]), so no [C, L] x [L, d] product is differentiated (Gao et al.'s sparse trick).
+- `gather` (wide experts): values are read off the gradient-free pre-activations, and the
+  decode and both gradients touch only the k rows of each token (sae_jax/sparse_rows.py,
+  one of the k at a time), so no [C, L] x [L, d] product is differentiated (Gao et al.'s
+  sparse trick).
 - `dense` (narrow experts, the usual Switch case): values are read off the [C, L]
   pre-activation matmul and decoding multiplies the sparse [C, L] codes by W_dec; every
   step is a plain matmul, which beats gathering k*d floats per token once L is small.
@@ -16,7 +18,13 @@ to a [C, d] token buffer is formed. The matmuls take operands in the compute dty
 (sae_jax/precision.py) and accumulate in float32; top-k runs on float32 pre-activations.
 
 `SAEConfig.expert_kernel = 'auto'` picks dense for experts of at most 1024 latents (on CPU the two
-tie at 1024; dense is 1.8x faster at 256 latents and 1.8x slower at 4096).
+tie at 1024; dense is 1.8x faster at 256 latents and 1.8x slower at 4096; measured before
+the gather kernel's slot-by-slot ops).
+
+AuxK runs on each expert's dead latents only: their ids, compacted on device to one of a few
+static sizes B (`dead_buckets`, chosen on the host from lagged counts, see train_step), give
+[C, B] pre-activations, a top-k_aux among them and a [C, B] x [B, d] decode, so its cost
+follows the number of dead latents; a step with none compiles no AuxK.
 """
 
 from __future__ import annotations
@@ -184,13 +192,18 @@ def _auxk_sums(p: ExpertParams, xc, gate, valid, dead_ids, recon, k_aux, dtype):
     xc, g = (jax.lax.stop_gradient(v) for v in (xc, gate[:, None]))
     residual = jax.lax.stop_gradient(xc.astype(jnp.float32) - g * recon)
     validf = valid.astype(jnp.float32)[:, None] * jnp.any(ok)
-    pre = precision.einsum("cd,bd->cb", xc, p.w_enc[ids], dtype) + p.b_enc[ids]  # [C, B]
+    if ids.shape[0] < lat:  # the B dead rows, gathered
+        w_enc, b_enc, w_dec = p.w_enc[ids], p.b_enc[ids], p.w_dec[ids]
+    else:  # every latent: the weights as they are (a gather would copy them), dead ones masked
+        w_enc, b_enc, w_dec = p
+        ok = jnp.zeros(lat, jnp.int32).at[ids].max(ok.astype(jnp.int32)) > 0
+    pre = precision.einsum("cd,bd->cb", xc, w_enc, dtype) + b_enc  # [C, B]
     acts = jax.nn.relu(pre) * ok
     if k_aux < ids.shape[0]:  # keep each token's k_aux largest; the rest decode as zeros
         _, top = jax.lax.top_k(jax.lax.stop_gradient(acts), k_aux)
         rows = jnp.arange(acts.shape[0])[:, None]
         acts = acts * jnp.zeros_like(acts).at[rows, top].set(1.0)
-    aux_recon = g * precision.einsum("cb,bd->cd", acts, p.w_dec[ids], dtype)
+    aux_recon = g * precision.einsum("cb,bd->cd", acts, w_dec, dtype)
     return jnp.sum(validf * (residual - aux_recon) ** 2), jnp.sum(validf * residual**2)
 
 

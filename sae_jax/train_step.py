@@ -132,6 +132,8 @@ def make_train_step(
         since = jnp.where(
             fired > 0, 0, jnp.minimum(state.since_fired + tokens, tcfg.dead_after_tokens)
         ).astype(jnp.int32)
+        was_dead = state.since_fired >= tcfg.dead_after_tokens
+        metrics["revived"] = jnp.sum(was_dead & (fired > 0), dtype=jnp.int32)
         per_expert = jnp.sum(since >= tcfg.dead_after_tokens, axis=1, dtype=jnp.int32)
         dead_count = jnp.sum(per_expert)
         metrics["dead_fraction"] = dead_count / since.size
