@@ -113,10 +113,13 @@ def _router_params(s: Shapes) -> int:
 
 def other_temporaries(s: Shapes) -> int:
     """Temporaries besides the gradients: the larger of the expert-sized buffers the step
-    holds (UPDATE_EXPERT_BUFFERS x W, and w_enc in the compute dtype below float32) and the
+    holds (UPDATE_EXPERT_BUFFERS x W, w_enc in the compute dtype below float32, and for the
+    gather kernel AuxK's gradients at its largest bucket, 2 x W) and the
     activations of the forward and backward pass, which XLA places in the same memory at
     another time."""
     held = UPDATE_EXPERT_BUFFERS * s.expert_tensor_bytes
+    if not s.dense and s.k_aux:  # AuxK with every latent dead: its dense W_enc and W_dec
+        held += 2 * s.expert_tensor_bytes  # gradients beside the gather kernel's sparse ones
     if s.compute_dtype != "float32":
         held += s.expert_tensor_bytes * jnp.dtype(s.compute_dtype).itemsize // F32
     return max(held, activations(s))
