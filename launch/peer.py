@@ -33,14 +33,13 @@ def measure(peer: str, *, d: int, num_latents: int, k: int, batch: int, steps: i
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     x = torch.randn(batch, d)
 
-    def step() -> float:
+    def step() -> None:
         out = sae(x)
         out.fvu.backward()
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
         sae.set_decoder_norm_to_unit_norm()
-        return float(out.fvu)
 
     step()  # warm-up: Adam's state, allocator
     start = time.perf_counter()
