@@ -1,14 +1,16 @@
 """Benchmark the training step: tokens/s, step time, FLOP/s and peak memory per device.
 
     python -m launch.bench [--devices 8] [--out bench.json] [--steps 5] [--dtypes float32,bfloat16]
-                           [--dispatch capacity,dropless]
+                           [--dispatch capacity,dropless] [--auxk] [--peer sparsify]
 
 Runs on whatever backend is present. Rows: N = 1 (dense TopK) and N = 4, 16, 64 at the same
 NUM_LATENTS, once per DISPATCH in --dispatch; dense rows at NUM_LATENTS / N for FLOP-matched
 pairs; and, with several devices, the N = 16 step on a 1 x devices mesh against one device
 on the same global batch (capacity dispatch). Each row is timed once per COMPUTE_DTYPE in
 --dtypes. `pad` is the rows the experts computed per token (N * C / T with capacity
-buffers, padded blocks / T dropless).
+buffers, padded blocks / T dropless). `--peer sparsify` adds EleutherAI sparsify's TopK step
+on the same d, NUM_LATENTS, k and batch (launch/peer.py; the `sparsify` extra). `--auxk`
+adds each N's step with AuxK at every dead-latent bucket (experts.dead_buckets).
 Ratios are meaningful within one run; absolute times only on an accelerator.
 """
 
@@ -19,6 +21,8 @@ import json
 import os
 import sys
 import time
+
+from launch import peer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,6 +42,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reader_batches", type=int, default=40, help="batches the reader times")
     p.add_argument("--dtypes", default="float32", help="COMPUTE_DTYPEs to time each row in")
     p.add_argument("--dispatch", default="capacity", help="DISPATCHes of the --experts rows")
+    p.add_argument("--auxk", action="store_true", help="also time the AuxK step per dead bucket")
+    p.add_argument("--peer", default="", choices=("", *peer.PEERS), help="also time this peer")
+    p.add_argument("--peer_threads", type=int, default=2, help="CPU threads of the peer")
     p.add_argument("--out", default="bench.json")
     return p.parse_args(argv)
 
@@ -64,6 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         devices = len(jax.devices())
         for shape in ((1, 1), (1, devices)):
             rows += [measure(args, args.mesh_expert, args.num_latents, shape, d) for d in dtypes]
+    if args.auxk:
+        from sae_jax.experts import dead_buckets
+
+        for n in [int(v) for v in args.experts.split(",") if v]:
+            for b in dead_buckets(args.num_latents // n):
+                row = measure(args, n, args.num_latents, (1, 1), dtypes[0], aux_bucket=b)
+                row["note"] = f"AuxK on {b} dead ids per expert"
+                rows.append(row)
+    if args.peer:
+        rows += peer_rows(args)
     report = {"backend": jax.default_backend(), "device": str(jax.devices()[0]), "rows": rows}
     print_table(report)
     if args.data:
@@ -81,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(
     args, num_experts: int, num_latents: int, mesh_shape, dtype: str = "float32",
-    dispatch: str = "capacity",
+    dispatch: str = "capacity", aux_bucket: int = 0,
 ) -> dict:  # fmt: skip
     import jax
     import numpy as np
@@ -104,12 +121,13 @@ def measure(
         rng = np.random.default_rng(0)
         x = put_batch(rng.normal(size=(args.batch, args.d)).astype(np.float32),
                       token_sharding(mesh))  # fmt: skip
-        compiled = step.plain.lower(state, x).compile()
-        state, metrics = step(state, x)
+        fn = step.for_bucket(aux_bucket)  # 0: the step without AuxK
+        compiled = fn.lower(state, x).compile()
+        state, metrics = fn(state, x)
         jax.block_until_ready(metrics)
         start = time.perf_counter()
         for _ in range(args.steps):
-            state, metrics = step(state, x)
+            state, metrics = fn(state, x)
         jax.block_until_ready(metrics)
         seconds = (time.perf_counter() - start) / args.steps
     devices = mesh_shape[0] * mesh_shape[1]
@@ -129,6 +147,16 @@ def measure(
         "peak_mib_per_device": _peak_bytes(compiled) / 2**20,
         "tokens_by_latents_mib": args.batch * num_latents * 4 / devices / 2**20,
     }
+
+
+def peer_rows(args) -> list[dict]:
+    """The peer's row, or none (and one line saying why) when it is not installed."""
+    try:
+        shapes = dict(d=args.d, num_latents=args.num_latents, k=args.k, batch=args.batch)
+        return [peer.measure(args.peer, **shapes, steps=args.steps, threads=args.peer_threads)]
+    except peer.PeerMissing as e:
+        print(f"skipped: {e}")
+        return []
 
 
 def measure_reader(args) -> dict:
@@ -178,12 +206,15 @@ def print_table(report: dict) -> None:
     for r in rows:
         base = _base_row(rows, r["dtype"])
         gf = f"{r['gflops_per_sec']:.1f}" if r["gflops_per_sec"] else "-"
+        peak = f"{r['peak_mib_per_device']:.1f}" if r["peak_mib_per_device"] else "-"
+        note = f"FLOP-matched to {r['matches']}" if "matches" in r else r.get("peer", "")
+        note = r.get("note", note)
         print(f"{r['num_experts']:>4} {r['num_latents']:>6} {r['mesh']:>5} {r['dtype']:>8} "
               f"{r['dispatch']:>8} {r['padding_overhead']:>5.2f} {r['step_ms']:>9.1f} "
               f"{r['tokens_per_sec']:>9.0f} "
               f"{r['tokens_per_sec'] / base['tokens_per_sec']:>7.2f} "
-              f"{gf:>8} {r['peak_mib_per_device']:>9.1f} {r['tokens_by_latents_mib']:>9.1f}  "
-              f"{('FLOP-matched to ' + r['matches']) if 'matches' in r else ''}")  # fmt: skip
+              f"{gf:>8} {peak:>9} {r['tokens_by_latents_mib']:>9.1f}  "
+              f"{note}")  # fmt: skip
 
 
 def _base_row(rows: list[dict], dtype: str) -> dict:

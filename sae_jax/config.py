@@ -128,7 +128,8 @@ class SAEConfig:
 class TrainConfig:
     """How to train: steps, batch, optimiser, losses, data and logging.
 
-    lr: None picks 2e-4 / sqrt(NUM_LATENTS / 2**14) (Gao et al. 2024).
+    lr: None picks base_lr / sqrt(latents per expert / 2**14): Gao et al.'s 1/sqrt(width) rule
+        (their base_lr 2e-4), applied to the width of one expert, the TopK SAE a token sees.
     lb_alpha: load-balancing weight against the per-dimension MSE.
     dead_after_tokens: a latent that has not fired for this many training tokens is dead.
     mesh_shape: ('data', 'expert') device mesh; -1 = all remaining devices.
@@ -137,6 +138,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 4096
     lr: float | None = None
+    base_lr: float = 2e-4
     seed: int = 0
     lb_alpha: float = 3.0
     aux_weight: float = 1.0 / 32.0
@@ -166,14 +168,18 @@ class TrainConfig:
             raise ConfigError(f"EVAL_EVERY={self.eval_every} must be >= 0 (0: only at the end)")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"LR={self.lr!r} must be positive (or None for the default)")
+        if not self.base_lr > 0:
+            raise ConfigError(f"BASE_LR={self.base_lr!r} must be positive")
         if self.lb_alpha < 0:
             raise ConfigError(f"LB_ALPHA={self.lb_alpha} must be >= 0")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
         return self
 
-    def learning_rate(self, num_latents: int) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
+    def learning_rate(self, latents_per_expert: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        return self.base_lr / math.sqrt(latents_per_expert / 2**14)
 
 
 # The configs/base.gin macro that binds each field, to name it in messages as the user

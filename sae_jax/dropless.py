@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from sae_jax import grouped, ragged
-from sae_jax.experts import AUX_CHUNK_BYTES, ExpertParams, TokenOut, expert_out, use_dense
+from sae_jax.experts import ExpertParams, TokenOut, expert_out, use_dense
 
 MIN_BLOCK, MAX_BLOCK = 8, 256
 
@@ -53,22 +53,19 @@ def run_dropless(
     """Every token through its routed expert, one block of B same-expert tokens at a time.
 
     p leaves [N, ...] (all experts local); xc [T, d] centred tokens in `dtype`; b_dec [d];
-    expert [T] int32; gate [T] router probability; dead [N, L] bool or None (no AuxK);
-    block_size 0: `auto_block_size`; present [T] bool: False for rows that hold no token
-    (a received buffer's unused rows; None: all rows are tokens). The recon is rounded to
-    `dtype` as the capacity path's buffers are.
+    expert [T] int32; gate [T] router probability; dead [N, B] int32 dead latent ids
+    (experts.compact_dead) or None (no AuxK); block_size 0: `auto_block_size`; present [T]
+    bool: False for rows that hold no token (a received buffer's unused rows; None: all rows
+    are tokens). The recon is rounded to `dtype` as the capacity path's buffers are.
     """
     n, lat = p.w_enc.shape[:2]
     block = block_size or auto_block_size(xc.shape[0], n)
     plan = grouped.plan_blocks(expert, n, block, present)
-    one = functools.partial(
-        expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, lat),
-        chunk_bytes=AUX_CHUNK_BYTES, dtype=dtype,
-    )  # fmt: skip
+    one = functools.partial(expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, lat), dtype=dtype)
 
     def block_fn(w, tokens, valid, b_dec):
         (p_e, dead_e), (xc_b, gate_b) = w, tokens
-        out = one(p_e, xc_b, b_dec, gate=gate_b, valid=valid, dead=dead_e)
+        out = one(p_e, xc_b, b_dec, gate=gate_b, valid=valid, dead_ids=dead_e)
         return out._replace(recon=out.recon.astype(dtype))
 
     padded = (grouped.to_blocks(xc, plan), grouped.to_blocks(gate, plan))
@@ -105,7 +102,7 @@ def run_dropless_exchanged(
 
     This device's tokens: xc [T_local, d] centred in `dtype`, expert [T_local] (global ids;
     device j holds experts [j * N_local, (j + 1) * N_local)), gate [T_local]. Its experts:
-    p leaves [N_local, ...], dead [N_local, L] or None. Returns the TokenOut of this device's
+    p leaves [N_local, ...], dead [N_local, B] ids or None. Returns the TokenOut of this device's
     tokens (recon [T_local, d]), with fired and the sums over the tokens its experts ran.
     """
     devices, tokens = jax.lax.axis_size(expert_axis), xc.shape[0]

@@ -3,8 +3,10 @@
 The top-k latents are chosen on gradient-free pre-activations; gradients reach only the k
 chosen latents. Two kernels compute the chosen values and the decode:
 
-- `gather` (wide experts): the k encoder/decoder rows of each token are gathered
-  ([C, k, d]), so no [C, L] x [L, d] product is differentiated (Gao et al.'s sparse trick).
+- `gather` (wide experts): values are read off the gradient-free pre-activations, and the
+  decode and both gradients touch only the k rows of each token (sae_jax/sparse_rows.py,
+  one of the k at a time), so no [C, L] x [L, d] product is differentiated (Gao et al.'s
+  sparse trick).
 - `dense` (narrow experts, the usual Switch case): values are read off the [C, L]
   pre-activation matmul and decoding multiplies the sparse [C, L] codes by W_dec; every
   step is a plain matmul, which beats gathering k*d floats per token once L is small.
@@ -16,23 +18,28 @@ to a [C, d] token buffer is formed. The matmuls take operands in the compute dty
 (sae_jax/precision.py) and accumulate in float32; top-k runs on float32 pre-activations.
 
 `SAEConfig.expert_kernel = 'auto'` picks dense for experts of at most 1024 latents (on CPU the two
-tie at 1024; dense is 1.8x faster at 256 latents and 1.8x slower at 4096).
+tie at 1024; dense is 1.8x faster at 256 latents and 1.8x slower at 4096; measured before
+the gather kernel's slot-by-slot ops).
+
+AuxK runs on each expert's dead latents only: their ids, compacted on device to one of a few
+static sizes B (`dead_buckets`, chosen on the host from lagged counts, see train_step), give
+[C, B] pre-activations, a top-k_aux among them and a [C, B] x [B, d] decode, so its cost
+follows the number of dead latents; a step with none compiles no AuxK.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
-from sae_jax import precision
+from sae_jax import precision, sparse_rows
 
 DENSE_MAX_LATENTS = 1024
-AUX_CHUNK_BYTES = 2**28  # gathered AuxK rows held at once by a device (gather kernel)
+# AuxK runs on the dead latents only, compacted to one of a few static sizes (`dead_buckets`).
+AUX_MIN_BUCKET, AUX_BUCKET_GROWTH = 16, 4
 
 
 class ExpertParams(NamedTuple):
@@ -89,16 +96,16 @@ def dense_preactivations(xc: jax.Array, p: ExpertParams, dtype: str = "float32")
     return precision.einsum("cd,ld->cl", xc, p.w_enc, dtype) + p.b_enc
 
 
-def encode_selected(xc, p: ExpertParams, idx, pre_grad=None, dtype: str = "float32"):
+def encode_selected(xc, p: ExpertParams, idx, pre, pre_grad=None):
     """ReLU of the pre-activations of latents idx [C, k] -> [C, k] float32, with gradient.
 
-    xc: [C, d] centred tokens; pre_grad: the differentiable [C, L] pre-activations (dense
-    kernel); None gathers rows.
+    xc: [C, d] centred tokens; pre: the gradient-free [C, L] pre-activations; pre_grad: the
+    differentiable ones (dense kernel); None reads the values off `pre` and sends the
+    gradient to the k rows (sparse_rows.selected_preactivations).
     """
     if pre_grad is not None:
         return jax.nn.relu(jnp.take_along_axis(pre_grad, idx, axis=1))
-    rows = p.w_enc[idx]  # [C, k, d]
-    return jax.nn.relu(precision.einsum("cd,ckd->ck", xc, rows, dtype) + p.b_enc[idx])
+    return jax.nn.relu(sparse_rows.selected_preactivations(pre, idx, xc, p.w_enc, p.b_enc))
 
 
 def decode(
@@ -110,7 +117,7 @@ def decode(
         codes = jnp.zeros((values.shape[0], w_dec.shape[0]), dtype)
         return precision.einsum("cl,ld->cd", codes.at[rows, idx].set(values.astype(dtype)),
                                 w_dec, dtype)  # fmt: skip
-    return precision.einsum("ck,ckd->cd", values, w_dec[idx], dtype)
+    return sparse_rows.gather_decode(values, idx, w_dec.astype(dtype))
 
 
 def expert_forward(
@@ -128,95 +135,94 @@ def centred_forward(
     xc: [C, d] dispatched tokens, centred (x - b_dec) in the compute dtype; b_dec: [d] (for
     its gradient); valid: [C] bool (False for empty slots).
     Returns recon [C, d] (W_dec^T z, ungated, no b_dec), latents [C, k], indices [C, k],
-    fired [L] (valid tokens on which each latent was active) and the gradient-free
-    pre-activations [C, L] (reused by AuxK), all float32 but the indices.
+    fired [L] (valid tokens on which each latent was active), all float32 but the indices.
     """
     p = with_b_dec_grad(p, b_dec)
-    if dense:
-        pre_grad = dense_preactivations(xc, p, dtype)
-        pre = jax.lax.stop_gradient(pre_grad)
-    else:
-        pre_grad = None
-        pre = jax.lax.stop_gradient(dense_preactivations(xc, p, dtype))
+    pre_grad = dense_preactivations(xc, p, dtype)
+    pre = jax.lax.stop_gradient(pre_grad)
     _, idx = jax.lax.top_k(pre, k)
-    latents = encode_selected(xc, p, idx, pre_grad, dtype)
+    latents = encode_selected(xc, p, idx, pre, pre_grad if dense else None)
     recon = decode(latents, idx, p.w_dec, dense, dtype)
     active = (latents > 0) * valid.astype(jnp.float32)[:, None]
     fired = jnp.zeros(p.w_enc.shape[0], jnp.float32).at[idx].add(active)
-    return recon, latents, idx, fired, pre
+    return recon, latents, idx, fired
 
 
-def _auxk_sums(p: ExpertParams, xc, gate, valid, dead, recon, pre, k_aux, dense, chunk_bytes,
-               dtype):  # fmt: skip
+def dead_buckets(latents: int) -> tuple[int, ...]:
+    """The static sizes a compacted dead set is padded to: AUX_MIN_BUCKET times powers of
+    AUX_BUCKET_GROWTH below `latents`, then `latents` itself (a handful of compiled steps)."""
+    sizes, size = [], AUX_MIN_BUCKET
+    while size < latents:
+        sizes.append(size)
+        size *= AUX_BUCKET_GROWTH
+    return (*sizes, latents)
+
+
+def bucket_for(dead_count: int, latents: int) -> int:
+    """The smallest of `dead_buckets(latents)` that holds `dead_count` dead latents; 0 for none."""
+    if dead_count <= 0:
+        return 0
+    return next(b for b in dead_buckets(latents) if b >= dead_count)
+
+
+def compact_dead(dead: jax.Array, size: int) -> jax.Array:
+    """Dead masks [E, L] bool -> [E, size] int32: each expert's dead latent ids, ascending,
+    padded with L. Past `size` dead latents the highest ids are left out."""
+    lat = dead.shape[-1]
+    ids = jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=lat)[0])(dead)
+    return ids.astype(jnp.int32)
+
+
+def _auxk_sums(p: ExpertParams, xc, gate, valid, dead_ids, recon, k_aux, dtype):
     """AuxK on one expert: reconstruct the frozen residual x - x_hat with its top-k_aux dead
-    latents. Returns sum over valid tokens of ||residual - aux||^2 and of ||residual||^2.
-    xc: [C, d] centred tokens; dead: [L] bool; gate: [C] router probability (the aux output
-    is gated like the main one).
-    Only the expert weights get a gradient: the residual, gate and b_dec are constants here.
+    latents. Returns the sums over valid tokens of ||residual - aux||^2 and ||residual||^2,
+    both 0 when this expert has no dead latent (tokens of experts without dead latents do not
+    dilute the normalised loss).
+
+    Only the B dead columns are computed: their [C, B] pre-activations, top-k_aux over them
+    (none needed when B <= k_aux) and the decode through their B rows, so the cost is
+    proportional to the bucket B, not to L.
+    xc: [C, d] centred tokens; dead_ids: [B] int32 dead latent ids padded with L (see
+    `compact_dead`); gate: [C] router probability (the aux output is gated like the main
+    one). Only the expert weights get a gradient: the residual, gate and b_dec are constants.
     """
+    lat = p.w_enc.shape[0]
+    ok = dead_ids < lat
+    ids = jnp.where(ok, dead_ids, 0)
     xc, g = (jax.lax.stop_gradient(v) for v in (xc, gate[:, None]))
     residual = jax.lax.stop_gradient(xc.astype(jnp.float32) - g * recon)
-    dead_pre = jnp.where(dead, jax.nn.relu(pre), 0.0)
-    _, aux_idx = jax.lax.top_k(dead_pre, k_aux)
-    validf = valid.astype(jnp.float32)[:, None]
-    norm = jnp.sum(validf * residual**2)
-    if dense:
-        aux_vals = encode_selected(xc, p, aux_idx, dense_preactivations(xc, p, dtype), dtype)
-        aux_recon = g * decode(aux_vals * dead[aux_idx], aux_idx, p.w_dec, True, dtype)
-        return jnp.sum(validf * (residual - aux_recon) ** 2), norm
-    error = _gathered_auxk_error(p, xc, g, validf, dead, residual, aux_idx, chunk_bytes, dtype)
-    return error, norm
-
-
-def _gathered_auxk_error(p: ExpertParams, xc, g, validf, dead, residual, aux_idx, chunk_bytes,
-                         dtype):  # fmt: skip
-    """The AuxK error sum with gathered rows, one chunk of tokens at a time.
-
-    Gathering k_aux rows per token at once would build [C, k_aux, d] buffers (1.6 GB at
-    C=4096, k_aux=256, d=384). A scan over chunks of at most chunk_bytes of rows bounds
-    that; the backward keeps only each chunk's values and gathers the decoder rows again
-    (measured on CPU, N=1, M=16384: peak 3849 -> 1339 MiB, a step with AuxK 2% slower).
-    xc, residual: [C, d]; g, validf: [C, 1]; aux_idx: [C, k_aux].
-    """
-    tokens, k_aux, d = aux_idx.shape[0], aux_idx.shape[1], xc.shape[1]
-    chunks = math.ceil(tokens / max(1, chunk_bytes // (4 * k_aux * d)))
-    size = math.ceil(tokens / chunks)
-    pad = chunks * size - tokens  # padded tokens have validf = 0
-
-    def split(a):
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        return a.reshape((chunks, size) + a.shape[1:])
-
-    # Keep only the [size, k_aux] values; the backward regathers the decoder rows.
-    @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names("v"))
-    def chunk_error(total, args):
-        x_c, idx, res, g_c, v = args
-        vals = jax.nn.relu(precision.einsum("cd,ckd->ck", x_c, p.w_enc[idx], dtype) + p.b_enc[idx])
-        vals = checkpoint_name(vals, "v")
-        aux = g_c * precision.einsum("ck,ckd->cd", vals * dead[idx], p.w_dec[idx], dtype)
-        return total + jnp.sum(v * (res - aux) ** 2), None
-
-    args = tuple(split(a) for a in (xc, aux_idx, residual, g, validf))
-    total, _ = jax.lax.scan(chunk_error, jnp.zeros_like(residual, shape=()), args)
-    return total
+    validf = valid.astype(jnp.float32)[:, None] * jnp.any(ok)
+    if ids.shape[0] < lat:  # the B dead rows, gathered
+        w_enc, b_enc, w_dec = p.w_enc[ids], p.b_enc[ids], p.w_dec[ids]
+    else:  # every latent: the weights as they are (a gather would copy them), dead ones masked
+        w_enc, b_enc, w_dec = p
+        ok = jnp.zeros(lat, jnp.int32).at[ids].max(ok.astype(jnp.int32)) > 0
+    pre = precision.einsum("cd,bd->cb", xc, w_enc, dtype) + b_enc  # [C, B]
+    acts = jax.nn.relu(pre) * ok
+    if k_aux < ids.shape[0]:  # keep each token's k_aux largest; the rest decode as zeros
+        _, top = jax.lax.top_k(jax.lax.stop_gradient(acts), k_aux)
+        rows = jnp.arange(acts.shape[0])[:, None]
+        acts = acts * jnp.zeros_like(acts).at[rows, top].set(1.0)
+    aux_recon = g * precision.einsum("cb,bd->cd", acts, w_dec, dtype)
+    return jnp.sum(validf * (residual - aux_recon) ** 2), jnp.sum(validf * residual**2)
 
 
 def expert_out(
-    p: ExpertParams, xc, b_dec, gate, valid, dead, *, k: int, k_aux: int, dense: bool,
-    chunk_bytes: int, dtype: str = "float32",
+    p: ExpertParams, xc, b_dec, gate, valid, dead_ids, *, k: int, k_aux: int, dense: bool,
+    dtype: str = "float32",
 ) -> ExpertOut:  # fmt: skip
-    """One expert on one buffer of its tokens: the forward and, with a dead mask, AuxK.
+    """One expert on one buffer of its tokens: the forward and, given dead ids, AuxK.
 
     p leaves for one expert ([L, d], [L]); xc [C, d] centred tokens; gate/valid [C];
-    dead [L] bool or None (no AuxK). Returns ExpertOut for this buffer (recon [C, d], ...,
-    fired [L], AuxK sums []).
+    dead_ids [B] int32 (`compact_dead`) or None (no AuxK). Returns ExpertOut for this buffer
+    (recon [C, d], ..., fired [L], AuxK sums []).
     """
-    recon, latents, idx, fired, pre = centred_forward(p, xc, b_dec, valid, k=k, dense=dense,
-                                                      dtype=dtype)  # fmt: skip
-    if dead is None or k_aux == 0:
-        zero = jnp.zeros_like(pre, shape=())  # keeps pre's varying mesh axes under shard_map
+    recon, latents, idx, fired = centred_forward(p, xc, b_dec, valid, k=k, dense=dense,
+                                                 dtype=dtype)  # fmt: skip
+    if dead_ids is None or k_aux == 0:
+        zero = jnp.zeros_like(recon, shape=())  # keeps the varying mesh axes under shard_map
         return ExpertOut(recon, latents, idx, fired, zero, zero)
-    err, norm = _auxk_sums(p, xc, gate, valid, dead, recon, pre, k_aux, dense, chunk_bytes, dtype)
+    err, norm = _auxk_sums(p, xc, gate, valid, dead_ids, recon, k_aux, dtype)
     return ExpertOut(recon, latents, idx, fired, err, norm)
 
 
@@ -226,7 +232,7 @@ def run_experts(
     b_dec: jax.Array,
     gate: jax.Array,
     valid: jax.Array,
-    dead: jax.Array | None,
+    dead_ids: jax.Array | None,
     *,
     k: int,
     k_aux: int,
@@ -235,14 +241,14 @@ def run_experts(
 ) -> ExpertOut:
     """All local experts on their buffers: p leaves [E, ...], xc [E, C, d] centred tokens
     (x - b_dec, see `centre`) in the compute dtype `dtype`, b_dec [d], gate/valid [E, C],
-    dead [E, L] (None: no AuxK). Whether any latent is dead is decided once per step,
-    outside (see train_step), so a step without dead latents compiles no AuxK at all.
+    dead_ids [E, B] (`compact_dead`; None: no AuxK). Whether any latent is dead, and the
+    bucket B, are decided once per step, outside (see train_step), so a step without dead
+    latents compiles no AuxK at all.
     """
     one = functools.partial(
-        expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, p.w_enc.shape[1]),
-        chunk_bytes=AUX_CHUNK_BYTES // p.w_enc.shape[0],  # the local experts run side by side
-        dtype=dtype,
-    )  # fmt: skip
-    dead_axis = None if dead is None else 0
-    out = jax.vmap(one, in_axes=(0, 0, None, 0, 0, dead_axis))(p, xc, b_dec, gate, valid, dead)
+        expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, p.w_enc.shape[1]), dtype=dtype
+    )
+    dead_axis = None if dead_ids is None else 0
+    out = jax.vmap(one, in_axes=(0, 0, None, 0, 0, dead_axis))(p, xc, b_dec, gate, valid,
+                                                                 dead_ids)  # fmt: skip
     return out._replace(aux_err=out.aux_err.sum(), aux_norm=out.aux_norm.sum())

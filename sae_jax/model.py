@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from sae_jax import dispatch, precision, routing
 from sae_jax.config import ConfigError, SAEConfig
 from sae_jax.dropless import run_dropless, run_dropless_exchanged
-from sae_jax.experts import ExpertParams, TokenOut, centre, run_experts, use_dense
+from sae_jax.experts import ExpertParams, TokenOut, centre, compact_dead, run_experts, use_dense
 from sae_jax.mesh import AXES
 from sae_jax.ragged_experts import run_ragged
 
@@ -83,7 +83,8 @@ class SwitchSAE(nnx.Module):
     def __call__(
         self, x: jax.Array, dead: jax.Array | None = None, capacity_factor: float | None = None
     ) -> SwitchOut:
-        """x: [T, d] (sharded over every device); dead: [N, L] bool mask for AuxK (None: off).
+        """x: [T, d] (sharded over every device); dead: AuxK's dead latents (None: off), as
+        [N, L] bool masks or as [N, B] int32 ids padded with L (`experts.compact_dead`).
 
         Under a ('data', 'expert') mesh the forward runs in `jax.shard_map`: each device routes
         its own tokens and an all_to_all over 'expert' moves the capacity buffers to the
@@ -91,6 +92,8 @@ class SwitchSAE(nnx.Module):
         """
         cfg = self.cfg
         cf = cfg.capacity_factor if capacity_factor is None else capacity_factor
+        if dead is not None and dead.dtype == jnp.bool_:
+            dead = compact_dead(dead, dead.shape[-1])
         experts = ExpertParams(self.w_enc[...], self.b_enc[...], self.w_dec[...])
         router = (self.w_router[...], self.b_router[...]) if cfg.num_experts > 1 else None
         args = (experts, router, self.b_dec[...], x, dead)
@@ -144,8 +147,8 @@ def switch_apply(
 ) -> SwitchOut:
     """Route, run each token's expert (capacity or dropless dispatch), combine.
 
-    Written for one device's share: x [T_local, d], experts [N_local, ...], dead [N_local, L]
-    (None: no AuxK). Tokens are centred (x - b_dec) in float32 and travel in
+    Written for one device's share: x [T_local, d], experts [N_local, ...], dead [N_local, B]
+    int32 dead latent ids (None: no AuxK). Tokens are centred (x - b_dec) in float32 and travel in
     cfg.compute_dtype, and the reconstructions come back in it.
     Inside shard_map (`expert_axis`), sums are psum'd over `all_axes`.
     """

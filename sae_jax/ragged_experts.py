@@ -36,8 +36,9 @@ def run_ragged(
     dtype: str,
 ) -> TokenOut:
     """Every token through its routed expert: p leaves [N, ...] (all experts local); xc
-    [T, d] centred tokens in `dtype`; expert [T] int32; gate [T]; dead [N, L] bool or None.
-    Same results as `dropless.run_dropless` with the dense kernel (no padding rows)."""
+    [T, d] centred tokens in `dtype`; expert [T] int32; gate [T]; dead [N, B] int32 dead
+    latent ids padded with L (`experts.compact_dead`) or None. Same results as
+    `dropless.run_dropless` with the dense kernel (no padding rows)."""
     n, lat = p.w_enc.shape[:2]
     order = jnp.argsort(expert, stable=True)
     sizes = jnp.zeros(n, jnp.int32).at[expert].add(1)
@@ -55,7 +56,9 @@ def run_ragged(
     if dead is not None and k_aux:
         # Only the expert weights get AuxK's gradient: residual, gate and b_dec are constants.
         residual = jax.lax.stop_gradient(xs.astype(jnp.float32) - g_s * recon)
-        dead_s = dead[e_s]  # [T, L]
+        mask = jnp.zeros((n, lat + 1), bool).at[jnp.arange(n)[:, None], dead].set(True)
+        mask = mask[:, :lat]  # [N, L]; the padding id L falls off
+        dead_s = mask[e_s]  # [T, L]
         _, aux_idx = jax.lax.top_k(jnp.where(dead_s, jax.nn.relu(pre), 0.0), k_aux)
         aux_pre = core + p.b_enc[e_s]
         aux_vals = jax.nn.relu(jnp.take_along_axis(aux_pre, aux_idx, axis=1))
@@ -63,7 +66,9 @@ def run_ragged(
         aux = jax.lax.stop_gradient(g_s) * _ragged(
             _codes(aux_vals, aux_idx, lat, dtype), p.w_dec, sizes, dtype
         )
-        aux_err, aux_norm = jnp.sum((residual - aux) ** 2), jnp.sum(residual**2)
+        # Tokens of experts with no dead latent are left out (as in experts._auxk_sums).
+        w = jnp.any(mask, axis=1)[e_s][:, None]
+        aux_err, aux_norm = jnp.sum(w * (residual - aux) ** 2), jnp.sum(w * residual**2)
     tokens = expert.shape[0]
     return TokenOut(
         recon=jnp.zeros_like(recon).at[order].set(recon, unique_indices=True),

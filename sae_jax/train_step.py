@@ -1,10 +1,12 @@
 """The jitted training step: loss, decoder-gradient projection, Adam, row renormalisation.
 
-Two steps are compiled, with and without AuxK. Which one runs is chosen on the host from the
-dead-latent count that the step `DEAD_COUNT_LAG` steps earlier returned, so the host never
-waits for the step it has just dispatched (an on-device `lax.cond` would make XLA copy its
-predicate to the host and wait, every step, on GPU). The choice is a pure function of the
-training history (the last counts travel in the state), so a resumed run chooses the same.
+One step without AuxK, and one per dead-latent bucket with it (experts.dead_buckets: AuxK
+runs on each expert's dead latents compacted to B ids, so its cost follows B). Which one runs
+is chosen on the host from the dead-latent count (the most in one expert) that the step
+`DEAD_COUNT_LAG` steps earlier returned, so the host never waits for the step it has just
+dispatched (an on-device `lax.cond` would make XLA copy its predicate to the host and wait,
+every step, on GPU). The choice is a pure function of the training history (the last counts
+travel in the state), so a resumed run chooses the same.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sae_jax.config import TrainConfig
+from sae_jax.experts import bucket_for, compact_dead
 from sae_jax.losses import loss_and_metrics
 from sae_jax.model import SwitchSAE
 from sae_jax.update import apply_update, partition_specs
@@ -35,13 +38,13 @@ class TrainState:
     params: nnx.State
     opt_state: Any
     since_fired: jax.Array  # [N, L] int32 training tokens since each latent last fired
-    recent_dead: jax.Array  # [DEAD_COUNT_LAG] int32 dead latents after each recent step
+    recent_dead: jax.Array  # [DEAD_COUNT_LAG] int32 most dead latents in one expert, recent steps
 
 
-def make_optimizer(tcfg: TrainConfig, num_latents: int) -> optax.GradientTransformation:
+def make_optimizer(tcfg: TrainConfig, latents_per_expert: int) -> optax.GradientTransformation:
     """Adam, constant LR then linear decay to 0 over the last part. The step clips gradients
     by their global norm (`tcfg.grad_clip`) before it (see update.apply_update)."""
-    lr = tcfg.learning_rate(num_latents)
+    lr = tcfg.learning_rate(latents_per_expert)
     decay_steps = int(round(tcfg.steps * tcfg.decay_fraction))
     hold = tcfg.steps - decay_steps
     schedule = optax.join_schedules(
@@ -78,7 +81,7 @@ def init_state(model: SwitchSAE, tx: optax.GradientTransformation) -> TrainState
 def setup_training(model: SwitchSAE, tcfg: TrainConfig):
     """(graphdef, initial TrainState, TrainStep) for a model built under the current mesh;
     the step keeps the state in the layout it was created in."""
-    tx = make_optimizer(tcfg, model.cfg.num_latents)
+    tx = make_optimizer(tcfg, model.cfg.latents_per_expert)
     graphdef, state = nnx.graphdef(model), init_state(model, tx)
     return graphdef, state, TrainStep(graphdef, tx, tcfg, sharding_of(state))
 
@@ -95,10 +98,12 @@ def make_train_step(
     state_sharding: Any = None,
     *,
     auxk: bool,
+    aux_bucket: int | None = None,
 ):
     """Returns step(state, x [T, d]) -> (state, metrics); jitted, the state buffers donated.
 
-    `auxk`: whether this step computes the AuxK loss (with the state's current dead mask).
+    `auxk`: whether this step computes the AuxK loss (with the state's current dead mask);
+    `aux_bucket`: the dead latents per expert it runs AuxK on (`compact_dead`; None: all).
     `state_sharding` (a pytree of shardings, see `sharding_of`) pins the new state to the
     layout of the old one, so the second step does not recompile for a different layout.
     """
@@ -115,7 +120,10 @@ def make_train_step(
 
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=out_shardings)
     def step(state: TrainState, x: jax.Array):
-        dead = state.since_fired >= tcfg.dead_after_tokens if auxk else None
+        dead = None
+        if auxk:
+            mask = state.since_fired >= tcfg.dead_after_tokens
+            dead = compact_dead(mask, aux_bucket or mask.shape[1])
         grads, (metrics, fired) = jax.grad(loss_fn, has_aux=True)(state.params, x, dead)
         params, opt_state, grad_norm = apply_update(
             tx, grads, state.opt_state, state.params, clip=tcfg.grad_clip
@@ -124,39 +132,61 @@ def make_train_step(
         since = jnp.where(
             fired > 0, 0, jnp.minimum(state.since_fired + tokens, tcfg.dead_after_tokens)
         ).astype(jnp.int32)
-        dead_count = jnp.sum(since >= tcfg.dead_after_tokens, dtype=jnp.int32)
+        was_dead = state.since_fired >= tcfg.dead_after_tokens
+        metrics["revived"] = jnp.sum(was_dead & (fired > 0), dtype=jnp.int32)
+        per_expert = jnp.sum(since >= tcfg.dead_after_tokens, axis=1, dtype=jnp.int32)
+        dead_count = jnp.sum(per_expert)
         metrics["dead_fraction"] = dead_count / since.size
         metrics["dead_latents"] = dead_count
+        metrics["dead_max_expert"] = jnp.max(per_expert)
         metrics["grad_norm"] = grad_norm
-        recent = jnp.append(state.recent_dead[1:], dead_count)
+        recent = jnp.append(state.recent_dead[1:], metrics["dead_max_expert"])
         return TrainState(state.step + 1, params, opt_state, since, recent), metrics
 
     return step
 
 
 class TrainStep:
-    """step(state, x) -> (state, metrics): the AuxK or the plain compiled step.
+    """step(state, x) -> (state, metrics): the plain compiled step or an AuxK one.
 
-    Step t runs AuxK when the state of step t - DEAD_COUNT_LAG + 1 had a dead latent; that
-    count came out of step t - DEAD_COUNT_LAG, which has finished (or is about to) while step
-    t - 1 still runs, so reading it never stalls the device queue. The first call reads the
-    counts from the state (at the start or after a restore). Use one TrainStep per run.
+    Step t runs AuxK, on the bucket that holds the most dead latents of one expert, when the
+    state of step t - DEAD_COUNT_LAG + 1 had a dead latent; that count came out of step
+    t - DEAD_COUNT_LAG, which has finished (or is about to) while step t - 1 still runs, so
+    reading it never stalls the device queue. The first call reads the counts from the state
+    (at the start or after a restore). Use one TrainStep per run; each bucket's step is
+    compiled the first time it is used.
     """
 
     def __init__(self, graphdef, tx, tcfg: TrainConfig, state_sharding: Any = None):
-        make = functools.partial(make_train_step, graphdef, tx, tcfg, state_sharding)
-        self.plain, self.auxk = make(auxk=False), make(auxk=True)
+        self._make = functools.partial(make_train_step, graphdef, tx, tcfg, state_sharding)
+        self.plain = self._make(auxk=False)
+        self._steps: dict[int, Any] = {0: self.plain}
         self._counts: collections.deque | None = None
 
-    def uses_auxk(self, state: TrainState) -> bool:
-        """Whether the next call runs the AuxK step (seeds the counts from `state` once)."""
+    @property
+    def auxk(self):
+        """The AuxK step on every latent (the largest bucket)."""
+        return self.for_bucket(None)
+
+    def for_bucket(self, bucket: int | None):
+        """The step for a bucket of dead ids per expert (0: no AuxK; None: all latents)."""
+        if bucket not in self._steps:
+            self._steps[bucket] = self._make(auxk=True, aux_bucket=bucket)
+        return self._steps[bucket]
+
+    def bucket(self, state: TrainState) -> int:
+        """The next call's AuxK bucket, 0 for none (seeds the counts from `state` once)."""
         if self._counts is None:
             self._counts = collections.deque(jax.device_get(state.recent_dead).tolist())
-        return int(self._counts[0]) > 0
+        latents = state.since_fired.shape[1]
+        return bucket_for(int(self._counts[0]), latents)
+
+    def uses_auxk(self, state: TrainState) -> bool:
+        """Whether the next call runs an AuxK step."""
+        return self.bucket(state) > 0
 
     def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
-        fn = self.auxk if self.uses_auxk(state) else self.plain
-        state, metrics = fn(state, x)
+        state, metrics = self.for_bucket(self.bucket(state))(state, x)
         self._counts.popleft()
-        self._counts.append(metrics["dead_latents"])
+        self._counts.append(metrics["dead_max_expert"])
         return state, metrics

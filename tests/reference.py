@@ -38,7 +38,8 @@ def auxk_sums(x, params: dict, const: dict, dead, k: int, k_aux: int):
     by the top-k_aux dead latents of the routed expert. `const` (numpy copies of the
     parameters) fixes the routing, the residual and the chosen latents; `params` (jax arrays)
     enter only the aux reconstruction, so a test can differentiate through them.
-    dead: [N, L] bool. Returns the (err, norm) sums over tokens.
+    dead: [N, L] bool. Returns the (err, norm) sums over the tokens routed to an expert
+    with a dead latent (the others have nothing to reconstruct the residual with).
     """
     import jax
     import jax.numpy as jnp
@@ -46,6 +47,8 @@ def auxk_sums(x, params: dict, const: dict, dead, k: int, k_aux: int):
     x_hat, experts, gates = switch_sae(x, const, k)
     err = norm = 0.0
     for tok, tok_hat, i, gate in zip(x, x_hat, experts, gates, strict=True):
+        if not dead[i].any():
+            continue
         centred = tok - const["b_dec"]
         dead_pre = np.where(
             dead[i], np.maximum(const["w_enc"][i] @ centred + const["b_enc"][i], 0), 0

@@ -1,4 +1,6 @@
+import importlib.util
 import json
+import sys
 
 from launch import bench
 
@@ -39,3 +41,23 @@ def test_bench_times_each_dispatch(capsys):
     assert 1.0 <= row["padding_overhead"] <= 1.5 and row["peak_mib_per_device"] > 0
     bench.print_table({"backend": "cpu", "device": "cpu", "rows": [row]})
     assert " dropless " in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_bench_peer_is_timed_or_skipped_in_one_line(capsys, monkeypatch):
+    args = bench.parse_args(["--d=16", "--num_latents=64", "--k=4", "--batch=64", "--steps=1",
+                             "--peer=sparsify"])  # fmt: skip
+    rows = bench.peer_rows(args)
+    if importlib.util.find_spec("sparsify"):
+        assert rows[0]["dispatch"] == "sparsify" and rows[0]["tokens_per_sec"] > 0
+        bench.print_table({"backend": "cpu", "device": "cpu", "rows": rows})
+        assert "sparsify (torch" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "sparsify", None)  # as if not installed
+    assert bench.peer_rows(args) == []
+    skip = "skipped: --peer sparsify: not installed (sparsify); pip install -e '.[sparsify]'"
+    assert capsys.readouterr().out.splitlines() == [skip]
+
+
+def test_bench_times_the_auxk_step_of_a_bucket():
+    args = bench.parse_args(["--d=16", "--k=4", "--batch=64", "--steps=1", "--auxk"])
+    row = bench.measure(args, 4, 64, (1, 1), "float32", aux_bucket=16)
+    assert args.auxk and row["tokens_per_sec"] > 0 and row["peak_mib_per_device"] > 0

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_model
+from conftest import jaxpr_shapes, random_model
 
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.data import SyntheticData
@@ -53,6 +53,8 @@ def test_learning_rate_schedule_holds_then_decays():
     tcfg = TrainConfig(steps=100, lr=None, decay_fraction=0.2)
     lr = tcfg.learning_rate(2**16)
     assert lr == pytest.approx(1e-4)
+    # The default scales with the latents per expert: 4x narrower experts, 2x the LR.
+    assert TrainConfig(base_lr=1e-3).learning_rate(2**12) == pytest.approx(2e-3)
     tx = make_optimizer(tcfg, 2**16)
     params = {"w": jnp.zeros(())}
     state = tx.init(params)
@@ -125,26 +127,31 @@ def test_config_dataclasses_are_frozen():
 
 
 def test_auxk_step_is_chosen_on_the_host_from_lagged_dead_counts(mesh1):
-    cfg = SAEConfig(d=16, num_latents=128, num_experts=4, k=4, k_aux=8)
+    cfg = SAEConfig(d=24, num_latents=128, num_experts=4, k=4, k_aux=8)
     tcfg = TrainConfig(steps=5, batch_size=64, lr=1e-2, dead_after_tokens=64)
     rng = np.random.default_rng(0)
-    batches = [jnp.asarray(rng.normal(size=(64, 16)), jnp.float32) for _ in range(5)]
+    batches = [jnp.asarray(rng.normal(size=(64, 24)), jnp.float32) for _ in range(5)]
     _, state, step = setup_training(random_model(cfg), tcfg)
     # Neither compiled step holds a conditional (XLA would sync its predicate to the host);
     # only the AuxK step holds the second top-k (k_aux) and its work.
-    jaxprs = {name: str(jax.make_jaxpr(fn)(state, batches[0])) for name, fn in
-              (("plain", step.plain), ("auxk", step.auxk))}  # fmt: skip
-    assert [j.count("cond[") for j in jaxprs.values()] == [0, 0]
-    assert jaxprs["plain"].count("top_k[") == 1 and jaxprs["auxk"].count("top_k[") == 2
+    # 32 latents per expert: dead buckets of 16 and 32 ids.
+    jaxprs = {name: jax.make_jaxpr(fn)(state, batches[0]) for name, fn in
+              (("plain", step.plain), ("16", step.for_bucket(16)), ("32", step.auxk))}  # fmt: skip
+    assert [str(j).count("cond[") for j in jaxprs.values()] == [0, 0, 0]
+    assert [str(j).count("top_k[") for j in jaxprs.values()] == [1, 2, 2]
+    # AuxK's [E, C, B] pre-activations of the dead columns: only in the AuxK steps.
+    aux_shapes = [{s for s in jaxpr_shapes(j.jaxpr) if len(s) == 3 and s[-1] == 16}
+                  for j in jaxprs.values()]  # fmt: skip
+    assert not aux_shapes[0] and aux_shapes[1] >= {(4, 20, 16)}
     hlo = step.plain.lower(state, batches[0]).compile().as_text()
     assert "conditional" not in hlo
     used, aux = [], []
     for x in batches:
-        used.append(step.uses_auxk(state))
+        used.append(step.bucket(state))
         state, m = step(state, x)
         aux.append(float(m["aux_loss"]))
     # Step 0 leaves latents dead (they did not fire on its 64 tokens); the step that runs
     # AuxK first is step DEAD_COUNT_LAG = 2, which reads step 0's count.
-    assert used == [False, False, True, True, True]
+    assert used[:2] == [0, 0] and set(used[2:]) <= {16, 32} and step.uses_auxk(state)
     assert aux[:2] == [0.0, 0.0] and min(aux[2:]) > 0
     assert list(jax.device_get(state.recent_dead)) == [int(v) for v in step._counts]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from sae_jax import grouped, ragged
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.dropless import auto_block_size
-from sae_jax.experts import AUX_CHUNK_BYTES, use_dense
+from sae_jax.experts import use_dense
 from sae_jax.plan.hlo import Collective
 from sae_jax.train_step import DEAD_COUNT_LAG
 
@@ -176,10 +176,13 @@ def _router_params(s: Shapes) -> int:
 
 def other_temporaries(s: Shapes) -> int:
     """Temporaries besides the gradients: the larger of the expert-sized buffers the step
-    holds (UPDATE_EXPERT_BUFFERS x W, and w_enc in the compute dtype below float32) and the
+    holds (UPDATE_EXPERT_BUFFERS x W, w_enc in the compute dtype below float32, and for the
+    gather kernel AuxK's gradients at its largest bucket, 2 x W) and the
     activations of the forward and backward pass, which XLA places in the same memory at
     another time."""
     held = UPDATE_EXPERT_BUFFERS * s.expert_tensor_bytes
+    if not s.dense and s.k_aux:  # AuxK with every latent dead: its dense W_enc and W_dec
+        held += 2 * s.expert_tensor_bytes  # gradients beside the gather kernel's sparse ones
     if s.compute_dtype != "float32":
         held += s.expert_tensor_bytes * jnp.dtype(s.compute_dtype).itemsize // F32
     return max(held, dropless_activations(s) if s.dropless else activations(s))
@@ -189,14 +192,14 @@ def activations(s: Shapes) -> int:
     """Largest live activations, per device: the capacity buffers [S, d] on both sides of
     the all_to_alls, the pre-activations [S, L] and either the dense kernel's codes and
     their gradient ([S, L] each) or the gather kernel's rows ([S, k, d], encoder and
-    decoder), plus AuxK's masked pre-activations and chunks."""
+    decoder), plus AuxK's at its largest bucket (every latent dead)."""
     slots, tokens = s.slots, s.local_tokens
     buffers = 4 * (slots + tokens) * s.d * F32
     pre = slots * s.latents * F32
     kernel = 2 * pre if s.dense else 2 * slots * s.k * s.d * F32
-    # AuxK: the dead-masked [S, L] pre-activations and their top-k input; the gather kernel
-    # also holds its chunks of gathered rows (measured: pod_1b.gin on 1024 devices).
-    aux = 2 * pre + (0 if s.dense else 2 * AUX_CHUNK_BYTES)
+    # AuxK with every latent dead: the [S, L] pre-activations of the dead columns, their
+    # top-k selection mask and their gradient.
+    aux = 3 * pre
     return buffers + pre + kernel + aux
 
 
@@ -214,10 +217,8 @@ def dropless_activations(s: Shapes) -> int:
         chunk_rows = s.expert * min(s.local_tokens, s.received_rows)
         exchange += DROPLESS_EMULATION_BUFFERS * chunk_rows * s.d * F32
     weights = DROPLESS_BLOCK_EXPERT_ROWS * s.latents * s.d * F32
-    if s.dense:  # one block's [B, L] pre-activations, codes and AuxK's masked copies
-        aux = 4 * s.block * s.latents * F32
-    else:  # its gathered AuxK rows [B, k_aux, d] (chunked), values and gradients
-        aux = 4 * min(AUX_CHUNK_BYTES, s.block * s.k_aux * s.d * F32)
+    # one block's [B, L] pre-activations, codes and AuxK's [B, dead] columns (at most L)
+    aux = 4 * s.block * s.latents * F32
     loop = (DROPLESS_LOOP_F32_BUFFERS * F32 + itemsize) * rows * s.d + weights + aux
     stacked = blocks * (s.latents + 2 * s.block * s.k) * F32
     tokens = 4 * s.local_tokens * s.d * F32
@@ -257,8 +258,8 @@ def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
         enc, dec, aux = 4 * ld, 6 * ld, 10 * ld
         forward = 4 * ld + (4 * ld if aux_on else 0)
     else:  # gradient-free pre-activations; k gathered rows with grad
-        enc, dec, aux = 2 * ld + 6 * kd, 6 * kd, 10 * s.k_aux * s.d
-        forward = 2 * ld + 4 * kd + (4 * s.k_aux * s.d if aux_on else 0)
+        enc, dec, aux = 2 * ld + 6 * kd, 6 * kd, 10 * ld
+        forward = 2 * ld + 4 * kd + (4 * ld if aux_on else 0)
     terms = {
         "router": 6.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0,
         "encoder": pad * enc,
