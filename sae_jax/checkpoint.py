@@ -30,7 +30,7 @@ MODEL_KEYS = ("d", "num_latents", "num_experts")  # another value: the state can
 CHANGE_KEYS = {
     SAEConfig: ("k", "k_aux", "capacity_factor", "eval_capacity_factor", "compute_dtype",
                 "dispatch"),
-    TrainConfig: ("steps", "batch_size", "lr", "seed", "lb_alpha", "aux_weight",
+    TrainConfig: ("steps", "batch_size", "lr", "base_lr", "seed", "lb_alpha", "aux_weight",
                   "decay_fraction", "grad_clip", "dead_after_tokens", "train_data"),
 }  # fmt: skip
 

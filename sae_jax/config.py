@@ -194,7 +194,7 @@ MACROS = {
         "steps": "STEPS", "batch_size": "BATCH_SIZE", "lr": "LR", "seed": "SEED",
         "lb_alpha": "LB_ALPHA", "train_data": "TRAIN_DATA", "eval_data": "EVAL_DATA",
         "eval_every": "EVAL_EVERY", "log_every": "LOG_EVERY", "mesh_shape": "MESH_SHAPE",
-        "checkpoint_every": "CHECKPOINT_EVERY",
+        "checkpoint_every": "CHECKPOINT_EVERY", "base_lr": "BASE_LR",
     },
 }  # fmt: skip
 
