@@ -249,10 +249,15 @@ def _add_at(acc: jax.Array, e, value: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(acc, _vary_as(row + value, acc), e, 0)
 
 
+def _vary(a: jax.Array, axes) -> jax.Array:
+    """a marked varying over the mesh axes `axes` too (pvary moves no data)."""
+    missing = tuple(sorted(set(axes) - jax.typeof(a).mat.varying))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+
 def _vary_as(v: jax.Array, like: jax.Array) -> jax.Array:
     """v marked varying over the mesh axes `like` varies over (a loop carry's type)."""
-    missing = tuple(sorted(jax.typeof(like).mat.varying - jax.typeof(v).mat.varying))
-    return jax.lax.pcast(v, missing, to="varying") if missing else v
+    return _vary(v, jax.typeof(like).mat.varying)
 
 
 def _varying_axes(tree: PyTree) -> tuple[str, ...]:
@@ -267,8 +272,7 @@ def _zeros_like(a: jax.Array) -> jax.Array:
 
 def _zeros(shape, dtype, axes: tuple[str, ...]) -> jax.Array:
     """Zeros varying over `axes`, to start a loop carry that the body makes vary."""
-    z = jnp.zeros(shape, dtype)
-    return jax.lax.pcast(z, axes, to="varying") if axes else z
+    return _vary(jnp.zeros(shape, dtype), axes)
 
 
 def _expert_weights(weights: PyTree, e: jax.Array | int) -> PyTree:
@@ -276,13 +280,8 @@ def _expert_weights(weights: PyTree, e: jax.Array | int) -> PyTree:
 
 
 def _vary_all(tree: PyTree, axes: tuple[str, ...]) -> PyTree:
-    """Every leaf marked varying over all of `axes` (pvary moves no data)."""
-
-    def vary(a):
-        missing = tuple(x for x in axes if x not in jax.typeof(a).mat.varying)
-        return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-    return jax.tree.map(vary, tree)
+    """Every leaf marked varying over all of `axes`."""
+    return jax.tree.map(lambda a: _vary(a, axes), tree)
 
 
 def _sum_to_type(g: jax.Array, primal: jax.Array) -> jax.Array:
