@@ -51,6 +51,7 @@ def test_bench_peer_is_timed_or_skipped_in_one_line(capsys, monkeypatch):
         assert rows[0]["dispatch"] == "sparsify" and rows[0]["tokens_per_sec"] > 0
         bench.print_table({"backend": "cpu", "device": "cpu", "rows": rows})
         assert "sparsify (torch" in capsys.readouterr().out
+    capsys.readouterr()  # where it is not installed, the first call already said so
     monkeypatch.setitem(sys.modules, "sparsify", None)  # as if not installed
     assert bench.peer_rows(args) == []
     skip = "skipped: --peer sparsify: not installed (sparsify); pip install -e '.[sparsify]'"
