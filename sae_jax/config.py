@@ -132,6 +132,9 @@ class TrainConfig:
         (their base_lr 2e-4), applied to the width of one expert, the TopK SAE a token sees.
     lb_alpha: load-balancing weight against the per-dimension MSE.
     dead_after_tokens: a latent that has not fired for this many training tokens is dead.
+    aux_max_share: AuxK takes at most this share of an expert's latents per step (rounded down
+        to a dead-id bucket, see experts.max_bucket); with more dead ones they take turns.
+        1.0: every dead latent every step, as Gao et al.
     mesh_shape: ('data', 'expert') device mesh; -1 = all remaining devices.
     """
 
@@ -143,6 +146,7 @@ class TrainConfig:
     lb_alpha: float = 3.0
     aux_weight: float = 1.0 / 32.0
     dead_after_tokens: int = 1_000_000
+    aux_max_share: float = 1.0 / 32.0
     decay_fraction: float = 0.2
     grad_clip: float = 1.0
     geometric_median_tokens: int = 8192
@@ -172,6 +176,8 @@ class TrainConfig:
             raise ConfigError(f"BASE_LR={self.base_lr!r} must be positive")
         if self.lb_alpha < 0:
             raise ConfigError(f"LB_ALPHA={self.lb_alpha} must be >= 0")
+        if not 0 < self.aux_max_share <= 1:
+            raise ConfigError(f"TrainConfig.aux_max_share={self.aux_max_share} must lie in (0, 1]")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
         return self

@@ -24,7 +24,10 @@ the gather kernel's slot-by-slot ops).
 AuxK runs on each expert's dead latents only: their ids, compacted on device to one of a few
 static sizes B (`dead_buckets`, chosen on the host from lagged counts, see train_step), give
 [C, B] pre-activations, a top-k_aux among them and a [C, B] x [B, d] decode, so its cost
-follows the number of dead latents; a step with none compiles no AuxK.
+follows the number of dead latents; a step with none compiles no AuxK. B is capped at a
+share of the expert's latents (`max_bucket`, TrainConfig.aux_max_share): with more dead
+latents than that, each step takes B of them, starting at a latent id that moves by B every
+step, so all of them take turns and AuxK never costs more than a fixed share of the step.
 """
 
 from __future__ import annotations
@@ -158,19 +161,29 @@ def dead_buckets(latents: int) -> tuple[int, ...]:
     return (*sizes, latents)
 
 
-def bucket_for(dead_count: int, latents: int) -> int:
-    """The smallest of `dead_buckets(latents)` that holds `dead_count` dead latents; 0 for none."""
+def max_bucket(latents: int, max_share: float = 1.0) -> int:
+    """The largest bucket AuxK may use: the largest of `dead_buckets(latents)` within
+    max_share * latents (at least the smallest bucket)."""
+    fits = [b for b in dead_buckets(latents) if b <= max_share * latents]
+    return max(fits, default=dead_buckets(latents)[0])
+
+
+def bucket_for(dead_count: int, latents: int, max_share: float = 1.0) -> int:
+    """The smallest of `dead_buckets(latents)` that holds `dead_count` dead latents, capped at
+    `max_bucket(latents, max_share)`; 0 for none."""
     if dead_count <= 0:
         return 0
-    return next(b for b in dead_buckets(latents) if b >= dead_count)
+    fits = next(b for b in dead_buckets(latents) if b >= dead_count)
+    return min(fits, max_bucket(latents, max_share))
 
 
-def compact_dead(dead: jax.Array, size: int) -> jax.Array:
-    """Dead masks [E, L] bool -> [E, size] int32: each expert's dead latent ids, ascending,
-    padded with L. Past `size` dead latents the highest ids are left out."""
+def compact_dead(dead: jax.Array, size: int, start: jax.Array | int = 0) -> jax.Array:
+    """Dead masks [E, L] bool -> [E, size] int32: each expert's first `size` dead latent ids
+    counting cyclically from latent `start` (the same for every expert), padded with L."""
     lat = dead.shape[-1]
-    ids = jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=lat)[0])(dead)
-    return ids.astype(jnp.int32)
+    rolled = jnp.roll(dead, -start, axis=-1)
+    ids = jax.vmap(lambda m: jnp.nonzero(m, size=size, fill_value=lat)[0])(rolled)
+    return jnp.where(ids < lat, (ids + start) % lat, lat).astype(jnp.int32)
 
 
 def _auxk_sums(p: ExpertParams, xc, gate, valid, dead_ids, recon, k_aux, dtype):
@@ -245,10 +258,13 @@ def run_experts(
     bucket B, are decided once per step, outside (see train_step), so a step without dead
     latents compiles no AuxK at all.
     """
-    one = functools.partial(
-        expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, p.w_enc.shape[1]), dtype=dtype
-    )
-    dead_axis = None if dead_ids is None else 0
-    out = jax.vmap(one, in_axes=(0, 0, None, 0, 0, dead_axis))(p, xc, b_dec, gate, valid,
-                                                                 dead_ids)  # fmt: skip
+    dense = use_dense(kernel, p.w_enc.shape[1])
+    one = functools.partial(expert_out, k=k, k_aux=k_aux, dense=dense, dtype=dtype)
+    if dense:  # batched matmuls
+        dead_axis = None if dead_ids is None else 0
+        out = jax.vmap(one, in_axes=(0, 0, None, 0, 0, dead_axis))(p, xc, b_dec, gate, valid,
+                                                                     dead_ids)  # fmt: skip
+    else:  # one expert at a time: vmapped, the gather kernel's row gathers ran 4x slower
+        out = jax.lax.map(lambda a: one(a[0], a[1], b_dec, a[2], a[3], a[4]),
+                          (p, xc, gate, valid, dead_ids))  # fmt: skip
     return out._replace(aux_err=out.aux_err.sum(), aux_norm=out.aux_norm.sum())

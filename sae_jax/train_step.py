@@ -123,7 +123,9 @@ def make_train_step(
         dead = None
         if auxk:
             mask = state.since_fired >= tcfg.dead_after_tokens
-            dead = compact_dead(mask, aux_bucket or mask.shape[1])
+            size, lat = aux_bucket or mask.shape[1], mask.shape[1]
+            # Past `size` dead latents per expert, the ids taken start `size` further each step.
+            dead = compact_dead(mask, size, start=(state.step % -(-lat // size)) * size)
         grads, (metrics, fired) = jax.grad(loss_fn, has_aux=True)(state.params, x, dead)
         params, opt_state, grad_norm = apply_update(
             tx, grads, state.opt_state, state.params, clip=tcfg.grad_clip
@@ -159,6 +161,7 @@ class TrainStep:
 
     def __init__(self, graphdef, tx, tcfg: TrainConfig, state_sharding: Any = None):
         self._make = functools.partial(make_train_step, graphdef, tx, tcfg, state_sharding)
+        self._max_share = tcfg.aux_max_share
         self.plain = self._make(auxk=False)
         self._steps: dict[int, Any] = {0: self.plain}
         self._counts: collections.deque | None = None
@@ -179,7 +182,7 @@ class TrainStep:
         if self._counts is None:
             self._counts = collections.deque(jax.device_get(state.recent_dead).tolist())
         latents = state.since_fired.shape[1]
-        return bucket_for(int(self._counts[0]), latents)
+        return bucket_for(int(self._counts[0]), latents, self._max_share)
 
     def uses_auxk(self, state: TrainState) -> bool:
         """Whether the next call runs an AuxK step."""

@@ -8,7 +8,7 @@ from flax import nnx
 from reference import auxk_sums, switch_mse, switch_sae, topk_sae_token
 
 from sae_jax import dispatch, experts
-from sae_jax.config import ConfigError, SAEConfig
+from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.losses import loss_and_metrics
 from sae_jax.routing import load_balance_loss
 
@@ -185,6 +185,28 @@ def _dead_masks() -> dict[str, np.ndarray]:
         some[e, rng.choice(16, count, replace=False)] = True
     return {"one": one, "some": some, "half": rng.random((4, 16)) < 0.5,
             "all": np.ones((4, 16), bool)}  # fmt: skip
+
+
+def test_auxk_buckets_are_capped_and_the_dead_ids_take_turns():
+    assert [experts.bucket_for(n, 4608) for n in (0, 1, 17, 300, 4000)] == [0, 16, 64, 1024, 4096]
+    # At most 1/32 of 4608 latents (144) -> the 64 bucket; never below the smallest bucket.
+    assert [experts.bucket_for(n, 4608, 1 / 32) for n in (1, 17, 300, 4000)] == [16, 64, 64, 64]
+    assert experts.max_bucket(576, 1 / 32) == 16 and experts.max_bucket(64, 1.0) == 64
+    with pytest.raises(ConfigError, match=r"^TrainConfig.aux_max_share=0 must lie in \(0, 1\]$"):
+        TrainConfig(aux_max_share=0).validate()
+    rng = np.random.default_rng(3)
+    dead = rng.random((2, 100)) < 0.4
+    dead[1] = False
+    size = 16
+    for start in (0, 37, 99):
+        ids = np.asarray(experts.compact_dead(jnp.asarray(dead), size, start))
+        cyclic = [(start + i) % 100 for i in range(100) if dead[0][(start + i) % 100]]
+        assert ids[0].tolist() == cyclic[:size] and ids[1].tolist() == [100] * size
+    # Starts moving by `size` each step (as train_step does) reach every dead latent.
+    seen = set()
+    for step in range(-(-100 // size)):
+        seen |= set(np.asarray(experts.compact_dead(jnp.asarray(dead), size, step * size))[0])
+    assert seen - {100} == set(np.flatnonzero(dead[0]))
 
 
 @pytest.mark.parametrize(
