@@ -31,7 +31,8 @@ CHANGE_KEYS = {
     SAEConfig: ("k", "k_aux", "capacity_factor", "eval_capacity_factor", "compute_dtype",
                 "dispatch"),
     TrainConfig: ("steps", "batch_size", "lr", "base_lr", "seed", "lb_alpha", "aux_weight",
-                  "decay_fraction", "grad_clip", "dead_after_tokens", "train_data"),
+                  "decay_fraction", "grad_clip", "dead_after_tokens", "aux_max_share",
+                  "train_data"),
 }  # fmt: skip
 
 
