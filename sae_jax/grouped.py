@@ -19,6 +19,7 @@ masked product over all N groups, so this block form is the one that saves work 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -129,6 +130,7 @@ def map_blocks(
     plan: BlockPlan,
     shared: tuple = (),
     token_grads: bool = True,
+    reuse_outputs: bool = False,
 ) -> PyTree:
     """fn on every used block with its expert's weights: padded leaves [blocks, B, ...] -> fn's
     outputs stacked over blocks (zeros for the unused blocks, which hold only padding).
@@ -136,14 +138,29 @@ def map_blocks(
     fn(weights of one expert, tokens [B, ...], valid [B], *shared): `shared` holds arrays every
     block uses (say b_dec) that need a gradient; fn must not close over differentiated values.
     token_grads=False: the tokens get no gradient (saves its matmuls in the backward).
+    reuse_outputs=True: fn also takes `saved=`, None in the forward and, in the backward, the
+    block's outputs of the forward (kept as residuals), which it may return as values instead
+    of computing them again (then only what the gradient needs runs; say no encoder matmul).
     Only the first `plan.used_blocks` blocks run (a while loop), forward and backward, so the
     work follows the tokens, not the worst-case layout. The backward (a custom VJP) runs the
     blocks again, each block's `jax.vjp` recomputing its forward: nothing per block is kept
     between the passes (a scan's backward would keep each block's copy of its expert's
     weights), and each block's weight gradient is added into the [N, ...] accumulator in place.
     """
+    if reuse_outputs:
+        fn = _Replay(fn)
     return _used_blocks_map(fn, token_grads, weights, padded, plan.block_expert, plan.valid,
                             plan.used_blocks, *shared)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Replay:
+    """A block function that takes `saved=` (map_blocks' reuse_outputs): None in the forward."""
+
+    fn: Callable
+
+    def __call__(self, *args, saved=None):
+        return self.fn(*args, saved=saved)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -168,10 +185,12 @@ def _forward(fn, weights, padded, block_expert, valid, used, shared):
 
 def _forward_rule(fn, token_grads, weights, padded, block_expert, valid, used, *shared):
     out = _forward(fn, weights, padded, block_expert, valid, used, shared)
-    return out, (weights, padded, block_expert, valid, used, shared)
+    saved = out if isinstance(fn, _Replay) else None
+    return out, (weights, padded, block_expert, valid, used, shared, saved)
 
 
 def _backward_rule(fn, token_grads, residuals, cotangents):
+    *residuals, saved = residuals
     weights, padded, block_expert, valid, used, shared = residuals
     # Inside the loop every value varies over the mesh axes of the tokens: a collective there
     # (the psum that transposes a replicated value's use) would run a device-dependent number
@@ -188,7 +207,8 @@ def _backward_rule(fn, token_grads, residuals, cotangents):
 
         def block(w_d, x_d, s_d):
             x_b = _merge(x, x_d) if token_grads else x
-            return _diff_leaves(fn(_merge(w, w_d), x_b, valid[i], *_merge(shared, s_d)))
+            args = (_merge(w, w_d), x_b, valid[i], *_merge(shared, s_d))
+            return _diff_leaves(fn(*args) if saved is None else fn(*args, saved=_index(saved, i)))
 
         x_d = _diff_leaves(x) if token_grads else []
         _, vjp = jax.vjp(block, _diff_leaves(w), x_d, _diff_leaves(shared))
