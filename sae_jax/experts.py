@@ -134,12 +134,14 @@ valued_as.defvjp(_valued_fwd, _valued_bwd)
 def decode(
     values: jax.Array, idx: jax.Array, w_dec: jax.Array, dense: bool, dtype: str = "float32"
 ) -> jax.Array:
-    """sum_j values[:, j] * W_dec[idx[:, j]]: [C, k] -> [C, d] float32."""
+    """sum_j values[:, j] * W_dec[idx[:, j]]: [C, k] -> [C, d] float32; idx distinct per row
+    (a top-k's), which makes the codes' scatter and its gradient plain scatters (with
+    duplicates allowed, JAX differentiates a scatter by scattering ids to find each winner)."""
     if dense:
         rows = jnp.arange(values.shape[0])[:, None]
         codes = jnp.zeros((values.shape[0], w_dec.shape[0]), dtype)
-        return precision.einsum("cl,ld->cd", codes.at[rows, idx].set(values.astype(dtype)),
-                                w_dec, dtype)  # fmt: skip
+        codes = codes.at[rows, idx].set(values.astype(dtype), unique_indices=True)
+        return precision.einsum("cl,ld->cd", codes, w_dec, dtype)
     return sparse_rows.gather_decode(values, idx, w_dec.astype(dtype))
 
 
