@@ -63,13 +63,16 @@ def run_dropless(
     plan = grouped.plan_blocks(expert, n, block, present)
     one = functools.partial(expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, lat), dtype=dtype)
 
-    def block_fn(w, tokens, valid, b_dec):
+    def block_fn(w, tokens, valid, b_dec, saved):
         (p_e, dead_e), (xc_b, gate_b) = w, tokens
-        out = one(p_e, xc_b, b_dec, gate=gate_b, valid=valid, dead_ids=dead_e)
+        # The backward reuses the forward's top-k and values: no encoder matmul, no top-k again.
+        chosen = None if saved is None else (saved.indices, saved.latents)
+        out = one(p_e, xc_b, b_dec, gate=gate_b, valid=valid, dead_ids=dead_e, chosen=chosen)
         return out._replace(recon=out.recon.astype(dtype))
 
     padded = (grouped.to_blocks(xc, plan), grouped.to_blocks(gate, plan))
-    out = grouped.map_blocks(block_fn, (p, dead), padded, plan, shared=(b_dec,), token_grads=False)
+    out = grouped.map_blocks(block_fn, (p, dead), padded, plan, shared=(b_dec,),
+                             token_grads=False, reuse_outputs=True)  # fmt: skip
     fired = jnp.zeros((n, lat), jnp.float32).at[plan.block_expert].add(out.fired)
     return TokenOut(
         recon=grouped.from_blocks(out.recon, plan).astype(jnp.float32),

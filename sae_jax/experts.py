@@ -99,27 +99,52 @@ def dense_preactivations(xc: jax.Array, p: ExpertParams, dtype: str = "float32")
     return precision.einsum("cd,ld->cl", xc, p.w_enc, dtype) + p.b_enc
 
 
-def encode_selected(xc, p: ExpertParams, idx, pre, pre_grad=None):
+def encode_selected(xc, p: ExpertParams, idx, pre, pre_grad=None, value=None):
     """ReLU of the pre-activations of latents idx [C, k] -> [C, k] float32, with gradient.
 
     xc: [C, d] centred tokens; pre: the gradient-free [C, L] pre-activations; pre_grad: the
     differentiable ones (dense kernel); None reads the values off `pre` and sends the
-    gradient to the k rows (sparse_rows.selected_preactivations).
+    gradient to the k rows (sparse_rows.selected_preactivations). value: [C, k] the ReLU
+    values a forward computed already: returned as they are, with the same gradient, so
+    nothing reads `pre` or `pre_grad` and their matmul is dead code.
     """
     if pre_grad is not None:
-        return jax.nn.relu(jnp.take_along_axis(pre_grad, idx, axis=1))
-    return jax.nn.relu(sparse_rows.selected_preactivations(pre, idx, xc, p.w_enc, p.b_enc))
+        selected = jnp.take_along_axis(pre_grad, idx, axis=1)
+    else:
+        selected = sparse_rows.selected_preactivations(pre, idx, xc, p.w_enc, p.b_enc)
+    return jax.nn.relu(selected if value is None else valued_as(selected, value))
+
+
+@jax.custom_vjp
+def valued_as(x: jax.Array, value: jax.Array) -> jax.Array:
+    """`value` with the gradient of x. For value = relu(x) computed before, relu(valued_as(x,
+    value)) has relu(x)'s value and gradient (the same mask, value > 0 where x > 0), and
+    nothing reads x: its computation is dead code."""
+    return value
+
+
+def _valued_fwd(x, value):
+    return value, None
+
+
+def _valued_bwd(_, g):
+    return g, None
+
+
+valued_as.defvjp(_valued_fwd, _valued_bwd)
 
 
 def decode(
     values: jax.Array, idx: jax.Array, w_dec: jax.Array, dense: bool, dtype: str = "float32"
 ) -> jax.Array:
-    """sum_j values[:, j] * W_dec[idx[:, j]]: [C, k] -> [C, d] float32."""
+    """sum_j values[:, j] * W_dec[idx[:, j]]: [C, k] -> [C, d] float32; idx distinct per row
+    (a top-k's), which makes the codes' scatter and its gradient plain scatters (with
+    duplicates allowed, JAX differentiates a scatter by scattering ids to find each winner)."""
     if dense:
         rows = jnp.arange(values.shape[0])[:, None]
         codes = jnp.zeros((values.shape[0], w_dec.shape[0]), dtype)
-        return precision.einsum("cl,ld->cd", codes.at[rows, idx].set(values.astype(dtype)),
-                                w_dec, dtype)  # fmt: skip
+        codes = codes.at[rows, idx].set(values.astype(dtype), unique_indices=True)
+        return precision.einsum("cl,ld->cd", codes, w_dec, dtype)
     return sparse_rows.gather_decode(values, idx, w_dec.astype(dtype))
 
 
@@ -131,20 +156,23 @@ def expert_forward(
 
 
 def centred_forward(
-    p: ExpertParams, xc, b_dec, valid, *, k: int, dense: bool, dtype: str = "float32"
-):
+    p: ExpertParams, xc, b_dec, valid, *, k: int, dense: bool, dtype: str = "float32",
+    chosen: tuple[jax.Array, jax.Array] | None = None,
+):  # fmt: skip
     """One expert's TopK SAE on its buffer.
 
     xc: [C, d] dispatched tokens, centred (x - b_dec) in the compute dtype; b_dec: [d] (for
-    its gradient); valid: [C] bool (False for empty slots).
+    its gradient); valid: [C] bool (False for empty slots); chosen: (indices, latents) [C, k]
+    that a forward of the same weights and tokens returned, reused instead of the top-k and
+    the encoder values (a backward then needs no encoder matmul; see grouped.map_blocks).
     Returns recon [C, d] (W_dec^T z, ungated, no b_dec), latents [C, k], indices [C, k],
     fired [L] (valid tokens on which each latent was active), all float32 but the indices.
     """
     p = with_b_dec_grad(p, b_dec)
     pre_grad = dense_preactivations(xc, p, dtype)
     pre = jax.lax.stop_gradient(pre_grad)
-    _, idx = jax.lax.top_k(pre, k)
-    latents = encode_selected(xc, p, idx, pre, pre_grad if dense else None)
+    idx, value = (jax.lax.top_k(pre, k)[1], None) if chosen is None else chosen
+    latents = encode_selected(xc, p, idx, pre, pre_grad if dense else None, value)
     recon = decode(latents, idx, p.w_dec, dense, dtype)
     active = (latents > 0) * valid.astype(jnp.float32)[:, None]
     fired = jnp.zeros(p.w_enc.shape[0], jnp.float32).at[idx].add(active)
@@ -222,16 +250,16 @@ def _auxk_sums(p: ExpertParams, xc, gate, valid, dead_ids, recon, k_aux, dtype):
 
 def expert_out(
     p: ExpertParams, xc, b_dec, gate, valid, dead_ids, *, k: int, k_aux: int, dense: bool,
-    dtype: str = "float32",
+    dtype: str = "float32", chosen: tuple[jax.Array, jax.Array] | None = None,
 ) -> ExpertOut:  # fmt: skip
     """One expert on one buffer of its tokens: the forward and, given dead ids, AuxK.
 
     p leaves for one expert ([L, d], [L]); xc [C, d] centred tokens; gate/valid [C];
-    dead_ids [B] int32 (`compact_dead`) or None (no AuxK). Returns ExpertOut for this buffer
-    (recon [C, d], ..., fired [L], AuxK sums []).
+    dead_ids [B] int32 (`compact_dead`) or None (no AuxK); chosen: see `centred_forward`.
+    Returns ExpertOut for this buffer (recon [C, d], ..., fired [L], AuxK sums []).
     """
     recon, latents, idx, fired = centred_forward(p, xc, b_dec, valid, k=k, dense=dense,
-                                                 dtype=dtype)  # fmt: skip
+                                                 dtype=dtype, chosen=chosen)  # fmt: skip
     if dead_ids is None or k_aux == 0:
         zero = jnp.zeros_like(recon, shape=())  # keeps the varying mesh axes under shard_map
         return ExpertOut(recon, latents, idx, fired, zero, zero)

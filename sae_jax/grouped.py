@@ -3,15 +3,15 @@
 Tokens are sorted by expert and each expert's group is padded to a multiple of a block size B,
 so the padded layout holds `max_blocks(T, N, B)` = ceil(T / B) + min(N, T) blocks of B rows
 (enough for any routing), each block belonging to one expert; the used blocks come first. A
-loop over the used blocks runs a per-block function with that block's expert weights (read
-by dynamic index). The work is that of at most T + N * B rows, against N * T for dispatch
-with a capacity of every token, and no [N, T, ...] array is built.
+loop over the experts reads each expert's weights once (by dynamic index) and runs a
+per-block function on that expert's blocks. The work is that of at most T + N * B rows,
+against N * T for dispatch with a capacity of every token, and no [N, T, ...] array is built.
 
 Differentiable with respect to the weights, the token inputs and shared arrays (tested):
-`map_blocks` has a custom VJP whose backward loops over the used blocks again, adding each
-block's weight gradient into an [N, ...] accumulator in place. The dropless
-training dispatch (sae_jax/dropless.py) uses the pieces: `plan_blocks`, `to_blocks`,
-`map_blocks`, `from_blocks`.
+`map_blocks` has a custom VJP whose backward loops over the used blocks again, summing each
+expert's weight gradient over its blocks and writing it once into the [N, ...] gradient. The
+dropless training dispatch (sae_jax/dropless.py) uses the pieces: `plan_blocks`,
+`to_blocks`, `map_blocks`, `from_blocks`.
 
 `jax.lax.ragged_dot` is the native grouped matmul on GPU/TPU; XLA:CPU runs it as a dense
 masked product over all N groups, so this block form is the one that saves work everywhere.
@@ -19,6 +19,7 @@ masked product over all N groups, so this block form is the one that saves work 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -40,6 +41,7 @@ class BlockPlan(NamedTuple):
     block_used: jax.Array  # [blocks] bool: the block holds at least one token
     valid: jax.Array  # [blocks, B] bool: the row holds a token (False for padding)
     used_blocks: jax.Array  # [] int32: blocks holding tokens, the first ones of the layout
+    expert_bounds: jax.Array  # [N + 1] int32: expert e's blocks are [bounds[e], bounds[e + 1])
 
 
 def max_blocks(tokens: int, num_experts: int, block_size: int) -> int:
@@ -82,6 +84,7 @@ def plan_blocks(
         block_used=block_ids < block_end[-1],
         valid=valid.reshape(blocks, block_size),
         used_blocks=block_end[-1],
+        expert_bounds=jnp.concatenate([jnp.zeros(1, jnp.int32), block_end.astype(jnp.int32)]),
     )
 
 
@@ -129,6 +132,7 @@ def map_blocks(
     plan: BlockPlan,
     shared: tuple = (),
     token_grads: bool = True,
+    reuse_outputs: bool = False,
 ) -> PyTree:
     """fn on every used block with its expert's weights: padded leaves [blocks, B, ...] -> fn's
     outputs stacked over blocks (zeros for the unused blocks, which hold only padding).
@@ -136,43 +140,75 @@ def map_blocks(
     fn(weights of one expert, tokens [B, ...], valid [B], *shared): `shared` holds arrays every
     block uses (say b_dec) that need a gradient; fn must not close over differentiated values.
     token_grads=False: the tokens get no gradient (saves its matmuls in the backward).
-    Only the first `plan.used_blocks` blocks run (a while loop), forward and backward, so the
-    work follows the tokens, not the worst-case layout. The backward (a custom VJP) runs the
-    blocks again, each block's `jax.vjp` recomputing its forward: nothing per block is kept
-    between the passes (a scan's backward would keep each block's copy of its expert's
-    weights), and each block's weight gradient is added into the [N, ...] accumulator in place.
+    reuse_outputs=True: fn also takes `saved=`, None in the forward and, in the backward, the
+    block's outputs of the forward (kept as residuals), which it may return as values instead
+    of computing them again (then only what the gradient needs runs; say no encoder matmul).
+    Only the used blocks run, forward and backward, so the work follows the tokens, not the
+    worst-case layout: a loop over the experts reads each expert's weights once and runs an
+    inner loop over its blocks (reading them per block cost more than the matmuls at small B).
+    The backward (a custom VJP) runs the blocks again, each block's `jax.vjp` recomputing what
+    its gradient needs: nothing per block is kept between the passes but fn's outputs (a
+    scan's backward would keep each block's copy of its expert's weights); an expert's weight
+    gradient is summed over its blocks and written once into the [N, ...] gradient.
     """
-    return _used_blocks_map(fn, token_grads, weights, padded, plan.block_expert, plan.valid,
-                            plan.used_blocks, *shared)  # fmt: skip
+    if reuse_outputs:
+        fn = _Replay(fn)
+    return _used_blocks_map(fn, token_grads, weights, padded, plan.expert_bounds, plan.valid,
+                            *shared)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Replay:
+    """A block function that takes `saved=` (map_blocks' reuse_outputs): None in the forward."""
+
+    fn: Callable
+
+    def __call__(self, *args, saved=None):
+        return self.fn(*args, saved=saved)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _used_blocks_map(fn, token_grads, weights, padded, block_expert, valid, used, *shared):
-    return _forward(fn, weights, padded, block_expert, valid, used, shared)
+def _used_blocks_map(fn, token_grads, weights, padded, bounds, valid, *shared):
+    return _forward(fn, weights, padded, bounds, valid, shared)
 
 
-def _forward(fn, weights, padded, block_expert, valid, used, shared):
+def _for_experts(weights: PyTree, bounds: jax.Array, body: Callable, init: PyTree) -> PyTree:
+    """body(e, weights of expert e, its blocks' range (start, stop), carry) -> carry, for each
+    expert e in order; its weights are read once, for all its blocks."""
+    num_experts = jax.tree.leaves(weights)[0].shape[0]
+
+    def expert(e, carry):
+        return body(e, _expert_weights(weights, e), (bounds[e], bounds[e + 1]), carry)
+
+    return jax.lax.fori_loop(0, num_experts, expert, init)
+
+
+def _forward(fn, weights, padded, bounds, valid, shared):
     # Inside the loop every value varies over the mesh axes of the tokens (see _backward_rule).
-    axes = _varying_axes((weights, padded, block_expert, valid, used, shared))
+    axes = _varying_axes((weights, padded, bounds, valid, shared))
     weights, padded, shared = (_vary_all(t, axes) for t in (weights, padded, shared))
 
-    def run(i, outs):
-        w, x = _expert_weights(weights, block_expert[i]), _index(padded, i)
-        return _set(outs, i, fn(w, x, valid[i], *shared))
+    def expert(e, w, blocks, outs):
+        def run(i, outs):
+            return _set(outs, i, fn(w, _index(padded, i), valid[i], *shared))
 
-    example = (_expert_weights(weights, block_expert[0]), _index(padded, 0), valid[0], *shared)
+        return jax.lax.fori_loop(*blocks, run, outs)
+
+    example = (_expert_weights(weights, 0), _index(padded, 0), valid[0], *shared)
     shapes = jax.eval_shape(fn, *example)
     outs = jax.tree.map(lambda s: _zeros((valid.shape[0],) + s.shape, s.dtype, axes), shapes)
-    return jax.lax.fori_loop(0, used, run, outs)
+    return _for_experts(weights, bounds, expert, outs)
 
 
-def _forward_rule(fn, token_grads, weights, padded, block_expert, valid, used, *shared):
-    out = _forward(fn, weights, padded, block_expert, valid, used, shared)
-    return out, (weights, padded, block_expert, valid, used, shared)
+def _forward_rule(fn, token_grads, weights, padded, bounds, valid, *shared):
+    out = _forward(fn, weights, padded, bounds, valid, shared)
+    saved = out if isinstance(fn, _Replay) else None
+    return out, (weights, padded, bounds, valid, shared, saved)
 
 
 def _backward_rule(fn, token_grads, residuals, cotangents):
-    weights, padded, block_expert, valid, used, shared = residuals
+    *residuals, saved = residuals
+    weights, padded, bounds, valid, shared = residuals
     # Inside the loop every value varies over the mesh axes of the tokens: a collective there
     # (the psum that transposes a replicated value's use) would run a device-dependent number
     # of times. Replicated inputs' gradients are summed over devices after the loop instead.
@@ -181,27 +217,31 @@ def _backward_rule(fn, token_grads, residuals, cotangents):
     x_leaves = _diff_leaves(padded) if token_grads else []
     zeros = jax.tree.map(_zeros_like, (_diff_leaves(weights), x_leaves, _diff_leaves(shared)))
 
-    def run(i, grads):
+    def expert(e, w, blocks, grads):
+        def run(i, grads):
+            g_e, g_x, g_s = grads
+            x = _index(padded, i)
+
+            def block(w_d, x_d, s_d):
+                x_b = _merge(x, x_d) if token_grads else x
+                args = (_merge(w, w_d), x_b, valid[i], *_merge(shared, s_d))
+                out = fn(*args) if saved is None else fn(*args, saved=_index(saved, i))
+                return _diff_leaves(out)
+
+            x_d = _diff_leaves(x) if token_grads else []
+            _, vjp = jax.vjp(block, _diff_leaves(w), x_d, _diff_leaves(shared))
+            d_w, d_x, d_s = vjp(_diff_leaves(_index(cotangents, i)))
+            return jax.tree.map(_plus, g_e, d_w), _set(g_x, i, d_x), jax.tree.map(_plus, g_s, d_s)
+
         g_w, g_x, g_s = grads
-        e = block_expert[i]
-        w, x = _expert_weights(weights, e), _index(padded, i)
+        g_e = jax.tree.map(_zeros_like, _diff_leaves(w))
+        g_e, g_x, g_s = jax.lax.fori_loop(*blocks, run, (g_e, g_x, g_s))
+        return jax.tree.map(lambda g, d: _set_at(g, e, d), g_w, g_e), g_x, g_s
 
-        def block(w_d, x_d, s_d):
-            x_b = _merge(x, x_d) if token_grads else x
-            return _diff_leaves(fn(_merge(w, w_d), x_b, valid[i], *_merge(shared, s_d)))
-
-        x_d = _diff_leaves(x) if token_grads else []
-        _, vjp = jax.vjp(block, _diff_leaves(w), x_d, _diff_leaves(shared))
-        d_w, d_x, d_s = vjp(_diff_leaves(_index(cotangents, i)))
-        g_w = jax.tree.map(lambda g, d: _add_at(g, e, d), g_w, d_w)
-        g_x = _set(g_x, i, d_x)
-        g_s = jax.tree.map(lambda g, d: _vary_as(g + d, g), g_s, d_s)
-        return g_w, g_x, g_s
-
-    g_w, g_x, g_s = jax.lax.fori_loop(0, used, run, zeros)
-    weights, padded, _, _, _, shared = residuals
+    g_w, g_x, g_s = _for_experts(weights, bounds, expert, zeros)
+    weights, padded, _, _, shared = residuals
     g_x = _cotangent(padded, g_x) if token_grads else jax.tree.map(lambda _: None, padded)
-    return (_cotangent(weights, g_w), g_x, None, None, None, *_cotangent(shared, g_s))
+    return (_cotangent(weights, g_w), g_x, None, None, *_cotangent(shared, g_s))
 
 
 def _cotangent(primal: PyTree, grads: list) -> PyTree:
@@ -244,9 +284,12 @@ def _set(tree: PyTree, i, values: PyTree) -> PyTree:
     return jax.tree.map(put, tree, values)
 
 
-def _add_at(acc: jax.Array, e, value: jax.Array) -> jax.Array:
-    row = jax.lax.dynamic_index_in_dim(acc, e, keepdims=False)
-    return jax.lax.dynamic_update_index_in_dim(acc, _vary_as(row + value, acc), e, 0)
+def _plus(acc: jax.Array, value: jax.Array) -> jax.Array:
+    return _vary_as(acc + value, acc)
+
+
+def _set_at(acc: jax.Array, e, value: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(acc, _vary_as(value, acc), e, 0)
 
 
 def _vary(a: jax.Array, axes) -> jax.Array:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,8 @@ from reference import auxk_sums, switch_mse, switch_sae
 
 from launch import eval as eval_cli
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
-from sae_jax.dropless import auto_block_size
+from sae_jax.dropless import auto_block_size, run_dropless
+from sae_jax.experts import ExpertParams
 from sae_jax.losses import loss_and_metrics
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.trainer import train
@@ -182,6 +184,29 @@ def test_dropless_builds_no_tokens_by_latents_or_experts_by_tokens_array(mesh1):
     assert (block, m // n) in shapes  # one block's pre-activations
     assert not [s for s in shapes if np.prod(s) >= tokens * m]
     assert not [s for s in shapes if tokens in s and n in s and len(s) > 2]
+
+
+@pytest.mark.parametrize("kernel", ["dense", "gather"])
+def test_backward_reuses_the_forward_top_k_and_values(kernel):
+    """The compiled backward of the block loop runs no top-k and no encoder matmul (tokens x
+    W_enc, [B, L]): only the dense kernel's d_codes = g W_dec^T is [B, L]. The forward has both."""
+    n, lat, block = 4, 64, 8
+    keys = jax.random.split(jax.random.key(0), 3)
+    p = ExpertParams(jax.random.normal(keys[0], (n, lat, D)), jnp.zeros((n, lat)),
+                     jax.random.normal(keys[1], (n, lat, D)))  # fmt: skip
+    xc, expert = jax.random.normal(keys[2], (T, D)), jnp.arange(T) % n
+
+    def recon(p, b_dec):
+        return run_dropless(p, xc, b_dec, expert, jnp.ones(T), None, k=4, k_aux=0,
+                            kernel=kernel, dtype="float32", block_size=block).recon  # fmt: skip
+
+    out, backward = jax.vjp(recon, p, jnp.zeros(D))
+    forward_hlo = jax.jit(recon).lower(p, jnp.zeros(D)).compile().as_text()
+    backward_hlo = jax.jit(backward).lower(out).compile().as_text()
+    block_by_latents = re.compile(rf"= f32\[{block},{lat}\]\{{[0-9,]*\}} dot\(")
+    assert len(block_by_latents.findall(forward_hlo)) == 1 and "TopK" in forward_hlo
+    assert len(block_by_latents.findall(backward_hlo)) == (kernel == "dense")
+    assert "TopK" not in backward_hlo and "sort(" not in backward_hlo
 
 
 def test_auto_block_size():

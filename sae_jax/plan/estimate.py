@@ -12,8 +12,8 @@ The new state is donated (aliased to the old), so outputs add nothing but the me
 Dropless dispatch (sae_jax/dropless.py) replaces the capacity buffers by its exchange and
 block buffers (`dropless_activations`), which follow the worst-case receive buffer of
 R = E x T_local rows, not the tokens routed; across devices it also moves different bytes
-(`ragged_exchanges`) and computes T_local + N_local x B rows per device, each block's forward
-twice (`flops_per_token`).
+(`ragged_exchanges`) and computes T_local + N_local x B rows per device, with AuxK part of
+each block's forward twice (`flops_per_token`).
 """
 
 from __future__ import annotations
@@ -249,23 +249,24 @@ def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
     """Matmul FLOPs per input token of the forward and backward pass (2 per multiply-add),
     plus the elementwise update of the local expert shards (replicated over 'data'). Expert
     work is per computed row, so it is scaled by rows / T_local: slots (capacity factor and
-    rounding), or dropless T_local + N_local x B. Dropless also runs each block's forward a
-    second time, in the backward (its custom VJP keeps nothing per block): `recompute`.
+    rounding), or dropless T_local + N_local x B. Dropless runs each block again in the
+    backward (its custom VJP keeps only the block's outputs): the top-k and latents are
+    reused, so only what the gradient needs beyond them runs again, with AuxK its decode
+    (for the frozen residual) and AuxK's forward: `recompute` (0 without AuxK).
     The router's backward reaches w_router and b_router."""
     ld, kd, pad = s.latents * s.d, s.k * s.d, s.computed_rows / s.local_tokens
     aux_on = auxk and s.k_aux > 0
     if s.dense:  # pre-activations with grad; codes [C, L] @ W_dec
         enc, dec, aux = 4 * ld, 6 * ld, 10 * ld
-        forward = 4 * ld + (4 * ld if aux_on else 0)
     else:  # gradient-free pre-activations; k gathered rows with grad
         enc, dec, aux = 2 * ld + 6 * kd, 6 * kd, 10 * ld
-        forward = 2 * ld + 4 * kd + (4 * ld if aux_on else 0)
+    again = (2 * ld if s.dense else 2 * kd) + 4 * ld if aux_on else 0.0  # decode + AuxK fwd
     terms = {
         "router": 6.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0,
         "encoder": pad * enc,
         "decoder": pad * dec,
         "auxk": pad * aux if aux_on else 0.0,
-        "recompute": pad * forward if s.dropless else 0.0,
+        "recompute": pad * again if s.dropless else 0.0,
         "update": UPDATE_FLOPS_PER_PARAM * 2 * s.num_latents * s.d * s.data / s.batch,
     }
     terms["total"] = sum(terms.values())
