@@ -85,11 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report)
     if args.data:
         report["reader"] = measure_reader(args)
-        step = max(r["tokens_per_sec"] for r in rows)
-        print(
-            f"reader: {report['reader']['tokens_per_sec']:.0f} tokens/s from {args.data} "
-            f"({report['reader']['tokens_per_sec'] / step:.1f}x the fastest step above)"
-        )
+        reader = report["reader"]["tokens_per_sec"]
+        step = max((r["tokens_per_sec"] for r in rows), default=None)
+        than = f" ({reader / step:.1f}x the fastest step above)" if step else ""
+        print(f"reader: {reader:.0f} tokens/s from {args.data}{than}")
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {args.out}")

@@ -4,6 +4,8 @@ console summaries and plots: unit tests, no training."""
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +62,16 @@ def test_tensorboard_events_hold_every_row_and_a_resume_replaces_the_rerun_steps
     load = acc.Histograms("train/expert_load")[-1]
     assert load.step == 4 and load.histogram_value.num == 2
     assert load.histogram_value.sum == pytest.approx(1.0)
+
+
+def test_event_files_do_not_load_torch_into_the_training_process(tmp_path):
+    # tensorboardX imports torch when it can; with torch loaded the XLA:CPU step ran ~20%
+    # slower. A fresh process: this one may hold torch from other tests.
+    code = ("import sys; from sae_jax.metric_logs import TensorBoardLog; "
+            f"log = TensorBoardLog({str(tmp_path)!r}); log.write({{'step': 1, 'mse': 0.5}}); "
+            "log.close(); print('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"] and list(tmp_path.glob("events.out.tfevents.*"))
 
 
 def test_wandb_offline_logs_with_no_network(tmp_path, monkeypatch):

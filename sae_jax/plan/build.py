@@ -19,6 +19,7 @@ from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data.shards import MANIFEST
 from sae_jax.evaluation import make_eval_step
+from sae_jax.experts import max_bucket
 from sae_jax.mesh import TOKENS
 from sae_jax.model import SwitchSAE, check_mesh
 from sae_jax.train_step import make_optimizer, make_train_step, new_state, state_sharding
@@ -54,9 +55,12 @@ def compile_steps(
         eval_step = make_eval_step(
             graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight
         )
+        # AuxK at the largest bucket training can use (TrainConfig.aux_max_share)
+        bucket = max_bucket(cfg.latents_per_expert, tcfg.aux_max_share)
+        auxk = make_train_step(graphdef, tx, tcfg, shardings, auxk=True, aux_bucket=bucket)
         lowered = {
             "train": make_train_step(graphdef, tx, tcfg, shardings, auxk=False).lower(state, x),
-            "train_auxk": make_train_step(graphdef, tx, tcfg, shardings, auxk=True).lower(state, x),
+            "train_auxk": auxk.lower(state, x),
             "eval": eval_step.lower(state.params, x, keep),
         }
         return {name: low.compile(_options(dump_root, name)) for name, low in lowered.items()}

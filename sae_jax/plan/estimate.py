@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from sae_jax import grouped, ragged
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.dropless import auto_block_size
-from sae_jax.experts import use_dense
+from sae_jax.experts import max_bucket, use_dense
 from sae_jax.plan.hlo import Collective
 from sae_jax.train_step import DEAD_COUNT_LAG
 
@@ -74,6 +74,7 @@ class Shapes:
     dispatch: str = "capacity"
     block_size: int = 0  # dropless; 0: auto
     emulated_exchange: bool = False  # dropless on CPU: ragged_all_to_all is emulated
+    aux_share: float = 1.0  # AuxK's largest bucket / L (experts.max_bucket)
 
     @classmethod
     def of(
@@ -85,6 +86,7 @@ class Shapes:
             tcfg.batch_size, mesh_shape[0], mesh_shape[1], cfg.capacity_factor,
             cfg.expert_kernel, cfg.compute_dtype, cfg.dispatch, cfg.block_size,
             backend == "cpu",
+            max_bucket(cfg.latents_per_expert, tcfg.aux_max_share) / cfg.latents_per_expert,
         )  # fmt: skip
 
     @property
@@ -192,14 +194,14 @@ def activations(s: Shapes) -> int:
     """Largest live activations, per device: the capacity buffers [S, d] on both sides of
     the all_to_alls, the pre-activations [S, L] and either the dense kernel's codes and
     their gradient ([S, L] each) or the gather kernel's rows ([S, k, d], encoder and
-    decoder), plus AuxK's at its largest bucket (every latent dead)."""
+    decoder), plus AuxK's at its largest bucket (`aux_share` of the latents)."""
     slots, tokens = s.slots, s.local_tokens
     buffers = 4 * (slots + tokens) * s.d * F32
     pre = slots * s.latents * F32
     kernel = 2 * pre if s.dense else 2 * slots * s.k * s.d * F32
-    # AuxK with every latent dead: the [S, L] pre-activations of the dead columns, their
+    # AuxK at its largest bucket B: the [S, B] pre-activations of the dead columns, their
     # top-k selection mask and their gradient.
-    aux = 3 * pre
+    aux = 3 * pre * s.aux_share
     return buffers + pre + kernel + aux
 
 
@@ -217,8 +219,8 @@ def dropless_activations(s: Shapes) -> int:
         chunk_rows = s.expert * min(s.local_tokens, s.received_rows)
         exchange += DROPLESS_EMULATION_BUFFERS * chunk_rows * s.d * F32
     weights = DROPLESS_BLOCK_EXPERT_ROWS * s.latents * s.d * F32
-    # one block's [B, L] pre-activations, codes and AuxK's [B, dead] columns (at most L)
-    aux = 4 * s.block * s.latents * F32
+    # one block's [B, L] pre-activations and codes, and AuxK's [B, dead] columns (twice)
+    aux = (2 + 2 * s.aux_share) * s.block * s.latents * F32
     loop = (DROPLESS_LOOP_F32_BUFFERS * F32 + itemsize) * rows * s.d + weights + aux
     stacked = blocks * (s.latents + 2 * s.block * s.k) * F32
     tokens = 4 * s.local_tokens * s.d * F32
@@ -257,10 +259,11 @@ def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
     ld, kd, pad = s.latents * s.d, s.k * s.d, s.computed_rows / s.local_tokens
     aux_on = auxk and s.k_aux > 0
     if s.dense:  # pre-activations with grad; codes [C, L] @ W_dec
-        enc, dec, aux = 4 * ld, 6 * ld, 10 * ld
+        enc, dec = 4 * ld, 6 * ld
     else:  # gradient-free pre-activations; k gathered rows with grad
-        enc, dec, aux = 2 * ld + 6 * kd, 6 * kd, 10 * ld
-    again = (2 * ld if s.dense else 2 * kd) + 4 * ld if aux_on else 0.0  # decode + AuxK fwd
+        enc, dec = 2 * ld + 6 * kd, 6 * kd
+    aux = 10 * ld * s.aux_share  # AuxK on its largest bucket of dead columns
+    again = (2 * ld if s.dense else 2 * kd) + 0.4 * aux if aux_on else 0.0  # decode + AuxK fwd
     terms = {
         "router": 6.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0,
         "encoder": pad * enc,
