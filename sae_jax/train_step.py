@@ -151,8 +151,9 @@ def make_train_step(
 class TrainStep:
     """step(state, x) -> (state, metrics): the plain compiled step or an AuxK one.
 
-    Step t runs AuxK, on the bucket that holds the most dead latents of one expert, when the
-    state of step t - DEAD_COUNT_LAG + 1 had a dead latent; that count came out of step
+    Step t runs AuxK, on the bucket that holds the most dead latents of one expert (capped at
+    `TrainConfig.aux_max_share`, see experts.max_bucket), when the state of step
+    t - DEAD_COUNT_LAG + 1 had a dead latent; that count came out of step
     t - DEAD_COUNT_LAG, which has finished (or is about to) while step t - 1 still runs, so
     reading it never stalls the device queue. The first call reads the counts from the state
     (at the start or after a restore). Use one TrainStep per run; each bucket's step is
