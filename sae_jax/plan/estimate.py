@@ -262,8 +262,9 @@ def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
         enc, dec = 4 * ld, 6 * ld
     else:  # gradient-free pre-activations; k gathered rows with grad
         enc, dec = 2 * ld + 6 * kd, 6 * kd
-    aux = 10 * ld * s.aux_share  # AuxK on its largest bucket of dead columns
-    again = (2 * ld if s.dense else 2 * kd) + 0.4 * aux if aux_on else 0.0  # decode + AuxK fwd
+    aux_ld = ld * s.aux_share  # AuxK's columns: its largest bucket of dead latents
+    aux = 10 * aux_ld
+    again = (2 * ld if s.dense else 2 * kd) + 4 * aux_ld if aux_on else 0.0  # decode + AuxK fwd
     terms = {
         "router": 6.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0,
         "encoder": pad * enc,
