@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for shape in ((1, 1), (1, devices)):
             rows += [measure(args, args.mesh_expert, args.num_latents, shape, d) for d in dtypes]
     if args.auxk:
-        from sae_jax.experts import dead_buckets
+        from sae_jax.kernels.expert import dead_buckets
 
         for n in [int(v) for v in args.experts.split(",") if v]:
             for b in dead_buckets(args.num_latents // n):
@@ -106,8 +106,8 @@ def measure(
     from sae_jax.config import SAEConfig, TrainConfig
     from sae_jax.distributed import put_batch
     from sae_jax.mesh import make_mesh, token_sharding
-    from sae_jax.model import SwitchSAE
-    from sae_jax.train_step import setup_training
+    from sae_jax.model.switch import SwitchSAE
+    from sae_jax.training.step import setup_training
 
     cfg = SAEConfig(d=args.d, num_latents=num_latents, num_experts=num_experts, k=args.k,
                     capacity_factor=args.capacity_factor,

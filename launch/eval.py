@@ -69,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(args) -> dict:
-    from sae_jax import plots
-    from sae_jax.analysis import EvalAccumulator, decoder_feature_recovery
     from sae_jax.config import ConfigError
     from sae_jax.data import ActivationData
-    from sae_jax.metrics import to_python
+    from sae_jax.evaluation import plots
+    from sae_jax.evaluation.analysis import EvalAccumulator, decoder_feature_recovery
     from sae_jax.run_data import load_run_sae, open_eval_data
+    from sae_jax.training.metrics import to_python
 
     workdir = Path(args.workdir)
     sae = load_run_sae(workdir)
@@ -115,8 +115,8 @@ def evaluate_run(args) -> dict:
 def _eval_capacity(workdir: Path) -> float | None:
     """The run's evaluation capacity factor, from its latest checkpoint record; None for a
     dropless run (no token is ever dropped)."""
-    from sae_jax.checkpoint import Checkpointer
     from sae_jax.config import SAEConfig
+    from sae_jax.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(workdir, create=False)
     try:
@@ -139,7 +139,7 @@ def _loss_recovered(args, data, sae) -> dict:
         return {}
     try:
         from sae_jax.data.dumper import find_blocks, load_model, token_sequences
-        from sae_jax.lm_loss import loss_recovered
+        from sae_jax.evaluation.lm_loss import loss_recovered
 
         model, tokenizer, _ = load_model(source["model"], "cpu")
     except (ImportError, ValueError, OSError) as e:

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export_run(args: argparse.Namespace) -> tuple[Path, int]:
-    from sae_jax.checkpoint import Checkpointer
     from sae_jax.config import ConfigError, SAEConfig
     from sae_jax.export import DEFAULT_MAX_FILE_BYTES, export_mesh, export_sae
+    from sae_jax.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(args.workdir, create=False)
     try:

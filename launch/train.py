@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     import gin
 
     from sae_jax.gin_setup import DEFAULT_CONFIG, parse
-    from sae_jax.preemption import Preempted
-    from sae_jax.trainer import TrainingError, train
+    from sae_jax.training.loop import TrainingError, train
+    from sae_jax.training.preemption import Preempted
 
     initialize_multihost(args)
     try:

@@ -2,7 +2,7 @@
 
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.export import export_sae
-from sae_jax.model import SwitchSAE
+from sae_jax.model.switch import SwitchSAE
 from sae_jax.pretrained import PretrainedSAE, load_pretrained
 
 __all__ = [

@@ -29,17 +29,18 @@ class SAEConfig:
     k_aux: dead latents used by the AuxK loss (capped at the latents per expert; 0 turns it off).
     capacity_factor / eval_capacity_factor: expert buffer size C = ceil(cf * tokens / N).
     expert_kernel: 'dense', 'gather' or 'auto' (dense up to 1024 latents per expert); see
-        sae_jax/experts.py. Both compute the same function and gradients.
+        sae_jax/kernels/expert.py. Both compute the same function and gradients.
     compute_dtype: 'float32', 'bfloat16' or 'auto' (float32 on CPU, bfloat16 on GPU/TPU): the
         dtype of the expert matmul operands and of the dispatched token buffers; they
         accumulate in float32, and parameters, router, losses and metrics stay float32.
     dispatch: 'capacity' ([N, C, d] buffers; tokens past C are dropped) or 'dropless' (tokens
-        sorted by expert, each expert run on blocks of its own tokens; sae_jax/dropless.py).
+        sorted by expert, each expert run on blocks of its own tokens;
+        sae_jax/dispatch/dropless.py).
     block_size: rows per expert block of the dropless dispatch; 0 picks one from the tokens
         per device and N (`dropless.auto_block_size`).
     grouped_matmul: how dropless runs the experts whose tokens are all on the device:
-        'ragged_dot' (sae_jax/ragged_experts.py; native on GPU/TPU, a dense masked product on
-        CPU), 'blocks' (sae_jax/grouped.py) or 'auto' (ragged_dot on GPU/TPU with the dense
+        'ragged_dot' (sae_jax/dispatch/ragged_dot.py; native on GPU/TPU, a dense masked product on
+        CPU), 'blocks' (sae_jax/dispatch/blocks.py) or 'auto' (ragged_dot on GPU/TPU with the dense
         kernel, else blocks). Across devices dropless always uses blocks.
     """
 

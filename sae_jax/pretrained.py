@@ -1,7 +1,7 @@
 """Load an exported SAE (either form of `sae_jax.export`) and run it for inference.
 
 Inference runs on one host, which holds the whole SAE. Encoding sorts tokens by their routed
-expert and runs each expert on blocks of its own tokens (`sae_jax.grouped`), so the encoder
+expert and runs each expert on blocks of its own tokens (`sae_jax.dispatch.blocks`), so the encoder
 work is that of at most T + N * B rows, not N * T.
 """
 
@@ -18,10 +18,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from sae_jax import grouped, routing
 from sae_jax.config import SAEConfig
-from sae_jax.experts import ExpertParams
+from sae_jax.dispatch import blocks
 from sae_jax.export import CONFIG, INDEX, SHARDED_VERSION, SINGLE_FILE_VERSION, WEIGHTS
+from sae_jax.kernels import routing
+from sae_jax.kernels.expert import ExpertParams
 
 MAX_BLOCK = 128  # rows per expert block at most (encode's default block size)
 MIN_BLOCK = 8
@@ -131,7 +132,7 @@ def _encode(params: dict, x: jax.Array, cfg: SAEConfig, block_size: int) -> Code
     r = _route(params, x, cfg)
     experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"])
     block_fn = functools.partial(encode_block, b_dec=params["b_dec"], k=cfg.k)
-    values, local = grouped.grouped_apply(
+    values, local = blocks.grouped_apply(
         block_fn, experts, x, r.expert, num_experts=cfg.num_experts, block_size=block_size
     )
     return Codes(values, r.expert[:, None] * cfg.latents_per_expert + local, r.expert, r.gate)

@@ -30,7 +30,7 @@ def run_config_text(workdir: str | Path) -> str:
     workdir = Path(workdir)
     if (workdir / "config.gin").exists():
         return (workdir / "config.gin").read_text()
-    from sae_jax.checkpoint import Checkpointer
+    from sae_jax.training.checkpoint import Checkpointer
 
     if (workdir / "checkpoints").is_dir():
         ckpt = Checkpointer(workdir, create=False)

@@ -16,7 +16,7 @@ from flax import nnx  # noqa: E402
 
 from sae_jax.config import SAEConfig  # noqa: E402
 from sae_jax.mesh import make_mesh  # noqa: E402
-from sae_jax.model import SwitchSAE  # noqa: E402
+from sae_jax.model.switch import SwitchSAE  # noqa: E402
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from launch import browse as browse_cli
 from launch import eval as eval_cli
 from launch import train as train_cli
-from sae_jax.features import CountTable, StreamingTopK
+from sae_jax.evaluation.features import CountTable, StreamingTopK
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -20,11 +20,11 @@ from safetensors import safe_open
 from launch import export as export_cli
 from launch import train as train_cli
 from sae_jax import load_pretrained
-from sae_jax.checkpoint import Checkpointer
 from sae_jax.config import SAEConfig
 from sae_jax.export import INDEX, WEIGHTS, export_mesh, export_sae
 from sae_jax.mesh import make_mesh
-from sae_jax.model import SwitchSAE
+from sae_jax.model.switch import SwitchSAE
+from sae_jax.training.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [

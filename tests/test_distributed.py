@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from launch import train as train_cli
 from sae_jax import load_pretrained
-from sae_jax.checkpoint import Checkpointer
 from sae_jax.export import INDEX
+from sae_jax.training.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [

@@ -14,11 +14,11 @@ from reference import auxk_sums, switch_mse, switch_sae
 
 from launch import eval as eval_cli
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
-from sae_jax.dropless import auto_block_size, run_dropless
-from sae_jax.experts import ExpertParams
-from sae_jax.losses import loss_and_metrics
+from sae_jax.dispatch.dropless import auto_block_size, run_dropless
+from sae_jax.kernels.expert import ExpertParams
 from sae_jax.mesh import make_mesh, token_sharding
-from sae_jax.trainer import train
+from sae_jax.model.losses import loss_and_metrics
+from sae_jax.training.loop import train
 
 N, D, T = 8, 16, 64
 CFG = SAEConfig(d=D, num_latents=128, num_experts=N, k=4, k_aux=6, dispatch="dropless")

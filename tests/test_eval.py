@@ -9,7 +9,7 @@ from data_utils import write_dataset
 
 from launch import eval as eval_cli
 from launch import train as train_cli
-from sae_jax.analysis import (
+from sae_jax.evaluation.analysis import (
     EvalAccumulator,
     dropped_at_capacity,
     feature_duplication,
@@ -82,7 +82,7 @@ def test_mse_is_reported_in_training_units():
 def test_loss_recovered_is_one_for_exact_and_zero_for_ablation(tiny_model, text):
     transformers = pytest.importorskip("transformers")
     from sae_jax.data.dumper import find_blocks, token_sequences
-    from sae_jax.lm_loss import loss_recovered
+    from sae_jax.evaluation.lm_loss import loss_recovered
 
     tok = transformers.AutoTokenizer.from_pretrained(tiny_model)
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model).eval()

@@ -7,7 +7,7 @@ import pytest
 from conftest import jaxpr_shapes
 from reference import switch_sae, topk_sae_token
 
-from sae_jax import dispatch, grouped
+from sae_jax.dispatch import blocks, capacity
 from sae_jax.pretrained import PretrainedSAE
 
 N, D, LAT, K = 8, 16, 6, 2
@@ -71,8 +71,8 @@ def test_encode_equals_per_token_reference(name, block_size):
 
 def test_plan_blocks_layout():
     expert = jnp.array([2, 0, 2, 2, 0, 2, 2], jnp.int32)  # counts 2, 0, 5
-    plan = grouped.plan_blocks(expert, num_experts=3, block_size=2)
-    assert plan.valid.shape == (grouped.max_blocks(7, 3, 2), 2) == (7, 2)
+    plan = blocks.plan_blocks(expert, num_experts=3, block_size=2)
+    assert plan.valid.shape == (blocks.max_blocks(7, 3, 2), 2) == (7, 2)
     # expert 0 -> block 0; expert 1 has none; expert 2 -> blocks 1..3 (5 tokens, 1 padding row)
     np.testing.assert_array_equal(plan.block_expert[:4], [0, 2, 2, 2])
     np.testing.assert_array_equal(plan.block_used, [True] * 4 + [False] * 3)
@@ -92,7 +92,7 @@ def test_grouped_apply_values_and_gradients():
         return jnp.tanh(xb @ w_e) * valid[:, None]
 
     def grouped_loss(w, x):
-        y = grouped.grouped_apply(block_fn, w, x, expert, num_experts=N, block_size=4)
+        y = blocks.grouped_apply(block_fn, w, x, expert, num_experts=N, block_size=4)
         return jnp.sum(y**2), y
 
     def per_token_loss(w, x):
@@ -119,7 +119,7 @@ def test_encode_builds_no_experts_by_tokens_array():
     sae = routed_sae()
     x = jnp.zeros((tokens, D), jnp.float32)
     jaxpr = jax.make_jaxpr(lambda x: sae.encode(x, block_size=block))(x).jaxpr
-    rows = grouped.max_blocks(tokens, N, block) * block  # <= T + N * B = 264, not N * T = 1600
+    rows = blocks.max_blocks(tokens, N, block) * block  # <= T + N * B = 264, not N * T = 1600
     shapes = jaxpr_shapes(jaxpr)
     assert (block, LAT) in shapes  # the per-block pre-activations
     assert not _over_budget(shapes, tokens, rows, max(D, LAT)), _over_budget(
@@ -129,6 +129,6 @@ def test_encode_builds_no_experts_by_tokens_array():
     expert = jnp.zeros(tokens, jnp.int32)
 
     def capacity_dispatch(x):
-        return dispatch.to_buffers(x, expert, dispatch.assign_slots(expert, N), N, tokens)
+        return capacity.to_buffers(x, expert, capacity.assign_slots(expert, N), N, tokens)
 
     assert _over_budget(jaxpr_shapes(jax.make_jaxpr(capacity_dispatch)(x).jaxpr), tokens, rows, D)

@@ -14,14 +14,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch.cli import BASE_GIN
-from sae_jax.checkpoint import check_changes, config_changes, model_record
 from sae_jax.config import MACROS, ConfigError, SAEConfig, TrainConfig
+from sae_jax.evaluation.plots import y_scale
 from sae_jax.gin_setup import parse
-from sae_jax.losses import loss_and_metrics
-from sae_jax.metrics import MetricWriter, summary
-from sae_jax.model import SwitchOut
-from sae_jax.plots import y_scale
-from sae_jax.trainer import CONSOLE, same_data_note
+from sae_jax.model.losses import loss_and_metrics
+from sae_jax.model.switch import SwitchOut
+from sae_jax.training.checkpoint import check_changes, config_changes, model_record
+from sae_jax.training.loop import CONSOLE, same_data_note
+from sae_jax.training.metrics import MetricWriter, summary
 
 
 def train_row(step: int, scale: float) -> dict:
@@ -67,7 +67,7 @@ def test_tensorboard_events_hold_every_row_and_a_resume_replaces_the_rerun_steps
 def test_event_files_do_not_load_torch_into_the_training_process(tmp_path):
     # tensorboardX imports torch when it can; with torch loaded the XLA:CPU step ran ~20%
     # slower. A fresh process: this one may hold torch from other tests.
-    code = ("import sys; from sae_jax.metric_logs import TensorBoardLog; "
+    code = ("import sys; from sae_jax.training.metric_logs import TensorBoardLog; "
             f"log = TensorBoardLog({str(tmp_path)!r}); log.write({{'step': 1, 'mse': 0.5}}); "
             "log.close(); print('torch' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

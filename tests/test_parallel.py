@@ -10,8 +10,8 @@ from conftest import random_model
 from flax import nnx
 
 from sae_jax.config import ConfigError, SAEConfig
-from sae_jax.losses import loss_and_metrics
 from sae_jax.mesh import make_mesh, token_sharding
+from sae_jax.model.losses import loss_and_metrics
 
 CFG = SAEConfig(d=16, num_latents=256, num_experts=8, k=4, k_aux=8, capacity_factor=8.0)
 
@@ -99,8 +99,8 @@ def test_mesh_errors_are_one_line():
 def test_expert_state_is_created_sharded():
     from sae_jax.config import TrainConfig
     from sae_jax.data import SyntheticData
-    from sae_jax.train_step import init_state, make_optimizer
-    from sae_jax.trainer import build_model
+    from sae_jax.training.loop import build_model
+    from sae_jax.training.step import init_state, make_optimizer
 
     cfg = SAEConfig(d=16, num_latents=256, num_experts=8, k=4)
     tcfg = TrainConfig(geometric_median_tokens=256)

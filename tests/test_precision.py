@@ -11,13 +11,14 @@ from conftest import random_model
 from flax import nnx
 
 from launch import train as train_cli
-from sae_jax import experts, precision
+from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data.shards import build_manifest, write_manifest
-from sae_jax.experts import ExpertParams
+from sae_jax.kernels import expert
+from sae_jax.kernels.expert import ExpertParams
 from sae_jax.mesh import make_mesh
-from sae_jax.model import SwitchSAE
-from sae_jax.trainer import train
+from sae_jax.model.switch import SwitchSAE
+from sae_jax.training.loop import train
 
 
 def test_compute_dtype_config(mesh1, monkeypatch):
@@ -89,9 +90,9 @@ def test_bf16_topk_agrees_with_float64_on_data_with_a_large_mean():
     ref_idx = np.argsort(-ref, axis=1)[:, :k]
 
     p = ExpertParams(*(jnp.asarray(v)[None] for v in (w, b_enc, w)))
-    xc = experts.centre(jnp.asarray(x), jnp.asarray(b_dec), "bfloat16")
+    xc = expert.centre(jnp.asarray(x), jnp.asarray(b_dec), "bfloat16")
     valid = jnp.ones((1, tokens), bool)
-    out = experts.run_experts(p, xc[None], jnp.asarray(b_dec), valid.astype(jnp.float32), valid,
+    out = expert.run_experts(p, xc[None], jnp.asarray(b_dec), valid.astype(jnp.float32), valid,
                               None, k=k, k_aux=0, kernel="dense", dtype="bfloat16")  # fmt: skip
     assert _agreement(np.asarray(out.indices[0]), ref_idx) > 0.99
 

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from reference import ragged_all_to_all as ragged_reference
 
-from sae_jax import ragged
+from sae_jax.dispatch import exchange
 from sae_jax.mesh import AXES, make_mesh
 
 MESHES = {"1x8": (1, 8), "2x4": (2, 4)}
@@ -75,7 +75,7 @@ DOC_RESULT = [[1, 3, 0, 0], [2, 2, 4, 0]]
 def test_docstring_example():
     args = [np.asarray(a, np.int32) for a in DOC_EXAMPLE.values()]
     np.testing.assert_array_equal(ragged_reference(*(list(a) for a in args)), DOC_RESULT)
-    fn = functools.partial(ragged.ragged_all_to_all_emulated, axis_name="expert")
+    fn = functools.partial(exchange.ragged_all_to_all_emulated, axis_name="expert")
     run = sharded(fn, make_mesh((4, 2)), 6, 1)  # four copies of the example
     got = run(*(np.tile(a, (4, 1)).reshape(-1) for a in args))
     np.testing.assert_array_equal(np.asarray(got).reshape(4, 2, 4), [DOC_RESULT] * 4)
@@ -98,7 +98,7 @@ def test_emulation_matches_docstring_model(mesh_shape, s):
     k = e * s
     n = 3 * k + 4  # room for random sizes below 4 plus gaps
     m = n + 2  # room for every receiver's slices and for one whole operand
-    fn = functools.partial(ragged.ragged_all_to_all_emulated, axis_name="expert")
+    fn = functools.partial(exchange.ragged_all_to_all_emulated, axis_name="expert")
     run = sharded(fn, make_mesh(mesh_shape), 6, 1)
     rng = np.random.default_rng(s)
     for kind in ["random", "random", "random", "one_to_one", "empty"]:
@@ -113,7 +113,7 @@ def test_emulation_matches_docstring_model(mesh_shape, s):
 
 
 def plan_fn(send_sizes):
-    out, back = ragged.plan_exchange(send_sizes, "expert")
+    out, back = exchange.plan_exchange(send_sizes, "expert")
     return (*out, *back)
 
 
@@ -131,7 +131,7 @@ def test_plan_offsets(mesh_shape):
         before_s = np.cumsum(sizes, axis=0) - sizes
         out = [before_r, sizes, before_s, sizes.T]  # row = this device as the sender
         back = [before_s.T, sizes.T, before_r.T, sizes]  # row = this device
-        names = [f"{trip}.{f}" for trip in ("out", "back") for f in ragged.RaggedPlan._fields]
+        names = [f"{trip}.{f}" for trip in ("out", "back") for f in exchange.RaggedPlan._fields]
         for name, a, b in zip(names, [x[g] for x in got], out + back, strict=True):
             np.testing.assert_array_equal(a, b, err_msg=name)
         # The op's precondition: send_sizes == all_to_all(recv_sizes).
@@ -144,15 +144,15 @@ def round_trip(x, expert, *, emulate: bool = True):
     its expert's device, back in the original rows; and rows received [1]."""
     e = jax.lax.axis_size("expert")
     t = x.shape[0]
-    order, sizes = ragged.sort_by_destination(expert // N_LOCAL, e)
-    out, back = ragged.plan_exchange(sizes, "expert")
-    rows = ragged.max_received_rows(e, t)
-    x_recv = ragged.ragged_exchange(x[order], out, "expert", rows, emulate=emulate)
-    e_recv = ragged.ragged_exchange(expert[order], out, "expert", rows, emulate=emulate)
+    order, sizes = exchange.sort_by_destination(expert // N_LOCAL, e)
+    out, back = exchange.plan_exchange(sizes, "expert")
+    rows = exchange.max_received_rows(e, t)
+    x_recv = exchange.ragged_exchange(x[order], out, "expert", rows, emulate=emulate)
+    e_recv = exchange.ragged_exchange(expert[order], out, "expert", rows, emulate=emulate)
     # The device term is zero for rows that reached their expert's device.
     here = jax.lax.axis_index("expert") - e_recv // N_LOCAL
     y = x_recv * (e_recv + 1)[:, None] + 100.0 * here[:, None]
-    y_back = ragged.ragged_exchange(y, back, "expert", t, emulate=emulate)
+    y_back = exchange.ragged_exchange(y, back, "expert", t, emulate=emulate)
     return jnp.zeros_like(y_back).at[order].set(y_back), jnp.sum(out.recv_sizes)[None]
 
 
@@ -185,14 +185,14 @@ def test_gradient_is_the_return_trip():
 
     def grads(x, expert, w):
         e, t = jax.lax.axis_size("expert"), x.shape[0]
-        order, sizes = ragged.sort_by_destination(expert // N_LOCAL, e)
-        out, back = ragged.plan_exchange(sizes, "expert")
-        rows = ragged.max_received_rows(e, t)
+        order, sizes = exchange.sort_by_destination(expert // N_LOCAL, e)
+        out, back = exchange.plan_exchange(sizes, "expert")
+        rows = exchange.max_received_rows(e, t)
 
         def loss(xs):
-            return jnp.sum(w * ragged.ragged_exchange(xs, out, "expert", rows, emulate=True))
+            return jnp.sum(w * exchange.ragged_exchange(xs, out, "expert", rows, emulate=True))
 
-        return jax.grad(loss)(x[order]), ragged.ragged_exchange(w, back, "expert", t)
+        return jax.grad(loss)(x[order]), exchange.ragged_exchange(w, back, "expert", t)
 
     rng = np.random.default_rng(2)
     e = 8

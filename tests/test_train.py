@@ -9,10 +9,10 @@ from conftest import jaxpr_shapes, random_model
 
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.data import SyntheticData
-from sae_jax.init import geometric_median
-from sae_jax.train_step import make_optimizer, setup_training
-from sae_jax.trainer import train
-from sae_jax.update import project
+from sae_jax.model.init import geometric_median
+from sae_jax.training.loop import train
+from sae_jax.training.step import make_optimizer, setup_training
+from sae_jax.training.update import project
 
 
 def _steps(cfg: SAEConfig, tcfg: TrainConfig, batches: list[jax.Array]):

@@ -8,11 +8,11 @@ import pytest
 from conftest import random_model
 from flax import nnx
 
-from sae_jax import update
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.mesh import make_mesh
-from sae_jax.model import unit_rows
-from sae_jax.train_step import init_state, make_optimizer
+from sae_jax.model.switch import unit_rows
+from sae_jax.training import update
+from sae_jax.training.step import init_state, make_optimizer
 
 
 def reference_update(grads, opt_state, params, clip):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax.analysis import duplicate_pairs
 from sae_jax.browser.collect import Collected, collect
 from sae_jax.browser.site import SiteInfo, write_site
 from sae_jax.config import ConfigError
 from sae_jax.data import ActivationData
+from sae_jax.evaluation.analysis import duplicate_pairs
 from sae_jax.run_data import load_run_sae, open_eval_data
 
 REDUMP = ("this dump has no token ids (written before the dumper stored them), so contexts "

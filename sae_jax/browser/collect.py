@@ -14,7 +14,7 @@ import numpy as np
 
 from sae_jax.data import ActivationData, SyntheticData
 from sae_jax.data.reader import row_norms
-from sae_jax.features import FeatureStats
+from sae_jax.evaluation.features import FeatureStats
 from sae_jax.pretrained import PretrainedSAE
 
 

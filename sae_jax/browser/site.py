@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.browser.collect import Collected
-from sae_jax.features import HIST_EDGES
+from sae_jax.evaluation.features import HIST_EDGES
 
 STATIC = Path(__file__).resolve().parent / "static"
 BLOCK = 128  # latents per block_<B>.js file

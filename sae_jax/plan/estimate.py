@@ -9,7 +9,7 @@ Memory terms (float32 state; W = one expert tensor's local shard, N_local x L x 
   other            the rest of XLA's temporaries: see `other_temporaries`
 The new state is donated (aliased to the old), so outputs add nothing but the metrics.
 
-Dropless dispatch (sae_jax/dropless.py) replaces the capacity buffers by its exchange and
+Dropless dispatch (sae_jax/dispatch/dropless.py) replaces the capacity buffers by its exchange and
 block buffers (`dropless_activations`), which follow the worst-case receive buffer of
 R = E x T_local rows, not the tokens routed; across devices it also moves different bytes
 (`ragged_exchanges`) and computes T_local + N_local x B rows per device, with AuxK part of
@@ -23,18 +23,18 @@ import math
 
 import jax.numpy as jnp
 
-from sae_jax import grouped, ragged
 from sae_jax.config import SAEConfig, TrainConfig
-from sae_jax.dropless import auto_block_size
-from sae_jax.experts import max_bucket, use_dense
+from sae_jax.dispatch import blocks, exchange
+from sae_jax.dispatch.dropless import auto_block_size
+from sae_jax.kernels.expert import max_bucket, use_dense
 from sae_jax.plan.hlo import Collective
-from sae_jax.train_step import DEAD_COUNT_LAG
+from sae_jax.training.step import DEAD_COUNT_LAG
 
 F32 = 4
 # Expert-sized [N_local, L, d] float32 temporaries the step holds besides the gradients
 # (measured on XLA:CPU, configs/pod.gin on 64 devices: one, the zeros the gather kernel's row
 # gradients are scattered into; the optimizer update runs a chunk at a time, see
-# sae_jax/update.py). Below float32 the step also holds w_enc cast to the compute dtype for
+# sae_jax/training/update.py). Below float32 the step also holds w_enc cast to the compute dtype for
 # the [S, L] pre-activation matmul. Adjust these when the step changes.
 UPDATE_EXPERT_BUFFERS = 1
 # Elementwise FLOPs per parameter of the update: global-norm clipping (2), Adam's moments
@@ -123,18 +123,18 @@ class Shapes:
 
     @property
     def block(self) -> int:
-        """B, the dropless block size (sae_jax/dropless.py `auto_block_size` when 0)."""
+        """B, the dropless block size (sae_jax/dispatch/dropless.py `auto_block_size` when 0)."""
         return self.block_size or auto_block_size(self.local_tokens, self.local_experts)
 
     @property
     def received_rows(self) -> int:
         """R, the dropless receive buffer: E x T_local rows (T_local on one device)."""
-        return ragged.max_received_rows(self.expert, self.local_tokens)
+        return exchange.max_received_rows(self.expert, self.local_tokens)
 
     @property
     def layout_rows(self) -> int:
         """Rows of the dropless block layout: room for any routing of R rows."""
-        return grouped.max_blocks(self.received_rows, self.local_experts, self.block) * self.block
+        return blocks.max_blocks(self.received_rows, self.local_experts, self.block) * self.block
 
     @property
     def computed_rows(self) -> int:

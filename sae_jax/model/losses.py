@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sae_jax.model import SwitchOut
-from sae_jax.routing import load_balance_loss
+from sae_jax.kernels.routing import load_balance_loss
+from sae_jax.model.switch import SwitchOut
 
 
 def loss_and_metrics(

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig, binding_name
 from sae_jax.mesh import make_mesh
-from sae_jax.model import SwitchSAE
+from sae_jax.model.switch import SwitchSAE
 
 MODEL_KEYS = ("d", "num_latents", "num_experts")  # another value: the state cannot restore
 # Another value restores but trains another model: named, and refused unless allowed.

@@ -1,6 +1,6 @@
 """Metric output: one JSON object per logged step in DIR/metrics.jsonl, the same rows as
-TensorBoard events in DIR (and optionally Weights & Biases; sae_jax/metric_logs.py), and the
-console summary."""
+TensorBoard events in DIR (and optionally Weights & Biases;
+sae_jax/training/metric_logs.py), and the console summary."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from sae_jax.metric_logs import TensorBoardLog, WandbLog
+from sae_jax.training.metric_logs import TensorBoardLog, WandbLog
 
 
 def to_python(value: Any) -> Any:

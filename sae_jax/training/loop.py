@@ -14,20 +14,20 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from sae_jax.checkpoint import Checkpointer, check_changes, check_compatible, model_record
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data import ActivationData, make_source
 from sae_jax.distributed import gather_ints, process_rows, put_local
-from sae_jax.evaluation import evaluate, make_eval_step
+from sae_jax.evaluation.held_out import evaluate, make_eval_step
 from sae_jax.export import export_sae
-from sae_jax.init import geometric_median
 from sae_jax.mesh import make_mesh, token_sharding
-from sae_jax.metric_logs import check_wandb
-from sae_jax.metrics import MetricWriter, summary
-from sae_jax.model import SwitchSAE, check_mesh
+from sae_jax.model.init import geometric_median
+from sae_jax.model.switch import SwitchSAE, check_mesh
 from sae_jax.plan.suggest import check_fits, device_memory_bytes
-from sae_jax.preemption import Preempted, PreemptionGuard
-from sae_jax.train_step import setup_training
+from sae_jax.training.checkpoint import Checkpointer, check_changes, check_compatible, model_record
+from sae_jax.training.metric_logs import check_wandb
+from sae_jax.training.metrics import MetricWriter, summary
+from sae_jax.training.preemption import Preempted, PreemptionGuard
+from sae_jax.training.step import setup_training
 
 # The loss's parts apart (loss = mse + LB_ALPHA * lb_loss + aux_weight * aux_loss; lb_loss is
 # at least 1, so the total sits near LB_ALPHA whatever the reconstruction).

@@ -8,7 +8,7 @@
 With `num_experts = 1` there is no router and the module is a plain TopK SAE (Gao et al. 2024).
 Only the routed expert's encoder runs on a token. `SAEConfig.dispatch = 'capacity'` scatters
 tokens into [N, C, d] capacity buffers; tokens past an expert's capacity are dropped and
-reconstruct to b_dec. 'dropless' (sae_jax/dropless.py) runs every token, sorted by expert
+reconstruct to b_dec. 'dropless' (sae_jax/dispatch/dropless.py) runs every token, sorted by expert
 into blocks; across devices a ragged all-to-all moves exactly the routed rows.
 """
 
@@ -23,12 +23,21 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from sae_jax import dispatch, precision, routing
+from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig
-from sae_jax.dropless import run_dropless, run_dropless_exchanged
-from sae_jax.experts import ExpertParams, TokenOut, centre, compact_dead, run_experts, use_dense
+from sae_jax.dispatch import capacity
+from sae_jax.dispatch.dropless import run_dropless, run_dropless_exchanged
+from sae_jax.dispatch.ragged_dot import run_ragged
+from sae_jax.kernels import routing
+from sae_jax.kernels.expert import (
+    ExpertParams,
+    TokenOut,
+    centre,
+    compact_dead,
+    run_experts,
+    use_dense,
+)
 from sae_jax.mesh import AXES
-from sae_jax.ragged_experts import run_ragged
 
 EXPERT_AXES = ("expert", None, None)
 
@@ -230,9 +239,9 @@ def _capacity_experts(
     if n == 1:
         slot, cap = jnp.arange(tokens, dtype=jnp.int32), tokens
     else:
-        slot, cap = dispatch.assign_slots(expert, n), dispatch.capacity(tokens, n, capacity_factor)
+        slot, cap = capacity.assign_slots(expert, n), capacity.capacity(tokens, n, capacity_factor)
     kept = slot < cap
-    buffers = [dispatch.to_buffers(v, expert, slot, n, cap) for v in (centred, gate, kept)]
+    buffers = [capacity.to_buffers(v, expert, slot, n, cap) for v in (centred, gate, kept)]
     if expert_axis:
         buffers = [jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True) for b in buffers]
     x_buf, gate_buf, valid_buf = buffers
@@ -241,7 +250,7 @@ def _capacity_experts(
     recon_buf = out.recon.astype(dtype)
     if expert_axis:
         recon_buf = jax.lax.all_to_all(recon_buf, expert_axis, 1, 0, tiled=True)
-    recon = dispatch.from_buffers(recon_buf, expert, slot).astype(jnp.float32)
+    recon = capacity.from_buffers(recon_buf, expert, slot).astype(jnp.float32)
     l0_sum = jnp.sum((out.latents > 0) * valid_buf[..., None])
     rows = jnp.float32(valid_buf.size)  # this device's slots: N * C however the experts split
     return TokenOut(recon, kept, out.fired, l0_sum, out.aux_err, out.aux_norm, rows)

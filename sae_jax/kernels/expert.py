@@ -4,7 +4,7 @@ The top-k latents are chosen on gradient-free pre-activations; gradients reach o
 chosen latents. Two kernels compute the chosen values and the decode:
 
 - `gather` (wide experts): values are read off the gradient-free pre-activations, and the
-  decode and both gradients touch only the k rows of each token (sae_jax/sparse_rows.py,
+  decode and both gradients touch only the k rows of each token (sae_jax/kernels/sparse_rows.py,
   one of the k at a time), so no [C, L] x [L, d] product is differentiated (Gao et al.'s
   sparse trick).
 - `dense` (narrow experts, the usual Switch case): values are read off the [C, L]
@@ -38,7 +38,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sae_jax import precision, sparse_rows
+from sae_jax import precision
+from sae_jax.kernels import sparse_rows
 
 DENSE_MAX_LATENTS = 1024
 # AuxK runs on the dead latents only, compacted to one of a few static sizes (`dead_buckets`).

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sae_jax.losses import loss_and_metrics
+from sae_jax.model.losses import loss_and_metrics
 
 
 def feature_recovery(features: jax.Array, w_dec: jax.Array, threshold: float = 0.9) -> float:

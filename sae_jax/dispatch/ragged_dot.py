@@ -8,7 +8,7 @@ sparse codes [R, L] multiply W_dec, and AuxK reconstructs the residual with each
 expert's dead latents.
 
 XLA:CPU lowers ragged_dot to a dense masked product over all N groups (N times the work), so
-on CPU the block path (sae_jax/grouped.py) runs instead; the tests run this one on CPU
+on CPU the block path (sae_jax/dispatch/blocks.py) runs instead; the tests run this one on CPU
 against it. It holds [R, L] pre-activations for the R = T_local rows of one device (the
 capacity path holds [N, C, L]), so it serves experts that are all on the device; across
 devices the receive buffer's worst case (E x T_local rows) would make that E times larger,
@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sae_jax.experts import ExpertParams, TokenOut
+from sae_jax.kernels.expert import ExpertParams, TokenOut
 
 
 def run_ragged(

@@ -10,7 +10,7 @@ against N * T for dispatch with a capacity of every token, and no [N, T, ...] ar
 Differentiable with respect to the weights, the token inputs and shared arrays (tested):
 `map_blocks` has a custom VJP whose backward loops over the used blocks again, summing each
 expert's weight gradient over its blocks and writing it once into the [N, ...] gradient. The
-dropless training dispatch (sae_jax/dropless.py) uses the pieces: `plan_blocks`,
+dropless training dispatch (sae_jax/dispatch/dropless.py) uses the pieces: `plan_blocks`,
 `to_blocks`, `map_blocks`, `from_blocks`.
 
 `jax.lax.ragged_dot` is the native grouped matmul on GPU/TPU; XLA:CPU runs it as a dense

@@ -1,15 +1,15 @@
 """Dropless dispatch: every token runs its routed expert, nothing is dropped.
 
 On the experts' device, tokens are sorted by expert and each expert's group is padded to
-blocks of B rows (sae_jax/grouped.py); each block runs the same per-expert forward and AuxK
+blocks of B rows (sae_jax/dispatch/blocks.py); each block runs the same per-expert forward and AuxK
 as the capacity path (`experts.expert_out`) with its expert's weights. The layout has room
 for T / B + N blocks (what any routing may need) but only the blocks holding tokens run, so
 the work is that of at most T + N * B rows, and no [N, T, .] buffer is built.
 
 Across devices (`run_dropless_exchanged`, experts split over an 'expert' mesh axis of E
 devices), each device sends exactly its routed rows to the experts' devices with a ragged
-all-to-all (sae_jax/ragged.py) and gets the reconstructions back the same way. The receive
-buffer must hold E * T_local rows (any routing may send every token to one device); its
+all-to-all (sae_jax/dispatch/exchange.py) and gets the reconstructions back the same way.
+The receive buffer must hold E * T_local rows (any routing may send every token to one device); its
 unused rows get no block.
 """
 
@@ -20,8 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sae_jax import grouped, ragged
-from sae_jax.experts import ExpertParams, TokenOut, expert_out, use_dense
+from sae_jax.dispatch import blocks, exchange
+from sae_jax.kernels.expert import ExpertParams, TokenOut, expert_out, use_dense
 
 MIN_BLOCK, MAX_BLOCK = 8, 256
 
@@ -60,7 +60,7 @@ def run_dropless(
     """
     n, lat = p.w_enc.shape[:2]
     block = block_size or auto_block_size(xc.shape[0], n)
-    plan = grouped.plan_blocks(expert, n, block, present)
+    plan = blocks.plan_blocks(expert, n, block, present)
     one = functools.partial(expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, lat), dtype=dtype)
 
     def block_fn(w, tokens, valid, b_dec, saved):
@@ -70,12 +70,12 @@ def run_dropless(
         out = one(p_e, xc_b, b_dec, gate=gate_b, valid=valid, dead_ids=dead_e, chosen=chosen)
         return out._replace(recon=out.recon.astype(dtype))
 
-    padded = (grouped.to_blocks(xc, plan), grouped.to_blocks(gate, plan))
-    out = grouped.map_blocks(block_fn, (p, dead), padded, plan, shared=(b_dec,),
+    padded = (blocks.to_blocks(xc, plan), blocks.to_blocks(gate, plan))
+    out = blocks.map_blocks(block_fn, (p, dead), padded, plan, shared=(b_dec,),
                              token_grads=False, reuse_outputs=True)  # fmt: skip
     fired = jnp.zeros((n, lat), jnp.float32).at[plan.block_expert].add(out.fired)
     return TokenOut(
-        recon=grouped.from_blocks(out.recon, plan).astype(jnp.float32),
+        recon=blocks.from_blocks(out.recon, plan).astype(jnp.float32),
         kept=jnp.ones(expert.shape, bool),
         fired=fired,
         l0_sum=jnp.sum((out.latents > 0) * plan.valid[..., None]),
@@ -110,18 +110,18 @@ def run_dropless_exchanged(
     """
     devices, tokens = jax.lax.axis_size(expert_axis), xc.shape[0]
     n_local = num_experts // devices
-    order, send_sizes = ragged.sort_by_destination(expert // n_local, devices)
-    trip_out, trip_back = ragged.plan_exchange(send_sizes, expert_axis)
-    rows = ragged.max_received_rows(devices, tokens)
+    order, send_sizes = exchange.sort_by_destination(expert // n_local, devices)
+    trip_out, trip_back = exchange.plan_exchange(send_sizes, expert_axis)
+    rows = exchange.max_received_rows(devices, tokens)
 
     def send(v):
-        return ragged.ragged_exchange(v[order], trip_out, expert_axis, rows)
+        return exchange.ragged_exchange(v[order], trip_out, expert_axis, rows)
 
     out = run_dropless(
         p, send(xc), b_dec, send(expert % n_local), send(gate), dead, k=k, k_aux=k_aux,
         kernel=kernel, dtype=dtype, block_size=block_size or auto_block_size(tokens, n_local),
         present=jnp.arange(rows) < jnp.sum(trip_out.recv_sizes),
     )  # fmt: skip
-    back = ragged.ragged_exchange(out.recon.astype(dtype), trip_back, expert_axis, tokens)
+    back = exchange.ragged_exchange(out.recon.astype(dtype), trip_back, expert_axis, tokens)
     recon = jnp.zeros_like(back).at[order].set(back, unique_indices=True)
     return out._replace(recon=recon.astype(jnp.float32), kept=jnp.ones(tokens, bool))

@@ -1,11 +1,11 @@
 """Exchange exactly the routed rows between devices: `jax.lax.ragged_all_to_all`, and its
 CPU emulation.
 
-Used by dropless dispatch across devices (sae_jax/dropless.py). Inside `jax.shard_map`, along
-a mesh axis of E devices, each device holds its T_local rows sorted by destination device
-(for experts laid out contiguously per device: destination = expert // N_local), the chunk
-for device j
-starting at row `input_offsets[j]` = sum of `send_sizes[:j]`. Every receiver lays the chunks
+Used by dropless dispatch across devices (sae_jax/dispatch/dropless.py). Inside
+`jax.shard_map`, along a mesh axis of E devices, each device holds its T_local rows sorted
+by destination device (for experts laid out contiguously per device: destination =
+expert // N_local), the chunk for device j starting at row `input_offsets[j]` = sum of
+`send_sizes[:j]`. Every receiver lays the chunks
 it gets contiguously from row 0, in sender order.
 
 - `plan_exchange(send_sizes, axis_name)`: one `all_gather` of the [E] send sizes gives every

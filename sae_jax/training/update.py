@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
-from sae_jax.model import unit_rows
+from sae_jax.model.switch import unit_rows
 
 # State leaves whose leading axis is the expert axis (parameters, their Adam moments, counters).
 EXPERT_LEAVES = frozenset({"w_enc", "b_enc", "w_dec", "since_fired"})

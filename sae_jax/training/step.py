@@ -22,10 +22,10 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sae_jax.config import TrainConfig
-from sae_jax.experts import bucket_for, compact_dead
-from sae_jax.losses import loss_and_metrics
-from sae_jax.model import SwitchSAE
-from sae_jax.update import apply_update, partition_specs
+from sae_jax.kernels.expert import bucket_for, compact_dead
+from sae_jax.model.losses import loss_and_metrics
+from sae_jax.model.switch import SwitchSAE
+from sae_jax.training.update import apply_update, partition_specs
 
 # A step runs AuxK when some latent was dead this many steps before it (LAG - 1 steps late at
 # worst): the host then reads counts that are ready, while the previous step still runs.
