@@ -10,7 +10,7 @@ on the same global batch (capacity dispatch). Each row is timed once per COMPUTE
 --dtypes. `pad` is the rows the experts computed per token (N * C / T with capacity
 buffers, padded blocks / T dropless). `--peer sparsify` adds EleutherAI sparsify's TopK step
 on the same d, NUM_LATENTS, k and batch (launch/peer.py; the `sparsify` extra). `--auxk`
-adds each N's step with AuxK at every dead-latent bucket (experts.dead_buckets).
+adds each N's step with AuxK at every dead-latent bucket (kernels.auxk.dead_buckets).
 Ratios are meaningful within one run; absolute times only on an accelerator.
 """
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for shape in ((1, 1), (1, devices)):
             rows += [measure(args, args.mesh_expert, args.num_latents, shape, d) for d in dtypes]
     if args.auxk:
-        from sae_jax.kernels.expert import dead_buckets
+        from sae_jax.kernels.auxk import dead_buckets
 
         for n in [int(v) for v in args.experts.split(",") if v]:
             for b in dead_buckets(args.num_latents // n):

@@ -134,7 +134,7 @@ class TrainConfig:
     lb_alpha: load-balancing weight against the per-dimension MSE.
     dead_after_tokens: a latent that has not fired for this many training tokens is dead.
     aux_max_share: AuxK takes at most this share of an expert's latents per step (rounded down
-        to a dead-id bucket, see experts.max_bucket); with more dead ones they take turns.
+        to a dead-id bucket, see kernels.auxk.max_bucket); with more dead ones they take turns.
         1.0: every dead latent every step, as Gao et al.
     mesh_shape: ('data', 'expert') device mesh; -1 = all remaining devices.
     """

@@ -14,8 +14,10 @@ from reference import auxk_sums, switch_mse, switch_sae
 
 from launch import eval as eval_cli
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
-from sae_jax.dispatch.dropless import auto_block_size, run_dropless
-from sae_jax.kernels.expert import ExpertParams
+from sae_jax.dispatch import dropless
+from sae_jax.dispatch.dropless import auto_block_size
+from sae_jax.dispatch.routed import Routed
+from sae_jax.kernels.expert import ExpertParams, ExpertSettings
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.model.losses import loss_and_metrics
 from sae_jax.training.loop import train
@@ -197,8 +199,8 @@ def test_backward_reuses_the_forward_top_k_and_values(kernel):
     xc, expert = jax.random.normal(keys[2], (T, D)), jnp.arange(T) % n
 
     def recon(p, b_dec):
-        return run_dropless(p, xc, b_dec, expert, jnp.ones(T), None, k=4, k_aux=0,
-                            kernel=kernel, dtype="float32", block_size=block).recon  # fmt: skip
+        settings = ExpertSettings(k=4, kernel=kernel, block_size=block)
+        return dropless.run(Routed(xc, expert, jnp.ones(T), b_dec), p, None, settings).recon
 
     out, backward = jax.vjp(recon, p, jnp.zeros(D))
     forward_hlo = jax.jit(recon).lower(p, jnp.zeros(D)).compile().as_text()

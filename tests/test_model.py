@@ -9,7 +9,7 @@ from reference import auxk_sums, switch_mse, switch_sae, topk_sae_token
 
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.dispatch import capacity
-from sae_jax.kernels import expert
+from sae_jax.kernels import auxk
 from sae_jax.kernels.routing import load_balance_loss
 from sae_jax.model.losses import loss_and_metrics
 
@@ -189,10 +189,10 @@ def _dead_masks() -> dict[str, np.ndarray]:
 
 
 def test_auxk_buckets_are_capped_and_the_dead_ids_take_turns():
-    assert [expert.bucket_for(n, 4608) for n in (0, 1, 17, 300, 4000)] == [0, 16, 64, 1024, 4096]
+    assert [auxk.bucket_for(n, 4608) for n in (0, 1, 17, 300, 4000)] == [0, 16, 64, 1024, 4096]
     # At most 1/32 of 4608 latents (144) -> the 64 bucket; never below the smallest bucket.
-    assert [expert.bucket_for(n, 4608, 1 / 32) for n in (1, 17, 300, 4000)] == [16, 64, 64, 64]
-    assert expert.max_bucket(576, 1 / 32) == 16 and expert.max_bucket(64, 1.0) == 64
+    assert [auxk.bucket_for(n, 4608, 1 / 32) for n in (1, 17, 300, 4000)] == [16, 64, 64, 64]
+    assert auxk.max_bucket(576, 1 / 32) == 16 and auxk.max_bucket(64, 1.0) == 64
     with pytest.raises(ConfigError, match=r"^TrainConfig.aux_max_share=0 must lie in \(0, 1\]$"):
         TrainConfig(aux_max_share=0).validate()
     rng = np.random.default_rng(3)
@@ -200,13 +200,13 @@ def test_auxk_buckets_are_capped_and_the_dead_ids_take_turns():
     dead[1] = False
     size = 16
     for start in (0, 37, 99):
-        ids = np.asarray(expert.compact_dead(jnp.asarray(dead), size, start))
+        ids = np.asarray(auxk.compact_dead(jnp.asarray(dead), size, start))
         cyclic = [(start + i) % 100 for i in range(100) if dead[0][(start + i) % 100]]
         assert ids[0].tolist() == cyclic[:size] and ids[1].tolist() == [100] * size
     # Starts moving by `size` each step (as train_step does) reach every dead latent.
     seen = set()
     for step in range(-(-100 // size)):
-        seen |= set(np.asarray(expert.compact_dead(jnp.asarray(dead), size, step * size))[0])
+        seen |= set(np.asarray(auxk.compact_dead(jnp.asarray(dead), size, step * size))[0])
     assert seen - {100} == set(np.flatnonzero(dead[0]))
 
 
@@ -217,8 +217,8 @@ def test_auxk_buckets_are_capped_and_the_dead_ids_take_turns():
 def test_auxk_value_and_gradient_match_reference(mesh1, monkeypatch, case, kernel, bucket):
     # Buckets of 4, 8 and 16 dead ids per expert (k_aux = 6: 4 takes every dead latent, 8 and
     # 16 a top-k_aux among them).
-    monkeypatch.setattr(expert, "AUX_MIN_BUCKET", 4)
-    monkeypatch.setattr(expert, "AUX_BUCKET_GROWTH", 2)
+    monkeypatch.setattr(auxk, "AUX_MIN_BUCKET", 4)
+    monkeypatch.setattr(auxk, "AUX_BUCKET_GROWTH", 2)
     cfg = SAEConfig(
         d=16, num_latents=64, num_experts=4, k=4, k_aux=6, capacity_factor=4.0,
         expert_kernel=kernel,
@@ -226,8 +226,8 @@ def test_auxk_value_and_gradient_match_reference(mesh1, monkeypatch, case, kerne
     graphdef, state = nnx.split(random_model(cfg, seed=5))
     x = np.random.default_rng(4).normal(size=(24, 16)).astype(np.float32)
     dead = _dead_masks()[case]
-    assert expert.bucket_for(int(dead.sum(axis=1).max()), 16) == bucket
-    dead_ids = expert.compact_dead(jnp.asarray(dead), bucket)
+    assert auxk.bucket_for(int(dead.sum(axis=1).max()), 16) == bucket
+    dead_ids = auxk.compact_dead(jnp.asarray(dead), bucket)
 
     @jax.jit
     def model_aux(state):

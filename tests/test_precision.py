@@ -15,7 +15,7 @@ from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data.shards import build_manifest, write_manifest
 from sae_jax.kernels import expert
-from sae_jax.kernels.expert import ExpertParams
+from sae_jax.kernels.expert import ExpertParams, ExpertRows, ExpertSettings
 from sae_jax.mesh import make_mesh
 from sae_jax.model.switch import SwitchSAE
 from sae_jax.training.loop import train
@@ -92,8 +92,9 @@ def test_bf16_topk_agrees_with_float64_on_data_with_a_large_mean():
     p = ExpertParams(*(jnp.asarray(v)[None] for v in (w, b_enc, w)))
     xc = expert.centre(jnp.asarray(x), jnp.asarray(b_dec), "bfloat16")
     valid = jnp.ones((1, tokens), bool)
-    out = expert.run_experts(p, xc[None], jnp.asarray(b_dec), valid.astype(jnp.float32), valid,
-                              None, k=k, k_aux=0, kernel="dense", dtype="bfloat16")  # fmt: skip
+    bufs = ExpertRows(xc[None], valid.astype(jnp.float32), valid)
+    settings = ExpertSettings(k=k, kernel="dense", dtype="bfloat16")
+    out = expert.run_experts(p, bufs, jnp.asarray(b_dec), None, settings)
     assert _agreement(np.asarray(out.indices[0]), ref_idx) > 0.99
 
     bf16 = jnp.bfloat16  # the same data defeats the uncentred product: the test is sensitive

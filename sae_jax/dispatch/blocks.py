@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sae_jax.varying import vary, vary_all, vary_as, varying_axes, zeros_varying
+
 PyTree = Any
 # fn(weights of one expert, tokens [B, ...], valid [B] bool, *shared) -> pytree of [B, ...]
 BlockFn = Callable[[PyTree, PyTree, jax.Array], PyTree]
@@ -185,8 +187,8 @@ def _for_experts(weights: PyTree, bounds: jax.Array, body: Callable, init: PyTre
 
 def _forward(fn, weights, padded, bounds, valid, shared):
     # Inside the loop every value varies over the mesh axes of the tokens (see _backward_rule).
-    axes = _varying_axes((weights, padded, bounds, valid, shared))
-    weights, padded, shared = (_vary_all(t, axes) for t in (weights, padded, shared))
+    axes = varying_axes((weights, padded, bounds, valid, shared))
+    weights, padded, shared = (vary_all(t, axes) for t in (weights, padded, shared))
 
     def expert(e, w, blocks, outs):
         def run(i, outs):
@@ -196,7 +198,9 @@ def _forward(fn, weights, padded, bounds, valid, shared):
 
     example = (_expert_weights(weights, 0), _index(padded, 0), valid[0], *shared)
     shapes = jax.eval_shape(fn, *example)
-    outs = jax.tree.map(lambda s: _zeros((valid.shape[0],) + s.shape, s.dtype, axes), shapes)
+    outs = jax.tree.map(
+        lambda s: vary(jnp.zeros((valid.shape[0],) + s.shape, s.dtype), axes), shapes
+    )
     return _for_experts(weights, bounds, expert, outs)
 
 
@@ -212,8 +216,8 @@ def _backward_rule(fn, token_grads, residuals, cotangents):
     # Inside the loop every value varies over the mesh axes of the tokens: a collective there
     # (the psum that transposes a replicated value's use) would run a device-dependent number
     # of times. Replicated inputs' gradients are summed over devices after the loop instead.
-    axes = _varying_axes(residuals)
-    weights, padded, shared = (_vary_all(t, axes) for t in (weights, padded, shared))
+    axes = varying_axes(residuals)
+    weights, padded, shared = (vary_all(t, axes) for t in (weights, padded, shared))
     x_leaves = _diff_leaves(padded) if token_grads else []
     zeros = jax.tree.map(_zeros_like, (_diff_leaves(weights), x_leaves, _diff_leaves(shared)))
 
@@ -279,52 +283,25 @@ def _index(tree: PyTree, i) -> PyTree:
 
 def _set(tree: PyTree, i, values: PyTree) -> PyTree:
     def put(a, v):
-        return jax.lax.dynamic_update_index_in_dim(a, _vary_as(v.astype(a.dtype), a), i, 0)
+        return jax.lax.dynamic_update_index_in_dim(a, vary_as(v.astype(a.dtype), a), i, 0)
 
     return jax.tree.map(put, tree, values)
 
 
 def _plus(acc: jax.Array, value: jax.Array) -> jax.Array:
-    return _vary_as(acc + value, acc)
+    return vary_as(acc + value, acc)
 
 
 def _set_at(acc: jax.Array, e, value: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(acc, _vary_as(value, acc), e, 0)
-
-
-def _vary(a: jax.Array, axes) -> jax.Array:
-    """a marked varying over the mesh axes `axes` too (pvary moves no data)."""
-    missing = tuple(sorted(set(axes) - jax.typeof(a).mat.varying))
-    return jax.lax.pcast(a, missing, to="varying") if missing else a
-
-
-def _vary_as(v: jax.Array, like: jax.Array) -> jax.Array:
-    """v marked varying over the mesh axes `like` varies over (a loop carry's type)."""
-    return _vary(v, jax.typeof(like).mat.varying)
-
-
-def _varying_axes(tree: PyTree) -> tuple[str, ...]:
-    """Mesh axes any leaf varies over (inside `jax.shard_map`; empty outside)."""
-    axes = set().union(*(jax.typeof(a).mat.varying for a in jax.tree.leaves(tree)))
-    return tuple(sorted(axes))
+    return jax.lax.dynamic_update_index_in_dim(acc, vary_as(value, acc), e, 0)
 
 
 def _zeros_like(a: jax.Array) -> jax.Array:
-    return _vary_as(jnp.zeros(a.shape, a.dtype), a)
-
-
-def _zeros(shape, dtype, axes: tuple[str, ...]) -> jax.Array:
-    """Zeros varying over `axes`, to start a loop carry that the body makes vary."""
-    return _vary(jnp.zeros(shape, dtype), axes)
+    return zeros_varying(a.shape, a.dtype, a)
 
 
 def _expert_weights(weights: PyTree, e: jax.Array | int) -> PyTree:
     return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False), weights)
-
-
-def _vary_all(tree: PyTree, axes: tuple[str, ...]) -> PyTree:
-    """Every leaf marked varying over all of `axes`."""
-    return jax.tree.map(lambda a: _vary(a, axes), tree)
 
 
 def _sum_to_type(g: jax.Array, primal: jax.Array) -> jax.Array:

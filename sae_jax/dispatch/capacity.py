@@ -1,7 +1,9 @@
-"""Capacity-limited token dispatch into per-expert buffers, and back.
+"""Capacity dispatch: tokens into per-expert [N, C, d] buffers, through the experts, back.
 
-Single-device building blocks; the expert-parallel path wraps the same functions around a
-`jax.lax.all_to_all`. Nothing here builds a [tokens, latents] array: buffers are [N, C, d].
+A token's slot is the number of earlier tokens routed to the same expert; tokens past the
+capacity C are dropped (they reconstruct to b_dec). Across devices the buffers go through a
+`jax.lax.all_to_all` over the 'expert' axis to the experts' devices and back. Nothing here
+builds a [tokens, latents] array.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from sae_jax.dispatch.routed import Routed, TokenOut
+from sae_jax.kernels.expert import ExpertParams, ExpertRows, ExpertSettings, run_experts
 
 
 def capacity(tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -38,3 +43,28 @@ def to_buffers(
 def from_buffers(buf: jax.Array, expert: jax.Array, slot: jax.Array) -> jax.Array:
     """Gather [N, C, ...] back to [tokens, ...]; dropped tokens read zeros."""
     return buf.at[expert, slot].get(mode="fill", fill_value=0)
+
+
+def run(routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSettings) -> TokenOut:
+    """Scatter the tokens into [N, C, d] buffers (tokens past C are dropped), run the experts
+    on them, gather back. With `s.expert_axis` the buffers go through an all_to_all to
+    [N_local, E * C, .] on the experts' devices and back. See dispatch/routed.py."""
+    axis, tokens = s.expert_axis, routed.x.shape[0]
+    n = p.w_enc.shape[0] * (jax.lax.axis_size(axis) if axis else 1)
+    if n == 1:
+        slot, cap = jnp.arange(tokens, dtype=jnp.int32), tokens
+    else:
+        slot, cap = assign_slots(routed.expert, n), capacity(tokens, n, s.capacity_factor)
+    kept = slot < cap
+    bufs = [to_buffers(v, routed.expert, slot, n, cap) for v in (routed.x, routed.gate, kept)]
+    if axis:
+        bufs = [jax.lax.all_to_all(b, axis, 0, 1, tiled=True) for b in bufs]
+    bufs = ExpertRows(*bufs)
+    out = run_experts(p, bufs, routed.b_dec, dead_ids, s)
+    recon_buf = out.recon.astype(s.dtype)
+    if axis:
+        recon_buf = jax.lax.all_to_all(recon_buf, axis, 1, 0, tiled=True)
+    recon = from_buffers(recon_buf, routed.expert, slot).astype(jnp.float32)
+    l0_sum = jnp.sum((out.latents > 0) * bufs.valid[..., None])
+    rows = jnp.float32(bufs.valid.size)  # this device's slots: N * C however the experts split
+    return TokenOut(recon, kept, out.fired, l0_sum, out.aux_err, out.aux_norm, rows)

@@ -2,11 +2,11 @@
 
 On the experts' device, tokens are sorted by expert and each expert's group is padded to
 blocks of B rows (sae_jax/dispatch/blocks.py); each block runs the same per-expert forward and AuxK
-as the capacity path (`experts.expert_out`) with its expert's weights. The layout has room
+as the capacity path (`kernels.expert.expert_out`) with its expert's weights. The layout has room
 for T / B + N blocks (what any routing may need) but only the blocks holding tokens run, so
 the work is that of at most T + N * B rows, and no [N, T, .] buffer is built.
 
-Across devices (`run_dropless_exchanged`, experts split over an 'expert' mesh axis of E
+Across devices (`run_exchanged`, experts split over an 'expert' mesh axis of E
 devices), each device sends exactly its routed rows to the experts' devices with a ragged
 all-to-all (sae_jax/dispatch/exchange.py) and gets the reconstructions back the same way.
 The receive buffer must hold E * T_local rows (any routing may send every token to one device); its
@@ -15,13 +15,14 @@ unused rows get no block.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from sae_jax.dispatch import blocks, exchange
-from sae_jax.kernels.expert import ExpertParams, TokenOut, expert_out, use_dense
+from sae_jax.dispatch.routed import Routed, TokenOut
+from sae_jax.kernels.expert import ExpertParams, ExpertRows, ExpertSettings, expert_out
 
 MIN_BLOCK, MAX_BLOCK = 8, 256
 
@@ -35,48 +36,40 @@ def auto_block_size(tokens: int, num_experts: int) -> int:
     return int(min(MAX_BLOCK, max(MIN_BLOCK, 1 << (per_block.bit_length() - 1))))
 
 
-def run_dropless(
+def run(routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSettings) -> TokenOut:
+    """Every token through its routed expert, one block of B same-expert tokens at a time, all
+    experts on this device (p leaves [N, ...]); s.block_size 0: `auto_block_size`. The recon is
+    rounded to s.dtype as the capacity path's buffers are. See dispatch/routed.py."""
+    return run_blocks(routed, p, dead_ids, s)
+
+
+def run_blocks(
+    routed: Routed,
     p: ExpertParams,
-    xc: jax.Array,
-    b_dec: jax.Array,
-    expert: jax.Array,
-    gate: jax.Array,
-    dead: jax.Array | None,
-    *,
-    k: int,
-    k_aux: int,
-    kernel: str,
-    dtype: str,
-    block_size: int = 0,
+    dead_ids: jax.Array | None,
+    s: ExpertSettings,
     present: jax.Array | None = None,
 ) -> TokenOut:
-    """Every token through its routed expert, one block of B same-expert tokens at a time.
-
-    p leaves [N, ...] (all experts local); xc [T, d] centred tokens in `dtype`; b_dec [d];
-    expert [T] int32; gate [T] router probability; dead [N, B] int32 dead latent ids
-    (experts.compact_dead) or None (no AuxK); block_size 0: `auto_block_size`; present [T]
-    bool: False for rows that hold no token (a received buffer's unused rows; None: all rows
-    are tokens). The recon is rounded to `dtype` as the capacity path's buffers are.
-    """
+    """`run`, where rows with present [T] False hold no token (a received buffer's unused
+    rows; None: all rows are tokens): they get no block row and read zeros."""
     n, lat = p.w_enc.shape[:2]
-    block = block_size or auto_block_size(xc.shape[0], n)
-    plan = blocks.plan_blocks(expert, n, block, present)
-    one = functools.partial(expert_out, k=k, k_aux=k_aux, dense=use_dense(kernel, lat), dtype=dtype)
+    block = s.block_size or auto_block_size(routed.x.shape[0], n)
+    plan = blocks.plan_blocks(routed.expert, n, block, present)
 
     def block_fn(w, tokens, valid, b_dec, saved):
         (p_e, dead_e), (xc_b, gate_b) = w, tokens
         # The backward reuses the forward's top-k and values: no encoder matmul, no top-k again.
         chosen = None if saved is None else (saved.indices, saved.latents)
-        out = one(p_e, xc_b, b_dec, gate=gate_b, valid=valid, dead_ids=dead_e, chosen=chosen)
-        return out._replace(recon=out.recon.astype(dtype))
+        out = expert_out(p_e, ExpertRows(xc_b, gate_b, valid), b_dec, dead_e, s, chosen)
+        return out._replace(recon=out.recon.astype(s.dtype))
 
-    padded = (blocks.to_blocks(xc, plan), blocks.to_blocks(gate, plan))
-    out = blocks.map_blocks(block_fn, (p, dead), padded, plan, shared=(b_dec,),
-                             token_grads=False, reuse_outputs=True)  # fmt: skip
+    padded = (blocks.to_blocks(routed.x, plan), blocks.to_blocks(routed.gate, plan))
+    out = blocks.map_blocks(block_fn, (p, dead_ids), padded, plan, shared=(routed.b_dec,),
+                            token_grads=False, reuse_outputs=True)  # fmt: skip
     fired = jnp.zeros((n, lat), jnp.float32).at[plan.block_expert].add(out.fired)
     return TokenOut(
         recon=blocks.from_blocks(out.recon, plan).astype(jnp.float32),
-        kept=jnp.ones(expert.shape, bool),
+        kept=jnp.ones(routed.expert.shape, bool),
         fired=fired,
         l0_sum=jnp.sum((out.latents > 0) * plan.valid[..., None]),
         aux_err=out.aux_err.sum(),
@@ -85,43 +78,31 @@ def run_dropless(
     )
 
 
-def run_dropless_exchanged(
-    p: ExpertParams,
-    xc: jax.Array,
-    b_dec: jax.Array,
-    expert: jax.Array,
-    gate: jax.Array,
-    dead: jax.Array | None,
-    *,
-    expert_axis: str,
-    num_experts: int,
-    k: int,
-    k_aux: int,
-    kernel: str,
-    dtype: str,
-    block_size: int = 0,
+def run_exchanged(
+    routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSettings
 ) -> TokenOut:
-    """Dropless across the devices of `expert_axis`; call inside `jax.shard_map`.
+    """Dropless across the E devices of `s.expert_axis`; call inside `jax.shard_map`.
 
-    This device's tokens: xc [T_local, d] centred in `dtype`, expert [T_local] (global ids;
-    device j holds experts [j * N_local, (j + 1) * N_local)), gate [T_local]. Its experts:
-    p leaves [N_local, ...], dead [N_local, B] ids or None. Returns the TokenOut of this device's
-    tokens (recon [T_local, d]), with fired and the sums over the tokens its experts ran.
+    routed: this device's T_local tokens (global expert ids; device j holds experts
+    [j * N_local, (j + 1) * N_local)); p, dead_ids: its N_local experts. Returns the TokenOut
+    of this device's tokens (recon [T_local, d]), with fired and the sums over the tokens its
+    experts ran.
     """
-    devices, tokens = jax.lax.axis_size(expert_axis), xc.shape[0]
-    n_local = num_experts // devices
-    order, send_sizes = exchange.sort_by_destination(expert // n_local, devices)
-    trip_out, trip_back = exchange.plan_exchange(send_sizes, expert_axis)
+    axis, tokens = s.expert_axis, routed.x.shape[0]
+    devices, n_local = jax.lax.axis_size(axis), p.w_enc.shape[0]
+    order, send_sizes = exchange.sort_by_destination(routed.expert // n_local, devices)
+    trip_out, trip_back = exchange.plan_exchange(send_sizes, axis)
     rows = exchange.max_received_rows(devices, tokens)
 
     def send(v):
-        return exchange.ragged_exchange(v[order], trip_out, expert_axis, rows)
+        return exchange.ragged_exchange(v[order], trip_out, axis, rows)
 
-    out = run_dropless(
-        p, send(xc), b_dec, send(expert % n_local), send(gate), dead, k=k, k_aux=k_aux,
-        kernel=kernel, dtype=dtype, block_size=block_size or auto_block_size(tokens, n_local),
-        present=jnp.arange(rows) < jnp.sum(trip_out.recv_sizes),
-    )  # fmt: skip
-    back = exchange.ragged_exchange(out.recon.astype(dtype), trip_back, expert_axis, tokens)
+    received = Routed(send(routed.x), send(routed.expert % n_local), send(routed.gate),
+                      routed.b_dec)  # fmt: skip
+    # Blocks sized for the tokens a device routes, not for the receive buffer's worst case.
+    s = dataclasses.replace(s, block_size=s.block_size or auto_block_size(tokens, n_local))
+    present = jnp.arange(rows) < jnp.sum(trip_out.recv_sizes)
+    out = run_blocks(received, p, dead_ids, s, present)
+    back = exchange.ragged_exchange(out.recon.astype(s.dtype), trip_back, axis, tokens)
     recon = jnp.zeros_like(back).at[order].set(back, unique_indices=True)
     return out._replace(recon=recon.astype(jnp.float32), kept=jnp.ones(tokens, bool))

@@ -36,6 +36,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sae_jax.varying import vary, varying_axes
+
 
 class RaggedPlan(NamedTuple):
     """Sizes and offsets of one `ragged_all_to_all` along an axis of E devices, as seen by this
@@ -123,7 +125,7 @@ def ragged_exchange(
         emulate = jax.default_backend() == "cpu"
     op = ragged_all_to_all_emulated if emulate else jax.lax.ragged_all_to_all
     # The op's result takes `output`'s type, which must vary like the data written into it.
-    output = _vary_like(output, (operand, *plan), axis_name)
+    output = vary(output, (axis_name, *varying_axes((operand, *plan))))
     return op(operand, output, *plan, axis_name=axis_name)
 
 
@@ -165,10 +167,3 @@ def ragged_all_to_all_emulated(
 
 def _expand(mask: jax.Array, ndim: int) -> jax.Array:
     return mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
-
-
-def _vary_like(x: jax.Array, sources: tuple[jax.Array, ...], axis_name: str) -> jax.Array:
-    """x, marked varying over `axis_name` and every mesh axis that a source varies over."""
-    axes = {axis_name}.union(*(jax.typeof(a).mat.varying for a in sources))
-    missing = tuple(sorted(axes - jax.typeof(x).mat.varying))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x

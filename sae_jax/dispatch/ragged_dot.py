@@ -2,7 +2,7 @@
 
 Tokens sorted by expert (expert i's rows contiguous, groups in expert order, rows that hold no
 token last) go through their experts as ragged_dot products with the [N, L, d] weights: no
-padding to blocks, no per-block loop. The equations are `experts.expert_out`'s dense kernel:
+padding to blocks, no per-block loop. The equations are `kernels.expert.expert_out`'s dense kernel:
 the values come from the [R, L] pre-activations, the top-k from their gradient-free copy, the
 sparse codes [R, L] multiply W_dec, and AuxK reconstructs the residual with each row's
 expert's dead latents.
@@ -20,30 +20,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sae_jax.kernels.expert import ExpertParams, TokenOut
+from sae_jax.dispatch.routed import Routed, TokenOut
+from sae_jax.kernels.expert import ExpertParams, ExpertSettings
 
 
-def run_ragged(
-    p: ExpertParams,
-    xc: jax.Array,
-    b_dec: jax.Array,
-    expert: jax.Array,
-    gate: jax.Array,
-    dead: jax.Array | None,
-    *,
-    k: int,
-    k_aux: int,
-    dtype: str,
-) -> TokenOut:
-    """Every token through its routed expert: p leaves [N, ...] (all experts local); xc
-    [T, d] centred tokens in `dtype`; expert [T] int32; gate [T]; dead [N, B] int32 dead
-    latent ids padded with L (`experts.compact_dead`) or None. Same results as
-    `dropless.run_dropless` with the dense kernel (no padding rows)."""
+def run(routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSettings) -> TokenOut:
+    """Every token through its routed expert, all experts on this device (p leaves [N, ...]),
+    as ragged_dot products: the same results as `dropless.run` with the dense kernel (no
+    padding rows). See dispatch/routed.py."""
+    xc, expert, gate, b_dec = routed
+    dead, k, k_aux, dtype = dead_ids, s.k, s.k_aux, s.dtype
     n, lat = p.w_enc.shape[:2]
     order = jnp.argsort(expert, stable=True)
     sizes = jnp.zeros(n, jnp.int32).at[expert].add(1)
     e_s, xs, g_s = expert[order], xc[order], gate[order][:, None]
-    # b_dec's encoder gradient as in experts.with_b_dec_grad: v = -W_enc b_dec per expert.
+    # b_dec's encoder gradient as in expert.with_b_dec_grad: v = -W_enc b_dec per expert.
     v = -jnp.einsum("nld,d->nl", jax.lax.stop_gradient(p.w_enc), b_dec)
     core = _ragged(xs, jnp.swapaxes(p.w_enc, 1, 2), sizes, dtype)  # [T, L]
     pre_grad = core + (p.b_enc + (v - jax.lax.stop_gradient(v)))[e_s]
@@ -66,7 +57,7 @@ def run_ragged(
         aux = jax.lax.stop_gradient(g_s) * _ragged(
             _codes(aux_vals, aux_idx, lat, dtype), p.w_dec, sizes, dtype
         )
-        # Tokens of experts with no dead latent are left out (as in experts._auxk_sums).
+        # Tokens of experts with no dead latent are left out (as in auxk.auxk_sums).
         w = jnp.any(mask, axis=1)[e_s][:, None]
         aux_err, aux_norm = jnp.sum(w * (residual - aux) ** 2), jnp.sum(w * residual**2)
     tokens = expert.shape[0]

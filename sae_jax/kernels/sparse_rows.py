@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sae_jax.varying import zeros_varying
+
 
 def _slot(idx: jax.Array, j) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(idx, j, axis=1, keepdims=False)
@@ -25,9 +27,8 @@ def _scatter_rows(coef: jax.Array, vecs: jax.Array, idx: jax.Array, rows: int) -
     def body(j, acc):
         return acc.at[_slot(idx, j)].add(_slot(coef, j)[:, None] * vecs)
 
-    # The first slot outside the loop: the carry then has the operands' varying mesh axes.
-    first = body(0, jnp.zeros((rows, vecs.shape[1]), jnp.float32))
-    return jax.lax.fori_loop(1, idx.shape[1], body, first)
+    acc = zeros_varying((rows, vecs.shape[1]), jnp.float32, (coef, vecs, idx))
+    return jax.lax.fori_loop(0, idx.shape[1], body, acc)
 
 
 def _gather_dots(w: jax.Array, idx: jax.Array, vecs: jax.Array) -> jax.Array:
@@ -40,9 +41,8 @@ def _gather_dots(w: jax.Array, idx: jax.Array, vecs: jax.Array) -> jax.Array:
     def body(j, out):
         return jax.lax.dynamic_update_index_in_dim(out, column(j), j, axis=1)
 
-    # The first column outside the loop: the carry then has the operands' varying mesh axes.
-    first = jnp.zeros(idx.shape, jnp.float32).at[:, 0].set(column(0))
-    return jax.lax.fori_loop(1, idx.shape[1], body, first)
+    out = zeros_varying(idx.shape, jnp.float32, (w, idx, vecs))
+    return jax.lax.fori_loop(0, idx.shape[1], body, out)
 
 
 @jax.custom_vjp

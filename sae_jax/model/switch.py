@@ -6,10 +6,10 @@
     x_hat = p_{i*}(x) * W_dec[i*]^T z + b_dec
 
 With `num_experts = 1` there is no router and the module is a plain TopK SAE (Gao et al. 2024).
-Only the routed expert's encoder runs on a token. `SAEConfig.dispatch = 'capacity'` scatters
-tokens into [N, C, d] capacity buffers; tokens past an expert's capacity are dropped and
-reconstruct to b_dec. 'dropless' (sae_jax/dispatch/dropless.py) runs every token, sorted by expert
-into blocks; across devices a ragged all-to-all moves exactly the routed rows.
+Only the routed expert's encoder runs on a token. The module routes the tokens, hands them to
+the dispatch path that `dispatch.paths.choose` picks for the config and the mesh (capacity
+buffers or dropless blocks, on one device or across an 'expert' mesh axis), and combines the
+gated reconstructions. Under a mesh it runs inside `jax.shard_map`, one device's share each.
 """
 
 from __future__ import annotations
@@ -25,21 +25,22 @@ from jax.sharding import PartitionSpec as P
 
 from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig
-from sae_jax.dispatch import capacity
-from sae_jax.dispatch.dropless import run_dropless, run_dropless_exchanged
-from sae_jax.dispatch.ragged_dot import run_ragged
+from sae_jax.dispatch import paths
+from sae_jax.dispatch.routed import Routed
 from sae_jax.kernels import routing
-from sae_jax.kernels.expert import (
-    ExpertParams,
-    TokenOut,
-    centre,
-    compact_dead,
-    run_experts,
-    use_dense,
-)
+from sae_jax.kernels.auxk import compact_dead
+from sae_jax.kernels.expert import ExpertParams, ExpertSettings, centre
 from sae_jax.mesh import AXES
 
 EXPERT_AXES = ("expert", None, None)
+
+
+class SwitchParams(NamedTuple):
+    """The module's weights as arrays (leaves [N, ...]; [N_local, ...] inside shard_map)."""
+
+    experts: ExpertParams
+    router: tuple[jax.Array, jax.Array] | None  # (w_router [d, N], b_router [d]); None: N = 1
+    b_dec: jax.Array  # [d]
 
 
 class SwitchOut(NamedTuple):
@@ -93,11 +94,11 @@ class SwitchSAE(nnx.Module):
         self, x: jax.Array, dead: jax.Array | None = None, capacity_factor: float | None = None
     ) -> SwitchOut:
         """x: [T, d] (sharded over every device); dead: AuxK's dead latents (None: off), as
-        [N, L] bool masks or as [N, B] int32 ids padded with L (`experts.compact_dead`).
+        [N, L] bool masks or as [N, B] int32 ids padded with L (`kernels.auxk.compact_dead`).
 
         Under a ('data', 'expert') mesh the forward runs in `jax.shard_map`: each device routes
-        its own tokens and an all_to_all over 'expert' moves the capacity buffers to the
-        devices that hold the experts. Without a mesh it runs as one local computation.
+        its own tokens and the dispatch path moves them to the devices that hold their experts.
+        Without a mesh it runs as one local computation.
         """
         cfg = self.cfg
         cf = cfg.capacity_factor if capacity_factor is None else capacity_factor
@@ -105,30 +106,26 @@ class SwitchSAE(nnx.Module):
             dead = compact_dead(dead, dead.shape[-1])
         experts = ExpertParams(self.w_enc[...], self.b_enc[...], self.w_dec[...])
         router = (self.w_router[...], self.b_router[...]) if cfg.num_experts > 1 else None
-        args = (experts, router, self.b_dec[...], x, dead)
+        params = SwitchParams(experts, router, self.b_dec[...])
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
-            return switch_apply(*args, cfg=cfg, capacity_factor=cf)
+            return switch_apply(params, x, dead, cfg=cfg, capacity_factor=cf)
         check_mesh(cfg, dict(mesh.shape), x.shape[0])
         # A 'data' axis of size 1 stays out of the manual axes: its psum of the expert
         # gradients would still be an all-reduce with buffers of their size.
         axes = tuple(a for a in AXES if a == "expert" or mesh.shape[a] > 1)
-        local = functools.partial(
-            switch_apply, cfg=cfg, capacity_factor=cf, expert_axis="expert", all_axes=axes
-        )
-        expert_spec = P("expert")
-        in_specs = (
+        local = functools.partial(switch_apply, cfg=cfg, capacity_factor=cf, all_axes=axes)
+        expert_spec, tok = P("expert"), P(axes)
+        param_specs = SwitchParams(
             ExpertParams(expert_spec, expert_spec, expert_spec),
             None if router is None else (P(), P()),
             P(),
-            P(axes),
-            None if dead is None else expert_spec,
         )
-        tok = P(axes)
+        in_specs = (param_specs, tok, None if dead is None else expert_spec)
         out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P(), P())
         return jax.shard_map(
             local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(axes)
-        )(*args)
+        )(params, x, dead)
 
 
 def check_mesh(cfg: SAEConfig, mesh_shape: dict[str, int], tokens: int | None = None) -> None:
@@ -143,49 +140,37 @@ def check_mesh(cfg: SAEConfig, mesh_shape: dict[str, int], tokens: int | None = 
 
 
 def switch_apply(
-    experts: ExpertParams,
-    router: tuple[jax.Array, jax.Array] | None,
-    b_dec: jax.Array,
+    params: SwitchParams,
     x: jax.Array,
-    dead: jax.Array | None,
+    dead_ids: jax.Array | None,
     *,
     cfg: SAEConfig,
     capacity_factor: float,
-    expert_axis: str | None = None,
     all_axes: tuple[str, ...] | None = None,
 ) -> SwitchOut:
-    """Route, run each token's expert (capacity or dropless dispatch), combine.
+    """Route, run each token's expert on the path `dispatch.paths.choose` picks, combine.
 
-    Written for one device's share: x [T_local, d], experts [N_local, ...], dead [N_local, B]
-    int32 dead latent ids (None: no AuxK). Tokens are centred (x - b_dec) in float32 and travel in
-    cfg.compute_dtype, and the reconstructions come back in it.
-    Inside shard_map (`expert_axis`), sums are psum'd over `all_axes`.
+    Written for one device's share: x [T_local, d], params.experts [N_local, ...], dead_ids
+    [N_local, B] int32 dead latent ids (None: no AuxK). Tokens are centred (x - b_dec) in
+    float32 and travel in cfg.compute_dtype, and the reconstructions come back in it.
+    Inside shard_map (`all_axes`: the manual mesh axes, 'expert' among them), sums are
+    psum'd over them.
     """
     x = x.astype(jnp.float32)
-    expert, gate, counts, prob_sums = _route(x, router, cfg.num_experts)
+    expert, gate, counts, prob_sums = _route(x, params.router, cfg.num_experts)
     dtype = precision.resolve(cfg.compute_dtype)  # of the buffers and the reconstructions
-    centred = centre(x, b_dec, dtype)
+    routed = Routed(centre(x, params.b_dec, dtype), expert, gate, params.b_dec)
+    expert_axis = "expert" if all_axes else None
     data_axes = tuple(a for a in all_axes or () if a != expert_axis)
+    experts = params.experts
     if all_axes:
         # Expert weights are replicated along 'data'; mark them varying once, here, so their
         # gradient is summed over 'data' once (not, say, once per AuxK chunk).
         experts = jax.tree.map(lambda w: jax.lax.pcast(w, data_axes, to="varying"), experts)
-    kw = dict(k=cfg.k, k_aux=cfg.k_aux_effective, kernel=cfg.expert_kernel, dtype=dtype)
-    if cfg.dispatch == "dropless" and expert_axis and jax.lax.axis_size(expert_axis) > 1:
-        out = run_dropless_exchanged(experts, centred, b_dec, expert, gate, dead, **kw,
-                                     expert_axis=expert_axis, num_experts=cfg.num_experts,
-                                     block_size=cfg.block_size)  # fmt: skip
-    elif cfg.dispatch == "dropless" and _use_ragged_dot(cfg):  # every expert is here
-        out = run_ragged(experts, centred, b_dec, expert, gate, dead, k=cfg.k,
-                         k_aux=cfg.k_aux_effective, dtype=dtype)  # fmt: skip
-    elif cfg.dispatch == "dropless":
-        out = run_dropless(experts, centred, b_dec, expert, gate, dead, **kw,
-                           block_size=cfg.block_size)  # fmt: skip
-    else:
-        out = _capacity_experts(experts, centred, b_dec, expert, gate, dead, **kw,
-                                n=cfg.num_experts, capacity_factor=capacity_factor,
-                                expert_axis=expert_axis)  # fmt: skip
-    x_hat = gate[:, None] * out.recon + b_dec
+    settings = expert_settings(cfg, dtype, capacity_factor, expert_axis)
+    expert_devices = jax.lax.axis_size(expert_axis) if expert_axis else 1
+    out = paths.choose(cfg, expert_devices)(routed, experts, dead_ids, settings)
+    x_hat = gate[:, None] * out.recon + params.b_dec
     sums = (counts, prob_sums, out.l0_sum, out.aux_err, out.aux_norm, out.rows)
     fired = out.fired
     if all_axes:
@@ -196,13 +181,19 @@ def switch_apply(
                      aux_norm, rows)  # fmt: skip
 
 
-def _use_ragged_dot(cfg: SAEConfig) -> bool:
-    """ragged_dot for experts that are all on this device: asked for, or 'auto' on GPU/TPU
-    with the dense kernel (see SAEConfig.grouped_matmul)."""
-    if cfg.grouped_matmul != "auto":
-        return cfg.grouped_matmul == "ragged_dot"
-    dense = use_dense(cfg.expert_kernel, cfg.latents_per_expert)
-    return dense and jax.default_backend() != "cpu"
+def expert_settings(
+    cfg: SAEConfig, dtype: str, capacity_factor: float, expert_axis: str | None
+) -> ExpertSettings:
+    """The dispatch paths' settings for this config, with the resolved compute dtype."""
+    return ExpertSettings(
+        k=cfg.k,
+        k_aux=cfg.k_aux_effective,
+        kernel=cfg.expert_kernel,
+        dtype=dtype,
+        block_size=cfg.block_size,
+        capacity_factor=capacity_factor,
+        expert_axis=expert_axis,
+    )
 
 
 def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, n: int):
@@ -214,43 +205,3 @@ def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, n: int):
         return jnp.zeros((tokens,), jnp.int32), jnp.ones((tokens,), jnp.float32), sums, sums
     r = routing.route(x, *router)
     return (r.expert, r.gate, *routing.load_sums(r, n))
-
-
-def _capacity_experts(
-    experts: ExpertParams,
-    centred: jax.Array,
-    b_dec: jax.Array,
-    expert: jax.Array,
-    gate: jax.Array,
-    dead: jax.Array | None,
-    *,
-    n: int,
-    capacity_factor: float,
-    expert_axis: str | None,
-    k: int,
-    k_aux: int,
-    kernel: str,
-    dtype: str,
-) -> TokenOut:
-    """Scatter the tokens into [N, C, d] buffers (tokens past C are dropped), run the
-    experts on them, gather back. With `expert_axis` the buffers go through an all_to_all to
-    [N_local, E*C, .] on the expert's device and back."""
-    tokens = centred.shape[0]
-    if n == 1:
-        slot, cap = jnp.arange(tokens, dtype=jnp.int32), tokens
-    else:
-        slot, cap = capacity.assign_slots(expert, n), capacity.capacity(tokens, n, capacity_factor)
-    kept = slot < cap
-    buffers = [capacity.to_buffers(v, expert, slot, n, cap) for v in (centred, gate, kept)]
-    if expert_axis:
-        buffers = [jax.lax.all_to_all(b, expert_axis, 0, 1, tiled=True) for b in buffers]
-    x_buf, gate_buf, valid_buf = buffers
-    out = run_experts(experts, x_buf, b_dec, gate_buf, valid_buf, dead, k=k, k_aux=k_aux,
-                      kernel=kernel, dtype=dtype)  # fmt: skip
-    recon_buf = out.recon.astype(dtype)
-    if expert_axis:
-        recon_buf = jax.lax.all_to_all(recon_buf, expert_axis, 1, 0, tiled=True)
-    recon = capacity.from_buffers(recon_buf, expert, slot).astype(jnp.float32)
-    l0_sum = jnp.sum((out.latents > 0) * valid_buf[..., None])
-    rows = jnp.float32(valid_buf.size)  # this device's slots: N * C however the experts split
-    return TokenOut(recon, kept, out.fired, l0_sum, out.aux_err, out.aux_norm, rows)

@@ -19,7 +19,7 @@ from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data.shards import MANIFEST
 from sae_jax.evaluation.held_out import make_eval_step
-from sae_jax.kernels.expert import max_bucket
+from sae_jax.kernels.auxk import max_bucket
 from sae_jax.mesh import TOKENS
 from sae_jax.model.switch import SwitchSAE, check_mesh
 from sae_jax.training.step import make_optimizer, make_train_step, new_state, state_sharding

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.dispatch import blocks, exchange
 from sae_jax.dispatch.dropless import auto_block_size
-from sae_jax.kernels.expert import max_bucket, use_dense
+from sae_jax.kernels.auxk import max_bucket
+from sae_jax.kernels.expert import use_dense
 from sae_jax.plan.hlo import Collective
 from sae_jax.training.step import DEAD_COUNT_LAG
 
@@ -74,7 +75,7 @@ class Shapes:
     dispatch: str = "capacity"
     block_size: int = 0  # dropless; 0: auto
     emulated_exchange: bool = False  # dropless on CPU: ragged_all_to_all is emulated
-    aux_share: float = 1.0  # AuxK's largest bucket / L (experts.max_bucket)
+    aux_share: float = 1.0  # AuxK's largest bucket / L (kernels.auxk.max_bucket)
 
     @classmethod
     def of(

@@ -1,6 +1,6 @@
 """The jitted training step: loss, decoder-gradient projection, Adam, row renormalisation.
 
-One step without AuxK, and one per dead-latent bucket with it (experts.dead_buckets: AuxK
+One step without AuxK, and one per dead-latent bucket with it (kernels.auxk.dead_buckets: AuxK
 runs on each expert's dead latents compacted to B ids, so its cost follows B). Which one runs
 is chosen on the host from the dead-latent count (the most in one expert) that the step
 `DEAD_COUNT_LAG` steps earlier returned, so the host never waits for the step it has just
@@ -22,7 +22,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sae_jax.config import TrainConfig
-from sae_jax.kernels.expert import bucket_for, compact_dead
+from sae_jax.kernels.auxk import bucket_for, compact_dead
 from sae_jax.model.losses import loss_and_metrics
 from sae_jax.model.switch import SwitchSAE
 from sae_jax.training.update import apply_update, partition_specs
@@ -152,7 +152,7 @@ class TrainStep:
     """step(state, x) -> (state, metrics): the plain compiled step or an AuxK one.
 
     Step t runs AuxK, on the bucket that holds the most dead latents of one expert (capped at
-    `TrainConfig.aux_max_share`, see experts.max_bucket), when the state of step
+    `TrainConfig.aux_max_share`, see kernels.auxk.max_bucket), when the state of step
     t - DEAD_COUNT_LAG + 1 had a dead latent; that count came out of step
     t - DEAD_COUNT_LAG, which has finished (or is about to) while step t - 1 still runs, so
     reading it never stalls the device queue. The first call reads the counts from the state

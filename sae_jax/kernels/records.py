@@ -1,0 +1,64 @@
+"""The records every expert kernel and dispatch path passes: an expert's weights, a buffer of
+its rows, how experts run, and what they return."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+
+DENSE_MAX_LATENTS = 1024
+
+
+class ExpertParams(NamedTuple):
+    """One expert's weights ([L, d], [L]) or, with a leading axis, N experts' ([N, L, d])."""
+
+    w_enc: jax.Array  # [L, d] encoder rows (the transpose of the paper's W_enc)
+    b_enc: jax.Array  # [L]
+    w_dec: jax.Array  # [L, d] unit-norm decoder rows
+
+
+class ExpertRows(NamedTuple):
+    """A buffer of rows an expert runs on ([C, ...]; [N, C, ...] for N experts' buffers)."""
+
+    x: jax.Array  # [C, d] tokens, centred (x - b_dec) in the compute dtype (kernels.expert.centre)
+    gate: jax.Array  # [C] float32 router probability of the expert (scales AuxK's output)
+    valid: jax.Array  # [C] bool, False for rows that hold no token
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertSettings:
+    """How every expert runs, and how a dispatch path brings it its tokens (static).
+
+    k, k_aux, kernel and dtype are the kernels'; block_size, capacity_factor and expert_axis
+    are the dispatch paths' (sae_jax/dispatch/), each path reading the ones it needs.
+    """
+
+    k: int  # active latents per token
+    k_aux: int = 0  # AuxK's latents per token (0: no AuxK)
+    kernel: str = "auto"  # 'dense', 'gather' or 'auto' (dense up to DENSE_MAX_LATENTS)
+    dtype: str = "float32"  # compute dtype of the matmuls and the dispatched buffers
+    block_size: int = 0  # dropless: rows per block (0: dispatch.dropless.auto_block_size)
+    capacity_factor: float = 1.0  # capacity dispatch: C = ceil(cf * T / N)
+    expert_axis: str | None = None  # the mesh axis experts are split over (in jax.shard_map)
+
+    def dense(self, latents: int) -> bool:
+        """Whether experts of `latents` latents use the dense kernel (else gather)."""
+        return use_dense(self.kernel, latents)
+
+
+class ExpertOut(NamedTuple):
+    """One expert's results on one buffer ([C, ...]; [N, C, ...] for N buffers)."""
+
+    recon: jax.Array  # [C, d] ungated decoder output W_dec^T z (no b_dec)
+    latents: jax.Array  # [C, k] post-ReLU values of the chosen latents
+    indices: jax.Array  # [C, k] int32 latent ids inside the expert
+    fired: jax.Array  # [L] float32 count of valid rows on which each latent fired
+    aux_err: jax.Array  # [] sum over valid rows of ||residual - aux recon||^2
+    aux_norm: jax.Array  # [] sum over valid rows of ||residual||^2
+
+
+def use_dense(kernel: str, latents: int) -> bool:
+    """kernel: one of config.EXPERT_KERNELS (validated by SAEConfig)."""
+    return kernel == "dense" or (kernel == "auto" and latents <= DENSE_MAX_LATENTS)
