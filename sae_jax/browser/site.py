@@ -1,8 +1,8 @@
 """Write the feature browser: static HTML pages plus data scripts, under DIR/browser/.
 
-Pages (index.html, expert.html#E, latent.html#ID) are fixed files in `static/`; what they show
+Pages (index.html, expert.html#EXPERT, latent.html#ID) are fixed files in `static/`; what they show
 comes from `data/*.js` scripts, loaded with <script> tags (which work from file:// where
-fetch() does not) and only when needed: overview.js, expert_<E>.js (one expert's latent
+fetch() does not) and only when needed: overview.js, expert_<EXPERT>.js (one expert's latent
 table), block_<B>.js (full records of BLOCK latents), keys.js (look-up by token text),
 vocab.js (token strings). So a run with 10^5 latents opens as fast as a small one.
 """

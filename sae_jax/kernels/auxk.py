@@ -49,7 +49,7 @@ def bucket_for(dead_count: int, latents: int, max_share: float = 1.0) -> int:
 
 
 def compact_dead(dead: jax.Array, size: int, start: jax.Array | int = 0) -> jax.Array:
-    """Dead masks [E, L] bool -> [E, size] int32: each expert's first `size` dead latent ids
+    """Dead masks [N, L] bool -> [N, size] int32: each expert's first `size` dead latent ids
     counting cyclically from latent `start` (the same for every expert), padded with L."""
     lat = dead.shape[-1]
     rolled = jnp.roll(dead, -start, axis=-1)

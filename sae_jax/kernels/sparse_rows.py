@@ -1,12 +1,11 @@
 """The gather kernel's sparse ops on k rows per token, one of the k at a time.
 
 Written as one gather of [C, k, d] rows, XLA:CPU builds that buffer and then reduces it, and
-transposes the gather into a scatter-add of the whole buffer; both ran at a few hundred ms at
-C = 4096, k = 32, d = 576 (measured on the 2-core CPU: gathered decode 605 ms, its scatter-add
-gradient 561 ms). A loop over the k slots, each a [C, d] gather fused into the multiply-add
-or a [C, d] scatter-add into the row gradient, does the same work in 20 ms and 124 ms. The
+transposes the gather into a scatter-add of the whole buffer. A loop over the k slots, each a
+[C, d] gather fused into the multiply-add or a [C, d] scatter-add into the row gradient, does
+the same work without the [C, k, d] buffer, several times faster (docs/benchmarks.md). The
 gradients are written out (custom_vjp): differentiating the loop instead copies the [L, d]
-row gradient it carries (913 ms).
+row gradient it carries on every trip.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ def _scatter_rows(coef: jax.Array, vecs: jax.Array, idx: jax.Array, rows: int) -
 
 def _gather_dots(w: jax.Array, idx: jax.Array, vecs: jax.Array) -> jax.Array:
     """[C, k]: vecs[c] . w[idx[c, j]] (float32), one column per loop step (a stack of the k
-    columns, unrolled, ran 4x slower)."""
+    columns, unrolled, ran slower)."""
 
     def column(j):
         return jnp.sum(w[_slot(idx, j)].astype(jnp.float32) * vecs, axis=-1)
@@ -50,14 +49,14 @@ def gather_decode(values: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
     """sum_j values[:, j] * w[idx[:, j]]: values [C, k], idx [C, k] int32, w [L, d] -> [C, d]
     float32."""
     # Without the barrier XLA fuses the producers of values and idx (top-k, the gather from
-    # the pre-activations) into every output element of the decode: 4x slower in the step.
+    # the pre-activations) into every output element of the decode, which made the step slower.
     values, idx = jax.lax.optimization_barrier((values, idx))
 
     def term(j):  # the slot's [C, d] gather fuses into its multiply-add
         return _slot(values, j)[:, None].astype(jnp.float32) * w[_slot(idx, j)].astype(jnp.float32)
 
     # A loop, not k unrolled terms: unrolled, XLA:CPU sometimes built all k gathered [C, d]
-    # buffers before summing them (8x slower in the step with AuxK).
+    # buffers before summing them.
     return jax.lax.fori_loop(1, idx.shape[1], lambda j, out: out + term(j), term(0))
 
 
