@@ -32,18 +32,19 @@ from sae_jax.plan.hlo import Collective
 from sae_jax.training.step import DEAD_COUNT_LAG
 
 F32 = 4
-# Expert-sized [N_local, L, d] float32 temporaries the step holds besides the gradients
-# (measured on XLA:CPU, configs/pod.gin on 64 devices: one, the zeros the gather kernel's row
-# gradients are scattered into; the optimizer update runs a chunk at a time, see
-# sae_jax/training/update.py). Below float32 the step also holds w_enc cast to the compute dtype for
-# the [S, L] pre-activation matmul. Adjust these when the step changes.
+# Expert-sized [N_local, L, d] float32 temporaries the step holds besides the gradients: one,
+# the zeros the gather kernel's row gradients are scattered into (the optimizer update runs a
+# chunk at a time, see sae_jax/training/update.py). Below float32 the step also holds w_enc
+# cast to the compute dtype for the [S, L] pre-activation matmul. Counted in XLA:CPU's buffer
+# assignment (the configs it was read on: docs/pod_scale.md). Adjust these when the step
+# changes.
 UPDATE_EXPERT_BUFFERS = 1
 # Elementwise FLOPs per parameter of the update: global-norm clipping (2), Adam's moments
 # and step (~12), the decoder-gradient projection and row renormalisation (~6).
 UPDATE_FLOPS_PER_PARAM = 20
 # Dropless buffers of R x d (R = E x T_local received rows, or the block layout's rows), as
-# measured on XLA:CPU (configs/pod.gin on 256 devices and a d = 256, 8-device variant; see
-# `dropless_activations`). Around the exchanges the step holds one such buffer in the compute
+# XLA:CPU's buffer assignment holds them (see `dropless_activations`; the configs it was read
+# on: docs/pod_scale.md). Around the exchanges the step holds one such buffer in the compute
 # dtype (the received tokens, then their layout) and DROPLESS_EXCHANGE_F32_BUFFERS in float32
 # (the reconstructions of the layout rows and their gradient, on both sides of
 # `from_blocks`), plus, with the CPU emulation of ragged_all_to_all, its [E, T_local, d]

@@ -38,8 +38,8 @@ def _values(row: dict[str, Any]):
 def _summary_writer_class() -> type:
     """tensorboardX's SummaryWriter, imported without importing torch where torch is not
     loaded yet: tensorboardX imports it only to accept torch tensors (we hand it numpy), and
-    with torch loaded the training step ran ~20% slower on XLA:CPU (measured at smollm2.gin's
-    shapes: 370-420 ms against 470-550 ms a step, alternated in one session)."""
+    a process with torch loaded runs the XLA:CPU training step markedly slower (figures in
+    docs/benchmarks.md)."""
     if "torch" in sys.modules:
         from tensorboardX import SummaryWriter
 

@@ -2,10 +2,10 @@
 
 Adam, the decoder-gradient projection and the row renormalisation are elementwise or per row,
 so they can run expert by expert. Written over whole [N, L, d] tensors, XLA left an
-expert-sized temporary for nearly every stage (measured on XLA:CPU for configs/pod.gin on 64
-devices: 8 tensors of [16, 16384, 4096], 32 GiB per device). Here, inside shard_map, a
-fori_loop updates expert i of every local expert tensor in place (the loop carries the
-donated buffers), so the update's temporaries are one expert's size.
+expert-sized temporary for nearly every stage, several times the weights at pod scale (the
+figures are in docs/pod_scale.md). Here, inside shard_map, a fori_loop updates expert i of
+every local expert tensor in place (the loop carries the donated buffers), so the update's
+temporaries are one expert's size.
 """
 
 from __future__ import annotations
