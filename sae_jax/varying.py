@@ -45,3 +45,10 @@ def zeros_varying(shape: tuple[int, ...], dtype, like: PyTree) -> jax.Array:
     """Zeros varying over the mesh axes of `like`: the start of a loop carry or accumulator
     that values of `like`'s type are added or written into."""
     return vary_as(jnp.zeros(shape, dtype), like)
+
+
+def sum_to_type(g: jax.Array, primal: jax.Array) -> jax.Array:
+    """A gradient g that varies over more mesh axes than its primal, psum'd over the extra
+    ones (what the transpose of a replicated value's use does)."""
+    extra = tuple(sorted(set(varying_axes(g)) - set(varying_axes(primal))))
+    return jax.lax.psum(g, extra) if extra else g

@@ -28,7 +28,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sae_jax.varying import vary, vary_all, vary_as, varying_axes, zeros_varying
+from sae_jax.varying import (
+    sum_to_type,
+    vary,
+    vary_all,
+    vary_as,
+    varying_axes,
+    zeros_varying,
+)
 
 PyTree = Any
 # fn(weights of one expert, tokens [B, ...], valid [B] bool, *shared) -> pytree of [B, ...]
@@ -252,7 +259,7 @@ def _cotangent(primal: PyTree, grads: list) -> PyTree:
     """The gradients of primal's floating-point leaves, each summed over the mesh axes that
     its leaf is replicated on, in primal's structure (None for the other leaves)."""
     leaves = _diff_leaves(primal)
-    summed = [_sum_to_type(g, p) for g, p in zip(grads, leaves, strict=True)]
+    summed = [sum_to_type(g, p) for g, p in zip(grads, leaves, strict=True)]
     return _merge(primal, summed, fill=None)
 
 
@@ -302,9 +309,3 @@ def _zeros_like(a: jax.Array) -> jax.Array:
 
 def _expert_weights(weights: PyTree, e: jax.Array | int) -> PyTree:
     return jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False), weights)
-
-
-def _sum_to_type(g: jax.Array, primal: jax.Array) -> jax.Array:
-    """A gradient varying over more mesh axes than its primal, summed over the extra axes."""
-    extra = tuple(sorted(jax.typeof(g).mat.varying - jax.typeof(primal).mat.varying))
-    return jax.lax.psum(g, extra) if extra else g

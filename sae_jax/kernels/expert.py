@@ -40,6 +40,7 @@ from sae_jax.kernels.records import (
     ExpertSettings,
     use_dense,
 )
+from sae_jax.varying import zeros_varying
 
 __all__ = [
     "DENSE_MAX_LATENTS",
@@ -169,7 +170,7 @@ def expert_out(
     """
     recon, latents, idx, fired = centred_forward(p, buf, b_dec, s, chosen)
     if dead_ids is None or s.k_aux == 0:
-        zero = jnp.zeros_like(recon, shape=())  # keeps the varying mesh axes under shard_map
+        zero = zeros_varying((), recon.dtype, recon)
         return ExpertOut(recon, latents, idx, fired, zero, zero)
     err, norm = auxk_sums(p, buf, dead_ids, recon, s)
     return ExpertOut(recon, latents, idx, fired, err, norm)

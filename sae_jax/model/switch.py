@@ -31,6 +31,7 @@ from sae_jax.kernels import routing
 from sae_jax.kernels.auxk import compact_dead
 from sae_jax.kernels.expert import ExpertParams, ExpertSettings, centre
 from sae_jax.mesh import AXES
+from sae_jax.varying import vary_all
 
 EXPERT_AXES = ("expert", None, None)
 
@@ -166,7 +167,7 @@ def switch_apply(
     if all_axes:
         # Expert weights are replicated along 'data'; mark them varying once, here, so their
         # gradient is summed over 'data' once (not, say, once per AuxK chunk).
-        experts = jax.tree.map(lambda w: jax.lax.pcast(w, data_axes, to="varying"), experts)
+        experts = vary_all(experts, data_axes)
     settings = expert_settings(cfg, dtype, capacity_factor, expert_axis)
     expert_devices = jax.lax.axis_size(expert_axis) if expert_axis else 1
     out = paths.choose(cfg, expert_devices)(routed, experts, dead_ids, settings)
