@@ -29,7 +29,7 @@ def run(routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSe
     as ragged_dot products: the same results as `dropless.run` with the dense kernel (no
     padding rows). See dispatch/routed.py."""
     xc, expert, gate, b_dec = routed
-    dead, k, k_aux, dtype = dead_ids, s.k, s.k_aux, s.dtype
+    k, k_aux, dtype = s.k, s.k_aux, s.dtype
     n, lat = p.w_enc.shape[:2]
     order = jnp.argsort(expert, stable=True)
     sizes = jnp.zeros(n, jnp.int32).at[expert].add(1)
@@ -44,10 +44,10 @@ def run(routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSe
     recon = _ragged(_codes(latents, idx, lat, dtype), p.w_dec, sizes, dtype)
     fired = jnp.zeros((n, lat), jnp.float32).at[e_s[:, None], idx].add(latents > 0)
     aux_err = aux_norm = jnp.zeros((), jnp.float32)
-    if dead is not None and k_aux:
+    if dead_ids is not None and k_aux:
         # Only the expert weights get AuxK's gradient: residual, gate and b_dec are constants.
         residual = jax.lax.stop_gradient(xs.astype(jnp.float32) - g_s * recon)
-        mask = jnp.zeros((n, lat + 1), bool).at[jnp.arange(n)[:, None], dead].set(True)
+        mask = jnp.zeros((n, lat + 1), bool).at[jnp.arange(n)[:, None], dead_ids].set(True)
         mask = mask[:, :lat]  # [N, L]; the padding id L falls off
         dead_s = mask[e_s]  # [T, L]
         _, aux_idx = jax.lax.top_k(jnp.where(dead_s, jax.nn.relu(pre), 0.0), k_aux)

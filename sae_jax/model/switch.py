@@ -197,7 +197,7 @@ def expert_settings(
     )
 
 
-def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, n: int):
+def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, num_experts: int):
     """Routed expert [T], gate [T], and the per-expert token counts and summed
     probabilities [N]. Without a router (N = 1) every token goes to expert 0 with p = 1."""
     if router is None:
@@ -205,4 +205,4 @@ def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, n: int):
         sums = jnp.full((1,), tokens, jnp.float32)
         return jnp.zeros((tokens,), jnp.int32), jnp.ones((tokens,), jnp.float32), sums, sums
     r = routing.route(x, *router)
-    return (r.expert, r.gate, *routing.load_sums(r, n))
+    return (r.expert, r.gate, *routing.load_sums(r, num_experts))

@@ -108,8 +108,8 @@ def make_train_step(
     layout of the old one, so the second step does not recompile for a different layout.
     """
 
-    def loss_fn(params, x, dead):
-        out = nnx.merge(graphdef, params)(x, dead)
+    def loss_fn(params, x, dead_ids):
+        out = nnx.merge(graphdef, params)(x, dead_ids)
         loss, metrics = loss_and_metrics(x, out, lb_alpha=tcfg.lb_alpha, aux_weight=tcfg.aux_weight)
         return loss, (metrics, out.fired)
 
@@ -120,13 +120,13 @@ def make_train_step(
 
     @functools.partial(jax.jit, donate_argnums=0, out_shardings=out_shardings)
     def step(state: TrainState, x: jax.Array):
-        dead = None
+        dead_ids = None
         if auxk:
             mask = state.since_fired >= tcfg.dead_after_tokens
             size, lat = aux_bucket or mask.shape[1], mask.shape[1]
             # Past `size` dead latents per expert, the ids taken start `size` further each step.
-            dead = compact_dead(mask, size, start=(state.step % -(-lat // size)) * size)
-        grads, (metrics, fired) = jax.grad(loss_fn, has_aux=True)(state.params, x, dead)
+            dead_ids = compact_dead(mask, size, start=(state.step % -(-lat // size)) * size)
+        grads, (metrics, fired) = jax.grad(loss_fn, has_aux=True)(state.params, x, dead_ids)
         params, opt_state, grad_norm = apply_update(
             tx, grads, state.opt_state, state.params, clip=tcfg.grad_clip
         )
