@@ -74,13 +74,13 @@ class Run:
     train_src: Source
     eval_src: Source
     mesh: Mesh
-    tokens: NamedSharding
-    rows: slice
+    tokens: NamedSharding  # a batch's tokens on the mesh
+    rows: slice  # this process's rows of each global batch
     eval_batches: int
     ckpt: Checkpointer
     start: int
-    position: int
-    changes: list[str]
+    position: int  # this process's data-stream position at `start`
+    changes: list[str]  # settings changed since the checkpoint resumed from
     lead: bool  # process 0: writes the logs and prints
 
     @property
