@@ -70,5 +70,4 @@ def open_eval_data(
         raise ConfigError("--data synthetic: leave --data out to use the run's own synthetic data")
     if not Path(spec).is_dir():
         raise ConfigError(f"{spec}: no such data directory")
-    return ActivationData(spec, outlier_norm_factor=outlier_norm_factor, process_index=0,
-                          process_count=1)  # fmt: skip
+    return ActivationData(spec, outlier_norm_factor=outlier_norm_factor, process=(0, 1))

@@ -100,7 +100,7 @@ def test_two_processes_read_disjoint_shards_that_cover_the_data(tmp_path):
     write_dataset(tmp_path, LENGTHS)
     parts = []
     for p in range(2):
-        src = reader(tmp_path, process_index=p, process_count=2)
+        src = reader(tmp_path, process=(p, 2))
         total = src.local_tokens[p]
         n = total // 49
         batches = list(islice(src.batches("train", slice(0, 49), 98), n))
@@ -111,7 +111,7 @@ def test_two_processes_read_disjoint_shards_that_cover_the_data(tmp_path):
     covered = set(parts[0]) | set(parts[1])
     assert len(covered) == 49 * (1700 // 49) + 49 * (848 // 49)  # whole batches of each stream
     with pytest.raises(DataError, match="4 shard"):
-        reader(tmp_path, process_index=0, process_count=5)
+        reader(tmp_path, process=(0, 5))
 
 
 def test_bfloat16_shards(tmp_path):

@@ -45,7 +45,7 @@ def test_dump_matches_the_models_hidden_states(tmp_path, tiny_model, text):
     np.testing.assert_allclose(got[: len(want)], want, rtol=1e-5, atol=1e-5)
     # token ids beside the activations (manifest version 2), BOS skipped like the vectors
     assert manifest["version"] == 2 and manifest["shards"][0]["token_ids"].startswith("token_")
-    data = ActivationData(tmp_path / "acts", process_index=0, process_count=1)
+    data = ActivationData(tmp_path / "acts", process=(0, 1))
     np.testing.assert_array_equal(data.token_ids(0, 60), np.asarray(seqs)[:, 1:].ravel())
     np.testing.assert_array_equal(data.in_order(0, 60), got[:60])
 

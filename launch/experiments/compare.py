@@ -82,7 +82,7 @@ def step_speed(args, result: dict) -> float:
     from launch import bench
     from sae_jax.data import ActivationData
 
-    d = ActivationData(args.train, process_index=0, process_count=1).d
+    d = ActivationData(args.train, process=(0, 1)).d
     spec = argparse.Namespace(d=d, k=32, batch=4096, capacity_factor=1.25, steps=args.bench_steps)
     row = bench.measure(spec, result["num_experts"], result["num_latents"], (1, 1))
     print(f"step benchmark {result['name']}: {row['step_ms']:.0f} ms", flush=True)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,15 +28,35 @@ REDUMP = ("this dump has no token ids (written before the dumper stored them), s
           "show token positions, not text; re-dump it with python -m launch.dump_activations "
           "to see text")  # fmt: skip
 
-__all__ = ["Collected", "build_browser", "collect"]
+__all__ = ["BrowserOptions", "Collected", "build_browser", "collect"]
 
 
-def build_browser(workdir: str | Path, data: str | None = None, *, tokens: int = 65536,
-                  batch_size: int = 4096, top_k: int = 16, sample_k: int = 8,
-                  effects_k: int = 10, use_model: bool = True, duplicates: bool = True,
-                  log=print) -> tuple[Path, Collected]:  # fmt: skip
+@dataclass(frozen=True)
+class BrowserOptions:
+    """What the browser encodes and shows.
+
+    tokens: evaluation tokens encoded; batch_size: tokens per encode batch; top_k: top
+    contexts kept per latent; sample_k: random contexts kept per latent; effects_k: promoted
+    and suppressed tokens per latent (use_model: load the LM to find them); duplicates: search
+    the decoder rows for duplicated pairs (M^2 d work).
+    """
+
+    tokens: int = 65536
+    batch_size: int = 4096
+    top_k: int = 16
+    sample_k: int = 8
+    effects_k: int = 10
+    use_model: bool = True
+    duplicates: bool = True
+
+
+def build_browser(
+    workdir: str | Path, data: str | None = None, *, log=print, **options: Any
+) -> tuple[Path, Collected]:
     """Write workdir/browser/ for the run's exported SAE over `tokens` tokens of `data` (default:
-    the run's EVAL_DATA). Returns (index.html, what was collected)."""
+    the run's EVAL_DATA). `options`: BrowserOptions' fields. Returns (index.html, what was
+    collected)."""
+    opts = BrowserOptions(**options)
     workdir = Path(workdir)
     sae = load_run_sae(workdir)
     source = open_eval_data(workdir, data)
@@ -42,8 +64,8 @@ def build_browser(workdir: str | Path, data: str | None = None, *, tokens: int =
     if source.d != sae.cfg.d:
         raise ConfigError(f"{data or 'EVAL_DATA'}: d = {source.d}, but the SAE has d = "
                           f"{sae.cfg.d}")  # fmt: skip
-    log(f"browse: encoding {tokens} tokens with {sae.cfg.num_latents} latents")
-    got = collect(sae, source, tokens, batch_size, top_k, sample_k)
+    log(f"browse: encoding {opts.tokens} tokens with {sae.cfg.num_latents} latents")
+    got = collect(sae, source, opts.tokens, opts.batch_size, opts.top_k, opts.sample_k)
     info = SiteInfo(title=workdir.resolve().name, kind="synthetic", data="synthetic (seed)",
                     metrics=_eval_metrics(workdir))  # fmt: skip
     if real:
@@ -52,34 +74,34 @@ def build_browser(workdir: str | Path, data: str | None = None, *, tokens: int =
         info.note = "" if source.has_token_ids else REDUMP
         model = source.manifest.get("source", {}).get("model")
         if model:
-            info.decode, info.effects, why = _text_and_effects(model, sae, effects_k, use_model)
+            info.decode, info.effects, why = _text_and_effects(model, sae, opts)
             if why:
                 info.note = (info.note + "; " if info.note else "") + why
         if info.kind == "text" and info.decode is None:
             info.kind = "activations"
     else:
         info.features = np.asarray(source.features)
-    pairs = duplicate_pairs(np.asarray(sae.params["w_dec"])) if duplicates else None
+    pairs = duplicate_pairs(np.asarray(sae.params["w_dec"])) if opts.duplicates else None
     found = "duplicates not searched" if pairs is None else f"{len(pairs)} duplicated pairs"
     log(f"browse: writing pages ({found})")
     index = write_site(workdir / "browser", sae, got, info, pairs)
     return index, got
 
 
-def _text_and_effects(model: str, sae, k: int, use_model: bool):
+def _text_and_effects(model: str, sae, opts: BrowserOptions):
     """(decode, logit effects or None, note) for the manifest's model; a note says what could
     not be loaded."""
     try:
         from sae_jax.browser.unembed import load_unembedding, logit_effects
         from sae_jax.data.dumper import load_tokenizer
 
-        if not use_model:
+        if not opts.use_model:
             tokenizer = load_tokenizer(model)
             effects = None
         else:
             unembed, tokenizer = load_unembedding(model)
             rows = np.asarray(sae.params["w_dec"]).reshape(sae.cfg.num_latents, -1)
-            effects = logit_effects(rows, unembed, k)
+            effects = logit_effects(rows, unembed, opts.effects_k)
     except (ImportError, ValueError, OSError) as e:
         return None, None, f"model {model} not loadable ({str(e).splitlines()[0]})"
     return (lambda i: tokenizer.decode([i])), effects, ""

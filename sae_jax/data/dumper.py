@@ -12,9 +12,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -158,79 +161,111 @@ def residual_stream(model, block, ids: list[list[int]], device: str) -> np.ndarr
     return captured["x"][:, 1:].float().cpu().numpy()
 
 
+@dataclass(frozen=True)
+class DumpOptions:
+    """How much to dump and how: max_tokens in all, seq_len tokens per sequence (with BOS),
+    batch_size sequences per forward, shard_tokens per shard, stored as dtype, on torch device
+    (default: cuda if any), with a progress bar."""
+
+    max_tokens: int
+    seq_len: int = 128
+    batch_size: int = 16
+    shard_tokens: int = 65536
+    dtype: str = "float16"
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise DataError(f"--dtype {self.dtype}: expected one of {', '.join(DTYPES)}")
+        sizes = (self.max_tokens, self.batch_size, self.shard_tokens)
+        if self.seq_len < 2 or any(n <= 0 for n in sizes):
+            raise DataError(
+                "--seq_len must be >= 2; --max_tokens, --batch_size, --shard_tokens > 0"
+            )
+
+
 def dump(
     model_spec: str,
     layer: int,
     text_files: Sequence[str | Path],
     out: str | Path,
-    *,
-    max_tokens: int,
-    seq_len: int = 128,
-    batch_size: int = 16,
-    shard_tokens: int = 65536,
-    dtype: str = "float16",
-    device: str | None = None,
-    progress: bool = True,
+    **options: Any,
 ) -> dict:
-    """Write shards and manifest.json to `out`; resumes an interrupted dump. Returns the
-    manifest."""
-    if dtype not in DTYPES:
-        raise DataError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    if seq_len < 2 or max_tokens <= 0 or batch_size <= 0 or shard_tokens <= 0:
-        raise DataError("--seq_len must be >= 2; --max_tokens, --batch_size, --shard_tokens > 0")
+    """Write shards and manifest.json to `out`; resumes an interrupted dump. `options`:
+    DumpOptions' fields (max_tokens is required). Returns the manifest."""
+    opts = DumpOptions(**options)
     for name in text_files:
         if not Path(name).is_file():
             raise DataError(f"{name}: no such text file")
     out = Path(out)
-    args = {"model": model_spec, "layer": layer, "seq_len": seq_len, "dtype": dtype,
-            "shard_tokens": shard_tokens, "max_tokens": max_tokens,
-            "text_files": [str(Path(f).resolve()) for f in text_files]}  # fmt: skip
+    args = {
+        "model": model_spec,
+        "layer": layer,
+        "seq_len": opts.seq_len,
+        "dtype": opts.dtype,
+        "shard_tokens": opts.shard_tokens,
+        "max_tokens": opts.max_tokens,
+        "text_files": [str(Path(f).resolve()) for f in text_files],
+    }
     state = _start_state(out, args)
     if state is None:
         print(f"{out}: already complete ({MANIFEST} exists)", flush=True)
         return json.loads((out / MANIFEST).read_text())
-    device = device or _default_device()
+    device = opts.device or _default_device()
     model, tokenizer, info = load_model(model_spec, device)
     blocks = find_blocks(model)
     if not 0 <= layer < len(blocks):
         raise DataError(f"--layer {layer}: {info['architecture']} has blocks 0..{len(blocks) - 1}")
-    per_shard = max(1, shard_tokens // (seq_len - 1))
+    sequences = token_sequences(tokenizer, text_files, opts.seq_len)
+    activations = partial(residual_stream, model, blocks[layer], device=device)
+    _write_shards(out, state, sequences, activations, opts)
+    if not state["shards"]:
+        raise DataError(f"the text files hold fewer than {opts.seq_len - 1} tokens")
+    source = {
+        **info,
+        "layer": layer,
+        "site": f"output of block {layer} (residual stream)",
+        "seq_len": opts.seq_len,
+        "bos_skipped": True,
+        "text_files": args["text_files"],
+    }
+    manifest = build_manifest(out, opts.dtype, source)
+    write_manifest(out, manifest)
+    (out / STATE).unlink()
+    return manifest
+
+
+def _write_shards(
+    out: Path,
+    state: dict,
+    sequences: Iterator[list[int]],
+    activations: Callable[[list[list[int]]], np.ndarray],
+    opts: DumpOptions,
+) -> None:
+    """Write shards of whole sequences' activations to `out`, from the sequence after those
+    `state` lists, until opts.max_tokens tokens are written or the text runs out; each shard is
+    recorded in `state`, saved at once (so that an interrupted dump resumes)."""
+    per_shard = max(1, opts.shard_tokens // (opts.seq_len - 1))
     done_tokens = sum(s["tokens"] for s in state["shards"])
-    sequences = token_sequences(tokenizer, text_files, seq_len)
     sequences = islice(sequences, sum(s["sequences"] for s in state["shards"]), None)
-    bar = tqdm(total=max_tokens, initial=done_tokens, unit="tok", disable=not progress)
-    while done_tokens < max_tokens:
+    bar = tqdm(total=opts.max_tokens, initial=done_tokens, unit="tok", disable=not opts.progress)
+    while done_tokens < opts.max_tokens:
         group = list(islice(sequences, per_shard))
         if not group:
             break
-        x = np.concatenate([
-            residual_stream(model, blocks[layer], group[i : i + batch_size], device)
-            for i in range(0, len(group), batch_size)
-        ])  # fmt: skip
-        x = x.reshape(-1, x.shape[-1])[: max_tokens - done_tokens]
+        starts = range(0, len(group), opts.batch_size)
+        x = np.concatenate([activations(group[i : i + opts.batch_size]) for i in starts])
+        x = x.reshape(-1, x.shape[-1])[: opts.max_tokens - done_tokens]
         ids = np.asarray(group, np.int32)[:, 1:].reshape(-1)[: len(x)]
         name = f"shard_{len(state['shards']):05d}.npy"
         _write_array(out / TOKEN_IDS / name, ids)  # first: a listed shard has its ids
-        _write_shard(out / name, x, dtype)
+        _write_shard(out / name, x, opts.dtype)
         state["shards"].append({"file": name, "tokens": len(x), "sequences": len(group)})
         _save_state(out, state)
         done_tokens += len(x)
         bar.update(len(x))
     bar.close()
-    if not state["shards"]:
-        raise DataError(f"the text files hold fewer than {seq_len - 1} tokens")
-    source = {
-        **info,
-        "layer": layer,
-        "site": f"output of block {layer} (residual stream)",
-        "seq_len": seq_len,
-        "bos_skipped": True,
-        "text_files": args["text_files"],
-    }
-    manifest = build_manifest(out, dtype, source)
-    write_manifest(out, manifest)
-    (out / STATE).unlink()
-    return manifest
 
 
 def _default_device() -> str:

@@ -78,6 +78,8 @@ class ActivationData:
         median norm (massive activations); 0 keeps every token.
     shuffle_buffer: tokens per shuffle window; chunk_tokens: consecutive tokens read together.
     scale_tokens: sample size that measures the input scale s (E||s x||^2 = d on inliers).
+    process: (index, count): read the stream of process `index` of `count` (default: this
+        JAX process's).
     """
 
     def __init__(
@@ -89,8 +91,7 @@ class ActivationData:
         chunk_tokens: int = 256,
         scale_tokens: int = 65536,
         prefetch_batches: int = 4,
-        process_index: int | None = None,
-        process_count: int | None = None,
+        process: tuple[int, int] | None = None,
     ):
         if outlier_norm_factor < 0 or shuffle_buffer <= 0 or chunk_tokens <= 0:
             raise DataError("outlier_norm_factor must be >= 0; shuffle_buffer, chunk_tokens > 0")
@@ -98,8 +99,9 @@ class ActivationData:
         self.manifest, shards = open_dataset(directory)
         self.d = int(self.manifest["d"])
         self.dtype = self.manifest["dtype"]
-        self.process_count = jax.process_count() if process_count is None else process_count
-        self.process_index = jax.process_index() if process_index is None else process_index
+        if process is None:
+            process = (jax.process_index(), jax.process_count())
+        self.process_index, self.process_count = process
         if len(shards) < self.process_count:
             raise DataError(
                 f"{self.directory}: {len(shards)} shard(s) for {self.process_count} processes; "

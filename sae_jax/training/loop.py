@@ -1,10 +1,12 @@
-"""The training loop: build model and state, run steps, log, evaluate."""
+"""The training loop, `train`: set-up (`set_up` -> a `Run`), the steps (`train_steps`), the end
+(`finish`: final evaluation, checkpoint and export)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from itertools import islice
 from pathlib import Path
@@ -12,10 +14,11 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
-from sae_jax.data import ActivationData, make_source
+from sae_jax.data import ActivationData, Batch, SyntheticData, make_source
 from sae_jax.distributed import gather_ints, process_rows, put_local
 from sae_jax.evaluation.held_out import evaluate, make_eval_step
 from sae_jax.export import export_sae
@@ -27,12 +30,15 @@ from sae_jax.training.checkpoint import Checkpointer, check_changes, check_compa
 from sae_jax.training.metric_logs import check_wandb
 from sae_jax.training.metrics import MetricWriter, summary
 from sae_jax.training.preemption import Preempted, PreemptionGuard
-from sae_jax.training.step import setup_training
+from sae_jax.training.step import TrainState, TrainStep, setup_training
 
 # The loss's parts apart (loss = mse + LB_ALPHA * lb_loss + aux_weight * aux_loss; lb_loss is
 # at least 1, so the total sits near LB_ALPHA whatever the reconstruction).
 CONSOLE = ("mse", "lb_loss", "aux_loss", "fvu", "l0", "dead_fraction", "drop_fraction")
 FINAL = ("eval/fvu", "eval/mse", "eval/l0", "eval/drop_fraction", "eval/feature_recovery")
+
+
+Source = SyntheticData | ActivationData
 
 
 class TrainingError(RuntimeError):
@@ -55,6 +61,37 @@ def build_model(cfg: SAEConfig, tcfg: TrainConfig, source) -> SwitchSAE:
     return create(median)
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What set-up found, fixed for the whole run: the configs (cfg with d from the data), the
+    data sources, the mesh and this process's rows of each batch, the checkpoints, and where
+    training starts (step and this process's data position)."""
+
+    cfg: SAEConfig
+    tcfg: TrainConfig
+    workdir: str | Path
+    config_text: str
+    train_src: Source
+    eval_src: Source
+    mesh: Mesh
+    tokens: NamedSharding  # a batch's tokens on the mesh
+    rows: slice  # this process's rows of each global batch
+    eval_batches: int
+    ckpt: Checkpointer
+    start: int
+    position: int  # this process's data-stream position at `start`
+    changes: list[str]  # settings changed since the checkpoint resumed from
+    lead: bool  # process 0: writes the logs and prints
+
+    @property
+    def real(self) -> bool:
+        return isinstance(self.train_src, ActivationData)
+
+    @property
+    def local_rows(self) -> int:
+        return self.rows.stop - self.rows.start
+
+
 def train(
     sae_cfg: SAEConfig,
     tcfg: TrainConfig,
@@ -72,16 +109,44 @@ def train(
     SIGTERM / SIGINT save a checkpoint at a step boundary (the same one on every process) and
     raise Preempted.
     """
+    run = set_up(sae_cfg, tcfg, workdir, config_text, allow_changes, wandb)
+    if run.start >= tcfg.steps:
+        return already_trained(run)
+    describe_data(run)
+    with jax.set_mesh(run.mesh):
+        graphdef, state, step_fn = initial_state(run)
+        log = open_log(run, graphdef, wandb)
+        say(
+            run.lead,
+            "compiling the training step (the first step takes a while), then training steps "
+            f"{run.start + 1}-{tcfg.steps}",
+        )
+        shown = progress and run.lead
+        bar = tqdm(total=tcfg.steps, initial=run.start, disable=not shown, unit="step")
+        batches = run.train_src.batches("train", run.rows, tcfg.batch_size, start=run.position)
+        with PreemptionGuard() as guard, closing(run.ckpt), closing(batches):
+            state, position = train_steps(run, state, step_fn, batches, guard, log, bar)
+            final = finish(run, state, position, log)
+    run.ckpt.close()  # idempotent; also closed (after pending saves finish) on errors
+    log.close()
+    say(run.lead, final_message(tcfg, final))
+    return final
+
+
+def set_up(
+    sae_cfg: SAEConfig,
+    tcfg: TrainConfig,
+    workdir: str | Path,
+    config_text: str,
+    allow_changes: bool,
+    wandb: bool,
+) -> Run:
+    """Check the configs against the data and the devices (before anything is created), open
+    the data and the checkpoints, and find the step to start from."""
     tcfg.validate()
     if wandb:
         check_wandb()
-    train_src = make_source(tcfg.train_data, tcfg.seed)
-    eval_src = (
-        train_src if tcfg.eval_data == tcfg.train_data else make_source(tcfg.eval_data, tcfg.seed)
-    )
-    real = isinstance(train_src, ActivationData)
-    if real and isinstance(eval_src, ActivationData):
-        eval_src.input_scale = train_src.input_scale  # the model's scale, not the eval set's
+    train_src, eval_src = open_sources(tcfg)
     cfg = dataclasses.replace(sae_cfg, d=train_src.d).validate()
     mesh = make_mesh(tcfg.mesh_shape)
     check_mesh(cfg, dict(mesh.shape), tcfg.batch_size)
@@ -89,124 +154,240 @@ def train(
         check_fits(cfg, tcfg, (mesh.shape["data"], mesh.shape["expert"]), memory)
     tokens = token_sharding(mesh)
     rows = process_rows(tokens, tcfg.batch_size)
-    local_rows = rows.stop - rows.start
-    eval_batches = min(max(1, tcfg.eval_tokens // tcfg.batch_size), eval_src.max_batches(
-        tcfg.batch_size))  # fmt: skip
-    if eval_batches < 1:
-        raise ConfigError(f"EVAL_DATA={tcfg.eval_data!r} holds less than one batch")
-    lead = jax.process_index() == 0
-    input_scale = train_src.input_scale
+    eval_batches = eval_batch_count(tcfg, eval_src)
     ckpt = Checkpointer(workdir, tcfg.keep_checkpoints)
+    real = isinstance(train_src, ActivationData)
     start, position, changes = resume_point(ckpt, cfg, tcfg, real, allow_changes)
-    if start >= tcfg.steps:
-        ckpt.close()
-        final = last_eval_row(Path(workdir) / "metrics.jsonl")
-        say(lead, f"{workdir} is already trained to step {start} (STEPS={tcfg.steps}): "
-            f"nothing to do; its last eval: {summary(final, FINAL)}")  # fmt: skip
-        return final
-    if real:
-        say(lead, data_message(train_src))
-    if (note := same_data_note(tcfg)) is not None:
-        say(lead, note)
-    with jax.set_mesh(mesh):
-        model = build_model(cfg, tcfg, train_src)
-        graphdef, state, step_fn = setup_training(model, tcfg)
-        del model
-        if start:
-            state = ckpt.restore(start, like=state)
-            say(lead, resume_message(ckpt, start, changes))
-        run_config = {"model": model_record(cfg), "train": dataclasses.asdict(tcfg)}
-        wandb_config = run_config if wandb else None
-        writer = MetricWriter(workdir, start, wandb_config) if lead else None
-        if lead and config_text:
-            (Path(workdir) / "config.gin").write_text(config_text)
-        eval_step = make_eval_step(
-            graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight
-        )
+    return Run(
+        cfg=cfg,
+        tcfg=tcfg,
+        workdir=workdir,
+        config_text=config_text,
+        train_src=train_src,
+        eval_src=eval_src,
+        mesh=mesh,
+        tokens=tokens,
+        rows=rows,
+        eval_batches=eval_batches,
+        ckpt=ckpt,
+        start=start,
+        position=position,
+        changes=changes,
+        lead=jax.process_index() == 0,
+    )
 
-        def record(step: int) -> dict:
-            data = {"train_step": step, "seed": tcfg.seed, "input_scale": input_scale,
-                    "train_data": tcfg.train_data, "process_count": jax.process_count(),
-                    "positions": gather_ints(position)}  # fmt: skip
-            return {"model": model_record(cfg), "train": dataclasses.asdict(tcfg), "data": data,
-                    "gin_config": config_text}  # fmt: skip
 
-        def held_out():
-            with closing(eval_src.batches("eval", rows, tcfg.batch_size)) as batches:
-                for b in islice(batches, eval_batches):
-                    keep = np.ones(local_rows) if b.keep is None else b.keep
-                    yield (put_local(b.x, tokens, tcfg.batch_size),
-                           put_local(keep.astype(np.float32), tokens, tcfg.batch_size))  # fmt: skip
+def open_sources(tcfg: TrainConfig) -> tuple[Source, Source]:
+    """(training data, evaluation data): one source when TRAIN_DATA is EVAL_DATA."""
+    train_src = make_source(tcfg.train_data, tcfg.seed)
+    eval_src = (
+        train_src if tcfg.eval_data == tcfg.train_data else make_source(tcfg.eval_data, tcfg.seed)
+    )
+    if isinstance(train_src, ActivationData) and isinstance(eval_src, ActivationData):
+        eval_src.input_scale = train_src.input_scale  # the model's scale, not the eval set's
+    return train_src, eval_src
 
-        def run_eval(step: int) -> dict:
-            row = evaluate(
-                eval_step,
-                state.params,
-                held_out(),
-                outliers=isinstance(eval_src, ActivationData),
-                features=getattr(eval_src, "features", None),
-            )
-            return log(step, row)
 
-        def log(step: int, row: dict) -> dict:
-            row = {"step": step, "tokens": step * tcfg.batch_size, **row}
-            return writer.write(row) if writer else row
+def eval_batch_count(tcfg: TrainConfig, eval_src: Source) -> int:
+    """Batches in a held-out evaluation: eval_tokens' worth, or as many as EVAL_DATA holds."""
+    held = eval_src.max_batches(tcfg.batch_size)
+    count = min(max(1, tcfg.eval_tokens // tcfg.batch_size), held)
+    if count < 1:
+        raise ConfigError(f"EVAL_DATA={tcfg.eval_data!r} holds less than one batch")
+    return count
 
-        say(lead, f"compiling the training step (the first step takes a while), then "
-            f"training steps {start + 1}-{tcfg.steps}")  # fmt: skip
-        bar = tqdm(total=tcfg.steps, initial=start, disable=not (progress and lead), unit="step")
-        last_time, last_step = time.perf_counter(), start
-        auxk_said = False
-        batches = train_src.batches("train", rows, tcfg.batch_size, start=position)
-        with PreemptionGuard() as guard, closing(ckpt), closing(batches):
-            for step in range(start, tcfg.steps):
-                batch = next(batches)
-                if lead and not auxk_said and step_fn.uses_auxk(state):
-                    auxk_said = True  # the AuxK variant compiles at its first use
-                    tqdm.write(f"step {step + 1}: dead latents; compiling the AuxK step")
-                state, metrics = step_fn(state, put_local(batch.x, tokens, tcfg.batch_size))
-                position = batch.position
-                done = step + 1
-                if done % tcfg.log_every == 0 or done == tcfg.steps:
-                    metrics = jax.device_get(metrics)
-                    if real:  # this process's stream: raw tokens read vs tokens used
-                        metrics["data/outlier_fraction"] = 1 - done * local_rows / position
-                        metrics["data/epoch"] = position / train_src.local_tokens[
-                            jax.process_index()]  # fmt: skip
-                    now = time.perf_counter()
-                    speed = (done - last_step) * tcfg.batch_size / (now - last_time)
-                    metrics["tokens_per_sec"] = speed
-                    last_time, last_step = now, done
-                    check_finite(metrics, done)
-                    bar.set_postfix_str(summary(log(done, metrics), CONSOLE))
-                if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
-                    run_eval(done)
-                bar.update(1)
-                if guard.stop_after(done) and done < tcfg.steps:
-                    ckpt.save(done, state, record(done))  # closing(ckpt) waits for it
-                    bar.close()
-                    raise Preempted(guard.signal, done, Path(workdir))
-                if done < tcfg.steps and done % tcfg.checkpoint_every == 0:
-                    check_finite(jax.device_get(metrics), done)  # never save a NaN state
-                    ckpt.save(done, state, record(done))
-            bar.close()
-            say(lead, f"final evaluation on {eval_batches * tcfg.batch_size} tokens of "
-                f"EVAL_DATA={tcfg.eval_data!r}")  # fmt: skip
-            final = run_eval(tcfg.steps)
-            final_record = record(tcfg.steps)  # a collective: every process calls it
-            say(lead, f"saving the final checkpoint and exporting the SAE to "
-                f"{Path(workdir) / 'export'}")  # fmt: skip
-            ckpt.save(tcfg.steps, state, final_record)
-            # every process writes the experts its devices hold (a collective)
-            out = export_sae(nnx.to_pure_dict(state.params), cfg, Path(workdir) / "export",
-                             input_scale, source=final_record["data"])  # fmt: skip
-            say(lead, f"exported {out}")
-    ckpt.close()  # idempotent; also closed (after pending saves finish) on errors
-    if writer:
-        writer.close()
-        on_train = " (on the training data)" if same_data_note(tcfg) else ""
-        print(f"final step {tcfg.steps}{on_train}: " + summary(final, FINAL), flush=True)
+
+def already_trained(run: Run) -> dict:
+    """The workdir's last eval row, when it is trained to STEPS already."""
+    run.ckpt.close()
+    final = last_eval_row(Path(run.workdir) / "metrics.jsonl")
+    say(
+        run.lead,
+        f"{run.workdir} is already trained to step {run.start} (STEPS={run.tcfg.steps}): "
+        f"nothing to do; its last eval: {summary(final, FINAL)}",
+    )
     return final
+
+
+def describe_data(run: Run) -> None:
+    """Say what the training data is, and whether the evaluation reads it too."""
+    if run.real:
+        say(run.lead, data_message(run.train_src))
+    if (note := same_data_note(run.tcfg)) is not None:
+        say(run.lead, note)
+
+
+def initial_state(run: Run) -> tuple[nnx.GraphDef, TrainState, TrainStep]:
+    """(graphdef, train state, step function): a new model, or the checkpoint resumed from."""
+    model = build_model(run.cfg, run.tcfg, run.train_src)
+    graphdef, state, step_fn = setup_training(model, run.tcfg)
+    del model
+    if run.start:
+        state = run.ckpt.restore(run.start, like=state)
+        say(run.lead, resume_message(run.ckpt, run.start, run.changes))
+    return graphdef, state, step_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Log:
+    """Where metric rows go: metrics.jsonl, TensorBoard (and W&B) on the lead process, nowhere
+    on the others; `evaluate` adds a held-out evaluation's row."""
+
+    run: Run
+    writer: MetricWriter | None
+    eval_step: Callable
+
+    def row(self, step: int, row: dict) -> dict:
+        """Log `row` at `step`; returns it as logged."""
+        row = {"step": step, "tokens": step * self.run.tcfg.batch_size, **row}
+        return self.writer.write(row) if self.writer else row
+
+    def evaluate(self, step: int, params: nnx.State) -> dict:
+        """Evaluate `params` on the held-out batches and log the row."""
+        row = evaluate(
+            self.eval_step,
+            params,
+            held_out(self.run),
+            outliers=isinstance(self.run.eval_src, ActivationData),
+            features=getattr(self.run.eval_src, "features", None),
+        )
+        return self.row(step, row)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def open_log(run: Run, graphdef: nnx.GraphDef, wandb: bool) -> Log:
+    """The run's Log (a new one, or the resumed run's cut back to its start step); the lead
+    also writes the gin config to workdir/config.gin."""
+    cfg, tcfg = run.cfg, run.tcfg
+    run_config = {"model": model_record(cfg), "train": dataclasses.asdict(tcfg)}
+    wandb_config = run_config if wandb else None
+    writer = MetricWriter(run.workdir, run.start, wandb_config) if run.lead else None
+    if run.lead and run.config_text:
+        (Path(run.workdir) / "config.gin").write_text(run.config_text)
+    eval_step = make_eval_step(graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight)
+    return Log(run, writer, eval_step)
+
+
+def held_out(run: Run) -> Iterator[tuple[jax.Array, jax.Array]]:
+    """The evaluation's (x, keep) batches, on the devices; the same tokens at every call."""
+    batch_size = run.tcfg.batch_size
+    with closing(run.eval_src.batches("eval", run.rows, batch_size)) as batches:
+        for b in islice(batches, run.eval_batches):
+            keep = np.ones(run.local_rows) if b.keep is None else b.keep
+            x = put_local(b.x, run.tokens, batch_size)
+            yield x, put_local(keep.astype(np.float32), run.tokens, batch_size)
+
+
+def train_steps(
+    run: Run,
+    state: TrainState,
+    step_fn: TrainStep,
+    batches: Iterator[Batch],
+    guard: PreemptionGuard,
+    log: Log,
+    bar: tqdm,
+) -> tuple[TrainState, int]:
+    """Steps start + 1..STEPS, logging, evaluating and checkpointing every so many steps;
+    after a signal, saves a checkpoint and raises Preempted. Returns the state and this
+    process's data position after the last step."""
+    tcfg, position = run.tcfg, run.position
+    rate = TokenRate(run.start, tcfg.batch_size)
+    auxk_said = False
+    for step in range(run.start, tcfg.steps):
+        batch = next(batches)
+        if run.lead and not auxk_said and step_fn.uses_auxk(state):
+            auxk_said = True  # the AuxK variant compiles at its first use
+            tqdm.write(f"step {step + 1}: dead latents; compiling the AuxK step")
+        state, metrics = step_fn(state, put_local(batch.x, run.tokens, tcfg.batch_size))
+        position = batch.position
+        done = step + 1
+        if done % tcfg.log_every == 0 or done == tcfg.steps:
+            metrics = host_metrics(run, metrics, done, position, rate)
+            bar.set_postfix_str(summary(log.row(done, metrics), CONSOLE))
+        if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
+            log.evaluate(done, state.params)
+        bar.update(1)
+        if guard.stop_after(done) and done < tcfg.steps:
+            # closing(ckpt) waits for the save to finish
+            run.ckpt.save(done, state, checkpoint_record(run, done, position))
+            bar.close()
+            raise Preempted(guard.signal, done, Path(run.workdir))
+        if done < tcfg.steps and done % tcfg.checkpoint_every == 0:
+            check_finite(jax.device_get(metrics), done)  # never save a NaN state
+            run.ckpt.save(done, state, checkpoint_record(run, done, position))
+    bar.close()
+    return state, position
+
+
+class TokenRate:
+    """Training tokens per second since the last call (or since the start step)."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.batch_size = batch_size
+        self.time, self.step = time.perf_counter(), step
+
+    def since_last(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.step) * self.batch_size / (now - self.time)
+        self.time, self.step = now, step
+        return rate
+
+
+def host_metrics(run: Run, metrics: dict, done: int, position: int, rate: TokenRate) -> dict:
+    """The step's metrics on the host, with the data stream's and the speed; checks the loss
+    is finite."""
+    metrics = jax.device_get(metrics)
+    if run.real:  # this process's stream: raw tokens read vs tokens used
+        metrics["data/outlier_fraction"] = 1 - done * run.local_rows / position
+        metrics["data/epoch"] = position / run.train_src.local_tokens[jax.process_index()]
+    metrics["tokens_per_sec"] = rate.since_last(done)
+    check_finite(metrics, done)
+    return metrics
+
+
+def checkpoint_record(run: Run, step: int, position: int) -> dict:
+    """A checkpoint's record: configs, gin text and every process's data position (a
+    collective: every process calls it)."""
+    tcfg = run.tcfg
+    data = {
+        "train_step": step,
+        "seed": tcfg.seed,
+        "input_scale": run.train_src.input_scale,
+        "train_data": tcfg.train_data,
+        "process_count": jax.process_count(),
+        "positions": gather_ints(position),
+    }
+    return {
+        "model": model_record(run.cfg),
+        "train": dataclasses.asdict(tcfg),
+        "data": data,
+        "gin_config": run.config_text,
+    }
+
+
+def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
+    """The final evaluation, checkpoint and export; returns the final eval row."""
+    tcfg, workdir = run.tcfg, Path(run.workdir)
+    tokens = run.eval_batches * tcfg.batch_size
+    say(run.lead, f"final evaluation on {tokens} tokens of EVAL_DATA={tcfg.eval_data!r}")
+    final = log.evaluate(tcfg.steps, state.params)
+    final_record = checkpoint_record(run, tcfg.steps, position)  # a collective
+    say(run.lead, f"saving the final checkpoint and exporting the SAE to {workdir / 'export'}")
+    run.ckpt.save(tcfg.steps, state, final_record)
+    # every process writes the experts its devices hold (a collective)
+    params = nnx.to_pure_dict(state.params)
+    scale = run.train_src.input_scale
+    out = export_sae(params, run.cfg, workdir / "export", scale, source=final_record["data"])
+    say(run.lead, f"exported {out}")
+    return final
+
+
+def final_message(tcfg: TrainConfig, final: dict) -> str:
+    on_train = " (on the training data)" if same_data_note(tcfg) else ""
+    return f"final step {tcfg.steps}{on_train}: " + summary(final, FINAL)
 
 
 def resume_point(
