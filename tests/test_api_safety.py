@@ -162,3 +162,15 @@ def test_train_help_lists_the_values_a_plain_run_uses():
     text = macro_help()
     assert "configs/default.gin" in text
     assert "STEPS = 1500" in text and "NUM_EXPERTS = 4" in text and "K = 8 " in text
+
+
+def test_browse_says_how_many_tokens_it_really_encodes(run_dir, tmp_path):
+    from data_utils import write_dataset
+
+    from sae_jax.browser import build_browser
+
+    write_dataset(tmp_path / "acts", [300, 115], d=D)
+    said = []
+    build_browser(run_dir, str(tmp_path / "acts"), tokens=65536, batch_size=256,
+                  use_model=False, duplicates=False, log=said.append)  # fmt: skip
+    assert said[0] == f"browse: encoding 415 tokens with {M} latents"
