@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launch.cli import missing_workdir
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m launch.browse", description=__doc__,
@@ -31,6 +33,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if missing_workdir(args.workdir):
+        return 2
     from sae_jax.browser import build_browser
     from sae_jax.config import ConfigError
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 GIN_PREFIX = "--gin."
 BASE_GIN = Path(__file__).resolve().parent.parent / "configs" / "base.gin"
+DEFAULT_GIN = BASE_GIN.parent / "default.gin"  # what a plain `launch.train` runs
 
 
 def parse_with_bindings(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -19,14 +21,53 @@ def parse_with_bindings(parser: argparse.ArgumentParser, argv: list[str]) -> arg
 
 
 def macro_help() -> str:
-    """The macros of configs/base.gin with their values and comments, for an --help epilog."""
-    lines = re.findall(r"^([A-Z][A-Z0-9_]*\s*=.*)$", BASE_GIN.read_text(), flags=re.M)
+    """The macros with the values a plain run uses (those of configs/default.gin, which
+    includes configs/base.gin) and base.gin's comments, for an --help epilog."""
+    defaults, others = {}, []
+    for name, value in _bindings(DEFAULT_GIN):
+        if re.fullmatch(_MACRO, name):
+            defaults[name] = value
+        else:
+            others.append(f"{name} = {value}")
+    lines = []
+    for name, value, comment in _macro_lines(BASE_GIN):
+        if name in defaults and defaults[name] != value:
+            comment = (comment + "; " if comment else "") + f"default.gin (base.gin: {value})"
+            value = defaults[name]
+        line = f"{name} = {value}"
+        lines.append(f"  {line:<26} # {comment}" if comment else f"  {line}")
     head = (
-        "macros, with their configs/base.gin values (a config file, such as the default\n"
-        "configs/default.gin, sets some of them). Override with --gin.NAME=VALUE; strings and\n"
-        "paths need no quotes (--gin.TRAIN_DATA=data/x):\n"
+        f"macros, with the values a plain run uses: those of {DEFAULT_GIN.name} (configs/"
+        f"{DEFAULT_GIN.name},\nwhich includes configs/{BASE_GIN.name}; a --gin_file config "
+        "sets its own). Override with\n--gin.NAME=VALUE; strings and paths need no quotes "
+        "(--gin.TRAIN_DATA=data/x):\n"
     )
-    return head + "\n".join(f"  {line}" for line in lines)
+    tail = f"\n{DEFAULT_GIN.name} also binds: {', '.join(others)}" if others else ""
+    return head + "\n".join(lines) + tail
+
+
+_MACRO = r"[A-Z][A-Z0-9_]*"
+
+
+def _macro_lines(path: Path) -> list[tuple[str, str, str]]:
+    """(NAME, value, comment) of each macro defined in a gin file."""
+    found = re.findall(rf"^({_MACRO})\s*=\s*(.*?)\s*(?:#\s*(.*))?$", path.read_text(), re.M)
+    return [(n, v, c.strip()) for n, v, c in found]
+
+
+def _bindings(path: Path) -> list[tuple[str, str]]:
+    """(name, value) of each one-line binding of a gin file (macros and Class.param)."""
+    found = re.findall(r"^([A-Za-z_][\w./]*)\s*=\s*(.*?)\s*(?:#.*)?$", path.read_text(), re.M)
+    return list(found)
+
+
+def missing_workdir(workdir: str | Path) -> bool:
+    """Whether --workdir names no directory; if so, print the one-line error (exit code 2)."""
+    if Path(workdir).is_dir():
+        return False
+    why = "not a directory" if Path(workdir).exists() else "no such directory"
+    print(f"error: {workdir}: {why}", file=sys.stderr)
+    return True
 
 
 def add_multihost_args(parser: argparse.ArgumentParser) -> None:

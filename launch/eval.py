@@ -19,6 +19,8 @@ import sys
 from itertools import islice
 from pathlib import Path
 
+from launch.cli import missing_workdir
+
 TABLE = [
     ("tokens", "{:.0f}"), ("mse", "{:.4g}"), ("fvu_dropless", "{:.4f}"),
     ("fvu_dropless_with_outliers", "{:.4f}"), ("outlier_fraction", "{:.4%}"), ("l0", "{:.2f}"),
@@ -51,6 +53,8 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if missing_workdir(args.workdir):
+        return 2
     from sae_jax.config import ConfigError
 
     try:

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.cli import add_multihost_args, initialize_multihost
+from launch.cli import add_multihost_args, initialize_multihost, missing_workdir
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,6 +37,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if missing_workdir(args.workdir):
+        return 2
     from sae_jax.config import ConfigError
 
     initialize_multihost(args)

@@ -33,8 +33,10 @@ Two forms; `sae_jax.load_pretrained` reads both.
   experts; process 0 writes the replicated tensors, the index and cfg.json.
 
 cfg.json keys: format_version, d, num_latents, num_experts, latents_per_expert, k,
-input_scale (the folded s), source (free-form provenance). It is written last, and removed
-first when a directory is exported again: a directory without cfg.json is not (yet) an export.
+input_scale (the folded s), source (free-form provenance); also d_in (= d) and d_sae
+(= num_latents), the names SAELens and sparsify use (exports written before them load too).
+It is written last, and removed first when a directory is exported again: a directory
+without cfg.json is not (yet) an export.
 Files are written with mode 0644.
 """
 
@@ -222,6 +224,8 @@ def _config(cfg: SAEConfig, version: int, scale: float, source: dict | None) -> 
         "num_experts": cfg.num_experts,
         "latents_per_expert": cfg.latents_per_expert,
         "k": cfg.k,
+        "d_in": cfg.d,
+        "d_sae": cfg.num_latents,
         "input_scale": float(scale),
         "source": source or {},
     }

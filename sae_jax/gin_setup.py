@@ -9,6 +9,7 @@ path needs no gin quoting on the command line (`--gin.TRAIN_DATA=data/x`).
 from __future__ import annotations
 
 import ast
+import difflib
 import inspect
 import logging
 import re
@@ -76,7 +77,8 @@ def _check_macro_binding(binding: str) -> None:
         try:
             gin.query_parameter(f"%{name}")
         except ValueError:
-            raise ConfigError(f"unknown macro {name!r}; known: {', '.join(macros())}") from None
+            raise ConfigError(f"unknown macro {name!r}{_did_you_mean(name, macros())}; known: "
+                              f"{', '.join(macros())}") from None  # fmt: skip
 
 
 def _bind(binding: str) -> None:
@@ -89,9 +91,11 @@ def _bind(binding: str) -> None:
         if _BARE_WORD.match(value) and _holds_string(name):
             gin.parse_config(f"{name} = {value!r}")
         elif _is_value(value):
-            raise ConfigError(f"--gin.{binding}: {_one_line(e)}") from None
+            why = _one_line(e).rstrip(".")
+            raise ConfigError(f"--gin.{binding}: {why}{_closest_binding(name)}") from None
         else:
-            raise ConfigError(f"--gin.{binding}: {value} is not a value; write {_VALUES}") from None
+            raise ConfigError(f"--gin.{binding}: {value} is not a value; write {_VALUES}"
+                              f"{_closest_binding(name)}") from None  # fmt: skip
 
 
 def _is_value(text: str) -> bool:
@@ -119,6 +123,39 @@ def _holds_string(name: str) -> bool:
     except (ValueError, KeyError, TypeError):
         return False
     return isinstance(default, str)
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    """' (did you mean X?)' for the known name closest to a misspelt one, else ''."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close and close[0] != name else ""
+
+
+def _closest_binding(name: str) -> str:
+    """For `Class.param` naming no configurable or parameter: ' (did you mean Class.other?)'
+    (else '')."""
+    configurable, _, param = name.rpartition(".")
+    if not configurable:
+        return ""
+    scope, _, cls = configurable.rpartition("/")
+    prefix = f"{scope}/" if scope else ""
+    try:
+        target = gin.get_configurable(cls)
+    except ValueError:  # no such configurable
+        try:  # gin keeps no public list of the registered names
+            known = {selector.rpartition(".")[2] for selector, _ in gin.config._REGISTRY.items()}
+        except AttributeError:
+            return ""
+        close = difflib.get_close_matches(cls, sorted(known), n=1)
+        return f" (did you mean {prefix}{close[0]}.{param}?)" if close else ""
+    try:
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return ""
+    if param in params:
+        return ""
+    close = difflib.get_close_matches(param, params, n=1)
+    return f" (did you mean {configurable}.{close[0]}?)" if close else ""
 
 
 def macros() -> list[str]:

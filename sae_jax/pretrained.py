@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,62 +27,110 @@ from sae_jax.kernels.expert import ExpertParams
 
 MAX_BLOCK = 128  # rows per expert block at most (encode's default block size)
 MIN_BLOCK = 8
+MIN_BUCKET = 128  # encode pads the token count to bucket(T) >= this
 
 
 class Codes(NamedTuple):
-    values: jax.Array  # [T, k] latent activations (>= 0)
-    indices: jax.Array  # [T, k] global latent ids in [0, NUM_LATENTS): expert * L + local id
-    expert: jax.Array  # [T] routed expert
-    gate: jax.Array  # [T] router probability of that expert (1 when N = 1)
+    values: jax.Array  # [..., k] latent activations (>= 0)
+    indices: jax.Array  # [..., k] global latent ids in [0, NUM_LATENTS): expert * L + local id
+    expert: jax.Array  # [...] routed expert
+    gate: jax.Array  # [...] router probability of that expert (1 when N = 1)
 
 
 class PretrainedSAE:
     """A loaded SAE for inference on one device: route, encode, decode, reconstruct.
 
-    Accepts numpy or JAX arrays [T, d] of raw activations; returns JAX arrays. No capacity
-    limit applies: every token runs its routed expert.
+    Accepts numpy or JAX float arrays [..., d] of raw activations ([tokens, d], [batch, seq, d],
+    or one token [d]); returns JAX arrays with the same leading axes. No capacity limit
+    applies: every token runs its routed expert. The token count is padded to a bucket size
+    (`bucket`), so a stream of batches of varying lengths compiles only a few times.
     """
 
-    def __init__(self, tensors: dict[str, np.ndarray], meta: dict):
+    def __init__(self, tensors: dict[str, np.ndarray], meta: dict, path: str | Path | None = None):
         self.meta = meta
+        self.path = None if path is None else str(path)
         self.cfg = SAEConfig(
             d=meta["d"], num_latents=meta["num_latents"], num_experts=meta["num_experts"],
             k=meta["k"], k_aux=0,
         ).validate()  # fmt: skip
         self.params = {k: jnp.asarray(v) for k, v in tensors.items()}
 
+    def __repr__(self) -> str:
+        c = self.cfg
+        where = "" if self.path is None else f", path={self.path!r}"
+        return (f"PretrainedSAE(d={c.d}, num_latents={c.num_latents}, "
+                f"num_experts={c.num_experts}, k={c.k}{where})")  # fmt: skip
+
     def route(self, x) -> routing.Routing:
-        """Router probabilities [T, N], routed expert [T] and gate [T]."""
-        return _route(self.params, jnp.asarray(x, jnp.float32), self.cfg)
+        """Router probabilities [..., N], routed expert [...] and gate [...]."""
+        x, lead = self._tokens(x)
+        r = _route(self.params, _pad(x), self.cfg)
+        return routing.Routing(*(_unpad(a, lead) for a in r))
 
     def encode(self, x, block_size: int | None = None) -> Codes:
-        """Top-k codes of x [T, d] in each token's routed expert. block_size: rows per
-        expert block (default: T / N rounded up to a power of 2, within [8, 128])."""
-        x = jnp.asarray(x, jnp.float32)
-        block = block_size or default_block(x.shape[0], self.cfg.num_experts)
-        return _encode(self.params, x, self.cfg, block)
+        """Top-k codes of x [..., d] in each token's routed expert: values and indices
+        [..., k], expert and gate [...]. block_size: rows per expert block (default: T / N
+        rounded up to a power of 2, within [8, 128], for T the padded token count)."""
+        x, lead = self._tokens(x)
+        padded = _pad(x)
+        block = block_size or default_block(padded.shape[0], self.cfg.num_experts)
+        codes = _encode(self.params, padded, jnp.int32(x.shape[0]), self.cfg, block)
+        return Codes(*(_unpad(a, lead) for a in codes))
 
     def decode(self, codes: Codes) -> jax.Array:
-        """x_hat = gate * sum_j values_j W_dec[indices_j] + b_dec: [T, d]."""
-        w = self.params["w_dec"].reshape(-1, self.cfg.d)
-        recon = jnp.einsum("tk,tkd->td", codes.values, w[codes.indices])
-        return codes.gate[:, None] * recon + self.params["b_dec"]
+        """x_hat = gate * sum_j values_j W_dec[indices_j] + b_dec: [..., d]."""
+        values, indices = jnp.asarray(codes.values), jnp.asarray(codes.indices)
+        gate = jnp.asarray(codes.gate)
+        if values.ndim == 0 or values.shape != indices.shape or gate.shape != values.shape[:-1]:
+            raise ValueError(f"expected codes with values and indices of shape [..., k] and gate "
+                             f"[...], got values {tuple(values.shape)}, indices "
+                             f"{tuple(indices.shape)}, gate {tuple(gate.shape)}")  # fmt: skip
+        lead, k = values.shape[:-1], values.shape[-1]
+        x_hat = _decode(self.params, _pad(values.reshape(-1, k).astype(jnp.float32)),
+                        _pad(indices.reshape(-1, k).astype(jnp.int32)),
+                        _pad(gate.reshape(-1).astype(jnp.float32)), self.cfg)  # fmt: skip
+        return _unpad(x_hat, lead)
 
     def __call__(self, x) -> jax.Array:
-        """Reconstruction of raw activations x: [T, d] -> [T, d]."""
+        """Reconstruction of raw activations x: [..., d] -> [..., d]."""
         return self.decode(self.encode(x))
+
+    def _tokens(self, x) -> tuple[jax.Array, tuple[int, ...]]:
+        """x [..., d] as float32 tokens [T, d], and its leading axes; a one-line ValueError
+        saying the expected shape otherwise."""
+        if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+            x = np.asarray(x)
+        shape, dtype, d = tuple(x.shape), np.dtype(x.dtype), self.cfg.d
+        if not jnp.issubdtype(dtype, jnp.floating) or not shape or shape[-1] != d:
+            kind = "" if jnp.issubdtype(dtype, jnp.floating) else f" ({dtype})"
+            raise ValueError(f"expected float activations of shape [..., {d}] (d = {d}), got "
+                             f"{shape}{kind}")  # fmt: skip
+        return jnp.asarray(x, jnp.float32).reshape(-1, d), shape[:-1]
 
 
 def load_pretrained(path: str | Path) -> PretrainedSAE:
     """Load a directory written by `export_sae` (or `python -m launch.export`), single-file
-    or sharded, whole into this host's memory."""
+    or sharded, whole into this host's memory. A training run's directory loads its export
+    (DIR/export)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such directory")
+    if not (path / CONFIG).exists():
+        if (path / "export" / CONFIG).exists():
+            path = path / "export"
+        elif (path / "checkpoints").is_dir():
+            raise FileNotFoundError(f"{path} is a run directory with no exported SAE; run "
+                                    f"python -m launch.export --workdir {path}")  # fmt: skip
+        else:
+            raise FileNotFoundError(f"{path / CONFIG}: no such file; {path} is not an "
+                                    "exported SAE (written by sae_jax.export_sae or "
+                                    "python -m launch.export)")  # fmt: skip
     meta = json.loads((path / CONFIG).read_text())
     version = meta.get("format_version")
     if version == SINGLE_FILE_VERSION:
-        return PretrainedSAE(load_file(str(path / WEIGHTS)), meta)
+        return PretrainedSAE(load_file(str(path / WEIGHTS)), meta, path)
     if version == SHARDED_VERSION:
-        return PretrainedSAE(read_sharded(path), meta)
+        return PretrainedSAE(read_sharded(path), meta, path)
     raise ValueError(f"{path / CONFIG}: unsupported format_version {version}")
 
 
@@ -111,6 +160,31 @@ def read_sharded(path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def bucket(tokens: int) -> int:
+    """The padded token count for T tokens: the next of MIN_BUCKET, 1.5 x MIN_BUCKET, 2 x
+    MIN_BUCKET, 3 x MIN_BUCKET, 4 x ... (powers of 2 and the midpoints between them), so at
+    most a third of the rows is padding beyond MIN_BUCKET and a stream of lengths compiles
+    about twice per doubling."""
+    if tokens <= MIN_BUCKET:
+        return MIN_BUCKET
+    power = 1 << (tokens - 1).bit_length()  # the next power of 2 >= tokens
+    return power * 3 // 4 if tokens <= power * 3 // 4 else power
+
+
+def _pad(a: jax.Array) -> jax.Array:
+    """[T, ...] -> [bucket(T), ...], zeros after the T rows. Not under a trace (inside the
+    caller's jit, which compiles for each shape anyway)."""
+    if isinstance(a, jax.core.Tracer):
+        return a
+    rows = bucket(a.shape[0]) - a.shape[0]
+    return jnp.pad(a, [(0, rows)] + [(0, 0)] * (a.ndim - 1))
+
+
+def _unpad(a: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+    """The first prod(lead) rows of a padded [P, ...] output, reshaped to [*lead, ...]."""
+    return a[: math.prod(lead)].reshape(lead + a.shape[1:])
+
+
 def default_block(tokens: int, num_experts: int) -> int:
     """Expert block rows for T tokens over N experts: the balanced group size T / N rounded up
     to a power of 2, within [MIN_BLOCK, MAX_BLOCK] (encode then computes at most T + N * B
@@ -127,15 +201,25 @@ def _route(params: dict, x: jax.Array, cfg: SAEConfig) -> routing.Routing:
     return routing.route(x, params["w_router"], params["b_router"])
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _encode(params: dict, x: jax.Array, cfg: SAEConfig, block_size: int) -> Codes:
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _encode(params: dict, x: jax.Array, tokens: jax.Array, cfg: SAEConfig, block_size: int):
+    """Codes of the first `tokens` rows of x [P, d] (later rows, padding, get no expert block
+    and zero codes)."""
     r = _route(params, x, cfg)
     experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"])
     block_fn = functools.partial(encode_block, b_dec=params["b_dec"], k=cfg.k)
-    values, local = blocks.grouped_apply(
-        block_fn, experts, x, r.expert, num_experts=cfg.num_experts, block_size=block_size
-    )
+    present = jnp.arange(x.shape[0]) < tokens
+    plan = blocks.plan_blocks(r.expert, cfg.num_experts, block_size, present)
+    out = blocks.map_blocks(block_fn, experts, blocks.to_blocks(x, plan), plan)
+    values, local = (blocks.from_blocks(a, plan) for a in out)
     return Codes(values, r.expert[:, None] * cfg.latents_per_expert + local, r.expert, r.gate)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _decode(params: dict, values, indices, gate, cfg: SAEConfig) -> jax.Array:
+    w = params["w_dec"].reshape(-1, cfg.d)
+    recon = jnp.einsum("tk,tkd->td", values, w[indices])
+    return gate[:, None] * recon + params["b_dec"]
 
 
 def encode_block(p: ExpertParams, x: jax.Array, valid: jax.Array, *, b_dec: jax.Array, k: int):

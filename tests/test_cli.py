@@ -85,7 +85,8 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "launch.train", "--help"], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0 and "--gin_file" in out.stdout
-    assert "NUM_EXPERTS = 8" in out.stdout and "TRAIN_DATA = 'synthetic'" in out.stdout
+    # the values a plain run uses (configs/default.gin), not base.gin's NUM_EXPERTS = 8
+    assert "NUM_EXPERTS = 4" in out.stdout and "TRAIN_DATA = 'synthetic'" in out.stdout
 
 
 def test_nan_loss_stops_with_a_clear_message_and_no_checkpoint(tmp_path, capsys):

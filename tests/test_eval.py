@@ -130,5 +130,6 @@ def test_eval_cli_writes_json_table_and_plots(tmp_path, capsys):
     assert result["capacity_factor"] == 2.0  # the run's EVAL_CAPACITY_FACTOR
     for name in ("training_curves.png", "expert_load.png", "latent_frequency.png"):
         assert (run / name).stat().st_size > 5000, name
+    (tmp_path / "nothing").mkdir()  # a directory without export/ (a missing one: test_api_safety)
     assert eval_cli.main(["--workdir", str(tmp_path / "nothing"), "--data", "x"]) == 2
     assert "no exported SAE" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from sae_jax.browser.collect import Collected, collect
+from sae_jax.browser.collect import Collected, collect, tokens_to_encode
 from sae_jax.browser.site import SiteInfo, write_site
 from sae_jax.config import ConfigError
 from sae_jax.data import ActivationData
@@ -64,7 +64,8 @@ def build_browser(
     if source.d != sae.cfg.d:
         raise ConfigError(f"{data or 'EVAL_DATA'}: d = {source.d}, but the SAE has d = "
                           f"{sae.cfg.d}")  # fmt: skip
-    log(f"browse: encoding {opts.tokens} tokens with {sae.cfg.num_latents} latents")
+    total = tokens_to_encode(source, opts.tokens, opts.batch_size)
+    log(f"browse: encoding {total} tokens with {sae.cfg.num_latents} latents")
     got = collect(sae, source, opts.tokens, opts.batch_size, opts.top_k, opts.sample_k)
     info = SiteInfo(title=workdir.resolve().name, kind="synthetic", data="synthetic (seed)",
                     metrics=_eval_metrics(workdir))  # fmt: skip

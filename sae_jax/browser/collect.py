@@ -52,8 +52,7 @@ def collect(sae: PretrainedSAE, data, tokens: int, batch_size: int = 4096, top_k
     stats = FeatureStats(cfg.num_latents, cfg.num_experts, top_k, sample_k)
     parts: dict[str, list[np.ndarray]] = {}
     real = isinstance(data, ActivationData)
-    # synthetic eval batches are numbered by size: read whole ones
-    total = min(tokens, data.total_tokens) if real else max(1, tokens // batch_size) * batch_size
+    total = tokens_to_encode(data, tokens, batch_size)
     for start in range(0, total, batch_size):
         stop = min(start + batch_size, total)
         got = _read_real(data, start, stop) if real else _read_synthetic(data, start, stop)
@@ -74,6 +73,14 @@ def collect(sae: PretrainedSAE, data, tokens: int, batch_size: int = 4096, top_k
                 parts.setdefault(name, []).append(value)
     joined = {name: np.concatenate(value) for name, value in parts.items()}
     return Collected(stats, **joined)
+
+
+def tokens_to_encode(data, tokens: int, batch_size: int) -> int:
+    """How many tokens `collect` encodes when asked for `tokens`: at most all the data holds;
+    synthetic eval batches are numbered by size, so whole batches of them."""
+    if isinstance(data, ActivationData):
+        return min(tokens, data.total_tokens)
+    return max(1, tokens // batch_size) * batch_size
 
 
 def _read_real(data: ActivationData, start: int, stop: int) -> dict:
