@@ -13,6 +13,7 @@ from data_utils import write_dataset
 
 from launch import train as train_cli
 from sae_jax.config import ConfigError, TrainConfig
+from sae_jax.run_data import apply_run_config
 from sae_jax.training import loop
 from sae_jax.training.checkpoint import Checkpointer
 
@@ -62,6 +63,8 @@ def test_unset_eval_data_follows_the_training_shards(tmp_path, shards, capsys):
     assert "eval/feature_recovery" not in final  # real data, not planted features
     assert Checkpointer(tmp_path, create=False).latest_step() == 4
     assert (tmp_path / "export" / "cfg.json").exists()
+    # launch.eval and launch.browse read the run's EVAL_DATA from its config.gin
+    assert apply_run_config(tmp_path).eval_data == str(shards / "train")
 
 
 @pytest.mark.parametrize("eval_data", ["d8", "synthetic"])

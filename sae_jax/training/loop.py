@@ -163,7 +163,7 @@ def set_up(
         cfg=cfg,
         tcfg=tcfg,
         workdir=workdir,
-        config_text=config_text,
+        config_text=config_as_run(config_text, tcfg),
         train_src=train_src,
         eval_src=eval_src,
         mesh=mesh,
@@ -176,6 +176,15 @@ def set_up(
         changes=changes,
         lead=jax.process_index() == 0,
     )
+
+
+def config_as_run(config_text: str, tcfg: TrainConfig) -> str:
+    """The gin config as run: an EVAL_DATA left to follow TRAIN_DATA is bound to it at the
+    end, so that what reads a run's config.gin (launch.eval, launch.browse) finds the data."""
+    if not config_text or tcfg.eval_data != FOLLOW:
+        return config_text
+    return (f"{config_text.rstrip()}\n\n# EVAL_DATA was left at {FOLLOW!r}: it followed "
+            f"TRAIN_DATA\nTrainConfig.eval_data = {tcfg.train_data!r}\n")  # fmt: skip
 
 
 def open_sources(tcfg: TrainConfig) -> tuple[Source, Source]:
