@@ -121,7 +121,7 @@ def test_the_end_of_a_run_says_where_things_are_and_what_next(synthetic_run):
     workdir, out = synthetic_run
     lines = out.splitlines()
     end = lines[[line.startswith("checkpoints: ") for line in lines].index(True) :][:4]
-    assert end[0].startswith(f"checkpoints: {workdir.absolute() / 'checkpoints'}")
+    assert end[0].startswith(f"checkpoints: {workdir / 'checkpoints'} (the last at step 4)")
     assert f"tensorboard --logdir {workdir}" in end[1]
     assert f"python -m launch.eval --workdir {workdir}" in end[2]
     assert f"python -m launch.browse --workdir {workdir}" in end[3]

@@ -407,9 +407,9 @@ def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
     try:
         return log.evaluate(tcfg.steps, state.params)
     except Exception:
-        say(run.lead, f"the final evaluation failed; the training is saved (checkpoint at step "
-                      f"{tcfg.steps} in {run.ckpt.directory}, SAE in {out}); evaluate it later "
-                      f"with: python -m launch.eval --workdir {workdir}")  # fmt: skip
+        saved = f"checkpoint at step {tcfg.steps} in {workdir / 'checkpoints'}, SAE in {out}"
+        say(run.lead, f"the final evaluation failed; the training is saved ({saved}); evaluate "
+                      f"it later with: python -m launch.eval --workdir {workdir}")  # fmt: skip
         raise
 
 
@@ -422,7 +422,7 @@ def where_message(run: Run) -> str:
     """Where the run's outputs are, and the commands that read them next."""
     workdir = Path(run.workdir)
     return (
-        f"checkpoints: {run.ckpt.directory} (the last at step {run.tcfg.steps})\n"
+        f"checkpoints: {workdir / 'checkpoints'} (the last at step {run.tcfg.steps})\n"
         f"metrics: {workdir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {workdir})\n"
         f"next: python -m launch.eval --workdir {workdir}\n"
         f"      python -m launch.browse --workdir {workdir}"
