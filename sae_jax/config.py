@@ -12,6 +12,7 @@ RETIRED_KEYS = {"encoder_bias"}  # model-record keys of older versions, read and
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 DISPATCHES = ("capacity", "dropless")
 GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")
+FOLLOW = "TRAIN_DATA"  # EVAL_DATA's default: evaluate on TRAIN_DATA (TrainConfig.eval_spec)
 
 
 class ConfigError(ValueError):
@@ -137,6 +138,8 @@ class TrainConfig:
         to a dead-id bucket, see kernels.auxk.max_bucket); with more dead ones they take turns.
         1.0: every dead latent every step, as Gao et al.
     mesh_shape: ('data', 'expert') device mesh; -1 = all remaining devices.
+    eval_data: 'TRAIN_DATA' (FOLLOW, the default) follows train_data (`eval_spec`): shards
+        evaluate on the training shards themselves, 'synthetic' on a held-out synthetic stream.
     """
 
     steps: int = 1000
@@ -152,7 +155,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     geometric_median_tokens: int = 8192
     train_data: str = "synthetic"
-    eval_data: str = "synthetic"
+    eval_data: str = FOLLOW
     eval_every: int = 0
     eval_tokens: int = 65536
     log_every: int = 50
@@ -182,6 +185,11 @@ class TrainConfig:
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
         return self
+
+    @property
+    def eval_spec(self) -> str:
+        """The evaluation data as used: EVAL_DATA, or TRAIN_DATA when EVAL_DATA is FOLLOW."""
+        return self.train_data if self.eval_data == FOLLOW else self.eval_data
 
     def learning_rate(self, latents_per_expert: int) -> float:
         if self.lr is not None:

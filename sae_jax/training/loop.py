@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from sae_jax.config import ConfigError, SAEConfig, TrainConfig
+from sae_jax.config import FOLLOW, ConfigError, SAEConfig, TrainConfig
 from sae_jax.data import ActivationData, Batch, SyntheticData, make_source
 from sae_jax.distributed import gather_ints, process_rows, put_local
 from sae_jax.evaluation.held_out import evaluate, make_eval_step
@@ -130,6 +130,7 @@ def train(
     run.ckpt.close()  # idempotent; also closed (after pending saves finish) on errors
     log.close()
     say(run.lead, final_message(tcfg, final))
+    say(run.lead, where_message(run))
     return final
 
 
@@ -162,7 +163,7 @@ def set_up(
         cfg=cfg,
         tcfg=tcfg,
         workdir=workdir,
-        config_text=config_text,
+        config_text=config_as_run(config_text, tcfg),
         train_src=train_src,
         eval_src=eval_src,
         mesh=mesh,
@@ -177,12 +178,27 @@ def set_up(
     )
 
 
+def config_as_run(config_text: str, tcfg: TrainConfig) -> str:
+    """The gin config as run: an EVAL_DATA left to follow TRAIN_DATA is bound to it at the
+    end, so that what reads a run's config.gin (launch.eval, launch.browse) finds the data."""
+    if not config_text or tcfg.eval_data != FOLLOW:
+        return config_text
+    return (f"{config_text.rstrip()}\n\n# EVAL_DATA was left at {FOLLOW!r}: it followed "
+            f"TRAIN_DATA\nTrainConfig.eval_data = {tcfg.train_data!r}\n")  # fmt: skip
+
+
 def open_sources(tcfg: TrainConfig) -> tuple[Source, Source]:
-    """(training data, evaluation data): one source when TRAIN_DATA is EVAL_DATA."""
+    """(training data, evaluation data): one source when EVAL_DATA is TRAIN_DATA (or is unset
+    and follows it). Evaluation data of another d is refused in one line."""
     train_src = make_source(tcfg.train_data, tcfg.seed)
-    eval_src = (
-        train_src if tcfg.eval_data == tcfg.train_data else make_source(tcfg.eval_data, tcfg.seed)
-    )
+    spec = tcfg.eval_spec
+    eval_src = train_src if spec == tcfg.train_data else make_source(spec, tcfg.seed)
+    if eval_src.d != train_src.d:
+        raise ConfigError(
+            f"EVAL_DATA={spec!r} has d={eval_src.d}, but TRAIN_DATA={tcfg.train_data!r} has "
+            f"d={train_src.d}: the SAE could not be evaluated on it; pass shards of "
+            f"d={train_src.d} as EVAL_DATA, or leave EVAL_DATA unset to evaluate on TRAIN_DATA"
+        )
     if isinstance(train_src, ActivationData) and isinstance(eval_src, ActivationData):
         eval_src.input_scale = train_src.input_scale  # the model's scale, not the eval set's
     return train_src, eval_src
@@ -193,7 +209,7 @@ def eval_batch_count(tcfg: TrainConfig, eval_src: Source) -> int:
     held = eval_src.max_batches(tcfg.batch_size)
     count = min(max(1, tcfg.eval_tokens // tcfg.batch_size), held)
     if count < 1:
-        raise ConfigError(f"EVAL_DATA={tcfg.eval_data!r} holds less than one batch")
+        raise ConfigError(f"EVAL_DATA={tcfg.eval_spec!r} holds less than one batch")
     return count
 
 
@@ -210,11 +226,13 @@ def already_trained(run: Run) -> dict:
 
 
 def describe_data(run: Run) -> None:
-    """Say what the training data is, and whether the evaluation reads it too."""
+    """Say what the training data is, and whether the evaluation reads it too or data of
+    another kind."""
     if run.real:
         say(run.lead, data_message(run.train_src))
-    if (note := same_data_note(run.tcfg)) is not None:
-        say(run.lead, note)
+    for note in (same_data_note(run.tcfg), other_kind_warning(run.tcfg)):
+        if note is not None:
+            say(run.lead, note)
 
 
 def initial_state(run: Run) -> tuple[nnx.GraphDef, TrainState, TrainStep]:
@@ -306,7 +324,11 @@ def train_steps(
         done = step + 1
         if done % tcfg.log_every == 0 or done == tcfg.steps:
             metrics = host_metrics(run, metrics, done, position, rate)
-            bar.set_postfix_str(summary(log.row(done, metrics), CONSOLE))
+            line = summary(log.row(done, metrics), CONSOLE)
+            bar.set_postfix_str(line)
+            if bar.disable:  # no progress bar: a line for the log instead
+                rate_said = f"{metrics['tokens_per_sec']:,.0f} tokens/s"
+                say(run.lead, f"step {done}/{tcfg.steps}: {line} ({rate_said})")
         if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
             log.evaluate(done, state.params)
         bar.update(1)
@@ -369,11 +391,9 @@ def checkpoint_record(run: Run, step: int, position: int) -> dict:
 
 
 def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
-    """The final evaluation, checkpoint and export; returns the final eval row."""
+    """The final checkpoint and export, then the final evaluation (so that a failing
+    evaluation loses no training); returns the final eval row."""
     tcfg, workdir = run.tcfg, Path(run.workdir)
-    tokens = run.eval_batches * tcfg.batch_size
-    say(run.lead, f"final evaluation on {tokens} tokens of EVAL_DATA={tcfg.eval_data!r}")
-    final = log.evaluate(tcfg.steps, state.params)
     final_record = checkpoint_record(run, tcfg.steps, position)  # a collective
     say(run.lead, f"saving the final checkpoint and exporting the SAE to {workdir / 'export'}")
     run.ckpt.save(tcfg.steps, state, final_record)
@@ -382,12 +402,31 @@ def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
     scale = run.train_src.input_scale
     out = export_sae(params, run.cfg, workdir / "export", scale, source=final_record["data"])
     say(run.lead, f"exported {out}")
-    return final
+    tokens = run.eval_batches * tcfg.batch_size
+    say(run.lead, f"final evaluation on {tokens} tokens of EVAL_DATA={tcfg.eval_spec!r}")
+    try:
+        return log.evaluate(tcfg.steps, state.params)
+    except Exception:
+        saved = f"checkpoint at step {tcfg.steps} in {workdir / 'checkpoints'}, SAE in {out}"
+        say(run.lead, f"the final evaluation failed; the training is saved ({saved}); evaluate "
+                      f"it later with: python -m launch.eval --workdir {workdir}")  # fmt: skip
+        raise
 
 
 def final_message(tcfg: TrainConfig, final: dict) -> str:
     on_train = " (on the training data)" if same_data_note(tcfg) else ""
     return f"final step {tcfg.steps}{on_train}: " + summary(final, FINAL)
+
+
+def where_message(run: Run) -> str:
+    """Where the run's outputs are, and the commands that read them next."""
+    workdir = Path(run.workdir)
+    return (
+        f"checkpoints: {workdir / 'checkpoints'} (the last at step {run.tcfg.steps})\n"
+        f"metrics: {workdir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {workdir})\n"
+        f"next: python -m launch.eval --workdir {workdir}\n"
+        f"      python -m launch.browse --workdir {workdir}"
+    )
 
 
 def resume_point(
@@ -424,12 +463,32 @@ def data_position(saved: dict, step: int, real: bool) -> int:
 def same_data_note(tcfg: TrainConfig) -> str | None:
     """A note when the held-out evaluation reads the training shards themselves (synthetic
     data draws eval and train from separate streams, so it is held out)."""
-    if tcfg.eval_data == "synthetic" or tcfg.train_data == "synthetic":
+    if tcfg.eval_spec == "synthetic" or tcfg.train_data == "synthetic":
         return None
+    if tcfg.eval_data == FOLLOW:
+        return (f"note: EVAL_DATA is left at TRAIN_DATA ({tcfg.train_data}): "
+                "eval/ metrics measure tokens the SAE trains on, not held-out data (pass "
+                "--gin.EVAL_DATA=DIR for held-out shards)")  # fmt: skip
     if Path(tcfg.eval_data).resolve() != Path(tcfg.train_data).resolve():
         return None
     return (f"note: EVAL_DATA is TRAIN_DATA ({tcfg.eval_data}): eval/ metrics measure tokens the "
             "SAE trains on, not held-out data")  # fmt: skip
+
+
+def other_kind_warning(tcfg: TrainConfig) -> str | None:
+    """A warning when one of TRAIN_DATA and EVAL_DATA is synthetic and the other shards."""
+    spec = tcfg.eval_spec
+    if (tcfg.train_data == "synthetic") == (spec == "synthetic"):
+        return None
+    if spec == "synthetic":
+        return (
+            "warning: TRAIN_DATA is activation shards but EVAL_DATA='synthetic': eval/ metrics "
+            "measure synthetic data, not activations like the training data"
+        )
+    return (
+        f"warning: TRAIN_DATA='synthetic' but EVAL_DATA is activation shards ({spec}): eval/ "
+        "metrics measure data unlike the training data"
+    )
 
 
 def data_message(source: ActivationData) -> str:
