@@ -62,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainingError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin may append context
         return 2
-    print(f"metrics: {workdir / 'metrics.jsonl'}")
     return 0
 
 

@@ -63,7 +63,7 @@ def open_eval_data(
     data regenerated from the run's seed and bindings."""
     spec = data
     if spec is None:
-        spec = apply_run_config(workdir).eval_data
+        spec = apply_run_config(workdir).eval_spec
         if spec == "synthetic":
             return SyntheticData()  # configured by the run's bindings
     if spec == "synthetic":
