@@ -92,6 +92,14 @@ def test_record_without_data_settings_is_compared_through_its_gin_text(tmp_path,
     )
     changes = check_changes(record, cfg, tcfg, tmp_path, allow=True)
     assert changes == ["SYNTH_FEATURES 512 -> 256"]
+    # SEED chooses the data too (SyntheticData.seed = %SEED: named once)
+    record["gin_config"] += "SEED = 0\nSyntheticData.seed = %SEED\n"
+    gin.parse_config("SyntheticData.num_features = 512\nSyntheticData.seed = 1")
+    with pytest.raises(ConfigError) as e:
+        check_changes(record, cfg, dataclasses.replace(tcfg, seed=1, steps=40), tmp_path, False)
+    assert "trained with SEED=0, not 1 (the training data would change mid-run); other " \
+           "settings changed too (STEPS 20 -> 40); resume" in str(e.value)  # fmt: skip
+    gin.parse_config("SyntheticData.seed = 0")
     # neither data settings nor gin text (the oldest records): nothing to compare them with
     del record["gin_config"]
     assert check_changes(record, cfg, tcfg, tmp_path, allow=False) == []

@@ -40,6 +40,7 @@ CHANGE_KEYS = {
                   "decay_fraction", "grad_clip", "dead_after_tokens", "aux_max_share",
                   "train_data"),
 }  # fmt: skip
+DATA_TRAIN_KEYS = ("train_data", "seed")  # TrainConfig fields that choose the training data
 # The data source's parameters that change the training stream (another value: the data would
 # change mid-run), named as the user sets them. ActivationData's seed is TrainConfig.seed (SEED);
 # its prefetch_batches and process change nothing in the stream.
@@ -106,8 +107,8 @@ class Checkpointer:
     def restore(self, step: int, like: Any) -> Any:
         """Restore the state at `step` with the structure, dtypes and shardings of `like`, so a
         checkpoint written on one mesh lands on whatever mesh `like` lives on.
-        A tree this version does not have -> ConfigError; files that do not read back
-        (truncated, corrupted) -> UnreadableCheckpoint."""
+        A tree this version does not have -> ConfigError; files whose bytes do not read back
+        (truncated, damaged: STATUS) -> UnreadableCheckpoint."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         try:
@@ -115,8 +116,10 @@ class Checkpointer:
                 return self.manager.restore(step, args=args)["state"]
         except (ConfigError, UnreadableCheckpoint):
             raise
-        except Exception as e:
-            raise UnreadableCheckpoint(step, storage_error(e)) from e
+        except Exception as e:  # orbax wraps tensorstore's error in a plain Exception
+            if STATUS.match(reason := storage_error(e)):
+                raise UnreadableCheckpoint(step, reason) from e
+            raise
 
     def set_aside(self, step: int) -> Path:
         """Move the checkpoint at `step` to checkpoints/broken/<step> (kept for inspection; no
@@ -149,8 +152,8 @@ class Checkpointer:
     @contextlib.contextmanager
     def _layout_errors(self, step: int):
         """orbax's multi-line errors for a checkpoint whose tree does not match this version's
-        (an older layout) -> one line; the storage layer's errors (a status code such as
-        OUT_OF_RANGE or DATA_LOSS first) -> UnreadableCheckpoint."""
+        (an older layout) -> one line; bytes that do not read back (STATUS) ->
+        UnreadableCheckpoint."""
         try:
             yield
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
@@ -225,19 +228,28 @@ def config_changes(record: dict, cfg: SAEConfig, tcfg: TrainConfig) -> list[str]
 def check_changes(record: dict, cfg: SAEConfig, tcfg: TrainConfig, directory: Path,
                   allow: bool) -> list[str]:  # fmt: skip
     """The changes resuming would make (config_changes, then the data source's settings:
-    data_changes); a one-line ConfigError naming them unless `allow`."""
+    data_changes); a one-line ConfigError naming them unless `allow`, which says so when the
+    training data would change (TRAIN_DATA, SEED, or the source's settings)."""
     changes = config_changes(record, cfg, tcfg)
-    data = [
+    train = record.get("train", {})
+    data = [  # TrainConfig's settings that choose the data: named with the source's
+        (binding_name(TrainConfig, k), train[k], getattr(tcfg, k))
+        for k in DATA_TRAIN_KEYS
+        if k in train and train[k] != getattr(tcfg, k)
+    ]
+    changes = [c for c in changes if not any(c.startswith(f"{name} ") for name, *_ in data)]
+    data += [
         (name, old, new)
         for name, old, new in data_changes(record, tcfg)
-        if not (name == "SyntheticData.seed" and f"SEED {old!r} -> {new!r}" in changes)
+        if not (name == "SyntheticData.seed" and ("SEED", old, new) in data)
     ]
     if data and not allow:
-        step = record.get("data", {}).get("train_step", "?")
+        step = record.get("data", {}).get("train_step")
+        at = "" if step is None else f" at step {step}"
         was = ", ".join(f"{name}={old!r}, not {new!r}" for name, old, new in data)
         also = f"; other settings changed too ({', '.join(changes)})" if changes else ""
         raise ConfigError(
-            f"the checkpoint at step {step} in {directory} was trained with {was} (the "
+            f"the checkpoint{at} in {directory} was trained with {was} (the "
             f"training data would change mid-run){also}; resume with the same settings, or "
             "pass --allow_changes"
         )
@@ -250,9 +262,10 @@ def check_changes(record: dict, cfg: SAEConfig, tcfg: TrainConfig, directory: Pa
     return changes
 
 
-# tensorstore's errors start with an absl status code
-STATUS = re.compile(r"(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|"
-                    r"UNKNOWN|INTERNAL|UNAVAILABLE|ABORTED|RESOURCE_EXHAUSTED): ")  # fmt: skip
+# tensorstore's status codes for bytes that do not read back (a truncated or damaged file). A
+# missing array (NOT_FOUND) reads as another layout, as before; transient codes (UNAVAILABLE,
+# ...) are raised as they are: a checkpoint is only set aside when its own bytes are bad.
+STATUS = re.compile(r"(OUT_OF_RANGE|DATA_LOSS): ")
 
 
 def storage_error(e: BaseException) -> str:
@@ -294,14 +307,16 @@ def saved_data_settings(record: dict) -> dict[str, Any] | None:
     cls = SyntheticData if train_data == "synthetic" else ActivationData
     bound = gin_bindings(text)
     defaults = inspect.signature(cls.__init__).parameters
-    return {
+    saved = {
         name: bound.get(f"{cls.__name__}.{name}", defaults[name].default) for name in DATA_KEYS[cls]
     }
+    return {name: v for name, v in saved.items() if v is not _UNREAD}  # unread: not compared
 
 
 def gin_bindings(text: str) -> dict[str, Any]:
     """{'Class.param' or 'MACRO': value} of the one-line Python-literal bindings in gin config
-    text (gin.config_str()), macros (`%NAME`) resolved; other lines are skipped."""
+    text (gin.config_str()), macros (`%NAME`) resolved; a value that is no Python literal is
+    _UNREAD; other lines are skipped."""
     raw = {}
     for line in text.splitlines():
         m = re.fullmatch(r"\s*([A-Za-z_][\w.]*)\s*=\s*(.+?)\s*", line)
@@ -316,8 +331,7 @@ def gin_bindings(text: str) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             return _UNREAD
 
-    parsed = {k: value(v) for k, v in raw.items()}
-    return {k: v for k, v in parsed.items() if v is not _UNREAD}
+    return {k: value(v) for k, v in raw.items()}
 
 
 _UNREAD = object()
