@@ -127,3 +127,27 @@ def test_unreadable_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in rows if "mse" in r]
     assert train_steps == [10, 20, 30]  # the rows after step 10 written once, by the resume
+
+
+def test_changed_reader_setting_is_refused_on_real_activations(tmp_path, capsys):
+    """The shard reader's settings that change the token stream are compared too."""
+    from data_utils import write_dataset
+
+    write_dataset(tmp_path / "train", [900, 700], d=16, outliers=20)
+    base = [
+        f"--workdir={tmp_path / 'run'}", "--gin.BATCH_SIZE=128", "--gin.NUM_LATENTS=64",
+        "--gin.NUM_EXPERTS=4", "--gin.K=4", "--gin.SAEConfig.k_aux=8", "--gin.STEPS=2",
+        "--gin.MESH_SHAPE=(1, 1)", "--gin.TrainConfig.eval_tokens=256", "--no_progress",
+        f"--gin.TRAIN_DATA={tmp_path / 'train'}", f"--gin.EVAL_DATA={tmp_path / 'train'}",
+        "--gin.ActivationData.shuffle_buffer=512", "--gin.ActivationData.chunk_tokens=32",
+    ]  # fmt: skip
+    assert train_cli.main(base) == 0
+    capsys.readouterr()
+    changed = ["--gin.OUTLIER_NORM_FACTOR=5.0", "--gin.ActivationData.shuffle_buffer=256"]
+    assert train_cli.main([*base, *changed]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "at step 2 in" in err
+    assert "was trained with OUTLIER_NORM_FACTOR=10.0, not 5.0, ActivationData.shuffle_buffer" \
+           "=512, not 256 (the training data would change mid-run)" in err  # fmt: skip
+    assert train_cli.main([*base, "--gin.ActivationData.prefetch_batches=2"]) == 0
+    assert "already trained to step 2" in capsys.readouterr().out  # no stream change
