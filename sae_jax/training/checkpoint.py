@@ -11,17 +11,23 @@ choosing: what export needs, on any topology.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
+import inspect
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
+import gin
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig, binding_name
+from sae_jax.data import ActivationData, SyntheticData
 from sae_jax.mesh import make_mesh
 from sae_jax.model.switch import SwitchSAE
 
@@ -34,6 +40,30 @@ CHANGE_KEYS = {
                   "decay_fraction", "grad_clip", "dead_after_tokens", "aux_max_share",
                   "train_data"),
 }  # fmt: skip
+DATA_TRAIN_KEYS = ("train_data", "seed")  # TrainConfig fields that choose the training data
+# The data source's parameters that change the training stream (another value: the data would
+# change mid-run), named as the user sets them. ActivationData's seed is TrainConfig.seed (SEED);
+# its prefetch_batches and process change nothing in the stream.
+DATA_KEYS = {
+    SyntheticData: {"dim": "SYNTH_DIM", "num_features": "SYNTH_FEATURES",
+                    "num_groups": "SyntheticData.num_groups",
+                    "group_share": "SyntheticData.group_share",
+                    "mean_active": "SyntheticData.mean_active", "power": "SyntheticData.power",
+                    "seed": "SyntheticData.seed"},
+    ActivationData: {"outlier_norm_factor": "OUTLIER_NORM_FACTOR",
+                     "shuffle_buffer": "ActivationData.shuffle_buffer",
+                     "chunk_tokens": "ActivationData.chunk_tokens",
+                     "scale_tokens": "ActivationData.scale_tokens"},
+}  # fmt: skip
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint whose files do not read back (truncated, corrupted): `reason` is the
+    storage layer's first line."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"checkpoint at step {step} does not restore ({reason})")
+        self.step, self.reason = step, reason
 
 
 class Checkpointer:
@@ -59,7 +89,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, record: dict) -> None:
         """Start saving `state` and `record` as step `step`; the write finishes in the
-        background (close() waits for it)."""
+        background (close() waits for it). The record's "data" part gets the data source's
+        settings (data_settings) as "source", to refuse resuming on other data."""
+        if "data" in record and "train" in record and "source" not in record["data"]:
+            source = data_settings(record["train"]["train_data"])
+            record = {**record, "data": {**record["data"], "source": source}}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
         )
@@ -72,11 +106,32 @@ class Checkpointer:
 
     def restore(self, step: int, like: Any) -> Any:
         """Restore the state at `step` with the structure, dtypes and shardings of `like`, so a
-        checkpoint written on one mesh lands on whatever mesh `like` lives on."""
+        checkpoint written on one mesh lands on whatever mesh `like` lives on.
+        A tree this version does not have -> ConfigError; files whose bytes do not read back
+        (truncated, damaged: STATUS) -> UnreadableCheckpoint."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        with self._layout_errors(step):
-            return self.manager.restore(step, args=args)["state"]
+        try:
+            with self._layout_errors(step):
+                return self.manager.restore(step, args=args)["state"]
+        except (ConfigError, UnreadableCheckpoint):
+            raise
+        except Exception as e:  # orbax wraps tensorstore's error in a plain Exception
+            if STATUS.match(reason := storage_error(e)):
+                raise UnreadableCheckpoint(step, reason) from e
+            raise
+
+    def set_aside(self, step: int) -> Path:
+        """Move the checkpoint at `step` to checkpoints/broken/<step> (kept for inspection; no
+        longer listed or restored); returns where it went."""
+        target = self.directory / "broken" / str(step)
+        n = 1
+        while target.exists():
+            target, n = self.directory / "broken" / f"{step}.{n}", n + 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / str(step)), str(target))
+        self.manager.reload()
+        return target
 
     def restore_params(self, step: int, mesh: Mesh | None = None) -> dict[str, jax.Array]:
         """Only the parameters at `step` ({name: array}), each read straight into its sharding
@@ -97,10 +152,13 @@ class Checkpointer:
     @contextlib.contextmanager
     def _layout_errors(self, step: int):
         """orbax's multi-line errors for a checkpoint whose tree does not match this version's
-        (an older layout) -> one line."""
+        (an older layout) -> one line; bytes that do not read back (STATUS) ->
+        UnreadableCheckpoint."""
         try:
             yield
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            if STATUS.match(str(e)):
+                raise UnreadableCheckpoint(step, storage_error(e)) from e
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise ConfigError(
                 f"the checkpoint at step {step} in {self.directory} does not match this "
@@ -169,12 +227,127 @@ def config_changes(record: dict, cfg: SAEConfig, tcfg: TrainConfig) -> list[str]
 
 def check_changes(record: dict, cfg: SAEConfig, tcfg: TrainConfig, directory: Path,
                   allow: bool) -> list[str]:  # fmt: skip
-    """The changes resuming would make (config_changes); a one-line ConfigError naming them
-    unless `allow`."""
+    """The changes resuming would make (config_changes, then the data source's settings:
+    data_changes); a one-line ConfigError naming them unless `allow`, which says so when the
+    training data would change (TRAIN_DATA, SEED, or the source's settings)."""
     changes = config_changes(record, cfg, tcfg)
+    train = record.get("train", {})
+    data = [  # TrainConfig's settings that choose the data: named with the source's
+        (binding_name(TrainConfig, k), train[k], getattr(tcfg, k))
+        for k in DATA_TRAIN_KEYS
+        if k in train and train[k] != getattr(tcfg, k)
+    ]
+    changes = [c for c in changes if not any(c.startswith(f"{name} ") for name, *_ in data)]
+    data += [
+        (name, old, new)
+        for name, old, new in data_changes(record, tcfg)
+        if not (name == "SyntheticData.seed" and ("SEED", old, new) in data)
+    ]
+    if data and not allow:
+        step = record.get("data", {}).get("train_step")
+        at = "" if step is None else f" at step {step}"
+        was = ", ".join(f"{name}={old!r}, not {new!r}" for name, old, new in data)
+        also = f"; other settings changed too ({', '.join(changes)})" if changes else ""
+        raise ConfigError(
+            f"the checkpoint{at} in {directory} was trained with {was} (the "
+            f"training data would change mid-run){also}; resume with the same settings, or "
+            "pass --allow_changes"
+        )
+    changes += [f"{name} {old!r} -> {new!r}" for name, old, new in data]
     if changes and not allow:
         raise ConfigError(
             f"{directory} was trained with other settings ({', '.join(changes)}); pass "
             "--allow_changes to resume with the new ones, or use a new --workdir"
         )
     return changes
+
+
+# tensorstore's status codes for bytes that do not read back (a truncated or damaged file). A
+# missing array (NOT_FOUND) reads as another layout, as before; transient codes (UNAVAILABLE,
+# ...) are raised as they are: a checkpoint is only set aside when its own bytes are bad.
+STATUS = re.compile(r"(OUT_OF_RANGE|DATA_LOSS): ")
+
+
+def storage_error(e: BaseException) -> str:
+    """The first line of the innermost cause of `e` (tensorstore's status under orbax's
+    wrapping), at most 120 characters."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return first if len(first) <= 120 else first[:117] + "..."
+
+
+def data_settings(train_data: str) -> dict[str, Any]:
+    """The current (gin-bound, else default) values of the data source's parameters that change
+    the training stream (DATA_KEYS), as {parameter: value}."""
+    cls = SyntheticData if train_data == "synthetic" else ActivationData
+    defaults = inspect.signature(cls.__init__).parameters
+    out = {}
+    for name in DATA_KEYS[cls]:
+        try:
+            value = gin.query_parameter(f"{cls.__name__}.{name}")
+        except ValueError:
+            value = defaults[name].default
+        while isinstance(value, gin.config.ConfigurableReference) and value.evaluate:
+            value = value.scoped_configurable_fn()  # a macro: its value
+        out[name] = value
+    return out
+
+
+def saved_data_settings(record: dict) -> dict[str, Any] | None:
+    """The data settings a checkpoint was trained with: the record's own (data.source), or for
+    a record written before they were stored, those its gin config text binds (defaults for
+    the rest); None when neither is there."""
+    data, train = record.get("data", {}), record.get("train", {})
+    if "source" in data:
+        return data["source"]
+    text, train_data = record.get("gin_config", ""), train.get("train_data")
+    if not text or train_data is None:
+        return None
+    cls = SyntheticData if train_data == "synthetic" else ActivationData
+    bound = gin_bindings(text)
+    defaults = inspect.signature(cls.__init__).parameters
+    saved = {
+        name: bound.get(f"{cls.__name__}.{name}", defaults[name].default) for name in DATA_KEYS[cls]
+    }
+    return {name: v for name, v in saved.items() if v is not _UNREAD}  # unread: not compared
+
+
+def gin_bindings(text: str) -> dict[str, Any]:
+    """{'Class.param' or 'MACRO': value} of the one-line Python-literal bindings in gin config
+    text (gin.config_str()), macros (`%NAME`) resolved; a value that is no Python literal is
+    _UNREAD; other lines are skipped."""
+    raw = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"\s*([A-Za-z_][\w.]*)\s*=\s*(.+?)\s*", line)
+        if m:
+            raw[m.group(1)] = m.group(2)
+
+    def value(v: str, depth: int = 0):
+        if v.startswith("%") and depth < 10:
+            return value(raw.get(v[1:], "<unbound>"), depth + 1)
+        try:
+            return ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            return _UNREAD
+
+    return {k: value(v) for k, v in raw.items()}
+
+
+_UNREAD = object()
+
+
+def data_changes(record: dict, tcfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(name, saved value, current value) of each data setting (DATA_KEYS) that differs from
+    the checkpoint's (none when TRAIN_DATA itself changed: config_changes names that, or when
+    the record does not say)."""
+    saved = saved_data_settings(record)
+    if saved is None or record.get("train", {}).get("train_data") != tcfg.train_data:
+        return []
+    cls = SyntheticData if tcfg.train_data == "synthetic" else ActivationData
+    now = data_settings(tcfg.train_data)
+    return [
+        (label, saved[k], now[k])
+        for k, label in DATA_KEYS[cls].items()
+        if k in saved and saved[k] != now[k]
+    ]

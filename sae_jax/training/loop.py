@@ -26,7 +26,13 @@ from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.model.init import geometric_median
 from sae_jax.model.switch import SwitchSAE, check_mesh
 from sae_jax.plan.suggest import check_fits, device_memory_bytes
-from sae_jax.training.checkpoint import Checkpointer, check_changes, check_compatible, model_record
+from sae_jax.training.checkpoint import (
+    Checkpointer,
+    UnreadableCheckpoint,
+    check_changes,
+    check_compatible,
+    model_record,
+)
 from sae_jax.training.metric_logs import check_wandb
 from sae_jax.training.metrics import MetricWriter, summary
 from sae_jax.training.preemption import Preempted, PreemptionGuard
@@ -114,7 +120,7 @@ def train(
         return already_trained(run)
     describe_data(run)
     with jax.set_mesh(run.mesh):
-        graphdef, state, step_fn = initial_state(run)
+        run, graphdef, state, step_fn = initial_state(run)
         log = open_log(run, graphdef, wandb)
         say(
             run.lead,
@@ -235,15 +241,27 @@ def describe_data(run: Run) -> None:
             say(run.lead, note)
 
 
-def initial_state(run: Run) -> tuple[nnx.GraphDef, TrainState, TrainStep]:
-    """(graphdef, train state, step function): a new model, or the checkpoint resumed from."""
+def initial_state(run: Run) -> tuple[Run, nnx.GraphDef, TrainState, TrainStep]:
+    """(run, graphdef, train state, step function): a new model, or the checkpoint resumed
+    from. A checkpoint whose files do not read back is moved to checkpoints/broken/<step>
+    (said in one line) and the next newest one is used: the returned run's start, position and
+    changes are those of the checkpoint actually restored."""
     model = build_model(run.cfg, run.tcfg, run.train_src)
-    graphdef, state, step_fn = setup_training(model, run.tcfg)
+    graphdef, fresh, step_fn = setup_training(model, run.tcfg)
     del model
-    if run.start:
-        state = run.ckpt.restore(run.start, like=state)
-        say(run.lead, resume_message(run.ckpt, run.start, run.changes))
-    return graphdef, state, step_fn
+    state = fresh
+    while run.start:
+        try:
+            state = run.ckpt.restore(run.start, like=fresh)
+            broken = None
+        except UnreadableCheckpoint as e:
+            broken = e
+        agree_restored(run.start, broken)
+        if broken is None:
+            say(run.lead, resume_message(run.ckpt, run.start, run.changes))
+            break
+        run = fall_back(run, broken)
+    return run, graphdef, state, step_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,3 +543,32 @@ def check_finite(metrics: dict, step: int) -> None:
             f"loss is {metrics['loss']} at step {step}: lower LR, check the data for "
             "NaN/inf, or raise the capacity factor"
         )
+
+
+def agree_restored(step: int, broken: UnreadableCheckpoint | None) -> None:
+    """With several processes, a checkpoint that fails to restore on any of them stops all of
+    them in one line (each would otherwise fall back on its own and diverge)."""
+    if jax.process_count() == 1:
+        return
+    failed = [p for p, bad in enumerate(gather_ints(int(broken is not None))) if bad]
+    if failed:
+        reason = f" ({broken.reason})" if broken is not None else ""
+        raise ConfigError(
+            f"the checkpoint at step {step} does not restore on process(es) "
+            f"{', '.join(map(str, failed))}{reason}; with several processes it is not skipped "
+            f"automatically: move checkpoints/{step} to checkpoints/broken/{step} and resume"
+        )
+
+
+def fall_back(run: Run, broken: UnreadableCheckpoint) -> Run:
+    """Move the unreadable checkpoint aside, say so in one line, and return the run resumed
+    from the newest remaining checkpoint (its settings checked again: a change is refused,
+    as the flag passed when the run was set up is not known here, unless the run already
+    resumed with changes), or started anew when none is left."""
+    moved = run.ckpt.set_aside(broken.step)
+    allow = bool(run.changes)  # changes were accepted, so --allow_changes was passed
+    start, position, changes = resume_point(run.ckpt, run.cfg, run.tcfg, run.real, allow)
+    where = moved.relative_to(run.ckpt.directory.parent)
+    then = f"resuming from step {start}" if start else "training from step 0 (no other checkpoint)"
+    say(run.lead, f"{broken}; moved to {where} and {then}")
+    return dataclasses.replace(run, start=start, position=position, changes=changes)
