@@ -87,6 +87,7 @@ class Run:
     start: int
     position: int  # this process's data-stream position at `start`
     changes: list[str]  # settings changed since the checkpoint resumed from
+    allow_changes: bool  # --allow_changes: resume a checkpoint trained with other settings
     lead: bool  # process 0: writes the logs and prints
 
     @property
@@ -180,6 +181,7 @@ def set_up(
         start=start,
         position=position,
         changes=changes,
+        allow_changes=allow_changes,
         lead=jax.process_index() == 0,
     )
 
@@ -562,12 +564,12 @@ def agree_restored(step: int, broken: UnreadableCheckpoint | None) -> None:
 
 def fall_back(run: Run, broken: UnreadableCheckpoint) -> Run:
     """Move the unreadable checkpoint aside, say so in one line, and return the run resumed
-    from the newest remaining checkpoint (its settings checked again: a change is refused,
-    as the flag passed when the run was set up is not known here, unless the run already
-    resumed with changes), or started anew when none is left."""
+    from the newest remaining checkpoint (its settings checked again, under the same
+    --allow_changes), or started anew when none is left."""
     moved = run.ckpt.set_aside(broken.step)
-    allow = bool(run.changes)  # changes were accepted, so --allow_changes was passed
-    start, position, changes = resume_point(run.ckpt, run.cfg, run.tcfg, run.real, allow)
+    start, position, changes = resume_point(
+        run.ckpt, run.cfg, run.tcfg, run.real, run.allow_changes
+    )
     where = moved.relative_to(run.ckpt.directory.parent)
     then = f"resuming from step {start}" if start else "training from step 0 (no other checkpoint)"
     say(run.lead, f"{broken}; moved to {where} and {then}")
