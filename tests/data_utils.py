@@ -8,6 +8,14 @@ import numpy as np
 
 from sae_jax.data.shards import build_manifest, write_manifest
 
+# A training run of a few seconds on small synthetic data (4 experts of 32 latents, d = 16),
+# checkpointing every 10 steps: for tests of what happens around the steps.
+TINY_TRAIN = [
+    "--gin.BATCH_SIZE=256", "--gin.NUM_LATENTS=128", "--gin.NUM_EXPERTS=4", "--gin.K=4",
+    "--gin.SYNTH_DIM=16", "--gin.LOG_EVERY=10", "--gin.CHECKPOINT_EVERY=10",
+    "--gin.TrainConfig.eval_tokens=512", "--gin.TrainConfig.dead_after_tokens=2560",
+    "--gin.SAEConfig.k_aux=8", "--no_progress",
+]  # fmt: skip
 SCALE = 3000.0  # token norms ~ SCALE * sqrt(d): ids (< 3000) do not dominate them
 
 

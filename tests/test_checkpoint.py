@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
+from data_utils import TINY_TRAIN
 from safetensors import safe_open
 
 from launch import export as export_cli
@@ -27,12 +28,7 @@ from sae_jax.model.switch import SwitchSAE
 from sae_jax.training.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = [
-    "--gin.BATCH_SIZE=256", "--gin.NUM_LATENTS=128", "--gin.NUM_EXPERTS=4", "--gin.K=4",
-    "--gin.SYNTH_DIM=16", "--gin.SYNTH_FEATURES=64", "--gin.LOG_EVERY=10",
-    "--gin.CHECKPOINT_EVERY=10", "--gin.TrainConfig.eval_tokens=512",
-    "--gin.TrainConfig.dead_after_tokens=2560", "--gin.SAEConfig.k_aux=8", "--no_progress",
-]  # fmt: skip
+TINY = [*TINY_TRAIN, "--gin.SYNTH_FEATURES=64"]
 ONE = "--gin.MESH_SHAPE=(1, 1)"
 
 

@@ -7,17 +7,13 @@ from pathlib import Path
 
 import gin
 import pytest
+from data_utils import TINY_TRAIN
 
 from launch import train as train_cli
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.training.checkpoint import check_changes, model_record
 
-TINY = [
-    "--gin.BATCH_SIZE=256", "--gin.NUM_LATENTS=128", "--gin.NUM_EXPERTS=4", "--gin.K=4",
-    "--gin.SYNTH_DIM=16", "--gin.LOG_EVERY=10", "--gin.CHECKPOINT_EVERY=10",
-    "--gin.TrainConfig.eval_tokens=512", "--gin.TrainConfig.dead_after_tokens=2560",
-    "--gin.SAEConfig.k_aux=8", "--gin.MESH_SHAPE=(1, 1)", "--no_progress",
-]  # fmt: skip
+TINY = [*TINY_TRAIN, "--gin.MESH_SHAPE=(1, 1)"]  # SYNTH_FEATURES: set per test
 
 
 def run(workdir: Path, *extra: str) -> int:

@@ -18,3 +18,8 @@ def make_source(spec: str, seed: int = 0) -> SyntheticData | ActivationData:
     if Path(spec).is_dir():
         return ActivationData(spec, seed=seed)
     raise ConfigError(f"data source {spec!r} is neither 'synthetic' nor a directory")
+
+
+def source_class(spec: str) -> type[SyntheticData] | type[ActivationData]:
+    """The class of the source `make_source(spec)` makes."""
+    return SyntheticData if spec == "synthetic" else ActivationData

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig, binding_name
 from sae_jax.data import ActivationData, SyntheticData
+from sae_jax.data.source import source_class
 from sae_jax.mesh import make_mesh
 from sae_jax.model.switch import SwitchSAE
 
@@ -159,7 +160,7 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
             if STATUS.match(str(e)):
                 raise UnreadableCheckpoint(step, storage_error(e)) from e
-            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            first = first_line(e)
             raise ConfigError(
                 f"the checkpoint at step {step} in {self.directory} does not match this "
                 "version's training state (written by an older version?); train in a new "
@@ -273,14 +274,19 @@ def storage_error(e: BaseException) -> str:
     wrapping), at most 120 characters."""
     while e.__cause__ is not None:
         e = e.__cause__
-    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    first = first_line(e)
     return first if len(first) <= 120 else first[:117] + "..."
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an error's message (its type's name when it has none)."""
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
 def data_settings(train_data: str) -> dict[str, Any]:
     """The current (gin-bound, else default) values of the data source's parameters that change
     the training stream (DATA_KEYS), as {parameter: value}."""
-    cls = SyntheticData if train_data == "synthetic" else ActivationData
+    cls = source_class(train_data)
     defaults = inspect.signature(cls.__init__).parameters
     out = {}
     for name in DATA_KEYS[cls]:
@@ -304,7 +310,7 @@ def saved_data_settings(record: dict) -> dict[str, Any] | None:
     text, train_data = record.get("gin_config", ""), train.get("train_data")
     if not text or train_data is None:
         return None
-    cls = SyntheticData if train_data == "synthetic" else ActivationData
+    cls = source_class(train_data)
     bound = gin_bindings(text)
     defaults = inspect.signature(cls.__init__).parameters
     saved = {
@@ -344,7 +350,7 @@ def data_changes(record: dict, tcfg: TrainConfig) -> list[tuple[str, Any, Any]]:
     saved = saved_data_settings(record)
     if saved is None or record.get("train", {}).get("train_data") != tcfg.train_data:
         return []
-    cls = SyntheticData if tcfg.train_data == "synthetic" else ActivationData
+    cls = source_class(tcfg.train_data)
     now = data_settings(tcfg.train_data)
     return [
         (label, saved[k], now[k])
