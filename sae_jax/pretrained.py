@@ -209,9 +209,15 @@ def _encode(params: dict, x: jax.Array, tokens: jax.Array, cfg: SAEConfig, block
     experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"])
     block_fn = functools.partial(encode_block, b_dec=params["b_dec"], k=cfg.k)
     present = jnp.arange(x.shape[0]) < tokens
-    plan = blocks.plan_blocks(r.expert, cfg.num_experts, block_size, present)
-    out = blocks.map_blocks(block_fn, experts, blocks.to_blocks(x, plan), plan)
-    values, local = (blocks.from_blocks(a, plan) for a in out)
+    values, local = blocks.grouped_apply(
+        block_fn,
+        experts,
+        x,
+        r.expert,
+        present=present,
+        num_experts=cfg.num_experts,
+        block_size=block_size,
+    )
     return Codes(values, r.expert[:, None] * cfg.latents_per_expert + local, r.expert, r.gate)
 
 

@@ -105,6 +105,7 @@ def grouped_apply(
     *,
     num_experts: int,
     block_size: int,
+    present: jax.Array | None = None,
 ) -> PyTree:
     """Run each token's expert on it, one block of B same-expert tokens at a time.
 
@@ -112,10 +113,11 @@ def grouped_apply(
          tokens of the block (each leaf [B, ...]), valid [B] bool) -> pytree of [B, ...].
          Padding rows hold zeros and valid=False; their outputs are discarded.
     weights: pytree of [N, ...] arrays; tokens: pytree of [T, ...] arrays;
-    expert: [T] int32 routed expert of each token.
+    expert: [T] int32 routed expert of each token; present: [T] bool, False for rows that hold
+    no token (they get no block row, and zeros as outputs; see `plan_blocks`).
     Returns fn's outputs per token: pytree of [T, ...], in the original token order.
     """
-    plan = plan_blocks(expert, num_experts, block_size)
+    plan = plan_blocks(expert, num_experts, block_size, present)
     padded = jax.tree.map(lambda a: to_blocks(a, plan), tokens)
     out = map_blocks(fn, weights, padded, plan)
     return jax.tree.map(lambda a: from_blocks(a, plan), out)
