@@ -43,6 +43,17 @@ class SAEConfig:
         'ragged_dot' (sae_jax/dispatch/ragged_dot.py; native on GPU/TPU, a dense masked product on
         CPU), 'blocks' (sae_jax/dispatch/blocks.py) or 'auto' (ragged_dot on GPU/TPU with the dense
         kernel, else blocks). Across devices dropless always uses blocks.
+    experts_per_token: e, the experts each token is routed to (its e most probable). e = 1 is
+        the Switch SAE; e > 1 picks the k active latents with one TopK across the e experts'
+        latents together, each scaled by its expert's router probability (Scale SAE's global
+        TopK, Xu et al. 2025; docs/routing.md).
+    shared_latents / shared_k: an always-on shared dictionary of this many latents that every
+        token uses beside its routed experts, with shared_k of the k active latents (0: none).
+    feature_scaling: Scale SAE's feature scaling: each expert's encoder rows become
+        mean + (1 + s) * (rows - mean), s a learned per-expert [d] vector (zero at init).
+    router_bias: loss-free balancing (DeepSeek-V3): a per-expert bias added to the routing
+        scores when choosing experts (not in the gate), nudged after each step towards equal
+        load (TrainConfig.router_bias_rate); not a parameter the optimiser sees.
     """
 
     d: int = 0
@@ -57,6 +68,11 @@ class SAEConfig:
     dispatch: str = "capacity"
     block_size: int = 0
     grouped_matmul: str = "auto"
+    experts_per_token: int = 1
+    shared_latents: int = 0
+    shared_k: int = 0
+    feature_scaling: bool = False
+    router_bias: bool = False
 
     @property
     def latents_per_expert(self) -> int:
@@ -116,6 +132,7 @@ class SAEConfig:
             )
         if self.k_aux < 0:
             raise ConfigError(f"k_aux={self.k_aux} must be >= 0")
+        self._validate_routing()
         for name, cf in (
             ("CAPACITY_FACTOR", self.capacity_factor),
             ("EVAL_CAPACITY_FACTOR", self.eval_capacity_factor),
@@ -123,6 +140,34 @@ class SAEConfig:
             if not (isinstance(cf, int | float) and cf > 0 and math.isfinite(cf)):
                 raise ConfigError(f"{name}={cf!r} must be a positive number")
         return self
+
+    def _validate_routing(self) -> None:
+        e, n = self.experts_per_token, self.num_experts
+        _positive("EXPERTS_PER_TOKEN", e)
+        if e > n:
+            raise ConfigError(f"EXPERTS_PER_TOKEN={e} exceeds NUM_EXPERTS={n}")
+        if self.shared_latents < 0 or self.shared_k < 0:
+            raise ConfigError("SHARED_LATENTS and SHARED_K must be >= 0")
+        if (self.shared_latents > 0) != (self.shared_k > 0):
+            raise ConfigError(
+                f"SHARED_LATENTS={self.shared_latents} and SHARED_K={self.shared_k}: set both "
+                "(a shared dictionary and its share of K) or neither"
+            )
+        if self.shared_k > min(self.shared_latents, self.k - 1) and self.shared_k:
+            raise ConfigError(
+                f"SHARED_K={self.shared_k} must be below K={self.k} and at most "
+                f"SHARED_LATENTS={self.shared_latents}"
+            )
+        if e * self.latents_per_expert < self.routed_k:
+            raise ConfigError(
+                f"K - SHARED_K = {self.routed_k} exceeds the latents of the "
+                f"{e} routed expert(s) ({e * self.latents_per_expert})"
+            )
+
+    @property
+    def routed_k(self) -> int:
+        """The active latents chosen among the routed experts' (k without the shared ones)."""
+        return self.k - self.shared_k
 
 
 @gin.configurable
@@ -133,6 +178,10 @@ class TrainConfig:
     lr: None picks base_lr / sqrt(latents per expert / 2**14): Gao et al.'s 1/sqrt(width) rule
         (their base_lr 2e-4), applied to the width of one expert, the TopK SAE a token sees.
     lb_alpha: load-balancing weight against the per-dimension MSE.
+    router_bias_rate: with SAEConfig.router_bias, how far each step moves an expert's routing
+        bias: -rate x sign(its load - the mean load).
+    router_z_weight: weight of the router z-loss (ST-MoE), mean over tokens of
+        logsumexp(router logits)^2; 0: off.
     dead_after_tokens: a latent that has not fired for this many training tokens is dead.
     aux_max_share: AuxK takes at most this share of an expert's latents per step (rounded down
         to a dead-id bucket, see kernels.auxk.max_bucket); with more dead ones they take turns.
@@ -148,6 +197,8 @@ class TrainConfig:
     base_lr: float = 2e-4
     seed: int = 0
     lb_alpha: float = 3.0
+    router_bias_rate: float = 1e-3
+    router_z_weight: float = 0.0
     aux_weight: float = 1.0 / 32.0
     dead_after_tokens: int = 1_000_000
     aux_max_share: float = 1.0 / 32.0
@@ -180,6 +231,8 @@ class TrainConfig:
             raise ConfigError(f"BASE_LR={self.base_lr!r} must be positive")
         if self.lb_alpha < 0:
             raise ConfigError(f"LB_ALPHA={self.lb_alpha} must be >= 0")
+        if self.router_bias_rate < 0 or self.router_z_weight < 0:
+            raise ConfigError("ROUTER_BIAS_RATE and ROUTER_Z_WEIGHT must be >= 0")
         if not 0 < self.aux_max_share <= 1:
             raise ConfigError(f"TrainConfig.aux_max_share={self.aux_max_share} must lie in (0, 1]")
         if not 0 <= self.decay_fraction <= 1:
@@ -204,12 +257,16 @@ MACROS = {
         "num_latents": "NUM_LATENTS", "num_experts": "NUM_EXPERTS", "k": "K",
         "capacity_factor": "CAPACITY_FACTOR", "eval_capacity_factor": "EVAL_CAPACITY_FACTOR",
         "compute_dtype": "COMPUTE_DTYPE", "dispatch": "DISPATCH",
+        "experts_per_token": "EXPERTS_PER_TOKEN", "shared_latents": "SHARED_LATENTS",
+        "shared_k": "SHARED_K", "feature_scaling": "FEATURE_SCALING",
+        "router_bias": "ROUTER_BIAS",
     },
     "TrainConfig": {
         "steps": "STEPS", "batch_size": "BATCH_SIZE", "lr": "LR", "seed": "SEED",
         "lb_alpha": "LB_ALPHA", "train_data": "TRAIN_DATA", "eval_data": "EVAL_DATA",
         "eval_every": "EVAL_EVERY", "log_every": "LOG_EVERY", "mesh_shape": "MESH_SHAPE",
         "checkpoint_every": "CHECKPOINT_EVERY", "base_lr": "BASE_LR",
+        "router_bias_rate": "ROUTER_BIAS_RATE", "router_z_weight": "ROUTER_Z_WEIGHT",
     },
 }  # fmt: skip
 
@@ -233,6 +290,7 @@ _TYPES = {
     "float": ("a number", _is_number),
     "float | None": ("a number or None", lambda v: v is None or _is_number(v)),
     "str": ("a quoted string", lambda v: isinstance(v, str)),
+    "bool": ("True or False", lambda v: isinstance(v, bool)),
     "tuple[int, int]": (
         "a pair of integers like (1, 8)",
         lambda v: isinstance(v, tuple | list) and len(v) == 2 and all(map(_is_int, v)),
