@@ -1,4 +1,4 @@
-"""Top-1 router and the Switch Transformer load-balancing loss."""
+"""The router (top-1, or top-e for routing beyond top-1) and the load-balancing loss."""
 
 from __future__ import annotations
 
@@ -26,21 +26,45 @@ def route(x: jax.Array, w_router: jax.Array, b_router: jax.Array) -> Routing:
     return Routing(probs, expert, gate)
 
 
+def route_top(
+    x: jax.Array,
+    w_router: jax.Array,
+    b_router: jax.Array,
+    experts_per_token: int,
+    bias: jax.Array | None = None,
+) -> Routing:
+    """Each token's e most probable experts: expert [T, e] int32 and gate [T, e] float32 (their
+    router probabilities, most probable first); probs [T, N] as in `route`.
+
+    bias: [N] added to the logits only to choose the experts (loss-free balancing); the gates
+    stay the unbiased probabilities. With e = 1 and no bias the choice is `route`'s argmax.
+    """
+    logits = (x.astype(jnp.float32) - b_router.astype(jnp.float32)) @ w_router.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    scores = probs if bias is None else logits + jax.lax.stop_gradient(bias)
+    _, expert = jax.lax.top_k(jax.lax.stop_gradient(scores), experts_per_token)
+    gate = jnp.take_along_axis(probs, expert, axis=-1)
+    return Routing(probs, expert.astype(jnp.int32), gate)
+
+
 def load_sums(routing: Routing, num_experts: int) -> tuple[jax.Array, jax.Array]:
-    """Per-expert token counts and summed probabilities, both [N] (summable across devices)."""
-    counts = jnp.zeros(num_experts, jnp.float32).at[routing.expert].add(1.0)
+    """Per-expert token counts (every one of a token's e choices counts) and summed
+    probabilities, both [N] (summable across devices)."""
+    counts = jnp.zeros(num_experts, jnp.float32).at[routing.expert.reshape(-1)].add(1.0)
     return counts, routing.probs.sum(axis=0)
 
 
 def load_balance_loss(
     counts: jax.Array, prob_sums: jax.Array, tokens: int | jax.Array
 ) -> jax.Array:
-    """N * sum_i f_i P_i: f_i fraction of tokens routed to i, P_i mean probability of i.
+    """N * sum_i f_i P_i: f_i share of the token-to-expert assignments that went to i (each
+    token makes e of them), P_i mean probability of i.
 
     Equals 1 for a uniform router; only f is piecewise constant, so the gradient reaches the
     router through P.
     """
     num_experts = counts.shape[0]
-    f = jax.lax.stop_gradient(counts) / tokens
+    counts = jax.lax.stop_gradient(counts)
+    f = counts / jnp.maximum(jnp.sum(counts), 1.0)
     p = prob_sums / tokens
     return num_experts * jnp.sum(f * p)
