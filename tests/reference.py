@@ -101,3 +101,66 @@ def ragged_all_to_all(operands, outputs, input_offsets, send_sizes, output_offse
             start, at = int(input_offsets[src][k]), int(output_offsets[src][k])
             results[dst][at : at + size] = operands[src][start : start + size]
     return results
+
+
+def top_e_choice(x, params: dict, k: int, e: int):
+    """Routing beyond top-1, token by token: each token's e most probable experts and the
+    global TopK over their latents by gated value p_j * ReLU(pre). Returns experts [T, e],
+    gates [T, e] and chosen [T, e, L] bool."""
+    lat = params["w_enc"].shape[1]
+    experts, gates, chosen = [], [], []
+    for tok in x:
+        logits = (tok - params["b_router"]) @ params["w_router"]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        top = np.argsort(-probs, kind="stable")[:e]
+        centred = tok - params["b_dec"]
+        pre = np.stack([params["w_enc"][i] @ centred + params["b_enc"][i] for i in top])
+        scored = (probs[top][:, None] * np.maximum(pre, 0)).reshape(-1)
+        mask = np.zeros(e * lat, bool)
+        mask[np.argsort(-scored, kind="stable")[:k]] = True
+        experts.append(top)
+        gates.append(probs[top])
+        chosen.append(mask.reshape(e, lat))
+    return np.array(experts), np.array(gates), np.array(chosen)
+
+
+def top_e_sae(x, params: dict, k: int, e: int, dead=None, k_aux: int = 0):
+    """x_hat [T, d] of the top-e global-TopK Switch SAE, token by token, and with dead [N, L]
+    the AuxK sums (err, norm): the token's residual x - x_hat against the sum over its experts
+    of the gated top-k_aux dead-latent reconstructions, for tokens with a dead expert."""
+    experts, gates, chosen = top_e_choice(x, params, k, e)
+    x_hat, err, norm = [], 0.0, 0.0
+    for tok, ids, g, mask in zip(x, experts, gates, chosen, strict=True):
+        centred = tok - params["b_dec"]
+        recon, aux = np.zeros_like(tok), np.zeros_like(tok)
+        for j, i in enumerate(ids):
+            pre = params["w_enc"][i] @ centred + params["b_enc"][i]
+            recon += g[j] * (np.where(mask[j], np.maximum(pre, 0), 0) @ params["w_dec"][i])
+            if dead is not None and dead[i].any():
+                dead_pre = np.where(dead[i], np.maximum(pre, 0), 0)
+                top = [m for m in np.argsort(-dead_pre)[:k_aux] if dead[i][m]]
+                aux += g[j] * (dead_pre[top] @ params["w_dec"][i][top])
+        x_hat.append(recon + params["b_dec"])
+        if dead is not None and any(dead[i].any() for i in ids):
+            err += np.sum((centred - recon - aux) ** 2)
+            norm += np.sum((centred - recon) ** 2)
+    return np.array(x_hat), err, norm
+
+
+def top_e_mse(x, params: dict, const: dict, k: int, e: int):
+    """The top-e model's MSE, differentiable in `params` (jax arrays), with the experts and
+    the chosen latents fixed by `const` (numpy copies), as `switch_mse`."""
+    import jax
+    import jax.numpy as jnp
+
+    experts, _, chosen = top_e_choice(x, const, k, e)
+    probs = jax.nn.softmax((x - params["b_router"]) @ params["w_router"], axis=-1)
+    x_hat = params["b_dec"]
+    for j in range(e):
+        i = experts[:, j]
+        gate = probs[np.arange(len(x)), i]
+        pre = jnp.einsum("tld,td->tl", params["w_enc"][i], x - params["b_dec"])
+        z = jax.nn.relu(pre + params["b_enc"][i]) * chosen[:, j]
+        x_hat = x_hat + gate[:, None] * jnp.einsum("tl,tld->td", z, params["w_dec"][i])
+    return jnp.sum((x - x_hat) ** 2) / x.size

@@ -56,15 +56,28 @@ def run(routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSe
     else:
         slot, cap = assign_slots(routed.expert, n), capacity(tokens, n, s.capacity_factor)
     kept = slot < cap
-    bufs = [to_buffers(v, routed.expert, slot, n, cap) for v in (routed.x, routed.gate, kept)]
-    if axis:
-        bufs = [jax.lax.all_to_all(b, axis, 0, 1, tiled=True) for b in bufs]
-    bufs = ExpertRows(*bufs)
+
+    def send(v):
+        buf = to_buffers(v, routed.expert, slot, n, cap)
+        return jax.lax.all_to_all(buf, axis, 0, 1, tiled=True) if axis else buf
+
+    def back(buf):
+        if axis:
+            buf = jax.lax.all_to_all(buf, axis, 1, 0, tiled=True)
+        return from_buffers(buf, routed.expert, slot)
+
+    chosen = None if routed.chosen is None else tuple(map(send, routed.chosen))
+    bufs = ExpertRows(send(routed.x), send(routed.gate), send(kept), chosen)
     out = run_experts(p, bufs, routed.b_dec, dead_ids, s)
-    recon_buf = out.recon.astype(s.dtype)
-    if axis:
-        recon_buf = jax.lax.all_to_all(recon_buf, axis, 1, 0, tiled=True)
-    recon = from_buffers(recon_buf, routed.expert, slot).astype(jnp.float32)
+    if s.encode_only:  # candidates only: there is no reconstruction to bring back
+        recon = jnp.zeros(routed.x.shape, jnp.float32)
+    else:
+        recon = back(out.recon.astype(s.dtype)).astype(jnp.float32)
     l0_sum = jnp.sum((out.latents > 0) * bufs.valid[..., None])
     rows = jnp.float32(bufs.valid.size)  # this device's slots: N * C however the experts split
-    return TokenOut(recon, kept, out.fired, l0_sum, out.aux_err, out.aux_norm, rows)
+    result = TokenOut(recon, kept, out.fired, l0_sum, out.aux_err, out.aux_norm, rows)
+    if s.encode_only:
+        result = result._replace(latents=back(out.latents), indices=back(out.indices))
+    if out.aux_recon is not None:
+        result = result._replace(aux_recon=back(out.aux_recon.astype(s.dtype)).astype(jnp.float32))
+    return result

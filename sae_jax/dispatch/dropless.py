@@ -57,17 +57,19 @@ def run_blocks(
     plan = blocks.plan_blocks(routed.expert, n, block, present)
 
     def block_fn(w, tokens, valid, b_dec, saved):
-        (p_e, dead_e), (xc_b, gate_b) = w, tokens
+        (p_e, dead_e), (xc_b, gate_b, chosen_b) = w, tokens
         # The backward reuses the forward's top-k and values: no encoder matmul, no top-k again.
         chosen = None if saved is None else (saved.indices, saved.latents)
-        out = expert_out(p_e, ExpertRows(xc_b, gate_b, valid), b_dec, dead_e, s, chosen)
+        rows = ExpertRows(xc_b, gate_b, valid, chosen_b)
+        out = expert_out(p_e, rows, b_dec, dead_e, s, chosen)
         return out._replace(recon=out.recon.astype(s.dtype))
 
-    padded = (blocks.to_blocks(routed.x, plan), blocks.to_blocks(routed.gate, plan))
+    tokens = (routed.x, routed.gate, routed.chosen)
+    padded = jax.tree.map(lambda a: blocks.to_blocks(a, plan), tokens)
     out = blocks.map_blocks(block_fn, (p, dead_ids), padded, plan, shared=(routed.b_dec,),
                             token_grads=False, reuse_outputs=True)  # fmt: skip
     fired = jnp.zeros((n, lat), jnp.float32).at[plan.block_expert].add(out.fired)
-    return TokenOut(
+    result = TokenOut(
         recon=blocks.from_blocks(out.recon, plan).astype(jnp.float32),
         kept=jnp.ones(routed.expert.shape, bool),
         fired=fired,
@@ -76,6 +78,12 @@ def run_blocks(
         aux_norm=out.aux_norm.sum(),
         rows=(plan.used_blocks * block).astype(jnp.float32),
     )
+    if s.encode_only:
+        lat_ids = (blocks.from_blocks(out.latents, plan), blocks.from_blocks(out.indices, plan))
+        result = result._replace(latents=lat_ids[0], indices=lat_ids[1])
+    if out.aux_recon is not None:
+        result = result._replace(aux_recon=blocks.from_blocks(out.aux_recon, plan))
+    return result
 
 
 def run_exchanged(
@@ -97,12 +105,24 @@ def run_exchanged(
     def send(v):
         return exchange.ragged_exchange(v[order], trip_out, axis, rows)
 
+    chosen = None if routed.chosen is None else tuple(map(send, routed.chosen))
     received = Routed(send(routed.x), send(routed.expert % n_local), send(routed.gate),
-                      routed.b_dec)  # fmt: skip
+                      routed.b_dec, chosen)  # fmt: skip
     # Blocks sized for the tokens a device routes, not for the receive buffer's worst case.
     s = dataclasses.replace(s, block_size=s.block_size or auto_block_size(tokens, n_local))
     present = jnp.arange(rows) < jnp.sum(trip_out.recv_sizes)
     out = run_blocks(received, p, dead_ids, s, present)
-    back = exchange.ragged_exchange(out.recon.astype(s.dtype), trip_back, axis, tokens)
-    recon = jnp.zeros_like(back).at[order].set(back, unique_indices=True)
-    return out._replace(recon=recon.astype(jnp.float32), kept=jnp.ones(tokens, bool))
+
+    def back(v):
+        got = exchange.ragged_exchange(v, trip_back, axis, tokens)
+        return jnp.zeros_like(got).at[order].set(got, unique_indices=True)
+
+    if s.encode_only:  # candidates only: there is no reconstruction to bring back
+        recon = jnp.zeros(routed.x.shape, jnp.float32)
+        out = out._replace(latents=back(out.latents), indices=back(out.indices))
+    else:
+        recon = back(out.recon.astype(s.dtype)).astype(jnp.float32)
+    out = out._replace(recon=recon, kept=jnp.ones(tokens, bool))
+    if out.aux_recon is not None:
+        out = out._replace(aux_recon=back(out.aux_recon.astype(s.dtype)).astype(jnp.float32))
+    return out

@@ -34,8 +34,11 @@ PATHS: dict[tuple[str, str, bool], DispatchPath] = {
 
 
 def choose(cfg: SAEConfig, expert_devices: int) -> DispatchPath:
-    """The path for `cfg` with experts split over `expert_devices` devices (1: all local)."""
-    return PATHS[(cfg.dispatch, grouped_matmul(cfg), expert_devices > 1)]
+    """The path for `cfg` with experts split over `expert_devices` devices (1: all local).
+    A global TopK over several experts (experts_per_token > 1) runs in two stages
+    (dispatch/global_topk.py) that the ragged_dot path does not have: it uses blocks."""
+    matmul = grouped_matmul(cfg) if cfg.experts_per_token == 1 else "blocks"
+    return PATHS[(cfg.dispatch, matmul, expert_devices > 1)]
 
 
 def grouped_matmul(cfg: SAEConfig) -> str:

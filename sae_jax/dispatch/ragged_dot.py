@@ -28,7 +28,7 @@ def run(routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSe
     """Every token through its routed expert, all experts on this device (p leaves [N, ...]),
     as ragged_dot products: the same results as `dropless.run` with the dense kernel (no
     padding rows). See dispatch/routed.py."""
-    xc, expert, gate, b_dec = routed
+    xc, expert, gate, b_dec = routed.x, routed.expert, routed.gate, routed.b_dec
     k, k_aux, dtype = s.k, s.k_aux, s.dtype
     n, lat = p.w_enc.shape[:2]
     order = jnp.argsort(expert, stable=True)

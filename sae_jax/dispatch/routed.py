@@ -30,6 +30,9 @@ class Routed(NamedTuple):
     expert: jax.Array  # [T] int32 routed expert (a global id in [0, N))
     gate: jax.Array  # [T] float32 router probability of the routed expert
     b_dec: jax.Array  # [d] the centre, passed along for its encoder gradient
+    # (indices, values) [T, k] chosen by a global TopK (dispatch/global_topk.py), sent with the
+    # rows to their experts, which then decode these instead of their own top-k; None: top-k.
+    chosen: tuple[jax.Array, jax.Array] | None = None
 
 
 class TokenOut(NamedTuple):
@@ -42,6 +45,10 @@ class TokenOut(NamedTuple):
     aux_err: jax.Array  # [] AuxK squared error sum
     aux_norm: jax.Array  # [] AuxK residual norm sum
     rows: jax.Array  # [] float32 token rows the experts computed, padding included
+    # Brought back only in the stages of a global TopK (ExpertSettings.encode_only, aux_out):
+    latents: jax.Array | None = None  # [T, k] float32 each row's top-k candidate values
+    indices: jax.Array | None = None  # [T, k] int32 their latent ids in the row's expert
+    aux_recon: jax.Array | None = None  # [T, d] float32 gated AuxK reconstruction
 
 
 DispatchPath = Callable[[Routed, ExpertParams, "jax.Array | None", ExpertSettings], TokenOut]

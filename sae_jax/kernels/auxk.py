@@ -65,22 +65,35 @@ def auxk_sums(
     both 0 when this expert has no dead latent (tokens of experts without dead latents do not
     dilute the normalised loss).
 
-    Only the B dead columns are computed: their [C, B] pre-activations, top-k_aux over them
-    (none needed when B <= k_aux) and the decode through their B rows, so the cost is
-    proportional to the bucket B, not to L.
     buf: the expert's buffer ([C, d] centred tokens, [C] gate, [C] valid; the aux output is
     gated like the main one); dead_ids: [B] int32 dead latent ids padded with L (see
     `compact_dead`); recon: [C, d] the ungated main reconstruction. Only the expert weights
     get a gradient: the residual, gate and b_dec are constants.
     """
-    xc, gate, valid = buf
+    xc, gate, valid = buf.x, buf.gate, buf.valid
+    g = jax.lax.stop_gradient(gate[:, None])
+    residual = jax.lax.stop_gradient(xc.astype(jnp.float32) - g * recon)
+    aux_recon, has_dead = auxk_recon(p, buf, dead_ids, s)
+    validf = valid.astype(jnp.float32)[:, None] * has_dead
+    return jnp.sum(validf * (residual - aux_recon) ** 2), jnp.sum(validf * residual**2)
+
+
+def auxk_recon(
+    p: ExpertParams, buf: ExpertRows, dead_ids: jax.Array, s: ExpertSettings
+) -> tuple[jax.Array, jax.Array]:
+    """The gated AuxK reconstruction [C, d] float32 of one expert's rows by its top-k_aux dead
+    latents, and whether the expert has any dead latent ([] bool).
+
+    Only the B dead columns are computed: their [C, B] pre-activations, top-k_aux over them
+    (none needed when B <= k_aux) and the decode through their B rows, so the cost is
+    proportional to the bucket B, not to L. The tokens and the gate are constants.
+    """
     k_aux, dtype = s.k_aux, s.dtype
     lat = p.w_enc.shape[0]
     ok = dead_ids < lat
+    has_dead = jnp.any(ok)
     ids = jnp.where(ok, dead_ids, 0)
-    xc, g = (jax.lax.stop_gradient(v) for v in (xc, gate[:, None]))
-    residual = jax.lax.stop_gradient(xc.astype(jnp.float32) - g * recon)
-    validf = valid.astype(jnp.float32)[:, None] * jnp.any(ok)
+    xc, g = (jax.lax.stop_gradient(v) for v in (buf.x, buf.gate[:, None]))
     if ids.shape[0] < lat:  # the B dead rows, gathered
         w_enc, b_enc, w_dec = p.w_enc[ids], p.b_enc[ids], p.w_dec[ids]
     else:  # every latent: the weights as they are (a gather would copy them), dead ones masked
@@ -92,5 +105,4 @@ def auxk_sums(
         _, top = jax.lax.top_k(jax.lax.stop_gradient(acts), k_aux)
         rows = jnp.arange(acts.shape[0])[:, None]
         acts = acts * jnp.zeros_like(acts).at[rows, top].set(1.0)
-    aux_recon = g * precision.einsum("cb,bd->cd", acts, w_dec, dtype)
-    return jnp.sum(validf * (residual - aux_recon) ** 2), jnp.sum(validf * residual**2)
+    return g * precision.einsum("cb,bd->cd", acts, w_dec, dtype), has_dead

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from sae_jax import precision
 from sae_jax.kernels import sparse_rows
-from sae_jax.kernels.auxk import auxk_sums
+from sae_jax.kernels.auxk import auxk_recon, auxk_sums
 from sae_jax.kernels.records import (
     DENSE_MAX_LATENTS,
     ExpertOut,
@@ -143,6 +143,9 @@ def centred_forward(
     fired [L] (valid tokens on which each latent was active), all float32 but the indices.
     """
     xc, dense, dtype = buf.x, s.dense(p.w_enc.shape[0]), s.dtype
+    chosen = buf.chosen if chosen is None else chosen
+    if s.encode_only:
+        return candidates(p, buf, s)
     p = with_b_dec_grad(p, b_dec)
     pre_grad = dense_preactivations(xc, p, dtype)
     pre = jax.lax.stop_gradient(pre_grad)
@@ -152,6 +155,20 @@ def centred_forward(
     active = (latents > 0) * buf.valid.astype(jnp.float32)[:, None]
     fired = jnp.zeros(p.w_enc.shape[0], jnp.float32).at[idx].add(active)
     return recon, latents, idx, fired
+
+
+def candidates(
+    p: ExpertParams, buf: ExpertRows, s: ExpertSettings
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The first stage of a global TopK: each row's top-k latents of this expert, without
+    gradient, decode or AuxK. Returns centred_forward's tuple with a zero recon [C, d] and zero
+    fired [L]; latents [C, k] are the ReLU values (zero in rows that hold no token)."""
+    p = jax.lax.stop_gradient(p)
+    pre = dense_preactivations(buf.x, p, s.dtype)
+    value, idx = jax.lax.top_k(pre, s.k)
+    latents = jax.nn.relu(value) * buf.valid.astype(jnp.float32)[:, None]
+    recon = jnp.zeros(buf.x.shape, jnp.float32)
+    return recon, latents, idx, jnp.zeros(p.w_enc.shape[0], jnp.float32)
 
 
 def expert_out(
@@ -169,9 +186,12 @@ def expert_out(
     Returns ExpertOut for this buffer (recon [C, d], ..., fired [L], AuxK sums []).
     """
     recon, latents, idx, fired = centred_forward(p, buf, b_dec, s, chosen)
-    if dead_ids is None or s.k_aux == 0:
-        zero = zeros_varying((), recon.dtype, recon)
+    zero = zeros_varying((), recon.dtype, recon)
+    if dead_ids is None or s.k_aux == 0 or s.encode_only:
         return ExpertOut(recon, latents, idx, fired, zero, zero)
+    if s.aux_out:
+        aux, _ = auxk_recon(p, buf, dead_ids, s)
+        return ExpertOut(recon, latents, idx, fired, zero, zero, aux)
     err, norm = auxk_sums(p, buf, dead_ids, recon, s)
     return ExpertOut(recon, latents, idx, fired, err, norm)
 

@@ -25,6 +25,9 @@ class ExpertRows(NamedTuple):
     x: jax.Array  # [C, d] tokens, centred (x - b_dec) in the compute dtype (kernels.expert.centre)
     gate: jax.Array  # [C] float32 router probability of the expert (scales AuxK's output)
     valid: jax.Array  # [C] bool, False for rows that hold no token
+    # (indices [C, k] int32, values [C, k] float32) chosen before (global TopK over a token's
+    # experts, dispatch/global_topk.py): used instead of the expert's own top-k; None: top-k.
+    chosen: tuple[jax.Array, jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,12 @@ class ExpertSettings:
     block_size: int = 0  # dropless: rows per block (0: dispatch.dropless.auto_block_size)
     capacity_factor: float = 1.0  # capacity dispatch: C = ceil(cf * T / N)
     expert_axis: str | None = None  # the mesh axis experts are split over (in jax.shard_map)
+    # Stages of the global TopK (dispatch/global_topk.py): encode_only returns each row's
+    # top-k candidates (no decode, no AuxK, no gradient); aux_out returns AuxK's gated
+    # reconstruction per row (ExpertOut.aux_recon) for the caller to compare with the whole
+    # token's residual, instead of summing AuxK's error against this row's own.
+    encode_only: bool = False
+    aux_out: bool = False
 
     def dense(self, latents: int) -> bool:
         """Whether experts of `latents` latents use the dense kernel (else gather)."""
@@ -57,6 +66,7 @@ class ExpertOut(NamedTuple):
     fired: jax.Array  # [L] float32 count of valid rows on which each latent fired
     aux_err: jax.Array  # [] sum over valid rows of ||residual - aux recon||^2
     aux_norm: jax.Array  # [] sum over valid rows of ||residual||^2
+    aux_recon: jax.Array | None = None  # [C, d] gated AuxK reconstruction (settings.aux_out)
 
 
 def use_dense(kernel: str, latents: int) -> bool:

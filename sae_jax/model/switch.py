@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig
-from sae_jax.dispatch import paths
+from sae_jax.dispatch import global_topk, paths
 from sae_jax.dispatch.routed import Routed
 from sae_jax.kernels import routing
 from sae_jax.kernels.auxk import compact_dead
@@ -48,8 +48,8 @@ class SwitchOut(NamedTuple):
     """Forward results. Per-token arrays first, then sums over tokens (psum-able)."""
 
     x_hat: jax.Array  # [T, d]
-    expert: jax.Array  # [T] int32 routed expert
-    gate: jax.Array  # [T] float32 router probability of the routed expert (1 for N = 1)
+    expert: jax.Array  # [T] int32 routed expert ([T, e] with experts_per_token e > 1)
+    gate: jax.Array  # [T] float32 router probability of the routed expert (1 for N = 1; [T, e])
     kept: jax.Array  # [T] bool, False where the token overflowed its expert's capacity
     expert_counts: jax.Array  # [N] tokens routed to each expert (before dropping)
     prob_sums: jax.Array  # [N] summed router probabilities
@@ -158,7 +158,7 @@ def switch_apply(
     psum'd over them.
     """
     x = x.astype(jnp.float32)
-    expert, gate, counts, prob_sums = _route(x, params.router, cfg.num_experts)
+    expert, gate, counts, prob_sums = _route(x, params.router, cfg)
     dtype = precision.resolve(cfg.compute_dtype)  # of the buffers and the reconstructions
     routed = Routed(centre(x, params.b_dec, dtype), expert, gate, params.b_dec)
     expert_axis = "expert" if all_axes else None
@@ -170,8 +170,13 @@ def switch_apply(
         experts = vary_all(experts, data_axes)
     settings = expert_settings(cfg, dtype, capacity_factor, expert_axis)
     expert_devices = jax.lax.axis_size(expert_axis) if expert_axis else 1
-    out = paths.choose(cfg, expert_devices)(routed, experts, dead_ids, settings)
-    x_hat = gate[:, None] * out.recon + params.b_dec
+    path = paths.choose(cfg, expert_devices)
+    if cfg.experts_per_token == 1:
+        out = path(routed, experts, dead_ids, settings)
+        x_hat = gate[:, None] * out.recon + params.b_dec
+    else:  # out.recon is the gated sum over the token's experts
+        out = global_topk.run(path, routed, experts, dead_ids, settings)
+        x_hat = out.recon + params.b_dec
     sums = (counts, prob_sums, out.l0_sum, out.aux_err, out.aux_norm, out.rows)
     fired = out.fired
     if all_axes:
@@ -187,7 +192,7 @@ def expert_settings(
 ) -> ExpertSettings:
     """The dispatch paths' settings for this config, with the resolved compute dtype."""
     return ExpertSettings(
-        k=cfg.k,
+        k=cfg.routed_k,
         k_aux=cfg.k_aux_effective,
         kernel=cfg.expert_kernel,
         dtype=dtype,
@@ -197,12 +202,17 @@ def expert_settings(
     )
 
 
-def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, num_experts: int):
-    """Routed expert [T], gate [T], and the per-expert token counts and summed
-    probabilities [N]. Without a router (N = 1) every token goes to expert 0 with p = 1."""
+def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, cfg: SAEConfig):
+    """Routed expert [T] and gate [T] (with experts_per_token e > 1: [T, e], the e most
+    probable), and the per-expert token counts and summed probabilities [N]. Without a
+    router (N = 1) every token goes to expert 0 with p = 1."""
+    num_experts = cfg.num_experts
     if router is None:
         tokens = x.shape[0]
         sums = jnp.full((1,), tokens, jnp.float32)
         return jnp.zeros((tokens,), jnp.int32), jnp.ones((tokens,), jnp.float32), sums, sums
-    r = routing.route(x, *router)
+    if cfg.experts_per_token == 1:
+        r = routing.route(x, *router)
+    else:
+        r = routing.route_top(x, *router, cfg.experts_per_token)
     return (r.expert, r.gate, *routing.load_sums(r, num_experts))
