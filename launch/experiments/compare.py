@@ -134,7 +134,7 @@ def planned_steps(args) -> tuple[int, int]:
     from sae_jax.data import ActivationData
     from sae_jax.gin_setup import parse
 
-    _, tcfg = parse([CONFIG], [f"TRAIN_DATA={args.train}", f"EVAL_DATA={args.eval}", *args.gin])
+    _, tcfg = parse([CONFIG], [f"TRAIN_DATA={args.train!r}", f"EVAL_DATA={args.eval!r}", *args.gin])
     if args.steps is not None:
         return args.steps, tcfg.batch_size
     tokens = ActivationData(args.train, process=(0, 1)).total_tokens
@@ -149,7 +149,7 @@ def eval_every(steps: int, points: int) -> int:
 def train_argv(args, row: Row, steps: int, workdir: Path) -> list[str]:
     """launch.train's arguments for a row: the config, the data, N, NUM_LATENTS, STEPS and
     EVAL_EVERY, then --gin's bindings, then the row's own."""
-    bindings = [f"TRAIN_DATA={args.train}", f"EVAL_DATA={args.eval}",
+    bindings = [f"TRAIN_DATA={args.train!r}", f"EVAL_DATA={args.eval!r}",
                 f"NUM_EXPERTS={row.experts}", f"NUM_LATENTS={args.width * row.multiple}",
                 f"STEPS={steps}", f"EVAL_EVERY={eval_every(steps, args.eval_points)}",
                 *args.gin, *row.bindings]  # fmt: skip
