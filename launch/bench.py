@@ -99,36 +99,12 @@ def measure(
     args, num_experts: int, num_latents: int, mesh_shape, dtype: str = "float32",
     dispatch: str = "capacity", aux_bucket: int = 0,
 ) -> dict:  # fmt: skip
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from sae_jax.config import SAEConfig, TrainConfig
-    from sae_jax.distributed import put_batch
-    from sae_jax.mesh import make_mesh, token_sharding
-    from sae_jax.model.switch import SwitchSAE
-    from sae_jax.training.step import setup_training
+    from sae_jax.config import SAEConfig
 
     cfg = SAEConfig(d=args.d, num_latents=num_latents, num_experts=num_experts, k=args.k,
                     capacity_factor=args.capacity_factor,
                     compute_dtype=dtype, dispatch=dispatch).validate()  # fmt: skip
-    tcfg = TrainConfig(steps=1000, batch_size=args.batch)
-    mesh = make_mesh(mesh_shape)
-    with jax.set_mesh(mesh):
-        model = nnx.jit(lambda: SwitchSAE(cfg, rngs=nnx.Rngs(0)))()
-        _, state, step = setup_training(model, tcfg)
-        rng = np.random.default_rng(0)
-        x = put_batch(rng.normal(size=(args.batch, args.d)).astype(np.float32),
-                      token_sharding(mesh))  # fmt: skip
-        fn = step.for_bucket(aux_bucket)  # 0: the step without AuxK
-        compiled = fn.lower(state, x).compile()
-        state, metrics = fn(state, x)
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            state, metrics = fn(state, x)
-        jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - start) / args.steps
+    seconds, compiled, metrics = time_step(cfg, args.batch, args.steps, mesh_shape, aux_bucket)
     devices = mesh_shape[0] * mesh_shape[1]
     flops = _flops(compiled)
     flops = flops * devices if flops else None  # XLA counts the per-device program
@@ -146,6 +122,39 @@ def measure(
         "peak_mib_per_device": _peak_bytes(compiled) / 2**20,
         "tokens_by_latents_mib": args.batch * num_latents * 4 / devices / 2**20,
     }
+
+
+def time_step(cfg, batch: int, steps: int, mesh_shape=(1, 1), aux_bucket: int = 0) -> tuple:
+    """(seconds per step, the compiled step, the last step's metrics) of the training step of
+    the SAE `cfg` (d set) on `batch` random tokens, after one untimed step; aux_bucket 0: the
+    step without AuxK."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from sae_jax.config import TrainConfig
+    from sae_jax.distributed import put_batch
+    from sae_jax.mesh import make_mesh, token_sharding
+    from sae_jax.model.switch import SwitchSAE
+    from sae_jax.training.step import setup_training
+
+    tcfg = TrainConfig(steps=1000, batch_size=batch)
+    mesh = make_mesh(mesh_shape)
+    with jax.set_mesh(mesh):
+        model = nnx.jit(lambda: SwitchSAE(cfg, rngs=nnx.Rngs(0)))()
+        _, state, step = setup_training(model, tcfg)
+        rng = np.random.default_rng(0)
+        x = put_batch(rng.normal(size=(batch, cfg.d)).astype(np.float32), token_sharding(mesh))
+        fn = step.for_bucket(aux_bucket)  # 0: the step without AuxK
+        compiled = fn.lower(state, x).compile()
+        state, metrics = fn(state, x)
+        jax.block_until_ready(metrics)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = fn(state, x)
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - start) / steps
+    return seconds, compiled, metrics
 
 
 def peer_rows(args) -> list[dict]:

@@ -54,7 +54,8 @@ def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, at_least: int) ->
 
 def rows(workdir: Path) -> list[dict]:
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_sec"} for line in lines]
+    timing = ("tokens_per_sec", "train_seconds")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
 
 
 def final_params(workdir: Path) -> dict:

@@ -1,123 +1,378 @@
 """The Switch SAE paper's comparison at our scale, on the same activation shards.
 
-    python -m launch.experiments.compare --train DIR --eval DIR [--width 4608] [--steps 150]
+    python -m launch.experiments.compare --train DIR --eval DIR [--width 4608] [--passes 1]
+        [--steps S] [--rows topk,switch8,...] [--gin NAME=VALUE ...] [--eval_points 9]
+        [--workdir runs/compare] [--out runs/compare/results.md] [--doc docs/comparison.md]
 
-Trains a TopK SAE (N = 1, NUM_LATENTS = width), Switch SAEs at equal width (N = 8, 32) and at
-equal encoder FLOPs (N = 2, 4, 8 with NUM_LATENTS = N x width), all with configs/smollm2.gin
-otherwise; evaluates each with launch.eval (FVU, L0, loss recovered on the eval shards'
-held-out text) and writes a markdown table with the throughput: the median logged tokens/s
-of each training run (the whole loop, reader included; meaningful only when nothing else
-shares the machine) and the training step alone, benchmarked for every row in this one
-process at the end. Finished runs (those with an eval.json) are not trained again.
+Trains one SAE per row (RUNS; --rows picks them, default DEFAULT_ROWS, `all` for every one):
+a TopK SAE (N = 1, NUM_LATENTS = width), Switch SAEs at equal width (N = 8, 32; top-1, or
+top-2 with EXPERTS_PER_TOKEN = 2), at equal encoder FLOPs (N = 2, 4, 8 experts of the TopK's
+width, NUM_LATENTS = N x width) and wider top-2 ones, all with configs/smollm2.gin otherwise;
+a row's own gin bindings come after --gin's, which apply to every row. Each row trains for
+ceil(passes x the training shards' tokens / BATCH_SIZE) steps (--steps overrides), with a
+held-out evaluation every EVAL_EVERY steps (about --eval_points of them), then is evaluated
+with launch.eval (FVU, L0, dead latents, loss recovered on the eval shards' held-out text when
+the manifest names a model) and its decoder searched for duplicated features: latents with a
+partner of cosine > 0.9 in another expert (and, apart, in their own expert).
+
+Writes --out (a markdown table: FVU, L0, dead fraction, duplicates, loss recovered, training
+and step tokens/s, the ratios to TopK, total training FLOPs and seconds), results.json and two
+PNGs beside it: eval FVU against training wall-clock seconds (metrics.jsonl's
+`train_seconds`, held-out evaluations left out) and against training FLOPs (tokens seen x
+plan.estimate.training_flops_per_token, the analytic step without AuxK). "train tokens/s" is
+the median logged throughput of the run (reader included; meaningful only when nothing else
+shares the machine), "step tokens/s" the training step alone, benchmarked for every row in
+this one process at the end (--bench_steps 0 skips it). --doc DOC regenerates that page from
+launch/experiments/comparison_template.md, with the PNGs copied beside it. Finished runs
+(those with an eval.json) are not trained again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from string import Template
+from typing import NamedTuple
 
-# (name, N, width multiple, comparison)
+CONFIG = "smollm2.gin"
+TEMPLATE = Path(__file__).with_name("comparison_template.md")
+TIME_PNG, FLOPS_PNG = "comparison_fvu_time.png", "comparison_fvu_flops.png"
+
+
+class Row(NamedTuple):
+    """One SAE of the comparison: N experts of width x multiple / N latents each, plus gin
+    bindings of its own (NAME=VALUE)."""
+
+    name: str
+    experts: int
+    multiple: int
+    kind: str
+    bindings: tuple[str, ...] | list[str] = ()
+
+
+E2 = ("EXPERTS_PER_TOKEN=2",)
 RUNS = [
-    ("topk", 1, 1, "baseline"),
-    ("switch8", 8, 1, "equal width"),
-    ("switch32", 32, 1, "equal width"),
-    ("switch2_flops", 2, 2, "equal FLOPs"),
-    ("switch4_flops", 4, 4, "equal FLOPs"),
-    ("switch8_flops", 8, 8, "equal FLOPs"),
+    Row("topk", 1, 1, "baseline"),
+    Row("switch8", 8, 1, "equal width"),
+    Row("switch8_e2", 8, 1, "equal width, top-2", E2),
+    Row("switch4_flops", 4, 4, "equal FLOPs"),
+    Row("switch16_e2_wide", 16, 2, "width x2, top-2", E2),
+    Row("switch32", 32, 1, "equal width"),
+    Row("switch2_flops", 2, 2, "equal FLOPs"),
+    Row("switch8_flops", 8, 8, "equal FLOPs"),
 ]
+DEFAULT_ROWS = "topk,switch8,switch8_e2,switch4_flops,switch16_e2_wide"
 
 
-def parse_args(argv):
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.experiments.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--train", required=True, help="training activation shards")
     p.add_argument("--eval", required=True, help="held-out activation shards")
     p.add_argument("--width", type=int, default=4608, help="the TopK SAE's NUM_LATENTS")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--passes", type=float, default=1.0, help="passes over the training shards")
+    p.add_argument("--steps", type=int, default=None, help="steps per row (overrides --passes)")
+    p.add_argument("--eval_points", type=int, default=9, help="held-out evaluations per run")
+    p.add_argument("--eval_tokens", type=int, default=65536, help="launch.eval's --tokens")
     p.add_argument("--workdir", default="runs/compare")
     p.add_argument("--out", default="runs/compare/results.md")
-    p.add_argument("--only", default="", help="comma-separated run names (default: all)")
-    p.add_argument("--gin", action="append", default=[], help="extra NAME=VALUE bindings")
+    names = ", ".join(r.name for r in RUNS)
+    p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma list, or 'all' ({names})")
+    p.add_argument("--gin", action="append", default=[], help="NAME=VALUE for every row")
     p.add_argument("--bench_steps", type=int, default=5, help="timed steps per step benchmark")
+    p.add_argument("--doc", default=None, help="also regenerate this markdown page")
+    p.add_argument("--in_process", action="store_true",
+                   help="train and evaluate in this process, not in subprocesses")  # fmt: skip
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    chosen = [r for r in RUNS if not args.only or r[0] in args.only.split(",")]
-    results = []
-    for name, n, multiple, kind in chosen:
-        workdir = Path(args.workdir) / name
-        latents = args.width * multiple
-        train = [sys.executable, "-m", "launch.train", "--gin_file=smollm2.gin",
-                 f"--workdir={workdir}", f"--gin.TRAIN_DATA='{args.train}'",
-                 f"--gin.EVAL_DATA='{args.eval}'", f"--gin.NUM_EXPERTS={n}",
-                 f"--gin.NUM_LATENTS={latents}", f"--gin.STEPS={args.steps}", "--no_progress",
-                 *[f"--gin.{b}" for b in args.gin]]  # fmt: skip
-        print(f"== {name}: N={n}, NUM_LATENTS={latents}", flush=True)
-        if not (workdir / "eval.json").exists():  # done runs are kept: rerunning resumes
-            subprocess.run(train, check=True)
-            subprocess.run([sys.executable, "-m", "launch.eval", "--workdir", str(workdir),
-                            "--data", args.eval], check=True)  # fmt: skip
-        result = json.loads((workdir / "eval.json").read_text())
-        result |= {"name": name, "num_experts": n, "num_latents": latents, "kind": kind,
-                   "tokens_per_sec": train_speed(workdir / "metrics.jsonl")}  # fmt: skip
-        results.append(result)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    rows = chosen_rows(args.rows)
+    steps, batch = planned_steps(args)
+    results = [run_row(args, row, steps, batch) for row in rows]
     for result in results:  # one process, one after another: comparable step times
         result["step_tokens_per_sec"] = step_speed(args, result)
-    table = markdown(results, args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table)
-    (Path(args.out).with_suffix(".json")).write_text(json.dumps(results, indent=1))
+    add_ratios(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(results, out.parent)
+    table = markdown(results)
+    out.write_text(f"{setup_text(args, steps, batch)}\n\n{table}")
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     print(table)
+    print(f"wrote {out}, {out.with_suffix('.json')}, {plots[0]}, {plots[1]}")
+    if args.doc:
+        print(f"wrote {write_doc(args, argv, results, plots, (steps, batch))}")
     return 0
 
 
-def step_speed(args, result: dict) -> float:
-    """Tokens/s of the training step alone (launch.bench's measurement, random inputs)."""
-    from launch import bench
+def chosen_rows(names: str) -> list[Row]:
+    """The RUNS rows named in the comma list (in RUNS's order), or all of them for 'all'."""
+    wanted = [n for n in names.split(",") if n]
+    if wanted == ["all"]:
+        return list(RUNS)
+    unknown = sorted(set(wanted) - {r.name for r in RUNS})
+    if unknown:
+        known = ", ".join(r.name for r in RUNS)
+        raise SystemExit(f"error: unknown row(s) {', '.join(unknown)}; known: {known}")
+    return [r for r in RUNS if r.name in wanted]
+
+
+def planned_steps(args) -> tuple[int, int]:
+    """(steps per row, BATCH_SIZE): --steps, or ceil(passes x training tokens / BATCH_SIZE)
+    with the tokens from the training shards' manifest and the batch from the config with
+    --gin's bindings."""
     from sae_jax.data import ActivationData
+    from sae_jax.gin_setup import parse
 
-    d = ActivationData(args.train, process=(0, 1)).d
-    spec = argparse.Namespace(d=d, k=32, batch=4096, capacity_factor=1.25, steps=args.bench_steps)
-    row = bench.measure(spec, result["num_experts"], result["num_latents"], (1, 1))
-    print(f"step benchmark {result['name']}: {row['step_ms']:.0f} ms", flush=True)
-    return row["tokens_per_sec"]
+    _, tcfg = parse([CONFIG], [f"TRAIN_DATA={args.train!r}", f"EVAL_DATA={args.eval!r}", *args.gin])
+    if args.steps is not None:
+        return args.steps, tcfg.batch_size
+    tokens = ActivationData(args.train, process=(0, 1)).total_tokens
+    return max(1, math.ceil(args.passes * tokens / tcfg.batch_size)), tcfg.batch_size
 
 
-def train_speed(metrics: Path) -> float:
-    """Median logged training tokens/s, leaving out the first interval (compilation)."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+def eval_every(steps: int, points: int) -> int:
+    """EVAL_EVERY giving about `points` held-out evaluations (the last one at the end)."""
+    return max(1, math.ceil(steps / max(points, 1)))
+
+
+def train_argv(args, row: Row, steps: int, workdir: Path) -> list[str]:
+    """launch.train's arguments for a row: the config, the data, N, NUM_LATENTS, STEPS and
+    EVAL_EVERY, then --gin's bindings, then the row's own."""
+    bindings = [f"TRAIN_DATA={args.train!r}", f"EVAL_DATA={args.eval!r}",
+                f"NUM_EXPERTS={row.experts}", f"NUM_LATENTS={args.width * row.multiple}",
+                f"STEPS={steps}", f"EVAL_EVERY={eval_every(steps, args.eval_points)}",
+                *args.gin, *row.bindings]  # fmt: skip
+    return [f"--gin_file={CONFIG}", f"--workdir={workdir}", "--no_progress",
+            *[f"--gin.{b}" for b in bindings]]  # fmt: skip
+
+
+def run_module(module: str, argv: list[str], in_process: bool) -> None:
+    """python -m module argv (a subprocess, or in this process); raises on failure."""
+    if not in_process:
+        subprocess.run([sys.executable, "-m", module, *argv], check=True)
+        return
+    import importlib
+
+    code = importlib.import_module(module).main(argv)
+    if code:
+        raise SystemExit(f"error: {module} {shlex.join(argv)} exited with {code}")
+
+
+def run_row(args, row: Row, steps: int, batch: int) -> dict:
+    """Train and evaluate a row (unless its eval.json exists); its results: eval.json's
+    numbers, throughput, curves, FLOPs and duplicates."""
+    workdir = Path(args.workdir) / row.name
+    latents = args.width * row.multiple
+    print(f"== {row.name}: N={row.experts}, NUM_LATENTS={latents} {' '.join(row.bindings)}",
+          flush=True)  # fmt: skip
+    if not (workdir / "eval.json").exists():  # done runs are kept: rerunning resumes
+        run_module("launch.train", train_argv(args, row, steps, workdir), args.in_process)
+        eval_argv = ["--workdir", str(workdir), "--data", args.eval,
+                     "--tokens", str(args.eval_tokens)]  # fmt: skip
+        run_module("launch.eval", eval_argv, args.in_process)
+    cfg, tcfg = run_configs(workdir)
+    result = json.loads((workdir / "eval.json").read_text())
+    result |= {"name": row.name, "num_experts": row.experts, "num_latents": latents,
+               "experts_per_token": cfg.experts_per_token, "shared_latents": cfg.shared_latents,
+               "kind": row.kind, "bindings": list(row.bindings), "steps": tcfg.steps,
+               "batch_size": tcfg.batch_size, "d": cfg.d}  # fmt: skip
+    result |= training_record(workdir / "metrics.jsonl", flops_per_token(cfg, tcfg))
+    result["duplicates"] = duplicates(workdir)
+    return result
+
+
+def run_configs(workdir: Path):
+    """(SAEConfig, TrainConfig) of a run, from its latest checkpoint's record."""
+    import dataclasses
+
+    from sae_jax.config import SAEConfig, TrainConfig
+    from sae_jax.training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(workdir, create=False)
+    try:
+        record = ckpt.record(ckpt.latest_step())
+    finally:
+        ckpt.close()
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = {k: v for k, v in record["train"].items() if k in known}
+    train["mesh_shape"] = tuple(train.get("mesh_shape", (-1, 1)))
+    return SAEConfig.from_record(record["model"]), TrainConfig(**train)
+
+
+def flops_per_token(cfg, tcfg) -> float:
+    from sae_jax.plan.estimate import training_flops_per_token
+
+    return training_flops_per_token(cfg, tcfg)
+
+
+def training_record(metrics: Path, flops: float) -> dict:
+    """From a run's metrics.jsonl: the median logged training tokens/s (leaving out the first
+    interval, compilation), its training seconds and FLOPs, and the eval curve: (step,
+    tokens, train_seconds, FLOPs = tokens x flops per token, eval/fvu) per held-out
+    evaluation."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     speeds = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r][1:]
-    return statistics.median(speeds) if speeds else float("nan")
+    curve = [{"step": r["step"], "tokens": r["tokens"], "train_seconds": r.get("train_seconds"),
+              "flops": r["tokens"] * flops, "fvu": r["eval/fvu"]}
+             for r in rows if r.get("eval/fvu") is not None]  # fmt: skip
+    last = rows[-1] if rows else {}
+    return {
+        "tokens_per_sec": statistics.median(speeds) if speeds else float("nan"),
+        "flops_per_token": flops,
+        "train_tokens": last.get("tokens", 0),
+        "train_flops": last.get("tokens", 0) * flops,
+        "train_seconds": last.get("train_seconds", float("nan")),
+        "curve": curve,
+    }
 
 
-def markdown(results: list[dict], args) -> str:
-    base = next((r for r in results if r["num_experts"] == 1), results[0])
-    lines = [
-        f"Training: {args.steps} steps x 4096 tokens on `{args.train}`; evaluation on "
-        f"`{args.eval}`.",
-        "",
-        "| run | N | NUM_LATENTS | compared as | FVU | FVU incl. outliers | L0 | dead | "
-        "CE clean | CE with SAE | delta CE | loss recovered | train tokens/s | "
-        "step tokens/s | vs TopK |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+def duplicates(workdir: Path) -> dict:
+    """count_duplicates of the run's exported decoder, kept in DIR/duplicates.json."""
+    from sae_jax.evaluation.duplicates import DUPLICATE_COSINE, count_duplicates
+
+    cached = workdir / "duplicates.json"
+    if cached.exists():
+        found = json.loads(cached.read_text())
+        if found.get("threshold") == DUPLICATE_COSINE:
+            return found
+    import numpy as np
+
+    from sae_jax.pretrained import load_pretrained
+
+    found = count_duplicates(np.asarray(load_pretrained(workdir / "export").params["w_dec"]))
+    cached.write_text(json.dumps(found, indent=1) + "\n")
+    return found
+
+
+def step_speed(args, result: dict) -> float:
+    """Tokens/s of the run's training step alone (random inputs, one device), or NaN with
+    --bench_steps 0."""
+    if args.bench_steps <= 0:
+        return float("nan")
+    from launch import bench
+
+    cfg, _ = run_configs(Path(args.workdir) / result["name"])
+    seconds, _, _ = bench.time_step(cfg, result["batch_size"], args.bench_steps)
+    print(f"step benchmark {result['name']}: {1e3 * seconds:.0f} ms", flush=True)
+    return result["batch_size"] / seconds
+
+
+def baseline(results: list[dict]) -> dict:
+    """The row the ratios are to: 'topk', else the first N = 1 row, else the first row."""
+    named = [r for r in results if r["name"] == "topk"]
+    return (named or [r for r in results if r["num_experts"] == 1] or results)[0]
+
+
+def add_ratios(results: list[dict]) -> None:
+    """vs-TopK ratios of FVU and of the training and step tokens/s (NaN where missing)."""
+    base = baseline(results)
     for r in results:
-        lm = [f"{r[k]:.4f}" if k in r else "-" for k in ("ce_clean", "ce_sae", "delta_ce")]
-        rec = f"{r['loss_recovered']:.1%}" if "loss_recovered" in r else "-"
-        lines.append(
-            f"| {r['name']} | {r['num_experts']} | {r['num_latents']} | {r['kind']} | "
-            f"{r['fvu_dropless']:.4f} | {r['fvu_dropless_with_outliers']:.4f} | {r['l0']:.1f} | "
-            f"{r['dead_fraction']:.1%} | {' | '.join(lm)} | {rec} | "
-            f"{r['tokens_per_sec']:.0f} | {r['step_tokens_per_sec']:.0f} | "
-            f"{r['step_tokens_per_sec'] / base['step_tokens_per_sec']:.2f}x |"
-        )
+        for key in ("fvu_dropless", "tokens_per_sec", "step_tokens_per_sec"):
+            r[f"{key}_vs_topk"] = ratio(r.get(key), base.get(key))
+
+
+def ratio(a: float | None, b: float | None) -> float:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return float("nan")
+    return a / b
+
+
+def write_plots(results: list[dict], directory: Path) -> tuple[Path, Path]:
+    """Eval FVU against training seconds, and against training FLOPs (two PNGs)."""
+    from sae_jax.evaluation.plots import comparison_curves
+
+    def series(x: str) -> dict[str, list[tuple[float, float]]]:
+        return {r["name"]: [(p[x], p["fvu"]) for p in r["curve"] if p[x] is not None]
+                for r in results}  # fmt: skip
+
+    time_png = comparison_curves(series("train_seconds"), "training wall-clock seconds",
+                                 "eval FVU", directory / TIME_PNG)  # fmt: skip
+    flops_png = comparison_curves(series("flops"), "training FLOPs (analytic)", "eval FVU",
+                                  directory / FLOPS_PNG)  # fmt: skip
+    return time_png, flops_png
+
+
+COLUMNS = [  # (header, function of a result -> cell)
+    ("run", lambda r: r["name"]),
+    ("N", lambda r: str(r["num_experts"])),
+    ("e", lambda r: str(r["experts_per_token"])),
+    ("NUM_LATENTS", lambda r: str(r["num_latents"])),
+    ("compared as", lambda r: r["kind"]),
+    ("FVU", lambda r: cell(r.get("fvu_dropless"), "{:.4f}")),
+    ("FVU vs TopK", lambda r: cell(r.get("fvu_dropless_vs_topk"), "{:.2f}x")),
+    ("L0", lambda r: cell(r.get("l0"), "{:.1f}")),
+    ("dead", lambda r: cell(r.get("dead_fraction"), "{:.1%}")),
+    ("duplicates (other expert)", lambda r: duplicate_cell(r, "cross_expert")),
+    ("duplicates (same expert)", lambda r: duplicate_cell(r, "within_expert")),
+    ("loss recovered", lambda r: cell(r.get("loss_recovered"), "{:.1%}")),
+    ("train tokens/s", lambda r: cell(r.get("tokens_per_sec"), "{:.0f}")),
+    ("vs TopK", lambda r: cell(r.get("tokens_per_sec_vs_topk"), "{:.2f}x")),
+    ("step tokens/s", lambda r: cell(r.get("step_tokens_per_sec"), "{:.0f}")),
+    ("vs TopK ", lambda r: cell(r.get("step_tokens_per_sec_vs_topk"), "{:.2f}x")),
+    ("training FLOPs", lambda r: cell(r.get("train_flops"), "{:.3g}")),
+    ("training s", lambda r: cell(r.get("train_seconds"), "{:.0f}")),
+]
+
+
+def cell(value: float | None, fmt: str) -> str:
+    """`value` formatted, or '-' when it is missing or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def duplicate_cell(r: dict, key: str) -> str:
+    dup = r.get("duplicates") or {}
+    if key not in dup:
+        return "-"
+    return f"{dup[key]} ({dup[f'{key}_fraction']:.1%})"
+
+
+def markdown(results: list[dict]) -> str:
+    """The results table, one line per row."""
+    lines = ["| " + " | ".join(h.strip() for h, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]  # fmt: skip
+    lines += ["| " + " | ".join(f(r) for _, f in COLUMNS) + " |" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def setup_text(args, steps: int, batch: int) -> str:
+    """One paragraph: the data, the steps and the evaluation points."""
+    return (
+        f"Training: {steps} steps x {batch} tokens ({args.passes:g} pass(es) unless --steps) on "
+        f"`{args.train}` with configs/{CONFIG}, a held-out evaluation every "
+        f"{eval_every(steps, args.eval_points)} steps; evaluation on `{args.eval}`."
+    )
+
+
+def write_doc(args, argv: list[str], results: list[dict], plots, shape: tuple[int, int]) -> Path:
+    """Fill comparison_template.md into --doc, the PNGs copied beside it."""
+    doc = Path(args.doc)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    for png in plots:
+        if png.resolve() != (doc.parent / png.name).resolve():
+            shutil.copyfile(png, doc.parent / png.name)
+    text = Template(TEMPLATE.read_text()).substitute(
+        setup=setup_text(args, *shape),
+        command=f"python -m launch.experiments.compare {shlex.join(argv)}",
+        table=markdown(results),
+        fvu_time=TIME_PNG,
+        fvu_flops=FLOPS_PNG,
+        rows=", ".join(f"`{r['name']}` ({r['kind']})" for r in results),
+    )
+    doc.write_text(text)
+    return doc
 
 
 if __name__ == "__main__":

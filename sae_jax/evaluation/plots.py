@@ -1,4 +1,5 @@
-"""PNG plots of a run: training curves, expert load, latent firing frequencies (matplotlib)."""
+"""PNG plots of a run: training curves, expert load, latent firing frequencies; and several
+runs' eval curves side by side (matplotlib)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,26 @@ def firing_histogram(frequency: list[float], tokens: int, out: Path) -> Path:
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     ax.legend()
+    return _save(fig, out)
+
+
+def comparison_curves(
+    series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, out: Path
+) -> Path:
+    """One line with markers per named run of (x, y) points (e.g. eval FVU against training
+    seconds or FLOPs), log x axis where x spans more than a decade, y as `y_scale` says."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, points in series.items():
+        if points:
+            ax.plot(*zip(*sorted(points), strict=True), "o-", markersize=3, label=name)
+    xs = [x for points in series.values() for x, _ in points]
+    ax.set_xscale(y_scale(xs))
+    ax.set_yscale(y_scale([y for points in series.values() for _, y in points]))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if any(series.values()):
+        ax.legend()
     return _save(fig, out)
 
 

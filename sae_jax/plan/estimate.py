@@ -19,12 +19,12 @@ each block's forward twice (`flops_per_token`).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.dispatch import blocks, exchange
+from sae_jax.dispatch.capacity import capacity
 from sae_jax.dispatch.dropless import auto_block_size
 from sae_jax.kernels.auxk import max_bucket
 from sae_jax.kernels.expert import use_dense
@@ -77,6 +77,9 @@ class Shapes:
     block_size: int = 0  # dropless; 0: auto
     emulated_exchange: bool = False  # dropless on CPU: ragged_all_to_all is emulated
     aux_share: float = 1.0  # AuxK's largest bucket / L (kernels.auxk.max_bucket)
+    experts_per_token: int = 1  # e: the experts each token runs
+    shared_latents: int = 0  # S: the always-on shared dictionary, dense for every token
+    shared_k: int = 0  # its share of k
 
     @classmethod
     def of(
@@ -89,6 +92,7 @@ class Shapes:
             cfg.expert_kernel, cfg.compute_dtype, cfg.dispatch, cfg.block_size,
             backend == "cpu",
             max_bucket(cfg.latents_per_expert, tcfg.aux_max_share) / cfg.latents_per_expert,
+            cfg.experts_per_token, cfg.shared_latents, cfg.shared_k,
         )  # fmt: skip
 
     @property
@@ -110,9 +114,13 @@ class Shapes:
     @property
     def slots(self) -> int:
         """Token slots a device's experts run on: N_local x E x C = N x C,
-        C = ceil(cf x T_local / N) (one buffer row per (source device, expert))."""
-        cap = math.ceil(self.capacity_factor * self.local_tokens / self.num_experts)
-        return self.num_experts * cap
+        C = ceil(cf x T_local / N) within [1, T_local] (one buffer row per (source device,
+        expert)); T_local for N = 1, whose one buffer holds every token."""
+        if self.num_experts == 1:
+            return self.local_tokens
+        return self.num_experts * capacity(
+            self.local_tokens, self.num_experts, self.capacity_factor
+        )
 
     @property
     def dropless(self) -> bool:
@@ -249,31 +257,55 @@ def ragged_exchanges(s: Shapes) -> list[Collective]:
     ]
 
 
+def expert_flops(latents: int, d: int, k: int, copies: int, dense: bool) -> tuple[float, float]:
+    """(encoder, decoder) matmul FLOPs per token, forward and backward, of `copies` experts of
+    `latents` latents that together pick `k` active latents. Dense kernel: pre-activations
+    with their weight gradient (4 L d) and the codes [., L] @ W_dec with both gradients
+    (6 L d), per expert; gather kernel: gradient-free pre-activations (2 L d per expert) and
+    the k gathered encoder and decoder rows with grad (6 k d each)."""
+    ld, kd = latents * d, k * d
+    if dense:
+        return copies * 4.0 * ld, copies * 6.0 * ld
+    return copies * 2.0 * ld + 6.0 * kd, 6.0 * kd
+
+
 def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
     """Matmul FLOPs per input token of the forward and backward pass (2 per multiply-add),
-    plus the elementwise update of the local expert shards (replicated over 'data'). Expert
-    work is per computed row, so it is scaled by rows / T_local: slots (capacity factor and
-    rounding), or dropless T_local + N_local x B. Dropless runs each block again in the
-    backward (its custom VJP keeps only the block's outputs): the top-k and latents are
-    reused, so only what the gradient needs beyond them runs again, with AuxK its decode
-    (for the frozen residual) and AuxK's forward: `recompute` (0 without AuxK).
-    The router's backward reaches w_router and b_router."""
-    ld, kd, pad = s.latents * s.d, s.k * s.d, s.computed_rows / s.local_tokens
-    aux_on = auxk and s.k_aux > 0
-    if s.dense:  # pre-activations with grad; codes [C, L] @ W_dec
-        enc, dec = 4 * ld, 6 * ld
-    else:  # gradient-free pre-activations; k gathered rows with grad
-        enc, dec = 2 * ld + 6 * kd, 6 * kd
-    aux_ld = ld * s.aux_share  # AuxK's columns: its largest bucket of dead latents
-    aux = 10 * aux_ld
-    again = (2 * ld if s.dense else 2 * kd) + 4 * aux_ld if aux_on else 0.0  # decode + AuxK fwd
+    plus the elementwise update of the local expert shards (replicated over 'data'). A token
+    runs the encoder of its e = experts_per_token experts (L latents each), which pick the
+    routed k - shared_k active latents together (`expert_flops`); a shared dictionary of S
+    latents runs densely on every token with its shared_k (`shared`). Expert work is per
+    computed row, so it is scaled by rows / T_local: slots (capacity factor and rounding),
+    or dropless T_local + N_local x B. Dropless runs each block again in the backward (its
+    custom VJP keeps only the block's outputs): the top-k and latents are reused, so only
+    what the gradient needs beyond them runs again, with AuxK its decode (for the frozen
+    residual) and AuxK's forward: `recompute` (0 without AuxK). The router's backward
+    reaches w_router and b_router."""
+    e, routed_k = s.experts_per_token, s.k - s.shared_k
+    pad, aux_on = s.computed_rows / s.local_tokens, auxk and s.k_aux > 0
+    enc, dec = expert_flops(s.latents, s.d, routed_k, e, s.dense)
+    aux_ld = s.latents * s.d * s.aux_share * e  # AuxK's columns: its largest dead bucket
+    decode = e * 2.0 * s.latents * s.d if s.dense else 2.0 * routed_k * s.d
+    again = decode + 4 * aux_ld if aux_on else 0.0  # the decode + AuxK's forward
+    shared = 0.0
+    if s.shared_latents:
+        dense = use_dense(s.kernel, s.shared_latents)
+        shared = sum(expert_flops(s.shared_latents, s.d, s.shared_k, 1, dense))
+    params = (s.num_latents + s.shared_latents) * s.d
     terms = {
         "router": 6.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0,
         "encoder": pad * enc,
         "decoder": pad * dec,
-        "auxk": pad * aux if aux_on else 0.0,
+        "shared": shared,
+        "auxk": pad * 10 * aux_ld if aux_on else 0.0,
         "recompute": pad * again if s.dropless else 0.0,
-        "update": UPDATE_FLOPS_PER_PARAM * 2 * s.num_latents * s.d * s.data / s.batch,
+        "update": UPDATE_FLOPS_PER_PARAM * 2 * params * s.data / s.batch,
     }
     terms["total"] = sum(terms.values())
     return terms
+
+
+def training_flops_per_token(cfg: SAEConfig, tcfg: TrainConfig, auxk: bool = False) -> float:
+    """Analytic training FLOPs per token of a run on one device (`flops_per_token`'s total;
+    by default the step without AuxK, whose cost depends on how many latents are dead)."""
+    return flops_per_token(Shapes.of(cfg, tcfg, (1, 1), "cpu"), auxk)["total"]

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from itertools import islice
 from pathlib import Path
 
@@ -266,29 +266,63 @@ def initial_state(run: Run) -> tuple[Run, nnx.GraphDef, TrainState, TrainStep]:
     return run, graphdef, state, step_fn
 
 
+class TrainClock:
+    """Wall-clock seconds of training (`seconds`): from `offset` (the seconds a resumed run had
+    logged) on, not counting the time spent in `paused` (held-out evaluations) or after
+    `stop` (the final checkpoint and export). The first step's compilation counts."""
+
+    def __init__(self, offset: float = 0.0):
+        self.offset, self.start, self.stopped_at = offset, time.perf_counter(), None
+
+    def seconds(self) -> float:
+        now = self.stopped_at if self.stopped_at is not None else time.perf_counter()
+        return self.offset + now - self.start
+
+    def stop(self) -> None:
+        if self.stopped_at is None:
+            self.stopped_at = time.perf_counter()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        if self.stopped_at is not None:  # stopped: stays stopped
+            yield
+            return
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - begin
+
+
 @dataclasses.dataclass(frozen=True)
 class Log:
     """Where metric rows go: metrics.jsonl, TensorBoard (and W&B) on the lead process, nowhere
-    on the others; `evaluate` adds a held-out evaluation's row."""
+    on the others; `evaluate` adds a held-out evaluation's row. Every row holds
+    `train_seconds`, the training clock's reading (TrainClock)."""
 
     run: Run
     writer: MetricWriter | None
     eval_step: Callable
+    clock: TrainClock = dataclasses.field(default_factory=TrainClock)
 
     def row(self, step: int, row: dict) -> dict:
         """Log `row` at `step`; returns it as logged."""
-        row = {"step": step, "tokens": step * self.run.tcfg.batch_size, **row}
+        row = {"step": step, "tokens": step * self.run.tcfg.batch_size, **row,
+               "train_seconds": self.clock.seconds()}  # fmt: skip
         return self.writer.write(row) if self.writer else row
 
     def evaluate(self, step: int, params: nnx.State) -> dict:
-        """Evaluate `params` on the held-out batches and log the row."""
-        row = evaluate(
-            self.eval_step,
-            params,
-            held_out(self.run),
-            outliers=isinstance(self.run.eval_src, ActivationData),
-            features=getattr(self.run.eval_src, "features", None),
-        )
+        """Evaluate `params` on the held-out batches and log the row; the training clock
+        waits for the steps dispatched so far, then pauses during the evaluation."""
+        jax.block_until_ready(params)
+        with self.clock.paused():
+            row = evaluate(
+                self.eval_step,
+                params,
+                held_out(self.run),
+                outliers=isinstance(self.run.eval_src, ActivationData),
+                features=getattr(self.run.eval_src, "features", None),
+            )
         return self.row(step, row)
 
     def close(self) -> None:
@@ -306,7 +340,24 @@ def open_log(run: Run, graphdef: nnx.GraphDef, wandb: bool) -> Log:
     if run.lead and run.config_text:
         (Path(run.workdir) / "config.gin").write_text(run.config_text)
     eval_step = make_eval_step(graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight)
-    return Log(run, writer, eval_step)
+    clock = TrainClock(logged_seconds(Path(run.workdir) / "metrics.jsonl", run.start))
+    return Log(run, writer, eval_step, clock)
+
+
+def logged_seconds(path: Path, step: int) -> float:
+    """The last `train_seconds` that metrics.jsonl logged at or before `step` (what a resumed
+    run's clock starts from); 0 for a new run, or rows written before it was logged."""
+    if not step or not path.exists():
+        return 0.0
+    seconds = 0.0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break  # a line cut off by a crash
+        if row.get("step", step + 1) <= step and "train_seconds" in row:
+            seconds = float(row["train_seconds"])
+    return seconds
 
 
 def held_out(run: Run) -> Iterator[tuple[jax.Array, jax.Array]]:
@@ -360,6 +411,8 @@ def train_steps(
         if done < tcfg.steps and done % tcfg.checkpoint_every == 0:
             check_finite(jax.device_get(metrics), done)  # never save a NaN state
             run.ckpt.save(done, state, checkpoint_record(run, done, position))
+    jax.block_until_ready(state.params)
+    log.clock.stop()  # the final checkpoint, export and evaluation are not training
     bar.close()
     return state, position
 

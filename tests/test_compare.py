@@ -1,0 +1,137 @@
+"""launch.experiments.compare end to end on tiny shards, and what it is built from: the
+duplicate-feature counter, the FLOPs estimate with e experts per token and a shared
+dictionary, and the training clock."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_utils import write_dataset
+
+from launch.experiments import compare
+from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.evaluation.duplicates import count_duplicates, duplicate_flags
+from sae_jax.plan.estimate import Shapes, flops_per_token, training_flops_per_token
+from sae_jax.training.loop import TrainClock, logged_seconds
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def brute_force(w_dec: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    n, lat, d = w_dec.shape
+    flat = w_dec.reshape(n * lat, d).astype(np.float64)
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    owner = np.repeat(np.arange(n), lat)
+    same = owner[:, None] == owner[None, :]
+    close = (sims > threshold) & ~np.eye(n * lat, dtype=bool)
+    return (close & ~same).any(1), (close & same).any(1)
+
+
+def test_duplicates_match_brute_force_with_planted_pairs():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 5, 8)).astype(np.float32)  # 15 latents in 3 experts
+    w[2, 3] = 2.0 * w[0, 1] + 0.01 * rng.normal(size=8)  # across experts (scale ignored)
+    w[1, 4] = w[1, 0] + 0.01 * rng.normal(size=8)  # within one expert
+    w[0, 2] = -w[2, 0]  # opposite: not a duplicate
+    cross, within = duplicate_flags(w, 0.9, block=4)  # 4 blocks, the last one padded
+    ref_cross, ref_within = brute_force(w, 0.9)
+    np.testing.assert_array_equal(cross, ref_cross)
+    np.testing.assert_array_equal(within, ref_within)
+    assert cross[[1, 13]].all() and within[[5, 9]].all()
+    found = count_duplicates(w, 0.9, block=4)
+    assert found["cross_expert"] == ref_cross.sum() >= 2 and found["latents"] == 15
+    assert found["within_expert"] == ref_within.sum() >= 2
+    assert found["cross_expert_fraction"] == pytest.approx(ref_cross.sum() / 15)
+    assert count_duplicates(w[:1])["cross_expert"] == 0  # one expert: nothing across
+
+
+def test_flops_count_experts_per_token_and_shared_latents():
+    base = dict(d=64, num_latents=4096, num_experts=8, k=32, k_aux=0, batch=1024, data=1,
+                expert=1, capacity_factor=1.25, kernel="dense")  # fmt: skip
+    one = flops_per_token(Shapes(**base), auxk=False)
+    two = flops_per_token(Shapes(**base, experts_per_token=2), auxk=False)
+    assert two["encoder"] == pytest.approx(2 * one["encoder"])  # e experts' encoders
+    assert two["decoder"] == pytest.approx(2 * one["decoder"])  # dense codes of each
+    shared = flops_per_token(Shapes(**base, shared_latents=512, shared_k=8), auxk=False)
+    assert shared["shared"] == pytest.approx(10 * 512 * 64)  # dense, every token, no padding
+    assert shared["update"] > one["update"]
+    # N = 1 has no capacity padding (its one buffer holds every token)
+    topk = Shapes(**{**base, "num_experts": 1, "num_latents": 512})
+    assert topk.slots == topk.local_tokens
+    cfg = SAEConfig(d=64, num_latents=512, num_experts=1, k=32)
+    assert training_flops_per_token(cfg, TrainConfig(batch_size=1024)) > 10 * 512 * 64
+
+
+def test_training_clock_pauses_and_resumes(tmp_path):
+    clock = TrainClock(offset=5.0)
+    with clock.paused():
+        time.sleep(0.05)
+    assert 5.0 <= clock.seconds() < 5.04
+    clock.stop()
+    assert clock.seconds() == clock.seconds()  # stopped: no longer moves
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 10, "train_seconds": 1.5}, {"step": 20, "train_seconds": 3.0},
+            {"step": 30, "train_seconds": 4.5}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert logged_seconds(path, 20) == 3.0 and logged_seconds(path, 0) == 0.0
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    write_dataset(root / "train", [600, 424], d=16, ids=False)
+    write_dataset(root / "eval", [512], d=16, seed=1, ids=False)
+    argv = ["--train", str(root / "train"), "--eval", str(root / "eval"), "--width", "32",
+            "--passes", "0.5", "--eval_points", "4", "--rows", "topk,switch2_flops",
+            "--gin", "BATCH_SIZE=64", "--gin", "K=4", "--gin", "LOG_EVERY=2",
+            "--gin", "TrainConfig.eval_tokens=256", "--eval_tokens", "256",
+            "--bench_steps", "1", "--workdir", str(root / "runs"),
+            "--out", str(root / "out" / "results.md"), "--doc", str(root / "docs" / "c.md"),
+            "--in_process"]  # fmt: skip
+    assert compare.main(argv) == 0
+    return root
+
+
+def test_compare_writes_table_json_and_curves(compared):
+    out = compared / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results] == ["topk", "switch2_flops"]
+    for r in results:
+        assert r["steps"] == 8  # ceil(0.5 x 1024 tokens / 64)
+        assert [p["step"] for p in r["curve"]] == [2, 4, 6, 8]  # EVAL_EVERY = 2, and the end
+        assert all(p["train_seconds"] > 0 and p["flops"] > 0 for p in r["curve"])
+        assert r["train_flops"] == pytest.approx(8 * 64 * r["flops_per_token"])
+        assert r["duplicates"]["latents"] == r["num_latents"]
+        assert r["step_tokens_per_sec"] > 0 and r["tokens_per_sec"] > 0
+    assert results[0]["fvu_dropless_vs_topk"] == 1.0
+    assert results[1]["flops_per_token"] > results[0]["flops_per_token"]
+    table = (out / "results.md").read_text()
+    for header in ("FVU", "FVU vs TopK", "L0", "dead", "duplicates (other expert)",
+                   "loss recovered", "train tokens/s", "step tokens/s", "training FLOPs",
+                   "training s"):  # fmt: skip
+        assert f"| {header} |" in table
+    assert "| topk | 1 | 1 | 32 |" in table and "| switch2_flops | 2 | 1 | 64 |" in table
+    for name in (compare.TIME_PNG, compare.FLOPS_PNG):
+        for where in (out, compared / "docs"):
+            data = (where / name).read_bytes()
+            assert data.startswith(PNG) and len(data) > 5000
+    doc = (compared / "docs" / "c.md").read_text()
+    assert "| switch2_flops |" in doc and f"]({compare.TIME_PNG})" in doc
+    assert "--rows topk,switch2_flops" in doc and "$" not in doc
+
+
+def test_row_choice_and_bindings():
+    assert [r.name for r in compare.chosen_rows(compare.DEFAULT_ROWS)] == [
+        "topk", "switch8", "switch8_e2", "switch4_flops", "switch16_e2_wide"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        compare.chosen_rows("topk,nope")
+    args = compare.parse_args(["--train", "t", "--eval", "e", "--gin", "K=8"])
+    row = next(r for r in compare.RUNS if r.name == "switch16_e2_wide")
+    argv = compare.train_argv(args, row, 100, Path("w"))
+    assert argv[-2:] == ["--gin.K=8", "--gin.EXPERTS_PER_TOKEN=2"]  # the row's own come last
+    assert "--gin.NUM_LATENTS=9216" in argv and "--gin.EVAL_EVERY=12" in argv
