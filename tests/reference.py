@@ -103,10 +103,33 @@ def ragged_all_to_all(operands, outputs, input_offsets, send_sizes, output_offse
     return results
 
 
+def effective_encoder(params: dict):
+    """w_enc [N, L, d] as the model uses it: with feature scaling (params["enc_scale"] [N, d]),
+    each expert's mean row plus (1 + scale) times every row's deviation from it."""
+    w = params["w_enc"]
+    if "enc_scale" not in params:
+        return w
+    mean = w.mean(axis=1, keepdims=True)
+    return mean + (1 + params["enc_scale"][:, None, :]) * (w - mean)
+
+
+def shared_codes(x, params: dict, shared_k: int):
+    """The shared dictionary's TopK codes [T, S] (zeros but the shared_k largest) and its
+    reconstruction [T, d] through unit-norm decoder rows."""
+    pre = (x - params["b_dec"]) @ params["shared_w_enc"].T + params["shared_b_enc"]
+    z = np.zeros_like(pre)
+    top = np.argsort(-pre, axis=1)[:, :shared_k]
+    rows = np.arange(len(x))[:, None]
+    z[rows, top] = np.maximum(pre[rows, top], 0)
+    w = params["shared_w_dec"]
+    return z, z @ (w / np.linalg.norm(w, axis=1, keepdims=True))
+
+
 def top_e_choice(x, params: dict, k: int, e: int):
     """Routing beyond top-1, token by token: each token's e most probable experts and the
     global TopK over their latents by gated value p_j * ReLU(pre). Returns experts [T, e],
     gates [T, e] and chosen [T, e, L] bool."""
+    params = dict(params, w_enc=effective_encoder(params))
     lat = params["w_enc"].shape[1]
     experts, gates, chosen = [], [], []
     for tok in x:
@@ -125,15 +148,19 @@ def top_e_choice(x, params: dict, k: int, e: int):
     return np.array(experts), np.array(gates), np.array(chosen)
 
 
-def top_e_sae(x, params: dict, k: int, e: int, dead=None, k_aux: int = 0):
+def top_e_sae(x, params: dict, k: int, e: int, dead=None, k_aux: int = 0, shared_k: int = 0):
     """x_hat [T, d] of the top-e global-TopK Switch SAE, token by token, and with dead [N, L]
     the AuxK sums (err, norm): the token's residual x - x_hat against the sum over its experts
-    of the gated top-k_aux dead-latent reconstructions, for tokens with a dead expert."""
+    of the gated top-k_aux dead-latent reconstructions, for tokens with a dead expert.
+    With shared_k, the shared dictionary's reconstruction is part of x_hat (and of what the
+    residual leaves out); k is then the routed experts' share."""
     experts, gates, chosen = top_e_choice(x, params, k, e)
+    params = dict(params, w_enc=effective_encoder(params))
+    shared = shared_codes(x, params, shared_k)[1] if shared_k else np.zeros_like(x)
     x_hat, err, norm = [], 0.0, 0.0
-    for tok, ids, g, mask in zip(x, experts, gates, chosen, strict=True):
+    for tok, ids, g, mask, sh in zip(x, experts, gates, chosen, shared, strict=True):
         centred = tok - params["b_dec"]
-        recon, aux = np.zeros_like(tok), np.zeros_like(tok)
+        recon, aux = sh.copy(), np.zeros_like(tok)
         for j, i in enumerate(ids):
             pre = params["w_enc"][i] @ centred + params["b_enc"][i]
             recon += g[j] * (np.where(mask[j], np.maximum(pre, 0), 0) @ params["w_dec"][i])
@@ -148,7 +175,7 @@ def top_e_sae(x, params: dict, k: int, e: int, dead=None, k_aux: int = 0):
     return np.array(x_hat), err, norm
 
 
-def top_e_mse(x, params: dict, const: dict, k: int, e: int):
+def top_e_mse(x, params: dict, const: dict, k: int, e: int, shared_k: int = 0):
     """The top-e model's MSE, differentiable in `params` (jax arrays), with the experts and
     the chosen latents fixed by `const` (numpy copies), as `switch_mse`."""
     import jax
@@ -157,10 +184,17 @@ def top_e_mse(x, params: dict, const: dict, k: int, e: int):
     experts, _, chosen = top_e_choice(x, const, k, e)
     probs = jax.nn.softmax((x - params["b_router"]) @ params["w_router"], axis=-1)
     x_hat = params["b_dec"]
+    w_enc = effective_encoder(params)
     for j in range(e):
         i = experts[:, j]
         gate = probs[np.arange(len(x)), i]
-        pre = jnp.einsum("tld,td->tl", params["w_enc"][i], x - params["b_dec"])
+        pre = jnp.einsum("tld,td->tl", w_enc[i], x - params["b_dec"])
         z = jax.nn.relu(pre + params["b_enc"][i]) * chosen[:, j]
         x_hat = x_hat + gate[:, None] * jnp.einsum("tl,tld->td", z, params["w_dec"][i])
+    if "shared_w_enc" in params:
+        mask = shared_codes(x, const, shared_k)[0] > 0
+        pre = (x - params["b_dec"]) @ params["shared_w_enc"].T + params["shared_b_enc"]
+        w = params["shared_w_dec"]
+        w = w / jnp.linalg.norm(w, axis=1, keepdims=True)
+        x_hat = x_hat + (jax.nn.relu(pre) * mask) @ w
     return jnp.sum((x - x_hat) ** 2) / x.size

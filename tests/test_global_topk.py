@@ -30,7 +30,7 @@ def _run(cfg, mesh_shape, x, dead, seed=7, lb_alpha=0.0, aux_weight=0.0):
     """Forward, metrics and gradients of the loss on a mesh of mesh_shape."""
     mesh = make_mesh(mesh_shape)
     with jax.set_mesh(mesh):
-        model = random_model(cfg, seed=seed)
+        model = _randomise_extras(random_model(cfg, seed=seed), seed)
         params = _params(model)
         graphdef, state = nnx.split(model)
         xs = jax.device_put(jnp.asarray(x), token_sharding(mesh))
@@ -43,6 +43,16 @@ def _run(cfg, mesh_shape, x, dead, seed=7, lb_alpha=0.0, aux_weight=0.0):
         grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
         (value, (out, metrics)), grads = grad(state)
         return params, jax.device_get((value, out, metrics, nnx.to_pure_dict(grads)))
+
+
+def _randomise_extras(model, seed):
+    """Random values for the optional parameters (feature scaling, shared dictionary)."""
+    rng = np.random.default_rng(seed + 100)
+    for name in ("enc_scale", "shared_w_enc", "shared_b_enc", "shared_w_dec"):
+        if hasattr(model, name):
+            var = getattr(model, name)
+            var[...] = jnp.asarray(rng.normal(size=var[...].shape) * 0.5, jnp.float32)
+    return model
 
 
 def _inputs(seed=0, tokens=64):
@@ -146,3 +156,25 @@ def test_two_stages_with_one_expert_per_token_are_bitwise_the_switch(mesh1, disp
     twice = jax.jit(lambda r: global_topk.run(path, r, p, None, s))(top)
     np.testing.assert_array_equal(twice.recon, gate[:, None] * once.recon)
     np.testing.assert_array_equal(twice.fired, once.fired)
+
+
+EXTRAS = dataclasses.replace(CFG, shared_latents=24, shared_k=2, feature_scaling=True)
+
+
+@pytest.mark.parametrize("dispatch, mesh_shape", [("capacity", (1, 1)), ("dropless", (2, 4))])
+@pytest.mark.parametrize("e", [1, 2])
+def test_shared_dictionary_and_feature_scaling_match_the_reference(dispatch, mesh_shape, e):
+    cfg = dataclasses.replace(EXTRAS, dispatch=dispatch, experts_per_token=e)
+    x, dead = _inputs(seed=11)
+    params, (_, out, metrics, grads) = _run(cfg, mesh_shape, x, jnp.asarray(dead))
+    ref_hat, ref_err, ref_norm = top_e_sae(x, params, cfg.routed_k, e, dead, cfg.k_aux,
+                                           cfg.shared_k)  # fmt: skip
+    np.testing.assert_allclose(out.x_hat, ref_hat, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.aux_err, ref_err, rtol=1e-4)
+    np.testing.assert_allclose(out.aux_norm, ref_norm, rtol=1e-4)
+    assert cfg.routed_k < metrics["l0"] <= cfg.k
+    ref = jax.jit(jax.grad(lambda p: top_e_mse(x, p, params, cfg.routed_k, e, cfg.shared_k)))
+    _, (_, _, _, plain) = _run(cfg, mesh_shape, x, None)
+    for name, ref_grad in ref(params).items():
+        assert np.abs(ref_grad).max() > 1e-5, name
+        np.testing.assert_allclose(plain[name], ref_grad, rtol=1e-3, atol=1e-6, err_msg=name)

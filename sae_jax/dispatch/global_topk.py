@@ -38,11 +38,13 @@ def run(
     p: ExpertParams,
     dead_ids: jax.Array | None,
     s: ExpertSettings,
+    also: jax.Array | None = None,
 ) -> TokenOut:
     """routed: T tokens with expert and gate [T, e]; p, dead_ids, s as for `path`, with s.k the
-    k chosen among the routed experts. Returns the tokens' TokenOut with recon [T, d] the
-    GATED sum over the e experts (not ungated as a path's), kept [T] all e rows kept, and the
-    AuxK sums of the whole tokens."""
+    k chosen among the routed experts; also: [T, d] what the rest of the model reconstructs
+    (a shared dictionary), left out of AuxK's residual too. Returns the tokens' TokenOut with
+    recon [T, d] the GATED sum over the e experts (not ungated as a path's), kept [T] all e
+    rows kept, and the AuxK sums of the whole tokens."""
     tokens, e = routed.expert.shape
     rows = Routed(jnp.repeat(routed.x, e, axis=0), routed.expert.reshape(-1),
                   routed.gate.reshape(-1), routed.b_dec)  # fmt: skip
@@ -56,7 +58,8 @@ def run(
     if aux:
         has_dead = _has_dead(dead_ids, p.w_enc.shape[1], s.expert_axis)
         weight = jnp.any(has_dead[routed.expert], axis=1).astype(jnp.float32)[:, None]
-        residual = jax.lax.stop_gradient(routed.x.astype(jnp.float32) - recon)
+        explained = recon if also is None else recon + also
+        residual = jax.lax.stop_gradient(routed.x.astype(jnp.float32) - explained)
         err = residual - _per_token(out.aux_recon, tokens)
         result = result._replace(aux_err=jnp.sum(weight * err**2),
                                  aux_norm=jnp.sum(weight * residual**2))  # fmt: skip

@@ -29,7 +29,14 @@ from sae_jax.dispatch import global_topk, paths
 from sae_jax.dispatch.routed import Routed
 from sae_jax.kernels import routing
 from sae_jax.kernels.auxk import compact_dead
-from sae_jax.kernels.expert import ExpertParams, ExpertSettings, centre
+from sae_jax.kernels.expert import (
+    ExpertOut,
+    ExpertParams,
+    ExpertRows,
+    ExpertSettings,
+    centre,
+    expert_out,
+)
 from sae_jax.mesh import AXES
 from sae_jax.varying import vary_all
 
@@ -42,6 +49,7 @@ class SwitchParams(NamedTuple):
     experts: ExpertParams
     router: tuple[jax.Array, jax.Array] | None  # (w_router [d, N], b_router [d]); None: N = 1
     b_dec: jax.Array  # [d]
+    shared: ExpertParams | None = None  # the shared dictionary ([S, d], [S], [S, d]); None: none
 
 
 class SwitchOut(NamedTuple):
@@ -90,6 +98,15 @@ class SwitchSAE(nnx.Module):
             w_router = jax.random.normal(rngs.params(), (d, n), jnp.float32) / jnp.sqrt(d)
             self.w_router = nnx.Param(w_router)
             self.b_router = nnx.Param(jnp.zeros((d,), jnp.float32))
+        if cfg.feature_scaling:  # s in mean + (1 + s) * (rows - mean), per expert
+            scale = jnp.zeros((n, d), jnp.float32)
+            self.enc_scale = nnx.Param(scale, out_sharding=("expert", None))
+        if cfg.shared_latents:  # replicated: every device runs it on its own tokens
+            s = cfg.shared_latents
+            shared_dec = unit_rows(jax.random.normal(rngs.params(), (s, d), jnp.float32))
+            self.shared_w_dec = nnx.Param(shared_dec)
+            self.shared_w_enc = nnx.Param(jnp.copy(shared_dec))
+            self.shared_b_enc = nnx.Param(jnp.zeros((s,), jnp.float32))
 
     def __call__(
         self, x: jax.Array, dead: jax.Array | None = None, capacity_factor: float | None = None
@@ -105,9 +122,16 @@ class SwitchSAE(nnx.Module):
         cf = cfg.capacity_factor if capacity_factor is None else capacity_factor
         if dead is not None and dead.dtype == jnp.bool_:
             dead = compact_dead(dead, dead.shape[-1])
-        experts = ExpertParams(self.w_enc[...], self.b_enc[...], self.w_dec[...])
+        w_enc = self.w_enc[...]
+        if cfg.feature_scaling:
+            w_enc = scaled_encoder(w_enc, self.enc_scale[...])
+        experts = ExpertParams(w_enc, self.b_enc[...], self.w_dec[...])
         router = (self.w_router[...], self.b_router[...]) if cfg.num_experts > 1 else None
-        params = SwitchParams(experts, router, self.b_dec[...])
+        shared = None
+        if cfg.shared_latents:  # decoder rows used at unit norm (the update renormalises experts')
+            shared = ExpertParams(self.shared_w_enc[...], self.shared_b_enc[...],
+                                  unit_rows(self.shared_w_dec[...]))  # fmt: skip
+        params = SwitchParams(experts, router, self.b_dec[...], shared)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             return switch_apply(params, x, dead, cfg=cfg, capacity_factor=cf)
@@ -121,6 +145,7 @@ class SwitchSAE(nnx.Module):
             ExpertParams(expert_spec, expert_spec, expert_spec),
             None if router is None else (P(), P()),
             P(),
+            None if shared is None else ExpertParams(P(), P(), P()),
         )
         in_specs = (param_specs, tok, None if dead is None else expert_spec)
         out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P(), P())
@@ -171,12 +196,11 @@ def switch_apply(
     settings = expert_settings(cfg, dtype, capacity_factor, expert_axis)
     expert_devices = jax.lax.axis_size(expert_axis) if expert_axis else 1
     path = paths.choose(cfg, expert_devices)
-    if cfg.experts_per_token == 1:
+    if cfg.experts_per_token == 1 and params.shared is None:
         out = path(routed, experts, dead_ids, settings)
         x_hat = gate[:, None] * out.recon + params.b_dec
     else:  # out.recon is the gated sum over the token's experts
-        out = global_topk.run(path, routed, experts, dead_ids, settings)
-        x_hat = out.recon + params.b_dec
+        out, x_hat = _apply_global(path, routed, params, dead_ids, cfg, settings)
     sums = (counts, prob_sums, out.l0_sum, out.aux_err, out.aux_norm, out.rows)
     fired = out.fired
     if all_axes:
@@ -185,6 +209,40 @@ def switch_apply(
     counts, prob_sums, l0_sum, aux_err, aux_norm, rows = sums
     return SwitchOut(x_hat, expert, gate, out.kept, counts, prob_sums, fired, l0_sum, aux_err,
                      aux_norm, rows)  # fmt: skip
+
+
+def _apply_global(path, routed: Routed, params: SwitchParams, dead_ids, cfg, settings):
+    """Routed experts (e >= 1, dispatch/global_topk.py) beside a shared dictionary, if any:
+    the TokenOut (l0_sum with the shared latents) and x_hat [T, d]."""
+    if routed.expert.ndim == 1:
+        routed = routed._replace(expert=routed.expert[:, None], gate=routed.gate[:, None])
+    shared = None
+    if params.shared is not None:
+        shared = shared_forward(params.shared, routed, dataclasses.replace(
+            settings, k=cfg.shared_k, k_aux=0, expert_axis=None))  # fmt: skip
+    also = None if shared is None else shared.recon
+    out = global_topk.run(path, routed, params.experts, dead_ids, settings, also)
+    x_hat = out.recon + params.b_dec
+    if shared is not None:
+        x_hat = x_hat + shared.recon
+        out = out._replace(l0_sum=out.l0_sum + jnp.sum(shared.latents > 0))
+    return out, x_hat
+
+
+def shared_forward(p: ExpertParams, routed: Routed, s: ExpertSettings) -> ExpertOut:
+    """The shared dictionary on every token: a TopK SAE of s.k latents, ungated, on this
+    device's tokens (p replicated). Returns ExpertOut (recon [T, d] float32, latents [T, k])."""
+    tokens = routed.x.shape[0]
+    rows = ExpertRows(routed.x, jnp.ones(tokens, jnp.float32), jnp.ones(tokens, bool))
+    return expert_out(p, rows, routed.b_dec, None, s)
+
+
+def scaled_encoder(w_enc: jax.Array, scale: jax.Array) -> jax.Array:
+    """Scale SAE's feature scaling (Xu et al. 2025) of encoder rows w_enc [N, L, d]: each
+    expert's mean row m (the part its latents share) plus (1 + scale) [N, d] times every
+    row's own deviation from it: m + (1 + s) * (w - m). scale = 0 leaves w_enc as it is."""
+    mean = jnp.mean(w_enc, axis=1, keepdims=True)
+    return mean + (1.0 + scale[:, None, :]) * (w_enc - mean)
 
 
 def expert_settings(

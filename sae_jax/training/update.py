@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec
 from sae_jax.model.switch import unit_rows
 
 # State leaves whose leading axis is the expert axis (parameters, their Adam moments, counters).
-EXPERT_LEAVES = frozenset({"w_enc", "b_enc", "w_dec", "since_fired"})
+EXPERT_LEAVES = frozenset({"w_enc", "b_enc", "w_dec", "enc_scale", "since_fired"})
 UPDATE_CHUNK_BYTES = 2**25  # rows of one expert tensor updated per loop iteration
 
 
