@@ -165,6 +165,11 @@ class SAEConfig:
             )
 
     @property
+    def dictionary_size(self) -> int:
+        """Every latent: the experts' NUM_LATENTS and the shared dictionary's (ids after them)."""
+        return self.num_latents + self.shared_latents
+
+    @property
     def routed_k(self) -> int:
         """The active latents chosen among the routed experts' (k without the shared ones)."""
         return self.k - self.shared_k

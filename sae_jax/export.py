@@ -56,6 +56,7 @@ from safetensors.numpy import save_file
 
 from sae_jax.config import SAEConfig
 from sae_jax.mesh import make_mesh
+from sae_jax.model.switch import scaled_encoder, unit_rows
 
 WEIGHTS, INDEX, CONFIG = "sae.safetensors", "sae.safetensors.index.json", "cfg.json"
 SINGLE_FILE_VERSION, SHARDED_VERSION = 1, 2
@@ -90,6 +91,7 @@ def export_sae(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    params = inference_params(params)
     lead = jax.process_index() == 0
     if lead:  # from here until cfg.json is rewritten the directory is not a complete export
         for name in (CONFIG, INDEX):
@@ -115,6 +117,18 @@ def export_sae(
         _write_json(out / CONFIG, _config(cfg, version, input_scale, source))
     _sync("sae_jax.export: done")
     return out
+
+
+def inference_params(params: dict[str, Array]) -> dict[str, Array]:
+    """The tensors as inference uses them: feature scaling folded into w_enc (enc_scale
+    dropped) and the shared decoder's rows at unit norm, as the model applies them."""
+    params = dict(params)
+    if "enc_scale" in params:
+        scale = params.pop("enc_scale")
+        params["w_enc"] = jax.jit(scaled_encoder)(params["w_enc"], scale)
+    if "shared_w_dec" in params:
+        params["shared_w_dec"] = jax.jit(unit_rows)(params["shared_w_dec"])
+    return params
 
 
 def plan_parts(params: dict[str, Array], max_file_bytes: int) -> list[Part]:
@@ -209,9 +223,9 @@ def _replica(a: Array) -> np.ndarray:
 def _fold(name: str, a: np.ndarray, s: float) -> np.ndarray:
     """Fold the input scale s into one tensor (or any slice of it along the expert axis)."""
     a = np.asarray(a, np.float32)
-    if name in ("w_enc", "w_router"):
+    if name in ("w_enc", "w_router", "shared_w_enc"):
         return a * s
-    if name in ("w_dec", "b_dec", "b_router"):
+    if name in ("w_dec", "b_dec", "b_router", "shared_w_dec"):
         return a / s
     return a
 
@@ -224,6 +238,9 @@ def _config(cfg: SAEConfig, version: int, scale: float, source: dict | None) -> 
         "num_experts": cfg.num_experts,
         "latents_per_expert": cfg.latents_per_expert,
         "k": cfg.k,
+        "experts_per_token": cfg.experts_per_token,
+        "shared_latents": cfg.shared_latents,
+        "shared_k": cfg.shared_k,
         "d_in": cfg.d,
         "d_sae": cfg.num_latents,
         "input_scale": float(scale),

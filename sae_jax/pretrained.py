@@ -33,8 +33,12 @@ MIN_BUCKET = 128  # encode pads the token count to bucket(T) >= this
 class Codes(NamedTuple):
     values: jax.Array  # [..., k] latent activations (>= 0)
     indices: jax.Array  # [..., k] global latent ids in [0, NUM_LATENTS): expert * L + local id
-    expert: jax.Array  # [...] routed expert
+    # (a shared dictionary's latents follow: NUM_LATENTS + its id)
+    expert: jax.Array  # [...] routed expert (with several per token: the most probable)
     gate: jax.Array  # [...] router probability of that expert (1 when N = 1)
+    # [..., k] the router probability of each latent's own expert (1 for shared latents),
+    # with several experts per token or a shared dictionary; None: `gate` for every latent.
+    latent_gate: jax.Array | None = None
 
 
 class PretrainedSAE:
@@ -51,7 +55,8 @@ class PretrainedSAE:
         self.path = None if path is None else str(path)
         self.cfg = SAEConfig(
             d=meta["d"], num_latents=meta["num_latents"], num_experts=meta["num_experts"],
-            k=meta["k"], k_aux=0,
+            k=meta["k"], k_aux=0, experts_per_token=meta.get("experts_per_token", 1),
+            shared_latents=meta.get("shared_latents", 0), shared_k=meta.get("shared_k", 0),
         ).validate()  # fmt: skip
         self.params = {k: jnp.asarray(v) for k, v in tensors.items()}
 
@@ -75,10 +80,11 @@ class PretrainedSAE:
         padded = _pad(x)
         block = block_size or default_block(padded.shape[0], self.cfg.num_experts)
         codes = _encode(self.params, padded, jnp.int32(x.shape[0]), self.cfg, block)
-        return Codes(*(_unpad(a, lead) for a in codes))
+        return Codes(*(None if a is None else _unpad(a, lead) for a in codes))
 
     def decode(self, codes: Codes) -> jax.Array:
-        """x_hat = gate * sum_j values_j W_dec[indices_j] + b_dec: [..., d]."""
+        """x_hat = sum_j gate_j values_j W_dec[indices_j] + b_dec: [..., d], gate_j the
+        latent's own gate (codes.latent_gate) or else the token's (codes.gate)."""
         values, indices = jnp.asarray(codes.values), jnp.asarray(codes.indices)
         gate = jnp.asarray(codes.gate)
         if values.ndim == 0 or values.shape != indices.shape or gate.shape != values.shape[:-1]:
@@ -86,6 +92,9 @@ class PretrainedSAE:
                              f"[...], got values {tuple(values.shape)}, indices "
                              f"{tuple(indices.shape)}, gate {tuple(gate.shape)}")  # fmt: skip
         lead, k = values.shape[:-1], values.shape[-1]
+        if codes.latent_gate is not None:  # each latent with its own expert's gate
+            gate = jnp.ones(lead, jnp.float32)
+            values = values * jnp.asarray(codes.latent_gate)
         x_hat = _decode(self.params, _pad(values.reshape(-1, k).astype(jnp.float32)),
                         _pad(indices.reshape(-1, k).astype(jnp.int32)),
                         _pad(gate.reshape(-1).astype(jnp.float32)), self.cfg)  # fmt: skip
@@ -205,25 +214,52 @@ def _route(params: dict, x: jax.Array, cfg: SAEConfig) -> routing.Routing:
 def _encode(params: dict, x: jax.Array, tokens: jax.Array, cfg: SAEConfig, block_size: int):
     """Codes of the first `tokens` rows of x [P, d] (later rows, padding, get no expert block
     and zero codes)."""
+    if cfg.experts_per_token > 1 or cfg.shared_latents:
+        return _encode_global(params, x, tokens, cfg, block_size)
     r = _route(params, x, cfg)
-    experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"])
-    block_fn = functools.partial(encode_block, b_dec=params["b_dec"], k=cfg.k)
     present = jnp.arange(x.shape[0]) < tokens
-    values, local = blocks.grouped_apply(
-        block_fn,
-        experts,
-        x,
-        r.expert,
-        present=present,
-        num_experts=cfg.num_experts,
-        block_size=block_size,
-    )
+    values, local = _routed_topk(params, x, r.expert, present, cfg, block_size)
     return Codes(values, r.expert[:, None] * cfg.latents_per_expert + local, r.expert, r.gate)
+
+
+def _routed_topk(params: dict, x, expert, present, cfg: SAEConfig, block_size: int):
+    """Each row's top-k (routed k) in its expert [T]: values [T, k] and local ids [T, k]."""
+    experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"])
+    block_fn = functools.partial(encode_block, b_dec=params["b_dec"], k=cfg.routed_k)
+    return blocks.grouped_apply(block_fn, experts, x, expert, present=present,
+                                num_experts=cfg.num_experts, block_size=block_size)  # fmt: skip
+
+
+def _encode_global(params: dict, x, tokens, cfg: SAEConfig, block_size: int) -> Codes:
+    """Codes with the global TopK over a token's e experts (dispatch/global_topk.py) and the
+    shared dictionary's latents (ids from NUM_LATENTS on) after them: k values per token."""
+    t, e, lat = x.shape[0], cfg.experts_per_token, cfg.latents_per_expert
+    if cfg.num_experts == 1:
+        expert, gate = jnp.zeros((t, 1), jnp.int32), jnp.ones((t, 1), jnp.float32)
+    else:
+        r = routing.route_top(x, params["w_router"], params["b_router"], e)
+        expert, gate = r.expert, r.gate
+    present = jnp.repeat(jnp.arange(t) < tokens, e)
+    values, local = _routed_topk(params, jnp.repeat(x, e, axis=0), expert.reshape(-1), present,
+                                 cfg, block_size)  # fmt: skip
+    ids = (expert.reshape(-1)[:, None] * lat + local).reshape(t, -1)  # [T, e * k_r]
+    gates = jnp.repeat(gate, cfg.routed_k, axis=1)
+    _, top = jax.lax.top_k(values.reshape(t, -1) * gates, cfg.routed_k)
+    pick = functools.partial(jnp.take_along_axis, indices=top, axis=1)
+    parts = [(pick(values.reshape(t, -1)), pick(ids), pick(gates))]
+    if cfg.shared_latents:
+        pre = (x - params["b_dec"]) @ params["shared_w_enc"].T + params["shared_b_enc"]
+        top_s, idx_s = jax.lax.top_k(pre, cfg.shared_k)
+        parts.append((jax.nn.relu(top_s), idx_s + cfg.num_latents, jnp.ones_like(top_s)))
+    values, ids, latent_gate = (jnp.concatenate(a, axis=1) for a in zip(*parts, strict=True))
+    return Codes(values, ids, expert[:, 0], gate[:, 0], latent_gate)
 
 
 @functools.partial(jax.jit, static_argnums=4)
 def _decode(params: dict, values, indices, gate, cfg: SAEConfig) -> jax.Array:
     w = params["w_dec"].reshape(-1, cfg.d)
+    if cfg.shared_latents:
+        w = jnp.concatenate([w, params["shared_w_dec"]])
     recon = jnp.einsum("tk,tkd->td", values, w[indices])
     return gate[:, None] * recon + params["b_dec"]
 

@@ -178,3 +178,23 @@ def test_shared_dictionary_and_feature_scaling_match_the_reference(dispatch, mes
     for name, ref_grad in ref(params).items():
         assert np.abs(ref_grad).max() > 1e-5, name
         np.testing.assert_allclose(plain[name], ref_grad, rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("e", [1, 2])
+def test_exported_sae_reconstructs_as_the_model(mesh1, tmp_path, e):
+    """Export folds feature scaling into w_enc and keeps the shared dictionary; inference
+    (PretrainedSAE) gives the training model's x_hat, the codes k latents with their gates."""
+    from sae_jax.export import export_sae
+    from sae_jax.pretrained import load_pretrained
+
+    cfg = dataclasses.replace(EXTRAS, dispatch="dropless", experts_per_token=e)
+    model = _randomise_extras(random_model(cfg, seed=12), 12)
+    x, _ = _inputs(seed=13)
+    out = model(jnp.asarray(x))
+    export_sae(nnx.to_pure_dict(nnx.state(model)), cfg, tmp_path)
+    sae = load_pretrained(tmp_path)
+    codes = sae.encode(x)
+    assert codes.values.shape == (64, cfg.k) and codes.latent_gate.shape == (64, cfg.k)
+    assert int(np.sum(np.asarray(codes.indices) >= cfg.num_latents)) == 64 * cfg.shared_k
+    np.testing.assert_array_equal(codes.expert, np.asarray(out.expert).reshape(64, -1)[:, 0])
+    np.testing.assert_allclose(sae(x), out.x_hat, rtol=1e-4, atol=1e-5)

@@ -49,7 +49,7 @@ def collect(sae: PretrainedSAE, data, tokens: int, batch_size: int = 4096, top_k
     """Encode up to `tokens` tokens of `data` (ActivationData or SyntheticData) a batch at a
     time and accumulate FeatureStats."""
     cfg = sae.cfg
-    stats = FeatureStats(cfg.num_latents, cfg.num_experts, top_k, sample_k)
+    stats = FeatureStats(cfg.dictionary_size, cfg.num_experts, top_k, sample_k)
     parts: dict[str, list[np.ndarray]] = {}
     real = isinstance(data, ActivationData)
     total = tokens_to_encode(data, tokens, batch_size)

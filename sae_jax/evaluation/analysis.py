@@ -88,7 +88,7 @@ class EvalAccumulator:
     def __init__(self, sae: PretrainedSAE, capacity_factor: float | None, input_scale: float = 1.0):
         self.sae, self.cf, self.scale = sae, capacity_factor, input_scale
         cfg = sae.cfg
-        self.fired = np.zeros(cfg.num_latents, np.int64)
+        self.fired = np.zeros(cfg.dictionary_size, np.int64)
         self.load = np.zeros(cfg.num_experts, np.int64)
         self.sums = {k: 0.0 for k in ("n", "n_all", "sq", "sq_all", "x2", "x2_all", "l0",
                                       "entropy", "dropped", "tokens")}  # fmt: skip
