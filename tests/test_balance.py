@@ -1,6 +1,8 @@
 """Balancing beside the LB loss: loss-free router bias (ROUTER_BIAS) and the router z-loss."""
 
 import hashlib
+import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from sae_jax.mesh import make_mesh
 from sae_jax.model.losses import loss_and_metrics
 from sae_jax.model.switch import RouterBias
 from sae_jax.training.checkpoint import Checkpointer, check_compatible, model_record
+from sae_jax.training.loop import train
 from sae_jax.training.step import setup_training, update_router_bias
 
 CFG = SAEConfig(d=16, num_latents=128, num_experts=4, k=4, k_aux=8)
@@ -237,3 +240,26 @@ def test_options_off_are_bitwise_unchanged(mesh1):
     for x in xs:
         state, _ = step(state, x)
     assert _digest(state) == "0f38bb78d53ed4a6"
+
+
+def test_a_resumed_run_restores_the_bias(tmp_path):
+    """`train` with both options to 20 steps; the same run resumed from its step-10 checkpoint
+    ends with bitwise the same bias and router (the bias came back from the checkpoint), and
+    its export routes with it."""
+    cfg = SAEConfig(num_latents=128, num_experts=4, k=4, k_aux=8, router_bias=True)
+    tcfg = TrainConfig(
+        steps=20, batch_size=256, log_every=10, checkpoint_every=10, eval_tokens=512,
+        dead_after_tokens=2560, router_bias_rate=0.01, router_z_weight=1e-3,
+    )  # fmt: skip
+    train(cfg, tcfg, tmp_path / "a", progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "20")
+    train(cfg, tcfg, tmp_path / "b", progress=False)
+    a, b = load_pretrained(tmp_path / "a"), load_pretrained(tmp_path / "b")
+    assert np.any(np.asarray(a.params["router_bias"]) != 0)
+    for name in ("router_bias", "w_router", "b_router"):
+        np.testing.assert_array_equal(np.asarray(a.params[name]), np.asarray(b.params[name]))
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert all(r["router_z_loss"] > 0 for r in rows if "mse" in r)
+    assert "eval/router_z_loss" in rows[-1]
