@@ -182,7 +182,8 @@ class TrainConfig:
 
     lr: None picks base_lr / sqrt(latents per expert / 2**14): Gao et al.'s 1/sqrt(width) rule
         (their base_lr 2e-4), applied to the width of one expert, the TopK SAE a token sees.
-    lb_alpha: load-balancing weight against the per-dimension MSE.
+    lb_alpha: load-balancing weight against the per-dimension MSE; it applies with
+        SAEConfig.router_bias too (0: balance by the bias alone).
     router_bias_rate: with SAEConfig.router_bias, how far each step moves an expert's routing
         bias: -rate x sign(its load - the mean load).
     router_z_weight: weight of the router z-loss (ST-MoE), mean over tokens of

@@ -6,6 +6,8 @@ Tensors (float32; N experts, L = NUM_LATENTS / N latents each, d input dims):
     w_dec [N, L, d]   decoder rows
     b_dec [d]         decoder bias, subtracted from the input before encoding
     w_router [d, N], b_router [d]   only when N > 1
+    router_bias [N]   only when trained with ROUTER_BIAS (loss-free balancing): added to the
+                      router logits to choose each token's expert, not to its gate
 The training input scale s (model input = s * raw activation) is folded in, so the tensors
 apply to raw activations with the equations of README.md; decoder rows then have norm 1/s.
 
@@ -15,7 +17,7 @@ Two forms; `sae_jax.load_pretrained` reads both.
   when one process holds all the parameters and they total at most `max_file_bytes`
   (default DEFAULT_MAX_FILE_BYTES = 4 GiB).
 - Sharded (format_version 2), otherwise: with F files, `sae-00000-of-0000F.safetensors` holds
-  the replicated tensors (b_dec, w_router, b_router) and each further
+  the replicated tensors (b_dec, w_router, b_router, router_bias) and each further
   `sae-0000i-of-0000F.safetensors` holds w_enc, b_enc and w_dec of one contiguous range of
   experts [a, b) (first axis b - a long; the file's safetensors metadata has
   "experts": "a:b" and "process", the index of the process that wrote it), at most
@@ -227,7 +229,7 @@ def _fold(name: str, a: np.ndarray, s: float) -> np.ndarray:
         return a * s
     if name in ("w_dec", "b_dec", "b_router", "shared_w_dec"):
         return a / s
-    return a
+    return a  # b_enc; router_bias (added to the logits, which the fold leaves unchanged)
 
 
 def _config(cfg: SAEConfig, version: int, scale: float, source: dict | None) -> dict:

@@ -204,10 +204,15 @@ def default_block(tokens: int, num_experts: int) -> int:
 
 @functools.partial(jax.jit, static_argnums=2)
 def _route(params: dict, x: jax.Array, cfg: SAEConfig) -> routing.Routing:
+    """As in training: an exported router_bias [N] (ROUTER_BIAS) chooses the experts with the
+    logits, the gate stays the unbiased probability."""
     if cfg.num_experts == 1:
         ones = jnp.ones((x.shape[0],), jnp.float32)
         return routing.Routing(ones[:, None], jnp.zeros(x.shape[0], jnp.int32), ones)
-    return routing.route(x, params["w_router"], params["b_router"])
+    if "router_bias" not in params:
+        return routing.route(x, params["w_router"], params["b_router"])
+    r = routing.route_top(x, params["w_router"], params["b_router"], 1, params["router_bias"])
+    return routing.Routing(r.probs, r.expert[:, 0], r.gate[:, 0])
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4))
@@ -237,7 +242,8 @@ def _encode_global(params: dict, x, tokens, cfg: SAEConfig, block_size: int) -> 
     if cfg.num_experts == 1:
         expert, gate = jnp.zeros((t, 1), jnp.int32), jnp.ones((t, 1), jnp.float32)
     else:
-        r = routing.route_top(x, params["w_router"], params["b_router"], e)
+        bias = params.get("router_bias")
+        r = routing.route_top(x, params["w_router"], params["b_router"], e, bias)
         expert, gate = r.expert, r.gate
     present = jnp.repeat(jnp.arange(t) < tokens, e)
     values, local = _routed_topk(params, jnp.repeat(x, e, axis=0), expert.reshape(-1), present,

@@ -21,14 +21,16 @@ def feature_recovery(features: jax.Array, w_dec: jax.Array, threshold: float = 0
     return float(jnp.mean(best > threshold))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, capacity_factor: float, lb_alpha: float, aux_w: float):
+def make_eval_step(
+    graphdef: nnx.GraphDef, capacity_factor: float, lb_alpha: float, aux_w: float, z_w: float = 0.0
+):
     @jax.jit
     def eval_step(params: nnx.State, x: jax.Array, keep: jax.Array) -> dict[str, jax.Array]:
         """x: [T, d]; keep: [T] float, 0 for outlier tokens (left out of the "kept" sums)."""
         x = x.astype(jnp.float32)  # float16 / bfloat16 shards arrive in their own dtype
         model = nnx.merge(graphdef, params)
         out = model(x, None, capacity_factor)
-        _, metrics = loss_and_metrics(x, out, lb_alpha=lb_alpha, aux_weight=aux_w)
+        _, metrics = loss_and_metrics(x, out, lb_alpha=lb_alpha, aux_weight=aux_w, z_weight=z_w)
         sq_err = jnp.sum((x - out.x_hat) ** 2, axis=-1)
         for suffix, w in (("", keep), ("_all", jnp.ones_like(keep))):
             metrics["n" + suffix] = jnp.sum(w)
@@ -64,7 +66,8 @@ def evaluate(
     `features`: planted [F, d] directions, if known."""
     parts = [jax.device_get(eval_step(params, x, keep)) for x, keep in batches]
     result = {}
-    for name in ("loss", "l0", "lb_loss", "drop_fraction", "padding_overhead", "expert_load"):
+    for name in ("loss", "l0", "lb_loss", "router_z_loss", "drop_fraction", "padding_overhead",
+                 "expert_load"):  # fmt: skip
         result[name] = np.mean([p[name] for p in parts], axis=0)
     d = parts[0]["sum_x"].shape[-1]
     result["mse"] = np.sum([p["sq_err"] for p in parts]) / max(sum(p["n"] for p in parts) * d, 1)

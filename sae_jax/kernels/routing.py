@@ -14,12 +14,23 @@ class Routing(NamedTuple):
     gate: jax.Array  # [tokens] float32, probability of the chosen expert
 
 
+def router_logits(x: jax.Array, w_router: jax.Array, b_router: jax.Array) -> jax.Array:
+    """W_router^T (x - b_router) in float32: [tokens, N] for x [tokens, d], w_router [d, N]."""
+    return (x.astype(jnp.float32) - b_router.astype(jnp.float32)) @ w_router.astype(jnp.float32)
+
+
+def z_sum(logits: jax.Array) -> jax.Array:
+    """The router z-loss (ST-MoE, Zoph et al. 2022) summed over tokens: sum_t
+    logsumexp(logits_t)^2, [] float32 (summable across devices; divide by the tokens)."""
+    return jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+
 def route(x: jax.Array, w_router: jax.Array, b_router: jax.Array) -> Routing:
     """p(x) = softmax(W_router^T (x - b_router)), computed in float32.
 
     x: [tokens, d]; w_router: [d, N]; b_router: [d].
     """
-    logits = (x.astype(jnp.float32) - b_router.astype(jnp.float32)) @ w_router.astype(jnp.float32)
+    logits = router_logits(x, w_router, b_router)
     probs = jax.nn.softmax(logits, axis=-1)
     expert = jnp.argmax(probs, axis=-1).astype(jnp.int32)
     gate = jnp.take_along_axis(probs, expert[:, None], axis=-1)[:, 0]
@@ -39,7 +50,7 @@ def route_top(
     bias: [N] added to the logits only to choose the experts (loss-free balancing); the gates
     stay the unbiased probabilities. With e = 1 and no bias the choice is `route`'s argmax.
     """
-    logits = (x.astype(jnp.float32) - b_router.astype(jnp.float32)) @ w_router.astype(jnp.float32)
+    logits = router_logits(x, w_router, b_router)
     probs = jax.nn.softmax(logits, axis=-1)
     scores = probs if bias is None else logits + jax.lax.stop_gradient(bias)
     _, expert = jax.lax.top_k(jax.lax.stop_gradient(scores), experts_per_token)

@@ -50,6 +50,7 @@ class SwitchParams(NamedTuple):
     router: tuple[jax.Array, jax.Array] | None  # (w_router [d, N], b_router [d]); None: N = 1
     b_dec: jax.Array  # [d]
     shared: ExpertParams | None = None  # the shared dictionary ([S, d], [S], [S, d]); None: none
+    router_bias: jax.Array | None = None  # [N] selection-only routing bias (RouterBias); None: off
 
 
 class SwitchOut(NamedTuple):
@@ -66,6 +67,7 @@ class SwitchOut(NamedTuple):
     aux_err: jax.Array  # [] AuxK squared error sum
     aux_norm: jax.Array  # [] AuxK residual norm sum
     rows: jax.Array  # [] token rows the experts computed (capacity slots or padded blocks)
+    z_sum: jax.Array | float = 0.0  # [] sum of logsumexp(router logits)^2 (0 for N = 1)
 
 
 def unit_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -73,10 +75,18 @@ def unit_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:
     return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), eps)
 
 
+class RouterBias(nnx.Variable):
+    """Loss-free balancing's per-expert routing bias [N] float32 (DeepSeek-V3): model state
+    that is not an nnx.Param, so neither the gradient nor the optimiser sees it; the train step
+    moves it from each step's expert loads (training.step.update_router_bias)."""
+
+
 class SwitchSAE(nnx.Module):
     """Parameters: b_dec [d], b_router [d], w_router [d, N], and per expert w_enc [N, L, d]
     (encoder rows), b_enc [N, L], w_dec [N, L, d] (unit-norm rows). Expert tensors are
     annotated with the 'expert' mesh axis; create the module under `jax.set_mesh`.
+    With cfg.router_bias (and N > 1) it also holds router_bias, a RouterBias [N] (zeros at
+    init, replicated), added to the router logits only to choose each token's expert.
     """
 
     def __init__(self, cfg: SAEConfig, *, rngs: nnx.Rngs):
@@ -107,6 +117,8 @@ class SwitchSAE(nnx.Module):
             self.shared_w_dec = nnx.Param(shared_dec)
             self.shared_w_enc = nnx.Param(jnp.copy(shared_dec))
             self.shared_b_enc = nnx.Param(jnp.zeros((s,), jnp.float32))
+        if cfg.router_bias and n > 1:
+            self.router_bias = RouterBias(jnp.zeros((n,), jnp.float32))
 
     def __call__(
         self, x: jax.Array, dead: jax.Array | None = None, capacity_factor: float | None = None
@@ -131,7 +143,8 @@ class SwitchSAE(nnx.Module):
         if cfg.shared_latents:  # decoder rows used at unit norm (the update renormalises experts')
             shared = ExpertParams(self.shared_w_enc[...], self.shared_b_enc[...],
                                   unit_rows(self.shared_w_dec[...]))  # fmt: skip
-        params = SwitchParams(experts, router, self.b_dec[...], shared)
+        bias = self.router_bias[...] if hasattr(self, "router_bias") else None
+        params = SwitchParams(experts, router, self.b_dec[...], shared, bias)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             return switch_apply(params, x, dead, cfg=cfg, capacity_factor=cf)
@@ -146,9 +159,10 @@ class SwitchSAE(nnx.Module):
             None if router is None else (P(), P()),
             P(),
             None if shared is None else ExpertParams(P(), P(), P()),
+            None if bias is None else P(),
         )
         in_specs = (param_specs, tok, None if dead is None else expert_spec)
-        out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P(), P())
+        out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P(), P(), P())
         return jax.shard_map(
             local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(axes)
         )(params, x, dead)
@@ -183,7 +197,7 @@ def switch_apply(
     psum'd over them.
     """
     x = x.astype(jnp.float32)
-    expert, gate, counts, prob_sums = _route(x, params.router, cfg)
+    expert, gate, counts, prob_sums, z_sum = _route(x, params.router, cfg, params.router_bias)
     dtype = precision.resolve(cfg.compute_dtype)  # of the buffers and the reconstructions
     routed = Routed(centre(x, params.b_dec, dtype), expert, gate, params.b_dec)
     expert_axis = "expert" if all_axes else None
@@ -201,14 +215,14 @@ def switch_apply(
         x_hat = gate[:, None] * out.recon + params.b_dec
     else:  # out.recon is the gated sum over the token's experts
         out, x_hat = _apply_global(path, routed, params, dead_ids, cfg, settings)
-    sums = (counts, prob_sums, out.l0_sum, out.aux_err, out.aux_norm, out.rows)
+    sums = (counts, prob_sums, out.l0_sum, out.aux_err, out.aux_norm, out.rows, z_sum)
     fired = out.fired
     if all_axes:
         sums = jax.lax.psum(sums, all_axes)
         fired = jax.lax.psum(fired, data_axes)
-    counts, prob_sums, l0_sum, aux_err, aux_norm, rows = sums
+    counts, prob_sums, l0_sum, aux_err, aux_norm, rows, z_sum = sums
     return SwitchOut(x_hat, expert, gate, out.kept, counts, prob_sums, fired, l0_sum, aux_err,
-                     aux_norm, rows)  # fmt: skip
+                     aux_norm, rows, z_sum)  # fmt: skip
 
 
 def _apply_global(path, routed: Routed, params: SwitchParams, dead_ids, cfg, settings):
@@ -260,17 +274,27 @@ def expert_settings(
     )
 
 
-def _route(x: jax.Array, router: tuple[jax.Array, jax.Array] | None, cfg: SAEConfig):
+def _route(
+    x: jax.Array,
+    router: tuple[jax.Array, jax.Array] | None,
+    cfg: SAEConfig,
+    bias: jax.Array | None = None,
+):
     """Routed expert [T] and gate [T] (with experts_per_token e > 1: [T, e], the e most
-    probable), and the per-expert token counts and summed probabilities [N]. Without a
-    router (N = 1) every token goes to expert 0 with p = 1."""
-    num_experts = cfg.num_experts
+    probable), the per-expert token counts and summed probabilities [N], and the router
+    z-loss summed over tokens []. Without a router (N = 1) every token goes to expert 0 with
+    p = 1 (z = 0). bias [N]: added to the logits only to choose the experts
+    (routing.route_top); the gates stay the unbiased probabilities."""
+    e = cfg.experts_per_token
     if router is None:
         tokens = x.shape[0]
         sums = jnp.full((1,), tokens, jnp.float32)
-        return jnp.zeros((tokens,), jnp.int32), jnp.ones((tokens,), jnp.float32), sums, sums
-    if cfg.experts_per_token == 1:
+        ones = jnp.ones((tokens,), jnp.float32)
+        return jnp.zeros((tokens,), jnp.int32), ones, sums, sums, jnp.zeros((), jnp.float32)
+    if bias is None and e == 1:
         r = routing.route(x, *router)
     else:
-        r = routing.route_top(x, *router, cfg.experts_per_token)
-    return (r.expert, r.gate, *routing.load_sums(r, num_experts))
+        top = routing.route_top(x, *router, e, bias=bias)
+        r = top if e > 1 else routing.Routing(top.probs, top.expert[:, 0], top.gate[:, 0])
+    z_sum = routing.z_sum(routing.router_logits(x, *router))
+    return (r.expert, r.gate, *routing.load_sums(r, cfg.num_experts), z_sum)

@@ -53,8 +53,9 @@ def compile_steps(
         x = jax.ShapeDtypeStruct((tcfg.batch_size, cfg.d), jnp.float32, sharding=tokens)
         keep = jax.ShapeDtypeStruct((tcfg.batch_size,), jnp.float32, sharding=tokens)
         eval_step = make_eval_step(
-            graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight
-        )
+            graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight,
+            tcfg.router_z_weight,
+        )  # fmt: skip
         # AuxK at the largest bucket training can use (TrainConfig.aux_max_share)
         bucket = max_bucket(cfg.latents_per_expert, tcfg.aux_max_share)
         auxk = make_train_step(graphdef, tx, tcfg, shardings, auxk=True, aux_bucket=bucket)

@@ -30,16 +30,18 @@ from sae_jax.config import ConfigError, SAEConfig, TrainConfig, binding_name
 from sae_jax.data import ActivationData, SyntheticData
 from sae_jax.data.source import source_class
 from sae_jax.mesh import make_mesh
-from sae_jax.model.switch import SwitchSAE
+from sae_jax.model.switch import RouterBias, SwitchSAE
 
-MODEL_KEYS = ("d", "num_latents", "num_experts")  # another value: the state cannot restore
+# Another value: the state cannot restore (router_bias: the state holds a RouterBias or not).
+MODEL_KEYS = ("d", "num_latents", "num_experts", "router_bias", "shared_latents",
+              "feature_scaling")  # fmt: skip
 # Another value restores but trains another model: named, and refused unless allowed.
 CHANGE_KEYS = {
     SAEConfig: ("k", "k_aux", "capacity_factor", "eval_capacity_factor", "compute_dtype",
-                "dispatch"),
+                "dispatch", "experts_per_token", "shared_k"),
     TrainConfig: ("steps", "batch_size", "lr", "base_lr", "seed", "lb_alpha", "aux_weight",
                   "decay_fraction", "grad_clip", "dead_after_tokens", "aux_max_share",
-                  "train_data"),
+                  "train_data", "router_bias_rate", "router_z_weight"),
 }  # fmt: skip
 DATA_TRAIN_KEYS = ("train_data", "seed")  # TrainConfig fields that choose the training data
 # The data source's parameters that change the training stream (another value: the data would
@@ -178,10 +180,11 @@ class Checkpointer:
 def param_target(cfg: SAEConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The parameters of SwitchSAE(cfg) as abstract arrays sharded on `mesh` (nothing is
     allocated): w_enc/w_dec [N, L, d] and b_enc [N, L] over 'expert', b_dec [d], w_router
-    [d, N] and b_router [d] (N > 1) replicated."""
+    [d, N] and b_router [d] (N > 1) replicated, and router_bias [N] (a RouterBias, with
+    cfg.router_bias) replicated: what routing at inference needs."""
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(lambda: SwitchSAE(cfg, rngs=nnx.Rngs(0)))
-    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Any(nnx.Param, RouterBias)))
     return {
         name: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, a.sharding.spec))
         for name, a in params.items()
@@ -195,11 +198,12 @@ def model_record(cfg: SAEConfig) -> dict:
 
 def check_compatible(record: dict, cfg: SAEConfig, directory: Path) -> None:
     """A one-line error when a workdir's checkpoint (its model_record) belongs to a model of
-    another d, NUM_LATENTS or NUM_EXPERTS."""
+    another d, NUM_LATENTS, NUM_EXPERTS or ROUTER_BIAS (a record without a key: its default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
     diffs = [
-        f"{k} {record.get(k)} vs {getattr(cfg, k)}"
+        f"{k} {record.get(k, defaults[k])} vs {getattr(cfg, k)}"
         for k in MODEL_KEYS
-        if record.get(k) != getattr(cfg, k)
+        if record.get(k, defaults[k]) != getattr(cfg, k)
     ]
     if diffs:
         raise ConfigError(

@@ -339,7 +339,9 @@ def open_log(run: Run, graphdef: nnx.GraphDef, wandb: bool) -> Log:
     writer = MetricWriter(run.workdir, run.start, wandb_config) if run.lead else None
     if run.lead and run.config_text:
         (Path(run.workdir) / "config.gin").write_text(run.config_text)
-    eval_step = make_eval_step(graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight)
+    eval_step = make_eval_step(
+        graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight, tcfg.router_z_weight
+    )
     clock = TrainClock(logged_seconds(Path(run.workdir) / "metrics.jsonl", run.start))
     return Log(run, writer, eval_step, clock)
 

@@ -7,6 +7,10 @@ is chosen on the host from the dead-latent count (the most in one expert) that t
 dispatched (an on-device `lax.cond` would make XLA copy its predicate to the host and wait,
 every step, on GPU). The choice is a pure function of the training history (the last counts
 travel in the state), so a resumed run chooses the same.
+
+The state's `params` hold every model variable; only the nnx.Param ones are differentiated and
+seen by the optimiser. A RouterBias (SAEConfig.router_bias) is moved by `update_router_bias`
+from the step's expert loads, inside the same jitted step.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from sae_jax.config import TrainConfig
 from sae_jax.kernels.auxk import bucket_for, compact_dead
 from sae_jax.model.losses import loss_and_metrics
-from sae_jax.model.switch import SwitchSAE
+from sae_jax.model.switch import RouterBias, SwitchSAE
 from sae_jax.training.update import apply_update, partition_specs
 
 # A step runs AuxK when some latent was dead this many steps before it (LAG - 1 steps late at
@@ -35,7 +39,7 @@ DEAD_COUNT_LAG = 2
 @struct.dataclass
 class TrainState:
     step: jax.Array  # [] int32
-    params: nnx.State
+    params: nnx.State  # every model variable: the nnx.Params and a RouterBias [N] if any
     opt_state: Any
     since_fired: jax.Array  # [N, L] int32 training tokens since each latent last fired
     recent_dead: jax.Array  # [DEAD_COUNT_LAG] int32 most dead latents in one expert, recent steps
@@ -57,9 +61,25 @@ def new_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState
     """The state at step 0 for `params`, abstract or concrete (pure: jit- and eval_shape-able)."""
     n, lat = params["b_enc"][...].shape
     return TrainState(
-        jnp.zeros((), jnp.int32), params, tx.init(params), jnp.zeros((n, lat), jnp.int32),
+        jnp.zeros((), jnp.int32), params, tx.init(trained(params)), jnp.zeros((n, lat), jnp.int32),
         jnp.zeros((DEAD_COUNT_LAG,), jnp.int32),
     )  # fmt: skip
+
+
+def trained(variables: nnx.State) -> nnx.State:
+    """The nnx.Param part of a model's state: what the gradient and the optimiser see."""
+    return nnx.split_state(variables, nnx.Param, ...)[0]
+
+
+def update_router_bias(variables: nnx.State, counts: jax.Array, rate: float) -> nnx.State:
+    """Loss-free balancing (DeepSeek-V3): each RouterBias [N] moves by rate * sign(mean load -
+    load), from the step's global per-expert token counts [N] (SwitchOut.expert_counts,
+    already summed over devices, so every replica moves the same). `variables`: a model
+    state's non-Param part; returned with the biases moved (unchanged without one)."""
+    bias, other = nnx.split_state(variables, RouterBias, ...)
+    step = rate * jnp.sign(jnp.mean(counts) - counts)
+    bias = jax.tree.map(lambda b: b + step.astype(b.dtype), bias)
+    return nnx.merge_state(bias, other)
 
 
 def state_sharding(tree: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -108,10 +128,13 @@ def make_train_step(
     layout of the old one, so the second step does not recompile for a different layout.
     """
 
-    def loss_fn(params, x, dead_ids):
-        out = nnx.merge(graphdef, params)(x, dead_ids)
-        loss, metrics = loss_and_metrics(x, out, lb_alpha=tcfg.lb_alpha, aux_weight=tcfg.aux_weight)
-        return loss, (metrics, out.fired)
+    def loss_fn(params, others, x, dead_ids):
+        out = nnx.merge(graphdef, params, others)(x, dead_ids)
+        loss, metrics = loss_and_metrics(
+            x, out, lb_alpha=tcfg.lb_alpha, aux_weight=tcfg.aux_weight,
+            z_weight=tcfg.router_z_weight,
+        )  # fmt: skip
+        return loss, (metrics, out.fired, out.expert_counts)
 
     out_shardings = None
     if state_sharding is not None:
@@ -126,10 +149,15 @@ def make_train_step(
             size, lat = aux_bucket or mask.shape[1], mask.shape[1]
             # Past `size` dead latents per expert, the ids taken start `size` further each step.
             dead_ids = compact_dead(mask, size, start=(state.step % -(-lat // size)) * size)
-        grads, (metrics, fired) = jax.grad(loss_fn, has_aux=True)(state.params, x, dead_ids)
-        params, opt_state, grad_norm = apply_update(
-            tx, grads, state.opt_state, state.params, clip=tcfg.grad_clip
+        params, others = nnx.split_state(state.params, nnx.Param, ...)
+        grads, (metrics, fired, counts) = jax.grad(loss_fn, has_aux=True)(
+            params, others, x, dead_ids
         )
+        params, opt_state, grad_norm = apply_update(
+            tx, grads, state.opt_state, params, clip=tcfg.grad_clip
+        )
+        others = update_router_bias(others, counts, tcfg.router_bias_rate)
+        params = nnx.merge_state(params, others)
         tokens = x.shape[0]
         since = jnp.where(
             fired > 0, 0, jnp.minimum(state.since_fired + tokens, tcfg.dead_after_tokens)
