@@ -214,7 +214,8 @@ def switch_apply(
         out = path(routed, experts, dead_ids, settings)
         x_hat = gate[:, None] * out.recon + params.b_dec
     else:  # out.recon is the gated sum over the token's experts
-        out, x_hat = _apply_global(path, routed, params, dead_ids, cfg, settings)
+        out, x_hat = _apply_global(path, routed, params._replace(experts=experts), dead_ids, cfg,
+                                   settings)  # fmt: skip
     sums = (counts, prob_sums, out.l0_sum, out.aux_err, out.aux_norm, out.rows, z_sum)
     fired = out.fired
     if all_axes:
