@@ -62,3 +62,26 @@ def test_bench_times_the_auxk_step_of_a_bucket():
     args = bench.parse_args(["--d=16", "--k=4", "--batch=64", "--steps=1", "--auxk"])
     row = bench.measure(args, 4, 64, (1, 1), "float32", aux_bucket=16)
     assert args.auxk and row["tokens_per_sec"] > 0 and row["peak_mib_per_device"] > 0
+
+
+def test_step_profile_attributes_every_part(tmp_path, capsys):
+    """launch.step_profile on a small gather-kernel step: the expert parts and AuxK (told by
+    its name scope) get time."""
+    from launch import step_profile
+
+    out = tmp_path / "profile.json"
+    args = ["--configs=1:2048,2:4096", "--d=16", "--k=4", "--batch=256", "--rounds=1",
+            "--steps=1", "--bucket=16", f"--out={out}"]  # fmt: skip
+    assert step_profile.main(args) == 0
+    table = json.loads(out.read_text())
+    assert list(table) == ["N=1, M=2048", "N=2, M=4096"]
+    for parts in table.values():
+        for part in ("expert fwd: encoder matmul", "expert fwd: top-k", "AuxK (fwd+bwd)",
+                     "expert bwd (gather-kernel gradients)",
+                     "optimizer update loop (Adam, projection, renorm)"):  # fmt: skip
+            assert parts[part] > 0, part
+        assert parts["XLA temp buffer MiB"] > 0
+    assert "route, dispatch, loss" in capsys.readouterr().out
+    assert step_profile.part_of("jit(step)/transpose(jvp())/while/body/auxk/dot", "", 8) == (
+        "AuxK (fwd+bwd)"
+    )

@@ -60,6 +60,15 @@ def compact_dead(dead: jax.Array, size: int, start: jax.Array | int = 0) -> jax.
 def auxk_sums(
     p: ExpertParams, buf: ExpertRows, dead_ids: jax.Array, recon: jax.Array, s: ExpertSettings
 ) -> tuple[jax.Array, jax.Array]:
+    """`_auxk_sums` under the name scope 'auxk', so that profiles (launch/step_profile.py)
+    can tell its ops, forward and backward, from the expert's own."""
+    with jax.named_scope("auxk"):
+        return _auxk_sums(p, buf, dead_ids, recon, s)
+
+
+def _auxk_sums(
+    p: ExpertParams, buf: ExpertRows, dead_ids: jax.Array, recon: jax.Array, s: ExpertSettings
+) -> tuple[jax.Array, jax.Array]:
     """AuxK on one expert: reconstruct the frozen residual x - x_hat with its top-k_aux dead
     latents. Returns the sums over valid tokens of ||residual - aux||^2 and ||residual||^2,
     both 0 when this expert has no dead latent (tokens of experts without dead latents do not
