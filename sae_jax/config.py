@@ -43,7 +43,8 @@ class SAEConfig:
         'ragged_dot' (sae_jax/dispatch/ragged_dot.py; native on GPU/TPU, a dense masked product on
         CPU), 'blocks' (sae_jax/dispatch/blocks.py) or 'auto' (ragged_dot on GPU/TPU with the dense
         kernel, else blocks). Across devices dropless always uses blocks.
-    experts_per_token: e, the experts each token is routed to (its e most probable). e = 1 is
+    experts_per_token: e, the experts each token is routed to (its e most probable; at most
+        num_experts, to which a larger e is lowered: a TopK SAE has e = 1). e = 1 is
         the Switch SAE; e > 1 picks the k active latents with one TopK across the e experts'
         latents together, each scaled by its expert's router probability (Scale SAE's global
         TopK, Xu et al. 2025; docs/routing.md).
@@ -73,6 +74,12 @@ class SAEConfig:
     shared_k: int = 0
     feature_scaling: bool = False
     router_bias: bool = False
+
+    def __post_init__(self):
+        # e is at most N: EXPERTS_PER_TOKEN=2 in a config still trains a TopK SAE at N = 1.
+        e, n = self.experts_per_token, self.num_experts
+        if _is_int(e) and _is_int(n) and 1 <= n < e:
+            object.__setattr__(self, "experts_per_token", n)
 
     @property
     def latents_per_expert(self) -> int:

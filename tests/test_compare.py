@@ -127,11 +127,15 @@ def test_compare_writes_table_json_and_curves(compared):
 
 def test_row_choice_and_bindings():
     assert [r.name for r in compare.chosen_rows(compare.DEFAULT_ROWS)] == [
-        "topk", "switch8", "switch8_e2", "switch4_flops", "switch16_e2_wide"]  # fmt: skip
+        "topk", "switch8", "switch8_top1", "switch4_flops", "wide", "wide_x3"]  # fmt: skip
     with pytest.raises(SystemExit):
         compare.chosen_rows("topk,nope")
     args = compare.parse_args(["--train", "t", "--eval", "e", "--gin", "K=8"])
-    row = next(r for r in compare.RUNS if r.name == "switch16_e2_wide")
+    row = next(r for r in compare.RUNS if r.name == "switch4_flops")
     argv = compare.train_argv(args, row, 100, Path("w"))
-    assert argv[-2:] == ["--gin.K=8", "--gin.EXPERTS_PER_TOKEN=2"]  # the row's own come last
-    assert "--gin.NUM_LATENTS=9216" in argv and "--gin.EVAL_EVERY=12" in argv
+    assert argv[-3:] == [f"--gin.{b}" for b in compare.TOP1]  # the row's own come last
+    assert "--gin.NUM_LATENTS=18432" in argv and "--gin.EVAL_EVERY=12" in argv
+    wide = compare.train_argv(args, next(r for r in compare.RUNS if r.name == "wide"), 100,
+                              Path("w"))  # fmt: skip
+    assert wide[0] == "--gin_file=smollm2_wide.gin"
+    assert not any(a.startswith("--gin.NUM_EXPERTS") for a in wide)  # the file's own N

@@ -198,3 +198,16 @@ def test_exported_sae_reconstructs_as_the_model(mesh1, tmp_path, e):
     assert int(np.sum(np.asarray(codes.indices) >= cfg.num_latents)) == 64 * cfg.shared_k
     np.testing.assert_array_equal(codes.expert, np.asarray(out.expert).reshape(64, -1)[:, 0])
     np.testing.assert_allclose(sae(x), out.x_hat, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_kernel_and_experts_per_token_settings():
+    from sae_jax.model.switch import expert_settings
+
+    s = expert_settings(dataclasses.replace(CFG, expert_kernel="auto"), "float32", 1.0, None)
+    assert s.kernel == "gather" and s.k == CFG.k  # e > 1: the candidates' pass has the values
+    one = dataclasses.replace(CFG, expert_kernel="auto", experts_per_token=1)
+    assert expert_settings(one, "float32", 1.0, None).kernel == "auto"
+    # a TopK SAE (N = 1) of a config with EXPERTS_PER_TOKEN = 2 has e = 1
+    assert SAEConfig(num_experts=1, experts_per_token=2).experts_per_token == 1
+    shared = SAEConfig(d=16, num_latents=64, num_experts=4, k=8, shared_latents=16, shared_k=3)
+    assert shared.validate().routed_k == 5 and shared.dictionary_size == 80

@@ -47,28 +47,31 @@ TIME_PNG, FLOPS_PNG = "comparison_fvu_time.png", "comparison_fvu_flops.png"
 
 
 class Row(NamedTuple):
-    """One SAE of the comparison: N experts of width x multiple / N latents each, plus gin
-    bindings of its own (NAME=VALUE)."""
+    """One SAE of the comparison: N experts of width x multiple / N latents each (experts 0:
+    the config file's own N and NUM_LATENTS), plus gin bindings of its own (NAME=VALUE)."""
 
     name: str
     experts: int
     multiple: int
     kind: str
     bindings: tuple[str, ...] | list[str] = ()
+    config: str = CONFIG
 
 
-E2 = ("EXPERTS_PER_TOKEN=2",)
+# The Switch SAE as published: top-1 routing balanced by the load-balancing loss.
+TOP1 = ("EXPERTS_PER_TOKEN=1", "ROUTER_BIAS=False", "LB_ALPHA=3.0")
 RUNS = [
     Row("topk", 1, 1, "baseline"),
-    Row("switch8", 8, 1, "equal width"),
-    Row("switch8_e2", 8, 1, "equal width, top-2", E2),
-    Row("switch4_flops", 4, 4, "equal FLOPs"),
-    Row("switch16_e2_wide", 16, 2, "width x2, top-2", E2),
+    Row("switch8", 8, 1, "equal width, smollm2.gin (top-2, bias balancing)"),
+    Row("switch8_top1", 8, 1, "equal width, top-1 + LB loss", TOP1),
+    Row("switch4_flops", 4, 4, "equal FLOPs, top-1 + LB loss", TOP1),
+    Row("wide", 0, 0, "smollm2_wide.gin", config="smollm2_wide.gin"),
+    Row("wide_x3", 24, 3, "smollm2_wide.gin at width x3", config="smollm2_wide.gin"),
     Row("switch32", 32, 1, "equal width"),
-    Row("switch2_flops", 2, 2, "equal FLOPs"),
-    Row("switch8_flops", 8, 8, "equal FLOPs"),
+    Row("switch2_flops", 2, 2, "equal FLOPs, top-1 + LB loss", TOP1),
+    Row("switch8_flops", 8, 8, "equal FLOPs, top-1 + LB loss", TOP1),
 ]
-DEFAULT_ROWS = "topk,switch8,switch8_e2,switch4_flops,switch16_e2_wide"
+DEFAULT_ROWS = "topk,switch8,switch8_top1,switch4_flops,wide,wide_x3"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -149,11 +152,12 @@ def eval_every(steps: int, points: int) -> int:
 def train_argv(args, row: Row, steps: int, workdir: Path) -> list[str]:
     """launch.train's arguments for a row: the config, the data, N, NUM_LATENTS, STEPS and
     EVAL_EVERY, then --gin's bindings, then the row's own."""
+    shape = [f"NUM_EXPERTS={row.experts}", f"NUM_LATENTS={args.width * row.multiple}"]
     bindings = [f"TRAIN_DATA={args.train!r}", f"EVAL_DATA={args.eval!r}",
-                f"NUM_EXPERTS={row.experts}", f"NUM_LATENTS={args.width * row.multiple}",
+                *(shape if row.experts else []),
                 f"STEPS={steps}", f"EVAL_EVERY={eval_every(steps, args.eval_points)}",
                 *args.gin, *row.bindings]  # fmt: skip
-    return [f"--gin_file={CONFIG}", f"--workdir={workdir}", "--no_progress",
+    return [f"--gin_file={row.config}", f"--workdir={workdir}", "--no_progress",
             *[f"--gin.{b}" for b in bindings]]  # fmt: skip
 
 
@@ -173,9 +177,8 @@ def run_row(args, row: Row, steps: int, batch: int) -> dict:
     """Train and evaluate a row (unless its eval.json exists); its results: eval.json's
     numbers, throughput, curves, FLOPs and duplicates."""
     workdir = Path(args.workdir) / row.name
-    latents = args.width * row.multiple
-    print(f"== {row.name}: N={row.experts}, NUM_LATENTS={latents} {' '.join(row.bindings)}",
-          flush=True)  # fmt: skip
+    print(f"== {row.name}: {row.config} N={row.experts or 'config'}, x{row.multiple or 'config'} "
+          f"{' '.join(row.bindings)}", flush=True)  # fmt: skip
     if not (workdir / "eval.json").exists():  # done runs are kept: rerunning resumes
         run_module("launch.train", train_argv(args, row, steps, workdir), args.in_process)
         eval_argv = ["--workdir", str(workdir), "--data", args.eval,
@@ -183,7 +186,7 @@ def run_row(args, row: Row, steps: int, batch: int) -> dict:
         run_module("launch.eval", eval_argv, args.in_process)
     cfg, tcfg = run_configs(workdir)
     result = json.loads((workdir / "eval.json").read_text())
-    result |= {"name": row.name, "num_experts": row.experts, "num_latents": latents,
+    result |= {"name": row.name, "num_experts": cfg.num_experts, "num_latents": cfg.num_latents,
                "experts_per_token": cfg.experts_per_token, "shared_latents": cfg.shared_latents,
                "kind": row.kind, "bindings": list(row.bindings), "steps": tcfg.steps,
                "batch_size": tcfg.batch_size, "d": cfg.d}  # fmt: skip

@@ -69,6 +69,14 @@ class ExpertOut(NamedTuple):
     aux_recon: jax.Array | None = None  # [C, d] gated AuxK reconstruction (settings.aux_out)
 
 
+def routed_kernel(kernel: str, experts_per_token: int) -> str:
+    """The kernel the routed experts use: with a global TopK over e > 1 experts, 'auto' is
+    'gather' (the candidates' pass computes the values, so the dense kernel's one advantage,
+    reading them off its own pre-activation matmul, is gone; measured faster in
+    docs/routing.md), else the setting itself."""
+    return "gather" if kernel == "auto" and experts_per_token > 1 else kernel
+
+
 def use_dense(kernel: str, latents: int) -> bool:
     """kernel: one of config.EXPERT_KERNELS (validated by SAEConfig)."""
     return kernel == "dense" or (kernel == "auto" and latents <= DENSE_MAX_LATENTS)

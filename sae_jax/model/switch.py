@@ -37,6 +37,7 @@ from sae_jax.kernels.expert import (
     centre,
     expert_out,
 )
+from sae_jax.kernels.records import routed_kernel
 from sae_jax.mesh import AXES
 from sae_jax.varying import vary_all
 
@@ -233,8 +234,8 @@ def _apply_global(path, routed: Routed, params: SwitchParams, dead_ids, cfg, set
         routed = routed._replace(expert=routed.expert[:, None], gate=routed.gate[:, None])
     shared = None
     if params.shared is not None:
-        shared = shared_forward(params.shared, routed, dataclasses.replace(
-            settings, k=cfg.shared_k, k_aux=0, expert_axis=None))  # fmt: skip
+        own = dict(k=cfg.shared_k, k_aux=0, expert_axis=None, kernel=cfg.expert_kernel)
+        shared = shared_forward(params.shared, routed, dataclasses.replace(settings, **own))
     also = None if shared is None else shared.recon
     out = global_topk.run(path, routed, params.experts, dead_ids, settings, also)
     x_hat = out.recon + params.b_dec
@@ -267,7 +268,7 @@ def expert_settings(
     return ExpertSettings(
         k=cfg.routed_k,
         k_aux=cfg.k_aux_effective,
-        kernel=cfg.expert_kernel,
+        kernel=routed_kernel(cfg.expert_kernel, cfg.experts_per_token),
         dtype=dtype,
         block_size=cfg.block_size,
         capacity_factor=capacity_factor,

@@ -28,6 +28,7 @@ from sae_jax.dispatch.capacity import capacity
 from sae_jax.dispatch.dropless import auto_block_size
 from sae_jax.kernels.auxk import max_bucket
 from sae_jax.kernels.expert import use_dense
+from sae_jax.kernels.records import routed_kernel
 from sae_jax.plan.hlo import Collective
 from sae_jax.training.step import DEAD_COUNT_LAG
 
@@ -89,8 +90,8 @@ class Shapes:
         return cls(
             cfg.d, cfg.num_latents, cfg.num_experts, cfg.k, cfg.k_aux_effective,
             tcfg.batch_size, mesh_shape[0], mesh_shape[1], cfg.capacity_factor,
-            cfg.expert_kernel, cfg.compute_dtype, cfg.dispatch, cfg.block_size,
-            backend == "cpu",
+            routed_kernel(cfg.expert_kernel, cfg.experts_per_token), cfg.compute_dtype,
+            cfg.dispatch, cfg.block_size, backend == "cpu",
             max_bucket(cfg.latents_per_expert, tcfg.aux_max_share) / cfg.latents_per_expert,
             cfg.experts_per_token, cfg.shared_latents, cfg.shared_k,
         )  # fmt: skip
