@@ -260,15 +260,22 @@ def duplicates(workdir: Path) -> dict:
 
 def step_speed(args, result: dict) -> float:
     """Tokens/s of the run's training step alone (random inputs, one device), or NaN with
-    --bench_steps 0."""
+    --bench_steps 0. Kept in the run's step_speed.json: a rerun (say with --doc) reuses it,
+    as it reuses the training, so the rows keep the figures measured side by side."""
     if args.bench_steps <= 0:
         return float("nan")
     from launch import bench
 
-    cfg, _ = run_configs(Path(args.workdir) / result["name"])
+    workdir = Path(args.workdir) / result["name"]
+    cache = workdir / "step_speed.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["step_tokens_per_sec"]
+    cfg, _ = run_configs(workdir)
     seconds, _, _ = bench.time_step(cfg, result["batch_size"], args.bench_steps)
     print(f"step benchmark {result['name']}: {1e3 * seconds:.0f} ms", flush=True)
-    return result["batch_size"] / seconds
+    speed = result["batch_size"] / seconds
+    cache.write_text(json.dumps({"step_tokens_per_sec": speed}) + "\n")
+    return speed
 
 
 def baseline(results: list[dict]) -> dict:
