@@ -70,7 +70,7 @@ class PretrainedSAE:
         """Router probabilities [..., N], routed expert [...] and gate [...]."""
         x, lead = self._tokens(x)
         r = _route(self.params, _pad(x), self.cfg)
-        return routing.Routing(*(_unpad(a, lead) for a in r))
+        return routing.Routing(*(None if a is None else _unpad(a, lead) for a in r))
 
     def encode(self, x, block_size: int | None = None) -> Codes:
         """Top-k codes of x [..., d] in each token's routed expert: values and indices

@@ -104,53 +104,6 @@ def test_capacity_drops_exactly_the_overflow(mesh1):
     assert float(metrics["drop_fraction"]) == pytest.approx(expected_drops / 64)
 
 
-def _run_experts_old(p, bufs, b_dec, dead_ids, s):
-    """run_experts as it was: b_dec's encoder gradient (with_b_dec_grad) inside each expert."""
-    from sae_jax.kernels import expert
-
-    if s.dense(p.w_enc.shape[1]):
-        return jax.vmap(lambda *a: expert.expert_out(a[0], a[1], b_dec, a[2], s))(p, bufs, dead_ids)
-    return jax.lax.map(lambda a: expert.expert_out(a[0], a[1], b_dec, a[2], s), (p, bufs, dead_ids))
-
-
-@pytest.mark.parametrize("kernel", ["dense", "gather"])
-def test_b_dec_gradient_taken_once_for_all_experts(kernel):
-    """run_experts gives b_dec its encoder gradient for all experts at once, outside the loop
-    over experts: the same values (bitwise) and gradients as inside it, and with the gather
-    kernel no [N, L, d] stack of W_enc is kept for the backward (a smaller compiled step).
-    With AuxK: b_dec still gets no gradient from it."""
-    from sae_jax.kernels.auxk import compact_dead
-    from sae_jax.kernels.expert import ExpertParams, ExpertRows, ExpertSettings, run_experts
-
-    n, lat, d, c = 4, 64, 16, 24
-    rng = np.random.default_rng(0)
-    p = ExpertParams(*(jnp.asarray(rng.normal(size=s), jnp.float32) for s in
-                       ((n, lat, d), (n, lat), (n, lat, d))))  # fmt: skip
-    valid = jnp.asarray(rng.random((n, c)) < 0.8)
-    bufs = ExpertRows(jnp.asarray(rng.normal(size=(n, c, d)), jnp.float32), valid * 0.5, valid)
-    b_dec, r = jnp.asarray(rng.normal(size=d), jnp.float32), rng.normal(size=(n, c, d))
-    s = ExpertSettings(k=5, k_aux=6, kernel=kernel)
-    dead_ids = compact_dead(jnp.asarray(rng.random((n, lat)) < 0.3), 16)
-
-    def loss(fn):
-        def f(p, b_dec):
-            out = fn(p, b_dec)
-            return jnp.sum(out.recon * r) + out.aux_err.sum()
-
-        return f
-
-    new = loss(lambda p, b: run_experts(p, bufs, b, dead_ids, s))
-    old = loss(lambda p, b: _run_experts_old(p, bufs, b, dead_ids, s))
-    assert float(jax.jit(new)(p, b_dec)) == float(jax.jit(old)(p, b_dec))
-    grads = [jax.jit(jax.grad(f, argnums=(0, 1)))(p, b_dec) for f in (new, old)]
-    for got, want in zip(*(jax.tree.leaves(g) for g in grads), strict=True):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    if kernel == "gather":
-        temp = [jax.jit(jax.grad(f, argnums=(0, 1))).lower(p, b_dec).compile().memory_analysis()
-                .temp_size_in_bytes for f in (new, old)]  # fmt: skip
-        assert temp[0] <= temp[1] - n * lat * d * 4, temp
-
-
 def test_assign_slots_counts_earlier_tokens():
     expert = jnp.array([2, 0, 2, 2, 1, 0])
     np.testing.assert_array_equal(capacity.assign_slots(expert, 3), [0, 0, 1, 2, 0, 1])

@@ -64,21 +64,12 @@ def centre(x: jax.Array, b_dec: jax.Array, dtype: str = "float32") -> jax.Array:
     return (x.astype(jnp.float32) - jax.lax.stop_gradient(b_dec)).astype(dtype)
 
 
-def with_b_dec_grad(
-    p: ExpertParams, b_dec: jax.Array, shift: jax.Array | None = None
-) -> ExpertParams:
+def with_b_dec_grad(p: ExpertParams, b_dec: jax.Array) -> ExpertParams:
     """p with b_enc + (v - v), v = -W_enc b_dec [L]: the value is exactly b_enc, and the
     gradient reaching b_dec is -(sum over tokens of the pre-activation gradient) @ W_enc,
-    what W_enc (x - b_dec) would give it, without forming a [C, d] gradient.
-    shift: that v - v, `b_dec_shift(p.w_enc, b_dec)`, where the caller computed it already."""
-    return p._replace(b_enc=p.b_enc + (b_dec_shift(p.w_enc, b_dec) if shift is None else shift))
-
-
-def b_dec_shift(w_enc: jax.Array, b_dec: jax.Array) -> jax.Array:
-    """v - v for v = -W_enc b_dec: zeros [..., L] through which b_dec gets its encoder gradient
-    (see `with_b_dec_grad`); w_enc [..., L, d]."""
-    v = -(jax.lax.stop_gradient(w_enc) @ b_dec)
-    return v - jax.lax.stop_gradient(v)
+    what W_enc (x - b_dec) would give it, without forming a [C, d] gradient."""
+    v = -(jax.lax.stop_gradient(p.w_enc) @ b_dec)
+    return p._replace(b_enc=p.b_enc + (v - jax.lax.stop_gradient(v)))
 
 
 def dense_preactivations(xc: jax.Array, p: ExpertParams, dtype: str = "float32") -> jax.Array:
@@ -141,15 +132,13 @@ def centred_forward(
     b_dec: jax.Array,
     s: ExpertSettings,
     chosen: tuple[jax.Array, jax.Array] | None = None,
-    shift: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """One expert's TopK SAE on its buffer.
 
     p: one expert's weights; buf: its rows (x [C, d] centred in the compute dtype, valid [C]
     False for empty slots); b_dec: [d] (for its gradient); chosen: (indices, latents) [C, k]
     that a forward of the same weights and tokens returned, reused instead of the top-k and
-    the encoder values (a backward then needs no encoder matmul; see blocks.map_blocks);
-    shift: `b_dec_shift(p.w_enc, b_dec)` [L] where the caller computed it (see run_experts).
+    the encoder values (a backward then needs no encoder matmul; see blocks.map_blocks).
     Returns recon [C, d] (W_dec^T z, ungated, no b_dec), latents [C, k], indices [C, k],
     fired [L] (valid tokens on which each latent was active), all float32 but the indices.
     """
@@ -157,7 +146,7 @@ def centred_forward(
     chosen = buf.chosen if chosen is None else chosen
     if s.encode_only:
         return candidates(p, buf, s)
-    p = with_b_dec_grad(p, b_dec, shift)
+    p = with_b_dec_grad(p, b_dec)
     pre_grad = dense_preactivations(xc, p, dtype)
     pre = jax.lax.stop_gradient(pre_grad)
     idx, value = (jax.lax.top_k(pre, s.k)[1], None) if chosen is None else chosen
@@ -189,15 +178,14 @@ def expert_out(
     dead_ids: jax.Array | None,
     s: ExpertSettings,
     chosen: tuple[jax.Array, jax.Array] | None = None,
-    shift: jax.Array | None = None,
 ) -> ExpertOut:
     """One expert on one buffer of its tokens: the forward and, given dead ids, AuxK.
 
     p leaves for one expert ([L, d], [L]); buf [C, ...] rows; dead_ids [B] int32
-    (`auxk.compact_dead`) or None (no AuxK); chosen, shift: see `centred_forward`.
+    (`auxk.compact_dead`) or None (no AuxK); chosen: see `centred_forward`.
     Returns ExpertOut for this buffer (recon [C, d], ..., fired [L], AuxK sums []).
     """
-    recon, latents, idx, fired = centred_forward(p, buf, b_dec, s, chosen, shift)
+    recon, latents, idx, fired = centred_forward(p, buf, b_dec, s, chosen)
     zero = zeros_varying((), recon.dtype, recon)
     if dead_ids is None or s.k_aux == 0 or s.encode_only:
         return ExpertOut(recon, latents, idx, fired, zero, zero)
@@ -221,15 +209,10 @@ def run_experts(
     outside (see training/step.py), so a step without dead latents compiles no AuxK at all.
     Returns ExpertOut with [N, ...] leaves and the AuxK sums summed over experts.
     """
-    one = functools.partial(expert_out, b_dec=b_dec, s=s)
-    # b_dec's encoder gradient term for all experts at once: taken inside the loop over experts,
-    # its residual (each expert's W_enc) was copied into an [N, L, d] stack every step.
-    shift = b_dec_shift(p.w_enc, b_dec)
+    one = functools.partial(expert_out, s=s)
     if s.dense(p.w_enc.shape[1]):  # batched matmuls
         dead_axis = None if dead_ids is None else 0
-        out = jax.vmap(lambda q, b, dead, sh: one(q, b, dead_ids=dead, shift=sh),
-                       in_axes=(0, 0, dead_axis, 0))(p, bufs, dead_ids, shift)  # fmt: skip
+        out = jax.vmap(one, in_axes=(0, 0, None, dead_axis))(p, bufs, b_dec, dead_ids)
     else:  # one expert at a time: vmapped, the gather kernel's row gathers ran slower
-        out = jax.lax.map(lambda a: one(a[0], a[1], dead_ids=a[2], shift=a[3]),
-                          (p, bufs, dead_ids, shift))  # fmt: skip
+        out = jax.lax.map(lambda a: one(a[0], a[1], b_dec, a[2]), (p, bufs, dead_ids))
     return out._replace(aux_err=out.aux_err.sum(), aux_norm=out.aux_norm.sum())

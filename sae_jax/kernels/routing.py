@@ -12,6 +12,7 @@ class Routing(NamedTuple):
     probs: jax.Array  # [tokens, N] float32
     expert: jax.Array  # [tokens] int32, argmax expert
     gate: jax.Array  # [tokens] float32, probability of the chosen expert
+    logits: jax.Array | None = None  # [tokens, N] float32 router logits (for the z-loss)
 
 
 def router_logits(x: jax.Array, w_router: jax.Array, b_router: jax.Array) -> jax.Array:
@@ -34,7 +35,7 @@ def route(x: jax.Array, w_router: jax.Array, b_router: jax.Array) -> Routing:
     probs = jax.nn.softmax(logits, axis=-1)
     expert = jnp.argmax(probs, axis=-1).astype(jnp.int32)
     gate = jnp.take_along_axis(probs, expert[:, None], axis=-1)[:, 0]
-    return Routing(probs, expert, gate)
+    return Routing(probs, expert, gate, logits)
 
 
 def route_top(
@@ -55,7 +56,7 @@ def route_top(
     scores = probs if bias is None else logits + jax.lax.stop_gradient(bias)
     _, expert = jax.lax.top_k(jax.lax.stop_gradient(scores), experts_per_token)
     gate = jnp.take_along_axis(probs, expert, axis=-1)
-    return Routing(probs, expert.astype(jnp.int32), gate)
+    return Routing(probs, expert.astype(jnp.int32), gate, logits)
 
 
 def load_sums(routing: Routing, num_experts: int) -> tuple[jax.Array, jax.Array]:

@@ -297,6 +297,6 @@ def _route(
         r = routing.route(x, *router)
     else:
         top = routing.route_top(x, *router, e, bias=bias)
-        r = top if e > 1 else routing.Routing(top.probs, top.expert[:, 0], top.gate[:, 0])
-    z_sum = routing.z_sum(routing.router_logits(x, *router))
+        r = top if e > 1 else top._replace(expert=top.expert[:, 0], gate=top.gate[:, 0])
+    z_sum = routing.z_sum(r.logits)
     return (r.expert, r.gate, *routing.load_sums(r, cfg.num_experts), z_sum)
