@@ -40,9 +40,9 @@ class SAEConfig:
     block_size: rows per expert block of the dropless dispatch; 0 picks one from the tokens
         per device and N (`dropless.auto_block_size`).
     grouped_matmul: how dropless runs the experts whose tokens are all on the device:
-        'ragged_dot' (sae_jax/dispatch/ragged_dot.py; native on GPU/TPU, a dense masked product on
-        CPU), 'blocks' (sae_jax/dispatch/blocks.py) or 'auto' (ragged_dot on GPU/TPU with the dense
-        kernel, else blocks). Across devices dropless always uses blocks.
+        'ragged_dot' (sae_jax/dispatch/ragged_dot.py; native on TPU, a dense masked product on
+        CPU and possibly on GPU), 'blocks' (sae_jax/dispatch/blocks.py) or 'auto' (ragged_dot on
+        TPU with the dense kernel, else blocks). Across devices dropless always uses blocks.
     experts_per_token: e, the experts each token is routed to (its e most probable; at most
         num_experts, to which a larger e is lowered: a TopK SAE has e = 1). e = 1 is
         the Switch SAE; e > 1 picks the k active latents with one TopK across the e experts'

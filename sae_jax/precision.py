@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def resolve(name: str, backend: str | None = None) -> str:
@@ -66,3 +67,53 @@ def _mixed_bwd(spec, dtypes, residuals, g):
 
 
 _mixed_einsum.defvjp(_mixed_fwd, _mixed_bwd)
+
+
+def ragged_dot(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array, dtype: str = "float32"):
+    """`jax.lax.ragged_dot` of lhs [R, a] (rows grouped by sizes [N]) and rhs [N, a, b] on
+    operands cast to `dtype`, accumulated and returned in float32: [R, b].
+
+    As `einsum`: below float32 the backward products take `dtype` operands and accumulate in
+    float32, and each gradient comes back in its operand's own dtype. (Autodiff of a cast
+    ragged_dot would round rhs's gradient to `dtype`: its transpose returns the cast
+    operand's dtype.)
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        f32 = jnp.float32
+        lhs, rhs = lhs.astype(f32), rhs.astype(f32)
+        return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=f32)
+    return _mixed_ragged((str(jnp.dtype(dtype)), lhs.dtype.name, rhs.dtype.name), lhs, rhs, sizes)
+
+
+def _grouped_outer(a: jax.Array, g: jax.Array, sizes: jax.Array) -> jax.Array:
+    """Per group n: a[rows of n]^T g[rows of n]; a [R, a], g [R, b] -> [N, a, b] float32."""
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (0,)), ((), ())),
+        lhs_ragged_dimensions=[0],
+        rhs_group_dimensions=[],
+    )
+    return jax.lax.ragged_dot_general(a, g, sizes, dims, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mixed_ragged(dtypes: tuple[str, str, str], lhs, rhs, sizes):
+    return jax.lax.ragged_dot(lhs.astype(dtypes[0]), rhs.astype(dtypes[0]), sizes,
+                              preferred_element_type=jnp.float32)  # fmt: skip
+
+
+def _mixed_ragged_fwd(dtypes, lhs, rhs, sizes):
+    a, b = lhs.astype(dtypes[0]), rhs.astype(dtypes[0])  # residuals in the compute dtype
+    out = jax.lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32)
+    return out, (a, b, sizes)
+
+
+def _mixed_ragged_bwd(dtypes, residuals, g):
+    a, b, sizes = residuals
+    g = g.astype(dtypes[0])
+    da = jax.lax.ragged_dot(g, jnp.swapaxes(b, 1, 2), sizes, preferred_element_type=jnp.float32)
+    db = _grouped_outer(a, g, sizes)
+    zero_sizes = np.zeros(sizes.shape, jax.dtypes.float0)
+    return da.astype(dtypes[1]), db.astype(dtypes[2]), zero_sizes
+
+
+_mixed_ragged.defvjp(_mixed_ragged_fwd, _mixed_ragged_bwd)

@@ -146,6 +146,40 @@ def test_ragged_dot_only_where_asked_or_on_accelerators(mesh1):
     assert "ragged_dot" not in jaxpr and "while" in jaxpr
 
 
+def test_auto_grouped_matmul_is_ragged_dot_on_tpu_only():
+    """XLA:GPU may lower ragged_dot to a dense product over all N experts: blocks on GPU."""
+    from sae_jax.dispatch.paths import grouped_matmul
+
+    assert [grouped_matmul(CFG, b) for b in ("cpu", "gpu", "tpu")] == ["blocks", "blocks",
+                                                                       "ragged_dot"]  # fmt: skip
+    gather = dataclasses.replace(CFG, expert_kernel="gather")
+    assert grouped_matmul(gather, "tpu") == "blocks"
+    assert grouped_matmul(dataclasses.replace(CFG, grouped_matmul="ragged_dot"), "gpu") == (
+        "ragged_dot"
+    )
+
+
+def test_bf16_ragged_dot_path_gradients_match_blocks_in_float32():
+    """In bfloat16 the ragged_dot path's weight gradients are accumulated and kept in
+    float32, as the block path's (precision.einsum) are: close to each other, and not
+    rounded to bfloat16."""
+    x = tokens_for(routing_of("one_expert_90pct"))
+    dead = np.random.default_rng(6).random((N, 16)) < 0.5
+    bf16 = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    (_, _, _, grads), _ = forward_and_grads(
+        dataclasses.replace(bf16, grouped_matmul="ragged_dot"), x, dead, (1, 1)
+    )
+    (_, _, _, ref_grads), _ = forward_and_grads(bf16, x, dead, (1, 1))
+    for key in ("w_enc", "w_dec"):
+        g = np.asarray(grads[key])
+        assert g.dtype == np.float32
+        nonzero = g[g != 0]  # rows of latents that fired
+        exact = np.mean(nonzero.astype(jnp.bfloat16).astype(np.float32) == nonzero)
+        assert nonzero.size > 100 and exact < 0.5, (key, exact)  # cast autodiff: 1.0
+        scale = np.abs(ref_grads[key]).max()
+        np.testing.assert_allclose(g, ref_grads[key], atol=2e-2 * scale, err_msg=key)
+
+
 def rows_computed(experts: np.ndarray, mesh_shape) -> int:
     """Rows the dropless blocks hold: per row of the mesh (the devices that exchange tokens)
     and per expert, its tokens rounded up to blocks of B = auto_block_size(T_local, N_local)."""

@@ -64,6 +64,41 @@ def test_bf16_einsum_matches_float32_with_bf16_backward_products(spec):
     )  # forward + 2 backward
 
 
+def _bf16_representable(a) -> float:
+    """The fraction of a's entries that bfloat16 holds exactly."""
+    a = np.asarray(a, np.float32)
+    return float(np.mean(a.astype(jnp.bfloat16).astype(np.float32) == a))
+
+
+def test_bf16_ragged_dot_keeps_float32_weight_gradients():
+    """precision.ragged_dot in bfloat16 against float32 on the same data; rhs is a float32
+    weight, so its gradient is float32 and not rounded to bfloat16 (as autodiff of a cast
+    ragged_dot would leave it)."""
+    rng = np.random.default_rng(1)
+    sizes = jnp.asarray([5, 0, 9, 2], jnp.int32)  # an empty group; 16 rows, 2 hold no group
+    lhs = jnp.asarray(rng.normal(size=(18, 8)), jnp.float32)
+    rhs = jnp.asarray(rng.normal(size=(4, 8, 6)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(18, 6)), jnp.float32)
+
+    def loss(lhs, rhs, dtype):
+        return jnp.sum(precision.ragged_dot(lhs, rhs, sizes, dtype) * weights)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    value, (g_lhs, g_rhs) = grad(lhs, rhs, "bfloat16")
+    ref_value, (ref_lhs, ref_rhs) = grad(lhs, rhs, "float32")
+    assert g_lhs.dtype == g_rhs.dtype == jnp.float32
+    np.testing.assert_allclose(value, ref_value, rtol=2e-2, atol=0.2)
+    np.testing.assert_allclose(g_lhs, ref_lhs, rtol=3e-2, atol=5e-2)
+    np.testing.assert_allclose(g_rhs, ref_rhs, rtol=3e-2, atol=5e-2)
+    np.testing.assert_array_equal(g_rhs[1], 0.0)  # the empty group
+    assert _bf16_representable(np.asarray(g_rhs)[[0, 2, 3]]) < 0.5  # accumulated in float32, kept
+    cast_autodiff = jax.grad(
+        lambda r: jnp.sum(jax.lax.ragged_dot(lhs.astype("bfloat16"), r.astype("bfloat16"),
+                                             sizes, preferred_element_type=jnp.float32) * weights)
+    )(rhs)  # fmt: skip
+    assert _bf16_representable(cast_autodiff) == 1.0  # what this guards against
+
+
 def _dot_operand_dtypes(jaxpr) -> list[set]:
     return [
         {v.aval.dtype for v in e.invars} for e in _eqns(jaxpr) if e.primitive.name == "dot_general"

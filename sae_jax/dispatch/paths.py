@@ -4,7 +4,7 @@ Every path has the signature of dispatch/routed.py (`DispatchPath`):
 
     capacity                  [N, C, d] buffers; across devices an all_to_all of them
     dropless, one device      tokens sorted into blocks of one expert each (dropless.run)
-    dropless, ragged_dot      one device, `jax.lax.ragged_dot` grouped matmuls (GPU/TPU)
+    dropless, ragged_dot      one device, `jax.lax.ragged_dot` grouped matmuls (TPU)
     dropless, across devices  a ragged all-to-all of the routed rows, then blocks
 
 Across devices the ragged_dot path is not used: its [R, L] pre-activations would cover the
@@ -41,11 +41,14 @@ def choose(cfg: SAEConfig, expert_devices: int) -> DispatchPath:
     return PATHS[(cfg.dispatch, matmul, expert_devices > 1)]
 
 
-def grouped_matmul(cfg: SAEConfig) -> str:
+def grouped_matmul(cfg: SAEConfig, backend: str | None = None) -> str:
     """'ragged_dot' or 'blocks' for dropless experts that are all on one device:
-    SAEConfig.grouped_matmul, whose 'auto' is ragged_dot on GPU/TPU with the dense kernel
-    (XLA:CPU runs ragged_dot as a dense product over all N groups)."""
+    SAEConfig.grouped_matmul, whose 'auto' is ragged_dot only on TPU with the dense kernel.
+    XLA:CPU runs ragged_dot as a dense product over all N groups, and XLA:GPU, with the
+    versions we pin, may too (N times the FLOPs, [N, T, .] temporaries): on both the block
+    path runs until `python -m launch.devcheck` measures ragged_dot faster on the device.
+    backend: 'cpu', 'gpu' or 'tpu' (default: jax.default_backend())."""
     if cfg.grouped_matmul != "auto":
         return cfg.grouped_matmul
     dense = use_dense(cfg.expert_kernel, cfg.latents_per_expert)
-    return "ragged_dot" if dense and jax.default_backend() != "cpu" else "blocks"
+    return "ragged_dot" if dense and (backend or jax.default_backend()) == "tpu" else "blocks"

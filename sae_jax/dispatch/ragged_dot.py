@@ -7,9 +7,12 @@ the values come from the [R, L] pre-activations, the top-k from their gradient-f
 sparse codes [R, L] multiply W_dec, and AuxK reconstructs the residual with each row's
 expert's dead latents.
 
-XLA:CPU lowers ragged_dot to a dense masked product over all N groups (N times the work), so
-on CPU the block path (sae_jax/dispatch/blocks.py) runs instead; the tests run this one on CPU
-against it. It holds [R, L] pre-activations for the R = T_local rows of one device (the
+XLA:CPU lowers ragged_dot to a dense masked product over all N groups (N times the work), and
+XLA:GPU may too, so 'auto' runs it on TPU only (dispatch/paths.py) and the block path
+(sae_jax/dispatch/blocks.py) elsewhere; the tests run this one on CPU against it. The
+products are `precision.ragged_dot`: in bfloat16 the weight gradients stay float32.
+
+It holds [R, L] pre-activations for the R = T_local rows of one device (the
 capacity path holds [N, C, L]), so it serves experts that are all on the device; across
 devices the receive buffer's worst case (E x T_local rows) would make that E times larger,
 and the block path, which computes only the blocks that hold tokens, is used.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sae_jax import precision
 from sae_jax.dispatch.routed import Routed, TokenOut
 from sae_jax.kernels.expert import ExpertParams, ExpertSettings
 
@@ -74,8 +78,7 @@ def run(routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSe
 
 def _ragged(lhs: jax.Array, rhs: jax.Array, sizes: jax.Array, dtype: str) -> jax.Array:
     """lhs [R, a] rows grouped by `sizes` [N], times rhs [N, a, b]: [R, b] float32."""
-    return jax.lax.ragged_dot(lhs.astype(dtype), rhs.astype(dtype), sizes,
-                              preferred_element_type=jnp.float32)  # fmt: skip
+    return precision.ragged_dot(lhs, rhs, sizes, dtype)
 
 
 def _codes(values: jax.Array, idx: jax.Array, latents: int, dtype: str) -> jax.Array:
