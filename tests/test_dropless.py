@@ -211,6 +211,30 @@ def test_backward_reuses_the_forward_top_k_and_values(kernel):
     assert "TopK" not in backward_hlo and "sort(" not in backward_hlo
 
 
+def test_backward_residuals_are_the_tokens_and_top_k():
+    """What the block loop keeps for its backward (the leaves of jax.vjp's backward): the
+    layout's tokens [blocks, B, d] and the top-k ids and values [blocks, B, k], not the
+    reconstructions [blocks, B, d] nor per-block fired counts [blocks, L]."""
+    n, lat, block, k = 4, 64, 8, 4
+    keys = jax.random.split(jax.random.key(0), 3)
+    p = ExpertParams(jax.random.normal(keys[0], (n, lat, D)), jnp.zeros((n, lat)),
+                     jax.random.normal(keys[1], (n, lat, D)))  # fmt: skip
+    xc, expert = jax.random.normal(keys[2], (T, D)), jnp.arange(T) % n
+    settings = ExpertSettings(k=k, k_aux=2, block_size=block)
+
+    def run(p, b_dec):
+        out = dropless.run(Routed(xc, expert, jnp.ones(T), b_dec), p, jnp.zeros((n, 8), jnp.int32),
+                           settings)  # fmt: skip
+        return out.recon, out.fired, out.aux_err
+
+    _, backward = jax.vjp(run, p, jnp.zeros(D))
+    shapes = [leaf.shape for leaf in jax.tree.leaves(backward)]
+    blocks = dropless.blocks.max_blocks(T, n, block)
+    assert shapes.count((blocks, block, D)) == 1  # the tokens
+    assert shapes.count((blocks, block, k)) == 2  # the top-k ids and values
+    assert not [s for s in shapes if s[:1] == (blocks,) and lat in s]
+
+
 def test_forward_keeps_no_per_block_fired_counts(mesh1):
     """The compiled loss gradient holds the expert gradients (2 W, w_enc's and w_dec's) and
     buffers the size of the rows, but no [blocks, L] stack of per-block fired counts (they go
