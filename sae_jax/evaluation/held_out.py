@@ -2,88 +2,15 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
+from sae_jax.evaluation.recovery import feature_recovery
 from sae_jax.model.losses import loss_and_metrics
-from sae_jax.varying import vary, varying_axes
-
-
-def feature_recovery(features: jax.Array, w_dec: jax.Array, threshold: float = 0.9) -> float:
-    """Fraction of planted features [F, d] whose best decoder row (of any expert) has cosine
-    similarity > threshold. w_dec: [N, L, d] unit rows, numpy or JAX, sharded or not."""
-    return float(jnp.mean(best_cosines(features, w_dec) > threshold))
-
-
-def best_cosines(features: jax.Array, w_dec: jax.Array) -> jax.Array:
-    """[F]: each planted feature's largest cosine with a decoder row ([N, L, d] unit rows).
-
-    A running max over the experts of [F, L] products, so the [F, N x L] matrix (4 TiB on
-    pod.gin's eval) is never built. A w_dec sharded over mesh axes is read where it lies: each
-    device takes the max over its own experts and rows, then a pmax over those axes; nothing
-    expert-sized moves between devices.
-    """
-    return best_cosines_program(w_dec)(features, w_dec)
-
-
-def best_cosines_program(w_dec: jax.Array) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """The jitted (features, w_dec) -> [F] program `best_cosines` runs for w_dec's layout:
-    under `jax.shard_map` when w_dec is sharded over a mesh (a concrete array's sharding;
-    inside a caller's jit a traced w_dec has none, and the plain scan runs)."""
-    sharding = getattr(w_dec, "sharding", None)
-    if isinstance(sharding, NamedSharding) and any(sharding.spec):
-        return _sharded_best(sharding.mesh, _spec3(sharding.spec))
-    return _best
-
-
-def _local_best(features: jax.Array, w_dec: jax.Array, sum_axes: tuple = ()) -> jax.Array:
-    """[F] max over w_dec's [N, L, d] rows of the cosines, one expert's [F, L] at a time;
-    sum_axes: the mesh axes d is split over (partial dot products are summed over them)."""
-    if sum_axes:  # the norm of the whole feature, not of this device's share of d
-        norm = jax.lax.psum(jnp.sum(features * features, axis=-1, keepdims=True), sum_axes)
-        feats = features / jnp.sqrt(norm)
-    else:
-        feats = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
-
-    def expert(best, rows):
-        cos = feats @ rows.T  # [F, L]
-        if sum_axes:
-            cos = jax.lax.psum(cos, sum_axes)
-        return jnp.maximum(best, jnp.max(cos, axis=-1)), None
-
-    carry_axes = set(varying_axes(w_dec)) - set(sum_axes)  # the max's mesh type in the loop
-    init = vary(jnp.full(features.shape[:1], -jnp.inf, feats.dtype), carry_axes)
-    return jax.lax.scan(expert, init, w_dec)[0]
-
-
-_best = jax.jit(_local_best)
-
-
-def _spec3(spec: PartitionSpec) -> tuple:
-    return tuple(spec) + (None,) * (3 - len(spec))
-
-
-def _axes(entry) -> tuple:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-@functools.cache
-def _sharded_best(mesh: jax.sharding.Mesh, spec: tuple):
-    """`_local_best` on each device's block of a w_dec laid out as `spec` on `mesh`."""
-    max_axes, sum_axes = _axes(spec[0]) + _axes(spec[1]), _axes(spec[2])
-
-    def local(features, w_dec):
-        best = _local_best(features, w_dec, sum_axes)
-        return jax.lax.pmax(best, max_axes) if max_axes else best
-
-    in_specs = (PartitionSpec(None, spec[2]), PartitionSpec(*spec))
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=PartitionSpec()))
 
 
 def make_eval_step(
