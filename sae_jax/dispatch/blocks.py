@@ -143,7 +143,7 @@ def map_blocks(
     plan: BlockPlan,
     shared: tuple = (),
     token_grads: bool = True,
-    reuse_outputs: bool = False,
+    keep: Callable[[PyTree], PyTree] | None = None,
 ) -> PyTree:
     """fn on every used block with its expert's weights: padded leaves [blocks, B, ...] -> fn's
     outputs stacked over blocks (zeros for the unused blocks, which hold only padding).
@@ -151,28 +151,32 @@ def map_blocks(
     fn(weights of one expert, tokens [B, ...], valid [B], *shared): `shared` holds arrays every
     block uses (say b_dec) that need a gradient; fn must not close over differentiated values.
     token_grads=False: the tokens get no gradient (saves its matmuls in the backward).
-    reuse_outputs=True: fn also takes `saved=`, None in the forward and, in the backward, the
-    block's outputs of the forward (kept as residuals), which it may return as values instead
-    of computing them again (then only what the gradient needs runs; say no encoder matmul).
+    keep: the outputs the backward reuses, keep(outputs) -> a pytree of some of their leaves
+    (say the top-k ids and values, not the reconstruction): only these are kept for the
+    backward, and fn also takes `saved=`, None in the forward and, in the backward, keep of
+    the block's forward outputs, which it may return as values instead of computing them
+    again (then only what the gradient needs runs; say no encoder matmul). None: fn takes no
+    `saved=` and the backward keeps none of the outputs.
     Only the used blocks run, forward and backward, so the work follows the tokens, not the
     worst-case layout: a loop over the experts reads each expert's weights once and runs an
     inner loop over its blocks (reading them per block cost more than the matmuls at small B).
     The backward (a custom VJP) runs the blocks again, each block's `jax.vjp` recomputing what
-    its gradient needs: nothing per block is kept between the passes but fn's outputs (a
+    its gradient needs: nothing per block is kept between the passes but keep's outputs (a
     scan's backward would keep each block's copy of its expert's weights); an expert's weight
     gradient is summed over its blocks and written once into the [N, ...] gradient.
     """
-    if reuse_outputs:
-        fn = _Replay(fn)
+    if keep is not None:
+        fn = _Replay(fn, keep)
     return _used_blocks_map(fn, token_grads, weights, padded, plan.expert_bounds, plan.valid,
                             *shared)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
 class _Replay:
-    """A block function that takes `saved=` (map_blocks' reuse_outputs): None in the forward."""
+    """A block function that takes `saved=` (map_blocks' keep): None in the forward."""
 
     fn: Callable
+    keep: Callable[[PyTree], PyTree]  # the outputs kept for the backward's `saved=`
 
     def __call__(self, *args, saved=None):
         return self.fn(*args, saved=saved)
@@ -215,7 +219,7 @@ def _forward(fn, weights, padded, bounds, valid, shared):
 
 def _forward_rule(fn, token_grads, weights, padded, bounds, valid, *shared):
     out = _forward(fn, weights, padded, bounds, valid, shared)
-    saved = out if isinstance(fn, _Replay) else None
+    saved = fn.keep(out) if isinstance(fn, _Replay) else None
     return out, (weights, padded, bounds, valid, shared, saved)
 
 

@@ -59,21 +59,22 @@ def run_blocks(
     def block_fn(w, tokens, valid, b_dec, saved):
         (p_e, dead_e), (xc_b, gate_b, chosen_b) = w, tokens
         # The backward reuses the forward's top-k and values: no encoder matmul, no top-k again.
-        chosen = None if saved is None else (saved.indices, saved.latents)
         rows = ExpertRows(xc_b, gate_b, valid, chosen_b)
-        out = expert_out(p_e, rows, b_dec, dead_e, s, chosen)
-        return out._replace(recon=out.recon.astype(s.dtype))
+        out = expert_out(p_e, rows, b_dec, dead_e, s, saved)
+        # No per-block fired [L]: stacked over the blocks it would be [blocks, L].
+        return out._replace(recon=out.recon.astype(s.dtype), fired=None)
 
     tokens = (routed.x, routed.gate, routed.chosen)
     padded = jax.tree.map(lambda a: blocks.to_blocks(a, plan), tokens)
+    # Only the top-k ids and values are kept for the backward, not the [rows, d] recon.
     out = blocks.map_blocks(block_fn, (p, dead_ids), padded, plan, shared=(routed.b_dec,),
-                            token_grads=False, reuse_outputs=True)  # fmt: skip
-    fired = jnp.zeros((n, lat), jnp.float32).at[plan.block_expert].add(out.fired)
+                            token_grads=False, keep=lambda o: (o.indices, o.latents))  # fmt: skip
+    active = (out.latents > 0) * plan.valid[..., None]  # [blocks, B, k]
     result = TokenOut(
         recon=blocks.from_blocks(out.recon, plan).astype(jnp.float32),
         kept=jnp.ones(routed.expert.shape, bool),
-        fired=fired,
-        l0_sum=jnp.sum((out.latents > 0) * plan.valid[..., None]),
+        fired=_fired(out.indices, active, plan.block_expert, (n, lat), s.encode_only),
+        l0_sum=jnp.sum(active),
         aux_err=out.aux_err.sum(),
         aux_norm=out.aux_norm.sum(),
         rows=(plan.used_blocks * block).astype(jnp.float32),
@@ -84,6 +85,19 @@ def run_blocks(
     if out.aux_recon is not None:
         result = result._replace(aux_recon=blocks.from_blocks(out.aux_recon, plan))
     return result
+
+
+def _fired(
+    indices: jax.Array, active: jax.Array, block_expert: jax.Array, shape, encode_only: bool
+) -> jax.Array:
+    """[N, L] float32: the valid rows on which each latent fired, counted from the blocks'
+    top-k ids [blocks, B, k] and whether each fired on a valid row (active [blocks, B, k]
+    bool); zeros for
+    the candidates of a global TopK (encode_only), which fire nothing."""
+    fired = jnp.zeros(shape, jnp.float32)
+    if encode_only:
+        return fired
+    return fired.at[block_expert[:, None, None], indices].add(active)
 
 
 def run_exchanged(

@@ -12,7 +12,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax.evaluation.held_out import feature_recovery, fvu_from_sums
+from sae_jax.evaluation.held_out import fvu_from_sums
+from sae_jax.evaluation.recovery import feature_recovery
 from sae_jax.pretrained import PretrainedSAE
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more than this fraction of tokens is "dense"

@@ -9,16 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sae_jax.evaluation.recovery import feature_recovery
 from sae_jax.model.losses import loss_and_metrics
-
-
-def feature_recovery(features: jax.Array, w_dec: jax.Array, threshold: float = 0.9) -> float:
-    """Fraction of planted features [F, d] whose best decoder row (of any expert) has cosine
-    similarity > threshold. w_dec: [N, L, d] unit rows."""
-    rows = w_dec.reshape(-1, w_dec.shape[-1])
-    feats = features / jnp.linalg.norm(features, axis=-1, keepdims=True)
-    best = jnp.max(feats @ rows.T, axis=-1)
-    return float(jnp.mean(best > threshold))
 
 
 def make_eval_step(

@@ -221,8 +221,9 @@ def dropless_activations(s: Shapes) -> int:
     blocks' backward loop (see DROPLESS_EXCHANGE_F32_BUFFERS), each dominated by [R, d]
     buffers with R = E x T_local, the worst case whatever the routing; the emulation's chunk
     buffers count on CPU only (on GPU/TPU ragged_all_to_all writes into the receive
-    buffer). Plus the blocks' stacked outputs (fired [blocks, L], latents and ids
-    [blocks, B, k]) and the tokens' side [T_local, d]."""
+    buffer). Plus the blocks' stacked top-k (latents and ids [blocks, B, k], the backward's
+    residuals; the fired counts go straight into [N_local, L]) and the tokens' side
+    [T_local, d]."""
     rows, blocks = max(s.received_rows, s.layout_rows), s.layout_rows // s.block
     itemsize = jnp.dtype(s.compute_dtype).itemsize
     exchange = (DROPLESS_EXCHANGE_F32_BUFFERS * F32 + itemsize) * rows * s.d
@@ -233,7 +234,7 @@ def dropless_activations(s: Shapes) -> int:
     # one block's [B, L] pre-activations and codes, and AuxK's [B, dead] columns (twice)
     aux = (2 + 2 * s.aux_share) * s.block * s.latents * F32
     loop = (DROPLESS_LOOP_F32_BUFFERS * F32 + itemsize) * rows * s.d + weights + aux
-    stacked = blocks * (s.latents + 2 * s.block * s.k) * F32
+    stacked = blocks * 2 * s.block * s.k * F32
     tokens = 4 * s.local_tokens * s.d * F32
     return max(exchange, loop) + stacked + tokens
 
