@@ -1,5 +1,12 @@
-"""The training loop, `train`: set-up (`set_up` -> a `Run`), the steps (`train_steps`), the end
-(`finish`: final evaluation, checkpoint and export)."""
+"""The training loop, `train`: set-up (`set_up` -> a `Run`), the steps (`compile_steps`, then
+`train_steps`), the end (`finish`: final evaluation, checkpoint and export).
+
+`compile_steps` compiles every step variant the run can use before the first step (see
+training/step.py), so no step waits for a compile. In `train_steps` the host waits for the
+device only to log metrics (every LOG_EVERY steps), before a checkpoint and for an
+evaluation: the AuxK bucket is chosen from a count the host already holds, and the batches
+are made on the host, so the host runs up to DEAD_COUNT_LAG - 1 steps ahead of the device.
+"""
 
 from __future__ import annotations
 

@@ -234,9 +234,10 @@ class TrainStep:
 
     def compile(self, state: TrainState, x: jax.Array) -> int:
         """Compile ahead of time the step of every bucket in `buckets(state)`, for arguments
-        of the shapes, dtypes and shardings of `state` and `x` [T, d] (arrays, or
-        jax.ShapeDtypeStruct); the calls then run these executables (which refuse arguments
-        of another layout). Returns how many were compiled."""
+        of the shapes, dtypes and shardings of `state` (the run's first state: its counts are
+        read) and `x` [T, d] (an array or a jax.ShapeDtypeStruct); the calls then run these
+        executables (which refuse arguments of another layout). Returns how many it
+        compiled."""
         todo = [b for b in self.buckets(state) if b not in self._compiled]
         for b in todo:
             self._compiled[b] = self.for_bucket(b).lower(state, x).compile()
@@ -244,9 +245,10 @@ class TrainStep:
 
     def bucket(self, state: TrainState) -> int:
         """The next call's AuxK bucket, 0 for none (seeds the counts from `state` once)."""
-        count = int(self._seed(state)[0])  # copied to the host since its step was dispatched
+        counts = self._seed(state)
         if not self._aux:
             return 0
+        count = int(counts[0])  # on the host already: copied since its step was dispatched
         return bucket_for(count, state.since_fired.shape[1], self._tcfg.aux_max_share)
 
     def uses_auxk(self, state: TrainState) -> bool:
