@@ -379,8 +379,8 @@ def compile_steps(
     run: Run, state: TrainState, step_fn: TrainStep, batches: Iterator[Batch]
 ) -> Iterator[Batch]:
     """Compile, before the first step, the training step of every AuxK bucket the run can use
-    (TrainStep.compile, for the first batch as placed on the mesh), so that no step waits for
-    a compile; says what it compiles. Returns the batches, the first one included."""
+    (TrainStep.compile, for batches like the first one, as placed on the mesh), so that no step
+    waits for a compile; says what it compiles. Returns the batches, the first one included."""
     tcfg = run.tcfg
     first = next(batches)
     buckets = step_fn.buckets(state)
@@ -393,7 +393,9 @@ def compile_steps(
         return chain([first], batches)
     say(run.lead, f"compiling the training step (without AuxK{with_aux}), then training steps "
                   f"{steps}")  # fmt: skip
-    step_fn.compile(state, put_local(first.x, run.tokens, tcfg.batch_size))
+    x = jax.ShapeDtypeStruct((tcfg.batch_size, *first.x.shape[1:]), first.x.dtype,
+                             sharding=run.tokens)  # fmt: skip
+    step_fn.compile(state, x)
     return chain([first], batches)
 
 
