@@ -33,11 +33,12 @@ def slowed(make, iters: int):
     return make_slow
 
 
-def spy_calls(monkeypatch, record):
-    """Calls record(self, state, x, result) after every TrainStep call."""
+def spy_calls(monkeypatch, record, before=lambda: None):
+    """Calls before() at the start of every TrainStep call, record(self, its result) after."""
     call = TrainStep.__call__
 
     def spied(self, state, x):
+        before()
         out = call(self, state, x)
         record(self, out)
         return out
@@ -79,10 +80,9 @@ def test_no_compile_after_the_first_step(tmp_path, monkeypatch):
             events.append(fun_name)
 
     def record(step, out):
-        events.append("STEP")
         buckets.append(step.bucket(out[0]))  # the next call's
 
-    spy_calls(monkeypatch, record)
+    spy_calls(monkeypatch, record, before=lambda: events.append("STEP"))
     finish = loop.finish
     monkeypatch.setattr(loop, "finish", lambda *a: (events.append("FINISH"), finish(*a))[1])
     jax.monitoring.register_event_duration_secs_listener(compiled)
