@@ -200,6 +200,9 @@ class TrainConfig:
         to a dead-id bucket, see kernels.auxk.max_bucket); with more dead ones they take turns.
         1.0: every dead latent every step, as Gao et al.
     mesh_shape: ('data', 'expert') device mesh; -1 = all remaining devices.
+    compile_ahead: compile the training step of every AuxK bucket the run can use before the
+        first step (training/step.py), so that no step stops for a compile; False: each one
+        compiles at its first use (a shorter start when latents may never die).
     eval_data: 'TRAIN_DATA' (FOLLOW, the default) follows train_data (`eval_spec`): shards
         evaluate on the training shards themselves, 'synthetic' on a held-out synthetic stream.
     """
@@ -226,6 +229,7 @@ class TrainConfig:
     mesh_shape: tuple[int, int] = (-1, 1)
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    compile_ahead: bool = True
 
     def validate(self) -> TrainConfig:
         check_types(self)

@@ -11,7 +11,7 @@ from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.data import SyntheticData
 from sae_jax.model.init import geometric_median
 from sae_jax.training.loop import train
-from sae_jax.training.step import make_optimizer, setup_training
+from sae_jax.training.step import DEAD_COUNT_LAG, make_optimizer, setup_training
 from sae_jax.training.update import project
 
 
@@ -128,9 +128,9 @@ def test_config_dataclasses_are_frozen():
 
 def test_auxk_step_is_chosen_on_the_host_from_lagged_dead_counts(mesh1):
     cfg = SAEConfig(d=24, num_latents=128, num_experts=4, k=4, k_aux=8)
-    tcfg = TrainConfig(steps=5, batch_size=64, lr=1e-2, dead_after_tokens=64)
+    tcfg = TrainConfig(steps=7, batch_size=64, lr=1e-2, dead_after_tokens=64)
     rng = np.random.default_rng(0)
-    batches = [jnp.asarray(rng.normal(size=(64, 24)), jnp.float32) for _ in range(5)]
+    batches = [jnp.asarray(rng.normal(size=(64, 24)), jnp.float32) for _ in range(7)]
     _, state, step = setup_training(random_model(cfg), tcfg)
     # Neither compiled step holds a conditional (XLA would sync its predicate to the host);
     # only the AuxK step holds the second top-k (k_aux) and its work.
@@ -151,7 +151,8 @@ def test_auxk_step_is_chosen_on_the_host_from_lagged_dead_counts(mesh1):
         state, m = step(state, x)
         aux.append(float(m["aux_loss"]))
     # Step 0 leaves latents dead (they did not fire on its 64 tokens); the step that runs
-    # AuxK first is step DEAD_COUNT_LAG = 2, which reads step 0's count.
-    assert used[:2] == [0, 0] and set(used[2:]) <= {16, 32} and step.uses_auxk(state)
-    assert aux[:2] == [0.0, 0.0] and min(aux[2:]) > 0
+    # AuxK first is step DEAD_COUNT_LAG = 4, which reads step 0's count.
+    lag = DEAD_COUNT_LAG
+    assert used[:lag] == [0] * lag and set(used[lag:]) <= {16, 32} and step.uses_auxk(state)
+    assert aux[:lag] == [0.0] * lag and min(aux[lag:]) > 0
     assert list(jax.device_get(state.recent_dead)) == [int(v) for v in step._counts]

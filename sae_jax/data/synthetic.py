@@ -7,6 +7,10 @@ from the centroid). Each token picks one group uniformly and draws a Poisson(`me
 number of its features (at most 4x the mean), feature j of the group with probability
 proportional to (j + 1)^-power, each with a magnitude uniform in [0.5, 1.5]. Tokens are scaled
 so that E||x||^2 = d.
+
+Batches are generated on the host's CPU device (`host_device`), a few ahead in a background
+thread (`stream.prefetch`): generated on an accelerator, each batch would queue behind the
+training steps already dispatched there, and reading it would make the host wait for them.
 """
 
 from __future__ import annotations
@@ -22,9 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.config import ConfigError
-from sae_jax.data.stream import Batch
+from sae_jax.data.stream import Batch, prefetch
 
 _SPLITS = {"train": 0, "eval": 1}
+PREFETCH_BATCHES = 4  # batches generated ahead (as many as the training steps queued ahead)
+
+
+def host_device() -> jax.Device:
+    """This process's first CPU device (its first device, when JAX runs without its CPU
+    backend, JAX_PLATFORMS=cuda for example)."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
 
 
 @gin.configurable
@@ -61,6 +75,12 @@ class SyntheticData:
         self.features = _unit(mixed)  # [F, d], features of group g at rows g*F/G ...
         freq = (jnp.arange(per_group) + 1.0) ** -power
         self._cdf = jnp.cumsum(freq / freq.sum())  # [F/G] within-group draw distribution
+        # What each batch is generated from, on the host (`features` stays uncommitted, for
+        # use beside arrays on any device).
+        host = host_device()
+        self._key, self._cdf, self._host_features = jax.device_put(
+            (self._key, self._cdf, self.features), host
+        )
         self.mean_active = float(mean_active)
         self.max_active = max(1, math.ceil(4 * mean_active))
         sample = self._raw(jax.random.fold_in(self._key, 2**20), 8192)
@@ -68,25 +88,33 @@ class SyntheticData:
 
     def _raw(self, key: jax.Array, n: int) -> jax.Array:
         return _generate(
-            key, self.features, self._cdf, self.mean_active, n, self.max_active, self.num_groups
-        )
+            key, self._host_features, self._cdf, self.mean_active, n, self.max_active,
+            self.num_groups,
+        )  # fmt: skip
 
-    def batch(self, split: str, step: int, size: int) -> jax.Array:
-        """Deterministic [size, d] float32 batch number `step` of `split` ('train' or 'eval')."""
-        key = jax.random.fold_in(jax.random.fold_in(self._key, _SPLITS[split]), step)
-        return self._raw(key, size) * self.scale
+    def batch(self, split: str, step: int, size: int) -> np.ndarray:
+        """Deterministic [size, d] float32 batch number `step` of `split` ('train' or 'eval'),
+        generated on the host device."""
+        with jax.set_mesh(None):  # on the host device, outside any mesh
+            key = jax.random.fold_in(jax.random.fold_in(self._key, _SPLITS[split]), step)
+            return np.asarray(self._raw(key, size) * self.scale)
 
     def batches(self, split: str, rows: slice, batch_size: int, start: int = 0) -> Iterator[Batch]:
-        """This process's `rows` of batches start, start + 1, ... (position = batches done)."""
+        """This process's `rows` of batches start, start + 1, ... (position = batches done),
+        generated PREFETCH_BATCHES ahead in a thread; close the iterator to stop it."""
+        return prefetch(self._batches(split, rows, batch_size, start), PREFETCH_BATCHES)
+
+    def _batches(self, split: str, rows: slice, batch_size: int, start: int) -> Iterator[Batch]:
         for step in itertools.count(start):
-            yield Batch(np.asarray(self.batch(split, step, batch_size)[rows]), step + 1)
+            yield Batch(self.batch(split, step, batch_size)[rows], step + 1)
 
     def planted(self, split: str, step: int, size: int) -> tuple[np.ndarray, ...]:
         """The ground truth of batch(split, step, size): feature ids [size, m] (-1 where a slot
         is unused), their magnitudes [size, m] (before the global scale) and groups [size]."""
-        key = jax.random.fold_in(jax.random.fold_in(self._key, _SPLITS[split]), step)
-        ids, mag, group = _draw(key, self._cdf, self.mean_active, size, self.max_active,
-                                self.num_groups)  # fmt: skip
+        with jax.set_mesh(None):
+            key = jax.random.fold_in(jax.random.fold_in(self._key, _SPLITS[split]), step)
+            ids, mag, group = _draw(key, self._cdf, self.mean_active, size, self.max_active,
+                                    self.num_groups)  # fmt: skip
         ids, mag = np.asarray(ids), np.asarray(mag)
         return np.where(mag > 0, ids, -1), mag, np.asarray(group)[:, 0]
 

@@ -1,5 +1,12 @@
-"""The training loop, `train`: set-up (`set_up` -> a `Run`), the steps (`train_steps`), the end
-(`finish`: final evaluation, checkpoint and export)."""
+"""The training loop, `train`: set-up (`set_up` -> a `Run`), the steps (`compile_steps`, then
+`train_steps`), the end (`finish`: final evaluation, checkpoint and export).
+
+`compile_steps` compiles every step variant the run can use before the first step (see
+training/step.py), so no step waits for a compile. In `train_steps` the host waits for the
+device only to log metrics (every LOG_EVERY steps), before a checkpoint and for an
+evaluation: the AuxK bucket is chosen from a count the host already holds, and the batches
+are made on the host, so the host runs up to DEAD_COUNT_LAG - 1 steps ahead of the device.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import jax
@@ -123,15 +130,11 @@ def train(
     with jax.set_mesh(run.mesh):
         run, graphdef, state, step_fn = initial_state(run)
         log = open_log(run, graphdef, wandb)
-        say(
-            run.lead,
-            "compiling the training step (the first step takes a while), then training steps "
-            f"{run.start + 1}-{tcfg.steps}",
-        )
-        shown = progress and run.lead
-        bar = tqdm(total=tcfg.steps, initial=run.start, disable=not shown, unit="step")
-        batches = run.train_src.batches("train", run.rows, tcfg.batch_size, start=run.position)
-        with PreemptionGuard() as guard, closing(run.ckpt), closing(batches):
+        stream = run.train_src.batches("train", run.rows, tcfg.batch_size, start=run.position)
+        with PreemptionGuard() as guard, closing(run.ckpt), closing(stream):
+            batches = compile_steps(run, state, step_fn, stream)
+            shown = progress and run.lead
+            bar = tqdm(total=tcfg.steps, initial=run.start, disable=not shown, unit="step")
             state, position = train_steps(run, state, step_fn, batches, guard, log, bar)
             final = finish(run, state, position, log)
     run.ckpt.close()  # idempotent; also closed (after pending saves finish) on errors
@@ -372,6 +375,30 @@ def held_out(run: Run) -> Iterator[tuple[jax.Array, jax.Array]]:
             yield x, put_local(keep.astype(np.float32), run.tokens, batch_size)
 
 
+def compile_steps(
+    run: Run, state: TrainState, step_fn: TrainStep, batches: Iterator[Batch]
+) -> Iterator[Batch]:
+    """Compile, before the first step, the training step of every AuxK bucket the run can use
+    (TrainStep.compile, for batches like the first one, as placed on the mesh), so that no step
+    waits for a compile; says what it compiles. Returns the batches, the first one included."""
+    tcfg = run.tcfg
+    first = next(batches)
+    buckets = step_fn.buckets(state)
+    aux = [b for b in buckets if b]
+    with_aux = f" and with AuxK on {', '.join(map(str, aux))} dead ids per expert" if aux else ""
+    steps = f"{run.start + 1}-{tcfg.steps}"
+    if not tcfg.compile_ahead:
+        say(run.lead, f"compiling the training step (the first step takes a while, and the "
+                      f"first with AuxK), then training steps {steps}")  # fmt: skip
+        return chain([first], batches)
+    say(run.lead, f"compiling the training step (without AuxK{with_aux}), then training steps "
+                  f"{steps}")  # fmt: skip
+    x = jax.ShapeDtypeStruct((tcfg.batch_size, *first.x.shape[1:]), first.x.dtype,
+                             sharding=run.tokens)  # fmt: skip
+    step_fn.compile(state, x)
+    return chain([first], batches)
+
+
 def train_steps(
     run: Run,
     state: TrainState,
@@ -390,8 +417,8 @@ def train_steps(
     for step in range(run.start, tcfg.steps):
         batch = next(batches)
         if run.lead and not auxk_said and step_fn.uses_auxk(state):
-            auxk_said = True  # the AuxK variant compiles at its first use
-            tqdm.write(f"step {step + 1}: dead latents; compiling the AuxK step")
+            auxk_said = True
+            tqdm.write(f"step {step + 1}: dead latents; AuxK on")
         state, metrics = step_fn(state, put_local(batch.x, run.tokens, tcfg.batch_size))
         position = batch.position
         done = step + 1

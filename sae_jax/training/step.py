@@ -3,10 +3,16 @@
 One step without AuxK, and one per dead-latent bucket with it (kernels.auxk.dead_buckets: AuxK
 runs on each expert's dead latents compacted to B ids, so its cost follows B). Which one runs
 is chosen on the host from the dead-latent count (the most in one expert) that the step
-`DEAD_COUNT_LAG` steps earlier returned, so the host never waits for the step it has just
-dispatched (an on-device `lax.cond` would make XLA copy its predicate to the host and wait,
-every step, on GPU). The choice is a pure function of the training history (the last counts
-travel in the state), so a resumed run chooses the same.
+`DEAD_COUNT_LAG` steps earlier returned. That count's copy to the host starts as soon as its
+step is dispatched (`copy_to_host_async`), and by the time it is read the step has long
+finished, so the host never waits for the device: it can queue up to DEAD_COUNT_LAG - 1 steps
+ahead of the one the device runs (an on-device `lax.cond` would make XLA copy its predicate to
+the host and wait, every step, on GPU). The choice is a pure function of the training history
+(the last counts travel in the state), so a resumed run chooses the same.
+
+`TrainStep.compile` compiles, before the first step, the step of every bucket the run can use
+(ahead of time: `jit(...).lower(state, x).compile()` with the run's shardings), and the calls
+run those executables: no step stops for a compile mid-run (on a pod, every host would wait).
 
 The state's `params` hold every model variable; only the nnx.Param ones are differentiated and
 seen by the optimiser. A RouterBias (SAEConfig.router_bias) is moved by `update_router_bias`
@@ -26,14 +32,15 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sae_jax.config import TrainConfig
-from sae_jax.kernels.auxk import bucket_for, compact_dead
+from sae_jax.kernels.auxk import bucket_for, compact_dead, dead_buckets, max_bucket
 from sae_jax.model.losses import loss_and_metrics
 from sae_jax.model.switch import RouterBias, SwitchSAE
 from sae_jax.training.update import apply_update, partition_specs
 
 # A step runs AuxK when some latent was dead this many steps before it (LAG - 1 steps late at
-# worst): the host then reads counts that are ready, while the previous step still runs.
-DEAD_COUNT_LAG = 2
+# worst): the host reads counts of a step that finished while the LAG - 1 steps after it were
+# queued, so it can stay that many steps ahead of the device.
+DEAD_COUNT_LAG = 4
 
 
 @struct.dataclass
@@ -103,7 +110,8 @@ def setup_training(model: SwitchSAE, tcfg: TrainConfig):
     the step keeps the state in the layout it was created in."""
     tx = make_optimizer(tcfg, model.cfg.latents_per_expert)
     graphdef, state = nnx.graphdef(model), init_state(model, tx)
-    return graphdef, state, TrainStep(graphdef, tx, tcfg, sharding_of(state))
+    step = TrainStep(graphdef, tx, tcfg, sharding_of(state), has_auxk=model.cfg.k_aux > 0)
+    return graphdef, state, step
 
 
 def sharding_of(tree: Any) -> Any:
@@ -181,18 +189,23 @@ class TrainStep:
 
     Step t runs AuxK, on the bucket that holds the most dead latents of one expert (capped at
     `TrainConfig.aux_max_share`, see kernels.auxk.max_bucket), when the state of step
-    t - DEAD_COUNT_LAG + 1 had a dead latent; that count came out of step
-    t - DEAD_COUNT_LAG, which has finished (or is about to) while step t - 1 still runs, so
-    reading it never stalls the device queue. The first call reads the counts from the state
-    (at the start or after a restore). Use one TrainStep per run; each bucket's step is
-    compiled the first time it is used.
+    t - DEAD_COUNT_LAG + 1 had a dead latent; that count came out of step t - DEAD_COUNT_LAG,
+    whose copy to the host started when it was dispatched, so reading it does not stall the
+    device queue. The first call reads the counts from the state (at the start or after a
+    restore). Without AuxK (`has_auxk=False`: SAEConfig.k_aux = 0) every step is the plain one.
+
+    `compile(state, x)` compiles every step the run can use before the first step; a bucket
+    it did not compile (or every one, without `compile`) compiles the first time it is used.
+    Use one TrainStep per run.
     """
 
-    def __init__(self, graphdef, tx, tcfg: TrainConfig, state_sharding: Any = None):
+    def __init__(self, graphdef, tx, tcfg: TrainConfig, state_sharding: Any = None, *,
+                 has_auxk: bool = True):  # fmt: skip
         self._make = functools.partial(make_train_step, graphdef, tx, tcfg, state_sharding)
-        self._max_share = tcfg.aux_max_share
+        self._tcfg, self._aux = tcfg, has_auxk
         self.plain = self._make(auxk=False)
-        self._steps: dict[int, Any] = {0: self.plain}
+        self._steps: dict[int | None, Any] = {0: self.plain}
+        self._compiled: dict[int, Any] = {}  # bucket -> executable compiled ahead of time
         self._counts: collections.deque | None = None
 
     @property
@@ -201,24 +214,59 @@ class TrainStep:
         return self.for_bucket(None)
 
     def for_bucket(self, bucket: int | None):
-        """The step for a bucket of dead ids per expert (0: no AuxK; None: all latents)."""
+        """The jitted step for a bucket of dead ids per expert (0: no AuxK; None: all latents)."""
         if bucket not in self._steps:
             self._steps[bucket] = self._make(auxk=True, aux_bucket=bucket)
         return self._steps[bucket]
 
+    def buckets(self, state: TrainState) -> tuple[int, ...]:
+        """The buckets this run can use, 0 first: with AuxK on, every bucket up to
+        `max_bucket` once a latent can be dead at a step of the run (already in `state`'s
+        counts, or `dead_after_tokens` within the tokens of its first STEPS - DEAD_COUNT_LAG
+        steps, whose state the last step reads); otherwise only 0."""
+        tcfg, latents = self._tcfg, state.since_fired.shape[1]
+        seen = max(self._seed(state)) > 0
+        reached = (tcfg.steps - DEAD_COUNT_LAG) * tcfg.batch_size >= tcfg.dead_after_tokens
+        if not self._aux or not (seen or reached):
+            return (0,)
+        top = max_bucket(latents, tcfg.aux_max_share)
+        return (0, *(b for b in dead_buckets(latents) if b <= top))
+
+    def compile(self, state: TrainState, x: jax.Array) -> int:
+        """Compile ahead of time the step of every bucket in `buckets(state)`, for arguments
+        of the shapes, dtypes and shardings of `state` (the run's first state: its counts are
+        read) and `x` [T, d] (an array or a jax.ShapeDtypeStruct); the calls then run these
+        executables (which refuse arguments of another layout). Returns how many it
+        compiled."""
+        todo = [b for b in self.buckets(state) if b not in self._compiled]
+        for b in todo:
+            self._compiled[b] = self.for_bucket(b).lower(state, x).compile()
+        return len(todo)
+
     def bucket(self, state: TrainState) -> int:
         """The next call's AuxK bucket, 0 for none (seeds the counts from `state` once)."""
-        if self._counts is None:
-            self._counts = collections.deque(jax.device_get(state.recent_dead).tolist())
-        latents = state.since_fired.shape[1]
-        return bucket_for(int(self._counts[0]), latents, self._max_share)
+        counts = self._seed(state)
+        if not self._aux:
+            return 0
+        count = int(counts[0])  # on the host already: copied since its step was dispatched
+        return bucket_for(count, state.since_fired.shape[1], self._tcfg.aux_max_share)
 
     def uses_auxk(self, state: TrainState) -> bool:
         """Whether the next call runs an AuxK step."""
         return self.bucket(state) > 0
 
     def __call__(self, state: TrainState, x: jax.Array) -> tuple[TrainState, dict]:
-        state, metrics = self.for_bucket(self.bucket(state))(state, x)
+        bucket = self.bucket(state)
+        step = self._compiled.get(bucket) or self.for_bucket(bucket)
+        state, metrics = step(state, x)
+        count = metrics["dead_max_expert"]
+        count.copy_to_host_async()  # read DEAD_COUNT_LAG calls later, without waiting then
         self._counts.popleft()
-        self._counts.append(metrics["dead_max_expert"])
+        self._counts.append(count)
         return state, metrics
+
+    def _seed(self, state: TrainState) -> collections.deque:
+        """The lagged counts, read from `state` at the first use (a start or a restore)."""
+        if self._counts is None:
+            self._counts = collections.deque(jax.device_get(state.recent_dead).tolist())
+        return self._counts
