@@ -158,3 +158,22 @@ def _measured_stub(needed: float) -> dict:
         "replicated_expert_buffers": [], "steps": {"train": step, "eval": step},
         "_shapes": shapes,
     }  # fmt: skip
+
+
+def test_plan_doc_fills_every_figure_of_its_template():
+    """docs/pod_scale.md is the template with every $placeholder filled from the plans; a plan
+    not run shows as "not planned" and is listed."""
+    import re
+
+    from launch import plan_doc
+    from sae_jax.plan import report
+
+    template = (plan_doc.ROOT / "launch" / "plan_doc_template.md").read_text()
+    plan = report.plan_for(_measured_stub(needed=30e9), hardware.get("h100"))
+    plans = {name: {hw: plan for hw in p.hardware} for name, p in plan_doc.PLANS.items()}
+    page = plan_doc.render(template, plans)
+    assert not re.findall(r"\$\w+", page) and "not planned" not in page
+    assert "| 64 | train | 27.94 GiB |" in page  # the memory table, from the plan's JSON
+    del plans["pod_256_dropless"]
+    page = plan_doc.render(template, plans)
+    assert "left out 1 plans" in page and "| step reported | train | not planned |" in page
