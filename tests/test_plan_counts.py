@@ -65,6 +65,26 @@ def test_rows_gathered_in_a_loop_are_charged_as_rows():
     assert cost["bytes_accessed"] >= trips * k * d * 4  # at least the rows
 
 
+def test_an_expert_cast_into_a_buffer_per_trip_is_charged_one_expert():
+    """The bfloat16 copy of w_enc written an expert per trip: XLA:CPU wraps the in-place
+    update in converts of the whole buffer (convert(DUS(convert(buffer), update))), which its
+    cost analysis charges whole every trip."""
+    experts, rows, d = 16, 256, 128
+    w = jax.ShapeDtypeStruct((experts, rows, d), jnp.float32)
+
+    def cast_each(w):
+        def body(i, buf):
+            row = (2.0 * w[i]).astype(jnp.bfloat16)
+            return jax.lax.dynamic_update_index_in_dim(buf, row, i, 0)
+
+        return jax.lax.fori_loop(0, experts, body, jnp.zeros((experts, rows, d), jnp.bfloat16))
+
+    cost = build.cost(_compiled(cast_each, w))
+    whole = experts * experts * rows * d  # elements, if each trip touched the whole buffer
+    assert cost["flops"] < 0.25 * 2 * whole  # two converts of the buffer a trip
+    assert cost["bytes_accessed"] < 0.25 * 2 * 2 * whole  # read and written, bfloat16
+
+
 def _plan(cfg: SAEConfig, tcfg: TrainConfig, step: str) -> dict:
     """One compiled step's cost and memory beside the analytic estimate (this backend)."""
     mesh = make_mesh(tcfg.mesh_shape)

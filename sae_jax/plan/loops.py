@@ -13,10 +13,12 @@ once(c) is XLA's count with loop bodies once (what `compiled.cost_analysis()` re
 entry). A loop with no known trip count (a dynamic bound) stays counted once and is listed in
 `LoopCost.unknown`, so callers know the figure is a lower bound.
 
-Bytes accessed: XLA charges a fusion the whole of an operand that it only gathers rows from,
-and the whole of the buffer a scatter-rooted fusion updates in place. Inside a loop that is
-the whole weight (or its gradient) once per trip where a trip reads or writes k rows, so those
-fusions are charged the rows they move instead (`_gather_scatter_excess`).
+Fusions XLA over-charges: the whole of an operand it only gathers rows from, the whole of the
+buffer a scatter-rooted fusion updates in place, and the whole buffer (read, converted and
+written) of an in-place dynamic-update-slice wrapped in converts. Inside a loop that is a
+whole weight (or its gradient, or the bfloat16 copy of every local expert) once per trip
+where a trip moves k rows or one expert, so those fusions are charged the rows they move
+(`_Fusion`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 from collections.abc import Callable
 
@@ -162,7 +165,8 @@ def loop_cost(hlo_text: str, cost_of: Callable[[str], Cost] = xla_cost) -> LoopC
     def full(comp: str) -> tuple[float, float]:
         flops, nbytes = once(comp)
         for c in mod.reachable(comp, through_loops=False):
-            nbytes -= _gather_scatter_excess(mod, c)
+            excess = _excess(mod, c)
+            flops, nbytes = flops - excess[0], nbytes - excess[1]
             for loop in mod.loops(c):
                 body_once, body_full = once(loop.body), full(loop.body)
                 trips = loop.trips if loop.trips is not None else 1
@@ -183,36 +187,98 @@ def _operands(rest: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
 
 
-def _gather_scatter_excess(mod: Module, computation: str) -> float:
-    """Bytes XLA over-charges the fusions of `computation`: an operand only gathered from is
-    charged whole (read: the gathered rows), and a fusion whose root scatters into an operand
-    in place is charged that operand and its whole result (moved: the updates, read and
-    written)."""
-    excess = 0.0
+def _excess(mod: Module, computation: str) -> tuple[float, float]:
+    """(FLOPs, bytes) XLA over-charges the fusions of `computation` (see `_Fusion`)."""
+    flops = nbytes = 0.0
     for _, shape, opcode, rest in hlo.instructions("\n".join(mod.computations[computation][1:])):
         m = re.search(r"calls=%?([^\s,]+)", rest)
         if opcode == "fusion" and m and m.group(1) in mod.computations:
-            excess += _fusion_excess(mod.computations[m.group(1)][1:], hlo.nbytes(shape))
-    return excess
+            fusion = _Fusion(mod.computations[m.group(1)][1:], hlo.nbytes(shape))
+            f, b = fusion.in_place_update_excess()
+            flops, nbytes = flops + f, nbytes + b + fusion.gather_scatter_excess()
+    return flops, nbytes
 
 
-def _fusion_excess(lines: list[str], out_bytes: int) -> float:
-    instrs = list(hlo.instructions("\n".join(lines)))
-    params = {name: hlo.nbytes(shape) for name, shape, op, _ in instrs if op == "parameter"}
-    users: dict[str, list[tuple[str, str, list[str]]]] = {}
-    for _, shape, op, rest in instrs:
-        for i, operand in enumerate(_operands(rest)):
-            users.setdefault(operand, []).append((op, shape, i))
-    excess = 0.0
-    for name, size in params.items():
-        uses = users.get(name, [])
-        if uses and all(op == "gather" and i == 0 for op, _, i in uses):
-            excess += max(size - sum(hlo.nbytes(shape) for _, shape, _ in uses), 0)
-    root = next((line for line in lines if line.lstrip().startswith("ROOT")), "")
-    r = list(hlo.instructions(root))
-    if r and r[0][2] == "scatter":
-        operands = _operands(r[0][3])
-        updates = next((hlo.nbytes(sh) for n, sh, _, _ in instrs if n == operands[-1]), 0)
-        if operands[0] in params and len(users.get(operands[0], [])) == 1:
-            excess += max(params[operands[0]] + out_bytes - 2 * updates, 0)
-    return excess
+class _Fusion:
+    """A fused computation's instructions, for what XLA's cost analysis charges it beyond the
+    rows it moves:
+    - an operand only gathered from is charged whole (it reads the gathered rows);
+    - a root scatter into an operand, in place, is charged that operand and its whole result
+      (it reads and writes the updates);
+    - an in-place dynamic-update-slice wrapped in converts (convert(DUS(convert(buffer),
+      update))) is charged the whole buffer, read, converted twice (1 FLOP an element each)
+      and written, where it converts and writes the update."""
+
+    _CHAIN = ("convert", "bitcast", "copy")
+
+    def __init__(self, lines: list[str], out_bytes: int):
+        self.instrs = {n: (shape, op, rest) for n, shape, op, rest in hlo.instructions(
+            "\n".join(lines))}  # fmt: skip
+        self.params = {n: hlo.nbytes(sh) for n, (sh, op, _) in self.instrs.items()
+                       if op == "parameter"}  # fmt: skip
+        self.users: dict[str, list[tuple[str, str, int]]] = {}
+        for name, (_, op, rest) in self.instrs.items():
+            for i, operand in enumerate(_operands(rest)):
+                self.users.setdefault(operand, []).append((name, op, i))
+        root = next((ln for ln in lines if ln.lstrip().startswith("ROOT")), "")
+        self.root = next((n for n, *_ in hlo.instructions(root)), "")
+        self.out_bytes = out_bytes
+
+    def _bytes(self, name: str) -> int:
+        return hlo.nbytes(self.instrs[name][0]) if name in self.instrs else 0
+
+    def _elements(self, name: str) -> int:
+        arrays = hlo.arrays(self.instrs[name][0]) if name in self.instrs else []
+        return sum(math.prod(dims) for _, dims in arrays)
+
+    def gather_scatter_excess(self) -> float:
+        excess = 0.0
+        for name, size in self.params.items():
+            uses = self.users.get(name, [])
+            if uses and all(op == "gather" and i == 0 for _, op, i in uses):
+                excess += max(size - sum(self._bytes(u) for u, _, _ in uses), 0)
+        if self.root in self.instrs and self.instrs[self.root][1] == "scatter":
+            operands = _operands(self.instrs[self.root][2])
+            target, updates = operands[0], self._bytes(operands[-1])
+            if target in self.params and len(self.users.get(target, [])) == 1:
+                excess += max(self.params[target] + self.out_bytes - 2 * updates, 0)
+        return excess
+
+    def in_place_update_excess(self) -> tuple[float, float]:
+        """(FLOPs, bytes) of the convert-wrapped in-place update; (0, 0) for any other
+        fusion (XLA counts a bare DUS of a parameter in place already)."""
+        dus = [n for n, (_, op, _) in self.instrs.items() if op == "dynamic-update-slice"]
+        if len(dus) != 1 or self.root == dus[0]:
+            return 0.0, 0.0
+        buffer, update = _operands(self.instrs[dus[0]][2])[:2]
+        before = self._chain_up(buffer)
+        after = self._chain_down(dus[0])
+        if before is None or after != self.root:
+            return 0.0, 0.0
+        full, rows = self._elements(dus[0]), self._elements(update)
+        converts = [n for n in self._chain_names(buffer) + self._chain_names(self.root, dus[0])
+                    if self.instrs[n][1] == "convert"]  # fmt: skip
+        flops = len(converts) * (full - rows)
+        itemsizes = self.params[before] / full + self.out_bytes / full
+        nbytes = self.params[before] + self.out_bytes - rows * itemsizes
+        return float(max(flops, 0)), float(max(nbytes, 0))
+
+    def _chain_up(self, name: str) -> str | None:
+        """The parameter `name` is a convert/bitcast/copy chain of (None if it is not)."""
+        while name in self.instrs and self.instrs[name][1] in self._CHAIN:
+            name = _operands(self.instrs[name][2])[0]
+        return name if name in self.params else None
+
+    def _chain_down(self, name: str) -> str:
+        """Where a single-user convert/bitcast/copy chain from `name` ends."""
+        while len(users := self.users.get(name, [])) == 1 and users[0][1] in self._CHAIN:
+            name = users[0][0]
+        return name
+
+    def _chain_names(self, end: str, stop: str | None = None) -> list[str]:
+        """The chain's instructions up from `end` (to a parameter, or to `stop`)."""
+        names = []
+        while end in self.instrs and end != stop and self.instrs[end][1] in self._CHAIN:
+            names.append(end)
+            end = _operands(self.instrs[end][2])[0]
+        return names
