@@ -62,6 +62,16 @@ def test_estimate_within_ten_percent_of_xla(pod64):
     assert plan["memory"]["compiled"]["arguments"] > 24 * 2**30
 
 
+def test_compiled_flops_within_fifteen_percent_of_the_analytic_count(pod64):
+    """XLA counts each loop body once (the local experts, the k-slot decode, the update's
+    chunks): the plan scales each by its trip count."""
+    plan, _ = pod64
+    compiled, analytic = plan["flops_per_token"], plan["flops_per_token_estimate"]["total"]
+    assert abs(compiled - analytic) <= 0.15 * analytic, (compiled, analytic)
+    assert plan["flops_per_token_xla_once"] < 0.5 * analytic  # what XLA reports
+    assert plan["estimate"]["flops_from"] == "xla"
+
+
 def test_no_whole_expert_tensor_on_a_device(pod64):
     plan, hlo_dir = pod64
     n, lat, d = 1024, 2**24 // 1024, 4096

@@ -7,11 +7,13 @@ the optimized HLO text as a module of its own (its callees kept, the body as ENT
 XLA's same analysis, and scaled by the trip count XLA proved for it (`known_trip_count` in the
 while's backend config), nested loops multiplied through:
 
-    full(c) = once(c) + sum over loops w in c of  trips(w) x full(body(w)) - once(body(w))
+    full(c) = once(c) - excess(c)
+              + sum over loops w in c of  trips(w) x full(body(w)) - once(body(w))
 
 once(c) is XLA's count with loop bodies once (what `compiled.cost_analysis()` reports for the
-entry). A loop with no known trip count (a dynamic bound) stays counted once and is listed in
-`LoopCost.unknown`, so callers know the figure is a lower bound.
+entry), excess(c) what it over-charges c's own fusions (below). A loop with no known trip
+count (a dynamic bound) stays counted once and is listed in `LoopCost.unknown`, so callers
+know the figure is a lower bound.
 
 Fusions XLA over-charges: the whole of an operand it only gathers rows from, the whole of the
 buffer a scatter-rooted fusion updates in place, and the whole buffer (read, converted and
