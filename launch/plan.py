@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from sae_jax.plan.report import format_text, make_plan
 
     try:
+        if args.mem_fraction is not None and not 0 < args.mem_fraction <= 1:
+            raise ConfigError(f"--mem_fraction={args.mem_fraction}: must be in (0, 1]")
         cfg, tcfg = parse(args.gin_file, args.bindings)
         hw = hardware.get(args.hardware, args.mem_fraction)
         cfg = build.for_hardware(cfg, hw, build.input_dim(tcfg, args.d))
