@@ -259,7 +259,8 @@ def _pod_1b(plan: dict | None) -> str:
         f"says {_gib(m['estimate']['total_bytes'])} and the eval step "
         f"{_gib(m['eval_compiled']['total_bytes'])}; it "
         + " and ".join(
-            f"{'fits' if ok else 'does not fit'} a {hw} (usable memory)" for hw, ok in fits.items()
+            f"{'fits' if ok else 'does not fit'} the usable memory of a {hw} device"
+            for hw, ok in fits.items()
         )  # fmt: skip
         + f". Collectives: {traffic:.0f} MiB of traffic per device and step. FLOPs per token "
         f"{p['flops_per_token']:.3g} (compiled, loops x trips; analytic "
