@@ -26,6 +26,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=0, help="simulate this many CPU devices")
     p.add_argument("--hardware", choices=HARDWARE, default="h100")
     p.add_argument("--d", type=int, default=None, help="input dimension (default: the data's)")
+    p.add_argument("--mem_fraction", type=float, default=None,
+                   help="GPU: XLA's memory pool as this fraction of the card (default: "
+                   "XLA_PYTHON_CLIENT_MEM_FRACTION if set, else JAX's 0.75)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the plan as JSON here")
     p.add_argument("--hlo_out", default=None, help="write each step's optimized HLO here")
     return parse_with_bindings(p, argv)
@@ -44,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     from sae_jax.plan.report import format_text, make_plan
 
     try:
+        if args.mem_fraction is not None and not 0 < args.mem_fraction <= 1:
+            raise ConfigError(f"--mem_fraction={args.mem_fraction}: must be in (0, 1]")
         cfg, tcfg = parse(args.gin_file, args.bindings)
-        hw = hardware.get(args.hardware)
+        hw = hardware.get(args.hardware, args.mem_fraction)
         cfg = build.for_hardware(cfg, hw, build.input_dim(tcfg, args.d))
         plan = make_plan(cfg, tcfg, hw, args.hlo_out)
     except ConfigError as e:

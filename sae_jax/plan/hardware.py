@@ -7,6 +7,17 @@ an 8-GPU node, one 400 Gb/s InfiniBand NDR NIC per GPU (50 GB/s each way) betwee
 TPU v5p (Google Cloud TPU v5p docs): 459 TFLOP/s bf16, 95 GB HBM2e at 2765 GB/s, ICI
 4800 Gb/s per chip (600 GB/s each way; "1200 GBps bidirectional"), 3D torus. The MXUs are
 bf16 only: a full-precision f32 matmul (Precision.HIGHEST) takes 6 bf16 passes, 459 / 6.
+
+What a process can use is less than the card (`Hardware.usable_bytes`):
+- GPU: JAX preallocates XLA's buffer pool as 75% of the card's memory by default
+  (XLA_PYTHON_CLIENT_MEM_FRACTION / XLA_CLIENT_MEM_FRACTION; docs.jax.dev, "GPU memory
+  allocation"); every buffer of the step comes from that pool. The CUDA context and NCCL's
+  own buffers live in the rest. Inside the pool XLA:GPU also holds workspaces XLA:CPU's
+  compile does not show: cuBLAS asks 32 MiB per matmul stream on Hopper (cuBLAS docs,
+  cublasSetWorkspace), cuDNN and the collectives' scratch more; we hold back GPU_WORKSPACE_BYTES
+  for them, a conservative estimate, not a measured figure.
+- TPU: no preallocation fraction; the runtime keeps part of HBM for itself and the program's
+  code. No documented figure: TPU_RESERVED_BYTES is a conservative estimate.
 """
 
 from __future__ import annotations
@@ -15,6 +26,10 @@ import dataclasses
 import os
 
 GB = 1e9
+GIB = 2**30
+GPU_MEM_FRACTION = 0.75  # JAX's default preallocation (XLA_PYTHON_CLIENT_MEM_FRACTION)
+GPU_WORKSPACE_BYTES = 1 * GIB  # estimate: cuBLAS/cuDNN workspaces, collective scratch
+TPU_RESERVED_BYTES = 2 * GIB  # estimate: the TPU runtime's share of HBM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +43,27 @@ class Hardware:
     network_bytes_per_s: float  # each way, between nodes (InfiniBand); = link where none
     devices_per_node: int  # collectives over more devices than this use `network_bytes_per_s`
     source: str
+    usable_fraction: float = 1.0  # of memory_bytes: the pool XLA's buffers come from
+    reserved_bytes: float = 0.0  # held back inside that pool (workspaces; an estimate)
+    usable_source: str = "the whole memory"
+
+    @property
+    def usable_bytes(self) -> float:
+        """Memory per device a training process can give its buffers: the fits judgement."""
+        return self.memory_bytes * self.usable_fraction - self.reserved_bytes
+
+    @property
+    def preallocates(self) -> bool:
+        """A GPU: XLA's buffer pool is a preallocated fraction of the card."""
+        return self.usable_fraction < 1.0
+
+    def with_mem_fraction(self, fraction: float) -> Hardware:
+        """This GPU with XLA's pool at `fraction` of the card (XLA_PYTHON_CLIENT_MEM_FRACTION)."""
+        return dataclasses.replace(
+            self, usable_fraction=fraction,
+            usable_source=self.usable_source.replace(
+                f"{self.usable_fraction:g} of the card", f"{fraction:g} of the card"),
+        )  # fmt: skip
 
     def peak_flops(self, dtype: str) -> float:
         return self.flops_bf16 if dtype in ("bfloat16", "float16") else self.flops_f32
@@ -48,6 +84,10 @@ H100 = Hardware(
     source="NVIDIA H100 SXM5 80GB datasheet: 989 TFLOP/s dense bf16, 67 TFLOP/s fp32, "
     "80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s (450 each way) in an 8-GPU node, "
     "400 Gb/s InfiniBand NDR per GPU between nodes",
+    usable_fraction=GPU_MEM_FRACTION, reserved_bytes=GPU_WORKSPACE_BYTES,
+    usable_source=f"XLA's buffer pool, {GPU_MEM_FRACTION:g} of the card (JAX's default "
+    f"preallocation), less {GPU_WORKSPACE_BYTES / GIB:g} GiB for cuBLAS/cuDNN workspaces and "
+    "collective scratch (estimate)",
 )  # fmt: skip
 TPU_V5P = Hardware(
     name="tpu-v5p", memory_bytes=95 * GB, flops_bf16=459e12, flops_f32=459e12 / 6,
@@ -55,6 +95,8 @@ TPU_V5P = Hardware(
     devices_per_node=8960,
     source="Google Cloud TPU v5p docs: 459 TFLOP/s bf16 (f32 = 6 bf16 passes), 95 GB HBM2e "
     "at 2765 GB/s, ICI 4800 Gb/s per chip (600 GB/s each way), 3D torus up to 8960 chips",
+    reserved_bytes=TPU_RESERVED_BYTES,
+    usable_source=f"HBM less {TPU_RESERVED_BYTES / GIB:g} GiB for the TPU runtime (estimate)",
 )  # fmt: skip
 
 # Nominal figures for this machine's CPU (an x86 core with AVX2 FMA: 2 x 8 f32 FMAs per cycle
@@ -81,5 +123,20 @@ def cpu() -> Hardware:
 NAMES = ("h100", "tpu-v5p", "cpu")
 
 
-def get(name: str) -> Hardware:
-    return {"h100": lambda: H100, "tpu-v5p": lambda: TPU_V5P, "cpu": cpu}[name]()
+def get(name: str, mem_fraction: float | None = None) -> Hardware:
+    """The named hardware; `mem_fraction` (GPU): XLA's pool as that fraction of the card, by
+    default XLA_CLIENT_MEM_FRACTION or XLA_PYTHON_CLIENT_MEM_FRACTION when set, else 0.75."""
+    hw = {"h100": lambda: H100, "tpu-v5p": lambda: TPU_V5P, "cpu": cpu}[name]()
+    if not hw.preallocates:
+        return hw
+    fraction = mem_fraction or _env_fraction()
+    return hw.with_mem_fraction(fraction) if fraction else hw
+
+
+def _env_fraction() -> float | None:
+    for var in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+        try:
+            return float(os.environ[var]) if os.environ.get(var) else None
+        except ValueError:
+            continue
+    return None

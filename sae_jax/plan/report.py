@@ -57,6 +57,7 @@ def measure(cfg: SAEConfig, tcfg: TrainConfig, hlo_out: Path | None = None) -> d
         "collective_bytes": sum(c["bytes"] for c in train["collectives"]),
         "ragged_estimate": [_collective(c) for c in estimate.ragged_exchanges(shapes)],
         "flops_per_token": train["cost"]["flops"] * mesh.size / tcfg.batch_size,
+        "flops_per_token_xla_once": train["cost"]["flops_xla"] * mesh.size / tcfg.batch_size,
         "flops_per_token_estimate": estimate.flops_per_token(shapes, train_name == "train_auxk"),
         "replicated_expert_buffers": _replicated(compiled, shapes),
         "steps": steps,
@@ -67,7 +68,8 @@ def measure(cfg: SAEConfig, tcfg: TrainConfig, hlo_out: Path | None = None) -> d
 def plan_for(measured: dict, hw: Hardware) -> dict:
     """The measured figures with the roofline, the fit and a suggestion for `hw` (JSON-able)."""
     plan = {k: v for k, v in measured.items() if k not in ("_shapes", "backend")}
-    plan["hardware"] = {**dataclasses.asdict(hw), "backend": measured["backend"]}
+    plan["hardware"] = {**dataclasses.asdict(hw), "usable_bytes": hw.usable_bytes,
+                        "backend": measured["backend"]}  # fmt: skip
     cost = measured["steps"][measured["train_step"]]["cost"]
     shapes, config = measured["_shapes"], measured["config"]
     collectives = [_from_dict(c) for c in measured["collectives"]]
@@ -77,25 +79,38 @@ def plan_for(measured: dict, hw: Hardware) -> dict:
         collectives += [_from_dict(c) for c in measured["ragged_estimate"]]
         real = estimate.memory(dataclasses.replace(shapes, emulated_exchange=False))["total"]
         plan["memory"] = {**plan["memory"], "estimate_on_hardware_bytes": real}
-    flops = cost["flops"]
-    if shapes.dropless:  # XLA counts the block loops' bodies once: use the analytic FLOPs
+    flops, why = cost["flops"], _analytic_flops_reason(cost, shapes)
+    if why:
         flops = measured["flops_per_token_estimate"]["total"] * shapes.local_tokens
     time = roofline.step_time(
         flops, cost["bytes_accessed"], collectives, hw, config["compute_dtype"],
         config["batch_size"],
     )  # fmt: skip
-    time["flops_from"] = "analytic" if shapes.dropless else "xla"
+    time["flops_from"] = "analytic" if why else "xla"
+    time["flops_note"] = why or "XLA's cost analysis, each loop body x its trip count"
     time["collectives_from"] = (
         "hlo + ragged_all_to_all estimate" if hw.name != "cpu" and shapes.exchanged else "hlo"
     )
-    fits = measured["memory"]["needed_bytes"] <= hw.memory_bytes
+    fits = measured["memory"]["needed_bytes"] <= hw.usable_bytes
     plan.update(
         estimate=time,
         fits=fits,
         limited_by=time["limit"] if fits else "memory",
-        suggestion=None if fits else suggest(measured["_shapes"], hw.memory_bytes),
+        suggestion=None if fits else suggest(measured["_shapes"], hw.usable_bytes),
     )
     return plan
+
+
+def _analytic_flops_reason(cost: dict, s: estimate.Shapes) -> str:
+    """Why the roofline takes the analytic FLOPs rather than the compiled count ('' if not)."""
+    if not cost.get("loops_counted", True):
+        return "XLA's count could not be scaled by the loops' trip counts (it counts each once)"
+    unknown = cost.get("unknown_trip_loops")
+    if s.dropless or unknown:
+        return ("loops with a trip count known only at run time, counted once by XLA"
+                + (" (dropless: one trip per block used)" if s.dropless else "")
+                + (": " + ", ".join(unknown[:4]) if unknown else ""))  # fmt: skip
+    return ""
 
 
 def _step(compiled, dump_dir: Path, devices: int) -> dict:
@@ -188,10 +203,11 @@ def format_text(plan: dict) -> str:
     f = plan["flops_per_token_estimate"]
     lines += [
         "",
-        f"FLOPs per token: {plan['flops_per_token']:.3g} (XLA's cost analysis x devices / "
-        f"tokens); analytic {f['total']:.3g} ("
+        f"FLOPs per token: {plan['flops_per_token']:.3g} (XLA's cost analysis, each loop body "
+        f"x its trip count, x devices / tokens; {plan['flops_per_token_xla_once']:.3g} with "
+        f"each body once); analytic {f['total']:.3g} ("
         + ", ".join(f"{k} {v:.3g}" for k, v in f.items() if k != "total")
-        + ")",
+        + f"); compiled / analytic {plan['flops_per_token'] / max(f['total'], 1):.2f}",
         "",
         f"hardware: {hw['name']}: {hw['source']}",
     ]
@@ -203,14 +219,16 @@ def format_text(plan: dict) -> str:
         f"by {t['limit']})"
     )
     if t["flops_from"] != "xla" or t["collectives_from"] != "hlo":
-        lines.append(f"  (FLOPs: {t['flops_from']}; collectives: {t['collectives_from']})")
+        lines.append(f"  (FLOPs: {t['flops_from']}, {t['flops_note']}; collectives: "
+                     f"{t['collectives_from']})")  # fmt: skip
+    usable = (f"{_size(hw['usable_bytes'])} usable of the card's {_size(hw['memory_bytes'])}: "
+              f"{hw['usable_source']}")  # fmt: skip
     if plan["fits"]:
-        lines.append(f"fits: needs {_size(mem['needed_bytes'])} per device of "
-                     f"{_size(hw['memory_bytes'])}")  # fmt: skip
+        lines.append(f"fits: needs {_size(mem['needed_bytes'])} per device of {usable}")
     else:
         s = plan["suggestion"]
         lines.append(f"does not fit: needs {_size(mem['needed_bytes'])} per device, the "
-                     f"{hw['name']} has {_size(hw['memory_bytes'])}; "
+                     f"{hw['name']} has {usable}; "
                      f"{s['line'] if s else 'no mesh found that fits'}")  # fmt: skip
     if plan["replicated_expert_buffers"]:
         lines.append("warning: whole expert tensors on one device: "

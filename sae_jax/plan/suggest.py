@@ -15,6 +15,7 @@ from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.plan import estimate
 from sae_jax.plan.estimate import Shapes
+from sae_jax.plan.hardware import GPU_WORKSPACE_BYTES
 
 MAX_DEVICES = 1 << 20
 
@@ -72,9 +73,16 @@ def describe(s: Shapes, c: Shapes, total: int) -> dict:
 
 
 def device_memory_bytes() -> int | None:
-    """Memory of this process's first device as JAX reports it (None on CPU)."""
-    stats = jax.local_devices()[0].memory_stats()
-    return stats.get("bytes_limit") if stats else None
+    """Memory this process's first device can give the step's buffers (None on CPU): XLA's
+    pool as JAX reports it (`bytes_limit`: on GPU the preallocated fraction of the card, on
+    TPU what its runtime leaves), on GPU less the workspaces XLA:GPU takes from that pool
+    (hardware.GPU_WORKSPACE_BYTES, an estimate)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    held = GPU_WORKSPACE_BYTES if device.platform == "gpu" else 0
+    return int(stats["bytes_limit"] - held)
 
 
 def check_fits(cfg: SAEConfig, tcfg: TrainConfig, mesh_shape: tuple[int, int],
