@@ -51,15 +51,17 @@ def gather_decode(values: jax.Array, idx: jax.Array, w: jax.Array, dtype=None) -
     """sum_j values[:, j] * w[idx[:, j]]: values [C, k], idx [C, k] int32, w [L, d] -> [C, d]
     float32. dtype: the rows are rounded to it (None: w's dtype), and so is w's gradient.
 
-    Each row is rounded as it is read, not w as a whole: in a loop over experts, a rounded copy
-    of w would be a residual of every trip, stacked into an [N, L, d] buffer for the backward.
+    The backward keeps w itself, not a rounded copy: in a loop over experts, a residual
+    computed in the loop is stacked into an [N, L, d] buffer, one that is the loop's input is
+    not. The forward reads a rounded copy (one expert's, a temporary).
     """
     # Without the barrier XLA fuses the producers of values and idx (top-k, the gather from
     # the pre-activations) into every output element of the decode, which made the step slower.
     values, idx = jax.lax.optimization_barrier((values, idx))
+    w = w if dtype is None else w.astype(dtype)  # rounded rows, the same as `_rows`'s
 
     def term(j):  # the slot's [C, d] gather fuses into its multiply-add
-        return _slot(values, j)[:, None].astype(jnp.float32) * _rows(w, _slot(idx, j), dtype)
+        return _slot(values, j)[:, None].astype(jnp.float32) * w[_slot(idx, j)].astype(jnp.float32)
 
     # A loop, not k unrolled terms: unrolled, XLA:CPU sometimes built all k gathered [C, d]
     # buffers before summing them.
