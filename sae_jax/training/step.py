@@ -84,8 +84,8 @@ def update_router_bias(variables: nnx.State, counts: jax.Array, rate: float) -> 
 
 def state_sharding(tree: TrainState, mesh: jax.sharding.Mesh) -> Any:
     """Shardings for a TrainState (concrete or abstract): expert leaves (update.EXPERT_LEAVES)
-    split their leading axis over 'expert' (replicated over 'data'), the Adam moments of their
-    latent rows over 'data' too where the mesh allows (ZeRO-1: update.state_specs); every
+    split their leading axis over 'expert' (replicated over 'data'), the Adam moments of w_enc,
+    b_enc, w_dec over 'data' too where the mesh allows (ZeRO-1: update.state_specs); every
     other leaf is replicated."""
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(tree, mesh))
 
@@ -152,7 +152,7 @@ def make_train_step(
             # Past `size` dead latents per expert, the ids taken start `size` further each step.
             dead_ids = compact_dead(mask, size, start=(state.step % -(-lat // size)) * size)
         params, others = nnx.split_state(state.params, nnx.Param, ...)
-        # ZeRO-1: the expert rows' gradient comes reduce-scattered, as that of `shards`.
+        # ZeRO-1: the expert weights' gradient comes reduce-scattered, as that of `shards`.
         shards = grad_shards(params, jax.sharding.get_abstract_mesh())
         (grads, row_grads), (metrics, fired, counts) = jax.grad(
             loss_fn, argnums=(0, 1), has_aux=True
