@@ -38,6 +38,7 @@ def _plans() -> dict[str, Plan]:
     plans = {
         "pod_256_dropless": Plan("pod.gin", 256, ("DISPATCH='dropless'",), ("h100",)),
         "pod_1b_1024": Plan("pod_1b.gin", 1024),
+        "pod_64_zero1": Plan("pod.gin", 64, ("MESH_SHAPE=(2, 32)",), ("h100",)),
     }
     for devices in (8, 64, 256):
         for log2 in (24, 27, 30):
@@ -130,7 +131,9 @@ def values(plans: dict[str, dict]) -> dict[str, str]:
     return {
         "generated_note": _note(missing),
         "hardware_usable": _usable_lines(),
-        "pod_memory_table": _pod_memory_table([pod64, pod256]),
+        "pod_memory_table": _pod_memory_table(
+            [("64", pod64), ("256", pod256), ("64 as 2 x 32, ZeRO-1", plans.get("pod_64_zero1"))]
+        ),
         "flops_table": _flops_table(plans),
         "dropless_table": _dropless_table(pod256, dropless),
         "figures_table": _figures_table(plans),
@@ -168,10 +171,10 @@ def _h100(plan: dict | None) -> dict | None:
     return None if plan is None else plan.get("h100") or next(iter(plan.values()))
 
 
-def _pod_memory_table(plans: list[dict | None]) -> str:
+def _pod_memory_table(plans: list[tuple[str, dict | None]]) -> str:
     rows = ["| devices | step | arguments | temporaries | total (compiled) | estimate | eval step "
             "| fits an H100 (usable) |", "|" + "---|" * 8]  # fmt: skip
-    for devices, plan in zip((64, 256), plans, strict=True):
+    for devices, plan in plans:
         p = _h100(plan)
         if p is None:
             rows.append(f"| {devices} | {NOT_PLANNED} |" + " |" * 6)

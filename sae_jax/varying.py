@@ -9,6 +9,7 @@ Outside `shard_map` nothing varies and every function here returns its input.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,3 +53,32 @@ def sum_to_type(g: jax.Array, primal: jax.Array) -> jax.Array:
     ones (what the transpose of a replicated value's use does)."""
     extra = tuple(sorted(set(varying_axes(g)) - set(varying_axes(primal))))
     return jax.lax.psum(g, extra) if extra else g
+
+
+def reduce_scattered(tree: PyTree, shards: PyTree, axes: Iterable[str]) -> PyTree:
+    """`tree`, replicated over the mesh axes `axes`, marked varying over them as by `vary_all`,
+    but with its gradient reduce-scattered into `shards` instead of summed over `axes` into
+    `tree`'s (which gets none): each leaf's gradient [N, ...] is summed over `axes` and split
+    along axis 0, a device getting [i N / n, (i + 1) N / n) of its index i, as the gradient of
+    its leaf of `shards` ([N / n, ...], values unused). ZeRO-1: a device gets the summed
+    gradient of just the experts whose optimizer state it holds, with one reduce-scatter."""
+    return _reduce_scattered(tree, shards, tuple(axes))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _reduce_scattered(tree: PyTree, shards: PyTree, axes: tuple[str, ...]) -> PyTree:
+    return vary_all(tree, axes)
+
+
+def _scattered_fwd(tree, shards, axes):
+    return vary_all(tree, axes), None
+
+
+def _scattered_bwd(axes, _, ct):
+    def scatter(g):
+        return jax.lax.psum_scatter(g, axes, scatter_dimension=0, tiled=True)
+
+    return None, jax.tree.map(scatter, ct)
+
+
+_reduce_scattered.defvjp(_scattered_fwd, _scattered_bwd)

@@ -247,3 +247,29 @@ def test_auxk_value_and_gradient_match_reference(mesh1, monkeypatch, case, kerne
     assert float(jnp.abs(grads["w_dec"]).max()) > 1e-3, "AuxK must train the decoder"
     for name in grads:  # the router and b_dec get none: the residual is a constant
         np.testing.assert_allclose(grads[name], ref_grads.get(name, 0), rtol=1e-4, atol=1e-5)
+
+
+def test_gather_kernel_backward_keeps_no_expert_stack():
+    """The gather kernel loops over experts (lax.map): what its backward needs of each expert's
+    weights must be the loop's input, not a value computed in the loop (a copy of W_enc for
+    b_dec's gradient term, W_dec rounded to bfloat16), which JAX stacks into an
+    [N, L, d] buffer per step. The gradient's temporaries stay under one such tensor (the
+    gradients themselves are outputs); with the stacks they were 2.8 of them."""
+    from sae_jax.kernels.expert import ExpertParams, ExpertRows, ExpertSettings, run_experts
+
+    n, lat, d, c = 8, 512, 64, 16
+    rng = np.random.default_rng(0)
+    p = ExpertParams(*(jnp.asarray(rng.normal(size=s), jnp.float32) for s in
+                       ((n, lat, d), (n, lat), (n, lat, d))))  # fmt: skip
+    valid = jnp.ones((n, c), bool)
+    bufs = ExpertRows(jnp.asarray(rng.normal(size=(n, c, d)), jnp.bfloat16), valid * 0.5, valid)
+    s = ExpertSettings(k=4, k_aux=8, kernel="gather", dtype="bfloat16")
+    dead = auxk.compact_dead(jnp.asarray(rng.random((n, lat)) < 0.3), 64)
+
+    def loss(p, b_dec):
+        out = run_experts(p, bufs, b_dec, dead, s)
+        return jnp.sum(out.recon) + out.aux_err
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    temp = grad.lower(p, jnp.zeros(d)).compile().memory_analysis().temp_size_in_bytes
+    assert temp < n * lat * d * 4, temp / (n * lat * d * 4)

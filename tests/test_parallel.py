@@ -113,8 +113,72 @@ def test_expert_state_is_created_sharded():
         assert array.sharding.shard_shape(array.shape)[0] == 2, name  # 8 experts / 4
     assert params["w_router"][...].sharding.is_fully_replicated
     adam_mu = state.opt_state[0].mu["w_dec"][...]
-    assert adam_mu.sharding.shard_shape(adam_mu.shape)[0] == 2
+    assert adam_mu.sharding.shard_shape(adam_mu.shape)[0] == 1  # and over 'data' (ZeRO-1)
     assert state.since_fired.sharding.shard_shape(state.since_fired.shape) == (2, 32)
     b_dec = np.asarray(params["b_dec"][...])
     np.testing.assert_array_equal(b_dec, np.asarray(params["b_router"][...]))
     assert np.abs(b_dec).max() > 0  # geometric median of the sample, not zeros
+
+
+ZERO_CFG = SAEConfig(d=16, num_latents=256, num_experts=8, k=4, k_aux=8, capacity_factor=8.0,
+                     expert_kernel="gather")  # fmt: skip
+
+
+def _train_steps(mesh, batches):
+    """AuxK training steps (on every dead latent) of a random model on `mesh`: (final state,
+    per-step metrics, the step's optimized HLO). Latents are dead after a token without
+    firing, so the first step has none and the others run AuxK."""
+    from sae_jax.config import TrainConfig
+    from sae_jax.training.step import setup_training
+
+    tcfg = TrainConfig(steps=10, batch_size=128, lr=1e-3, grad_clip=0.05, dead_after_tokens=1)
+    with jax.set_mesh(mesh):
+        _, state, step = setup_training(random_model(ZERO_CFG, seed=3), tcfg)
+        xs = [jax.device_put(x, token_sharding(mesh)) for x in batches]
+        compiled = step.auxk.lower(state, xs[0]).compile()
+        metrics = []
+        for x in xs:
+            state, m = compiled(state, x)
+            metrics.append(jax.device_get(m))
+    return state, metrics, compiled.as_text()
+
+
+def test_zero1_training_steps_equal_single_device_with_moments_split_over_data():
+    """ZeRO-1 on a 2x4 mesh: the expert Adam moments are split over 'data' (of the 2 experts
+    of an 'expert' index, each device holds 1: half of what the replicated layout held), their
+    gradient arrives by a reduce-scatter (no all-reduce of an expert gradient) and the updated
+    rows are all-gathered; three steps (two with dead latents for AuxK, the global-norm clip
+    active) equal one device's: parameters, both moments, loss and gradient norm."""
+    from sae_jax.plan import hlo as hlo_text
+
+    rng = np.random.default_rng(5)
+    batches = [jnp.asarray(rng.normal(size=(128, 16)), jnp.float32) for _ in range(3)]
+    ref, ref_m, _ = _train_steps(make_mesh((1, 1)), batches)
+    got, got_m, hlo = _train_steps(make_mesh((2, 4)), batches)
+    n, lat, d = 8, 32, 16
+    for name in ("w_enc", "w_dec"):
+        param = got.params[name][...]
+        assert param.sharding.shard_shape(param.shape) == (n // 4, lat, d), name
+        for moment in (got.opt_state[0].mu[name][...], got.opt_state[0].nu[name][...]):
+            assert moment.sharding.shard_shape(moment.shape) == (n // 8, lat, d), name
+            shard = moment.addressable_shards[0].data
+            assert shard.nbytes * 2 == param.addressable_shards[0].data.nbytes
+    b_enc_mu = got.opt_state[0].mu["b_enc"][...]
+    assert b_enc_mu.sharding.shard_shape(b_enc_mu.shape) == (n // 8, lat)
+    found = hlo_text.collectives(hlo, 8)
+    grad_shard = f"f32[{n // 8},{lat},{d}]"
+    assert any(c.op == "reduce-scatter" and grad_shard in c.shape for c in found), found
+    assert any(c.op == "all-gather" for c in found), found
+    expert_sized = f"[{n // 4},{lat},{d}]"
+    assert not [c for c in found if c.op == "all-reduce" and expert_sized in c.shape]
+    assert min(m["aux_loss"] for m in ref_m[1:]) > 0 and min(m["grad_norm"] for m in ref_m) > 0.05
+    for r, g in zip(ref_m, got_m, strict=True):
+        for name in ("loss", "grad_norm", "aux_loss"):
+            np.testing.assert_allclose(g[name], r[name], rtol=1e-5, err_msg=name)
+    pairs = [(nnx.to_pure_dict(got.params), nnx.to_pure_dict(ref.params))]
+    pairs += [(nnx.to_pure_dict(getattr(got.opt_state[0], m)),
+               nnx.to_pure_dict(getattr(ref.opt_state[0], m))) for m in ("mu", "nu")]  # fmt: skip
+    for got_tree, ref_tree in pairs:
+        for name, want in ref_tree.items():
+            np.testing.assert_allclose(np.asarray(got_tree[name]), np.asarray(want), rtol=1e-4,
+                                       atol=1e-6, err_msg=name)  # fmt: skip

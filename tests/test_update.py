@@ -26,8 +26,11 @@ def reference_update(grads, opt_state, params, clip):
 
 @pytest.mark.parametrize("shape", [(2, 4)])
 def test_chunked_update_equals_whole_tensor_update(monkeypatch, shape):
+    """On a 2x4 mesh (ZeRO-1: each device updates 1 of the 2 experts of its 'expert' index, in
+    4 chunks of rows) with feature scaling: enc_scale [N, d] is updated whole (its axis 1 is
+    not the latents: chunked as rows, its update was wrong or failed)."""
     monkeypatch.setattr(update, "UPDATE_CHUNK_BYTES", 4 * 16 * 8)  # 8 rows of d=16: 4 chunks
-    cfg = SAEConfig(d=16, num_latents=256, num_experts=8, k=4)
+    cfg = SAEConfig(d=16, num_latents=256, num_experts=8, k=4, feature_scaling=True)
     tcfg = TrainConfig(steps=10, lr=1e-2, grad_clip=0.5)
     assert update.chunk_rows(cfg.latents_per_expert, 16 * 4) == 8
     rng = np.random.default_rng(0)
@@ -58,4 +61,5 @@ def test_chunked_update_equals_whole_tensor_update(monkeypatch, shape):
         np.testing.assert_allclose(np.asarray(params[name]), np.asarray(p[name]), atol=2e-6)
     np.testing.assert_allclose(float(norm), float(ref_norm), rtol=1e-5)
     mu = nnx.to_pure_dict(opt[0].mu)
-    np.testing.assert_allclose(np.asarray(mu["w_enc"]), np.asarray(s[0].mu["w_enc"]), atol=1e-7)
+    for name in ("w_enc", "enc_scale"):
+        np.testing.assert_allclose(np.asarray(mu[name]), np.asarray(s[0].mu[name]), atol=1e-7)

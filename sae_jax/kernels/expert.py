@@ -40,7 +40,7 @@ from sae_jax.kernels.records import (
     ExpertSettings,
     use_dense,
 )
-from sae_jax.varying import zeros_varying
+from sae_jax.varying import sum_to_type, zeros_varying
 
 __all__ = [
     "DENSE_MAX_LATENTS",
@@ -64,12 +64,38 @@ def centre(x: jax.Array, b_dec: jax.Array, dtype: str = "float32") -> jax.Array:
     return (x.astype(jnp.float32) - jax.lax.stop_gradient(b_dec)).astype(dtype)
 
 
-def with_b_dec_grad(p: ExpertParams, b_dec: jax.Array) -> ExpertParams:
+def with_b_dec_grad(p: ExpertParams, b_dec: jax.Array, looped: bool = False) -> ExpertParams:
     """p with b_enc + (v - v), v = -W_enc b_dec [L]: the value is exactly b_enc, and the
     gradient reaching b_dec is -(sum over tokens of the pre-activation gradient) @ W_enc,
-    what W_enc (x - b_dec) would give it, without forming a [C, d] gradient."""
-    v = -(jax.lax.stop_gradient(p.w_enc) @ b_dec)
+    what W_enc (x - b_dec) would give it, without forming a [C, d] gradient. looped: p is
+    one trip's expert of a loop over experts (the gather kernel's lax.map), see _b_dec_term;
+    vmapped (dense), the plain product sums b_dec's gradient over the experts in one
+    contraction, as it always did."""
+    if looped:
+        v = _b_dec_term(p.w_enc, b_dec)
+    else:
+        v = -(jax.lax.stop_gradient(p.w_enc) @ b_dec)
     return p._replace(b_enc=p.b_enc + (v - jax.lax.stop_gradient(v)))
+
+
+@jax.custom_vjp
+def _b_dec_term(w_enc: jax.Array, b_dec: jax.Array) -> jax.Array:
+    """-(W_enc b_dec) [L], differentiated for b_dec only. Its residual is w_enc as passed (a
+    stop_gradient would make it a new value): in a loop over experts, a loop input kept as a
+    residual is reused, while a value computed in the loop is stacked, [N, L, d] per step."""
+    return -(w_enc @ b_dec)
+
+
+def _b_dec_term_fwd(w_enc, b_dec):
+    return _b_dec_term(w_enc, b_dec), (w_enc, b_dec)
+
+
+def _b_dec_term_bwd(res, g):
+    w_enc, b_dec = res
+    return None, sum_to_type(-(g @ w_enc), b_dec)
+
+
+_b_dec_term.defvjp(_b_dec_term_fwd, _b_dec_term_bwd)
 
 
 def dense_preactivations(xc: jax.Array, p: ExpertParams, dtype: str = "float32") -> jax.Array:
@@ -123,7 +149,7 @@ def decode(
         codes = jnp.zeros((values.shape[0], w_dec.shape[0]), dtype)
         codes = codes.at[rows, idx].set(values.astype(dtype), unique_indices=True)
         return precision.einsum("cl,ld->cd", codes, w_dec, dtype)
-    return sparse_rows.gather_decode(values, idx, w_dec.astype(dtype))
+    return sparse_rows.gather_decode(values, idx, w_dec, dtype)
 
 
 def centred_forward(
@@ -146,7 +172,7 @@ def centred_forward(
     chosen = buf.chosen if chosen is None else chosen
     if s.encode_only:
         return candidates(p, buf, s)
-    p = with_b_dec_grad(p, b_dec)
+    p = with_b_dec_grad(p, b_dec, looped=not dense)
     pre_grad = dense_preactivations(xc, p, dtype)
     pre = jax.lax.stop_gradient(pre_grad)
     idx, value = (jax.lax.top_k(pre, s.k)[1], None) if chosen is None else chosen

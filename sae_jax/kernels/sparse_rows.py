@@ -10,6 +10,8 @@ row gradient it carries on every trip.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -30,12 +32,12 @@ def _scatter_rows(coef: jax.Array, vecs: jax.Array, idx: jax.Array, rows: int) -
     return jax.lax.fori_loop(0, idx.shape[1], body, acc)
 
 
-def _gather_dots(w: jax.Array, idx: jax.Array, vecs: jax.Array) -> jax.Array:
-    """[C, k]: vecs[c] . w[idx[c, j]] (float32), one column per loop step (a stack of the k
-    columns, unrolled, ran slower)."""
+def _gather_dots(w: jax.Array, idx: jax.Array, vecs: jax.Array, dtype=None) -> jax.Array:
+    """[C, k]: vecs[c] . w[idx[c, j]] (float32; rows rounded to dtype first, see `_rows`),
+    one column per loop step (a stack of the k columns, unrolled, ran slower)."""
 
     def column(j):
-        return jnp.sum(w[_slot(idx, j)].astype(jnp.float32) * vecs, axis=-1)
+        return jnp.sum(_rows(w, _slot(idx, j), dtype) * vecs, axis=-1)
 
     def body(j, out):
         return jax.lax.dynamic_update_index_in_dim(out, column(j), j, axis=1)
@@ -44,13 +46,19 @@ def _gather_dots(w: jax.Array, idx: jax.Array, vecs: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(0, idx.shape[1], body, out)
 
 
-@jax.custom_vjp
-def gather_decode(values: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_decode(values: jax.Array, idx: jax.Array, w: jax.Array, dtype=None) -> jax.Array:
     """sum_j values[:, j] * w[idx[:, j]]: values [C, k], idx [C, k] int32, w [L, d] -> [C, d]
-    float32."""
+    float32. dtype: the rows are rounded to it (None: w's dtype), and so is w's gradient.
+
+    The backward keeps w itself, not a rounded copy: in a loop over experts, a residual
+    computed in the loop is stacked into an [N, L, d] buffer, one that is the loop's input is
+    not. The forward reads a rounded copy (one expert's, a temporary).
+    """
     # Without the barrier XLA fuses the producers of values and idx (top-k, the gather from
     # the pre-activations) into every output element of the decode, which made the step slower.
     values, idx = jax.lax.optimization_barrier((values, idx))
+    w = w if dtype is None else w.astype(dtype)  # rounded rows, the same as `_rows`'s
 
     def term(j):  # the slot's [C, d] gather fuses into its multiply-add
         return _slot(values, j)[:, None].astype(jnp.float32) * w[_slot(idx, j)].astype(jnp.float32)
@@ -60,15 +68,23 @@ def gather_decode(values: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
     return jax.lax.fori_loop(1, idx.shape[1], lambda j, out: out + term(j), term(0))
 
 
-def _decode_fwd(values, idx, w):
-    return gather_decode(values, idx, w), (values, idx, w)
+def _rows(w: jax.Array, ids: jax.Array, dtype) -> jax.Array:
+    """Rows ids of w rounded to dtype (None: as they are), as float32."""
+    rows = w[ids]
+    return (rows if dtype is None else rows.astype(dtype)).astype(jnp.float32)
 
 
-def _decode_bwd(res, g):
+def _decode_fwd(values, idx, w, dtype):
+    return gather_decode(values, idx, w, dtype), (values, idx, w)
+
+
+def _decode_bwd(dtype, res, g):
     values, idx, w, g = jax.lax.optimization_barrier((*res, g))
-    d_values = _gather_dots(w, idx, g).astype(values.dtype)
-    d_w = _scatter_rows(values.astype(jnp.float32), g, idx, w.shape[0]).astype(w.dtype)
-    return d_values, None, d_w
+    d_values = _gather_dots(w, idx, g, dtype).astype(values.dtype)
+    d_w = _scatter_rows(values.astype(jnp.float32), g, idx, w.shape[0])
+    if dtype is not None:  # the gradient of the rounded rows, as before the rounding moved here
+        d_w = d_w.astype(dtype)
+    return d_values, None, d_w.astype(w.dtype)
 
 
 gather_decode.defvjp(_decode_fwd, _decode_bwd)

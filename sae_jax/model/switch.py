@@ -39,7 +39,7 @@ from sae_jax.kernels.expert import (
 )
 from sae_jax.kernels.records import routed_kernel
 from sae_jax.mesh import AXES
-from sae_jax.varying import vary_all
+from sae_jax.varying import reduce_scattered, vary_all
 
 EXPERT_AXES = ("expert", None, None)
 
@@ -52,6 +52,7 @@ class SwitchParams(NamedTuple):
     b_dec: jax.Array  # [d]
     shared: ExpertParams | None = None  # the shared dictionary ([S, d], [S], [S, d]); None: none
     router_bias: jax.Array | None = None  # [N] selection-only routing bias (RouterBias); None: off
+    enc_scale: jax.Array | None = None  # [N, d] scaled_encoder's feature scaling; None: off
 
 
 class SwitchOut(NamedTuple):
@@ -122,7 +123,11 @@ class SwitchSAE(nnx.Module):
             self.router_bias = RouterBias(jnp.zeros((n,), jnp.float32))
 
     def __call__(
-        self, x: jax.Array, dead: jax.Array | None = None, capacity_factor: float | None = None
+        self,
+        x: jax.Array,
+        dead: jax.Array | None = None,
+        capacity_factor: float | None = None,
+        grad_shards: ExpertParams | None = None,
     ) -> SwitchOut:
         """x: [T, d] (sharded over every device); dead: AuxK's dead latents (None: off), as
         [N, L] bool masks or as [N, B] int32 ids padded with L (`kernels.auxk.compact_dead`).
@@ -130,23 +135,27 @@ class SwitchSAE(nnx.Module):
         Under a ('data', 'expert') mesh the forward runs in `jax.shard_map`: each device routes
         its own tokens and the dispatch path moves them to the devices that hold their experts.
         Without a mesh it runs as one local computation.
+        grad_shards (ZeRO-1, a 'data' axis over 1): arrays shaped like w_enc, b_enc, w_dec, their
+        expert axis split over 'expert' then 'data', whose gradient is theirs reduce-scattered
+        over 'data' (`varying.reduce_scattered`; training.update.grad_shards); the weights
+        then get none.
         """
         cfg = self.cfg
         cf = cfg.capacity_factor if capacity_factor is None else capacity_factor
         if dead is not None and dead.dtype == jnp.bool_:
             dead = compact_dead(dead, dead.shape[-1])
-        w_enc = self.w_enc[...]
-        if cfg.feature_scaling:
-            w_enc = scaled_encoder(w_enc, self.enc_scale[...])
-        experts = ExpertParams(w_enc, self.b_enc[...], self.w_dec[...])
+        experts = ExpertParams(self.w_enc[...], self.b_enc[...], self.w_dec[...])
+        enc_scale = self.enc_scale[...] if cfg.feature_scaling else None
         router = (self.w_router[...], self.b_router[...]) if cfg.num_experts > 1 else None
         shared = None
         if cfg.shared_latents:  # decoder rows used at unit norm (the update renormalises experts')
             shared = ExpertParams(self.shared_w_enc[...], self.shared_b_enc[...],
                                   unit_rows(self.shared_w_dec[...]))  # fmt: skip
         bias = self.router_bias[...] if hasattr(self, "router_bias") else None
-        params = SwitchParams(experts, router, self.b_dec[...], shared, bias)
+        params = SwitchParams(experts, router, self.b_dec[...], shared, bias, enc_scale)
         mesh = jax.sharding.get_abstract_mesh()
+        if grad_shards is not None and (mesh.empty or mesh.shape["data"] == 1):
+            raise ValueError("grad_shards needs a mesh with a 'data' axis of more than one device")
         if mesh.empty:
             return switch_apply(params, x, dead, cfg=cfg, capacity_factor=cf)
         check_mesh(cfg, dict(mesh.shape), x.shape[0])
@@ -161,12 +170,14 @@ class SwitchSAE(nnx.Module):
             P(),
             None if shared is None else ExpertParams(P(), P(), P()),
             None if bias is None else P(),
+            None if enc_scale is None else expert_spec,
         )
-        in_specs = (param_specs, tok, None if dead is None else expert_spec)
+        shard_specs = None if grad_shards is None else ExpertParams(*(P(("expert", "data")),) * 3)
+        in_specs = (param_specs, tok, None if dead is None else expert_spec, shard_specs)
         out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P(), P(), P())
         return jax.shard_map(
             local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(axes)
-        )(params, x, dead)
+        )(params, x, dead, grad_shards)
 
 
 def check_mesh(cfg: SAEConfig, mesh_shape: dict[str, int], tokens: int | None = None) -> None:
@@ -184,6 +195,7 @@ def switch_apply(
     params: SwitchParams,
     x: jax.Array,
     dead_ids: jax.Array | None,
+    grad_shards: ExpertParams | None = None,
     *,
     cfg: SAEConfig,
     capacity_factor: float,
@@ -192,10 +204,10 @@ def switch_apply(
     """Route, run each token's expert on the path `dispatch.paths.choose` picks, combine.
 
     Written for one device's share: x [T_local, d], params.experts [N_local, ...], dead_ids
-    [N_local, B] int32 dead latent ids (None: no AuxK). Tokens are centred (x - b_dec) in
-    float32 and travel in cfg.compute_dtype, and the reconstructions come back in it.
-    Inside shard_map (`all_axes`: the manual mesh axes, 'expert' among them), sums are
-    psum'd over them.
+    [N_local, B] int32 dead latent ids (None: no AuxK); grad_shards: see SwitchSAE.__call__
+    ([N_local / data, L, ...] here). Tokens are centred (x - b_dec) in float32 and travel in
+    cfg.compute_dtype, and the reconstructions come back in it. Inside shard_map
+    (`all_axes`: the manual mesh axes, 'expert' among them), sums are psum'd over them.
     """
     x = x.astype(jnp.float32)
     expert, gate, counts, prob_sums, z_sum = _route(x, params.router, cfg, params.router_bias)
@@ -203,11 +215,18 @@ def switch_apply(
     routed = Routed(centre(x, params.b_dec, dtype), expert, gate, params.b_dec)
     expert_axis = "expert" if all_axes else None
     data_axes = tuple(a for a in all_axes or () if a != expert_axis)
-    experts = params.experts
+    experts, enc_scale = params.experts, params.enc_scale
     if all_axes:
         # Expert weights are replicated along 'data'; mark them varying once, here, so their
-        # gradient is summed over 'data' once (not, say, once per AuxK chunk).
-        experts = vary_all(experts, data_axes)
+        # gradient is summed over 'data' once (not, say, once per AuxK chunk), or under ZeRO-1
+        # reduce-scattered over it.
+        if grad_shards is None:
+            experts = vary_all(experts, data_axes)
+        else:
+            experts = reduce_scattered(experts, grad_shards, data_axes)
+        enc_scale = vary_all(enc_scale, data_axes)
+    if enc_scale is not None:
+        experts = experts._replace(w_enc=scaled_encoder(experts.w_enc, enc_scale))
     settings = expert_settings(cfg, dtype, capacity_factor, expert_axis)
     expert_devices = jax.lax.axis_size(expert_axis) if expert_axis else 1
     path = paths.choose(cfg, expert_devices)

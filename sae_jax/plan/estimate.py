@@ -2,10 +2,12 @@
 
 Memory terms (float32 state; W = one expert tensor's local shard, N_local x L x d x 4 bytes):
   parameters       w_enc + w_dec (2W), b_enc, and the replicated b_dec, b_router, w_router
-  optimizer_state  Adam's two moments: 2 x parameters (+ its step count)
+  optimizer_state  Adam's two moments: 2 x parameters (+ its step count); under ZeRO-1 (a
+                   'data' axis over 1, training/update.py) the expert weights' part is / data
   counters         since_fired [N_local, L] int32, the step and the recent dead counts
   batch            the device's share of the input batch [T_local, d]
-  gradients        one gradient per parameter: = parameters
+  gradients        one gradient per parameter: = parameters; under ZeRO-1 plus the expert
+                   weights' reduce-scattered gradient (/ data) beside the local one
   other            the rest of XLA's temporaries: see `other_temporaries`
 The new state is donated (aliased to the old), so outputs add nothing but the metrics.
 
@@ -31,15 +33,20 @@ from sae_jax.kernels.expert import use_dense
 from sae_jax.kernels.records import routed_kernel
 from sae_jax.plan.hlo import Collective
 from sae_jax.training.step import DEAD_COUNT_LAG
+from sae_jax.training.update import zero_split
 
 F32 = 4
-# Expert-sized [N_local, L, d] float32 temporaries the step holds besides the gradients: one,
-# the zeros the gather kernel's row gradients are scattered into (the optimizer update runs a
-# chunk at a time, see sae_jax/training/update.py). Below float32 the step also holds w_enc
-# cast to the compute dtype for the [S, L] pre-activation matmul. Counted in XLA:CPU's buffer
-# assignment (the configs it was read on: docs/pod_scale.md). Adjust these when the step
-# changes.
-UPDATE_EXPERT_BUFFERS = 1
+# Expert-sized temporaries the step holds besides the gradients (the optimizer update runs a
+# chunk at a time, see sae_jax/training/update.py, so it adds none). The gather kernel runs one
+# local expert at a time (lax.map) and holds GATHER_EXPERT_ROW_BUFFERS float32 [L, d] buffers
+# of that expert, whatever N_local: its encoder and decoder row gradients (zeros the rows are
+# scattered into), AuxK's, and their sum; w_enc cast to the compute dtype for the [S, L]
+# pre-activations shares one. The dense kernel (vmapped over the local experts) holds
+# DENSE_EXPERT_BUFFERS x W, and below float32 w_enc cast to the compute dtype. Counted in
+# XLA:CPU's buffer assignment (the configs it was read on: docs/pod_scale.md). Adjust these
+# when the step changes.
+GATHER_EXPERT_ROW_BUFFERS = 4
+DENSE_EXPERT_BUFFERS = 1
 # Elementwise FLOPs per parameter of the update: global-norm clipping (2), Adam's moments
 # and step (~12), the decoder-gradient projection and row renormalisation (~6).
 UPDATE_FLOPS_PER_PARAM = 20
@@ -165,18 +172,24 @@ class Shapes:
         """W: one [N_local, L, d] float32 shard."""
         return self.local_experts * self.latents * self.d * F32
 
+    @property
+    def zero(self) -> bool:
+        """ZeRO-1: the expert weights' Adam moments split over 'data' (training/update.py)."""
+        return zero_split(self.data, self.local_experts)
+
 
 def memory(s: Shapes) -> dict[str, int]:
     """Bytes per device of each term (see the module docstring) and their total."""
     router = _router_params(s)
-    params = (2 * s.expert_tensor_bytes + s.local_experts * s.latents * F32 + s.d * F32
-              + router * F32)  # fmt: skip
+    rows = 2 * s.expert_tensor_bytes + s.local_experts * s.latents * F32  # w_enc, w_dec, b_enc
+    params = rows + s.d * F32 + router * F32
+    split = rows // s.data if s.zero else 0  # a device's share of them under ZeRO-1
     terms = {
         "parameters": params,
-        "optimizer_state": 2 * params + F32,
+        "optimizer_state": 2 * (params - rows + (split or rows)) + F32,
         "counters": s.local_experts * s.latents * F32 + (1 + DEAD_COUNT_LAG) * F32,
         "batch": s.local_tokens * s.d * F32,
-        "gradients": params,
+        "gradients": params + split,
         "other": other_temporaries(s),
     }
     terms["total"] = sum(terms.values())
@@ -189,27 +202,27 @@ def _router_params(s: Shapes) -> int:
 
 def other_temporaries(s: Shapes) -> int:
     """Temporaries besides the gradients: the larger of the expert-sized buffers the step
-    holds (UPDATE_EXPERT_BUFFERS x W, w_enc in the compute dtype below float32, and for the
-    gather kernel AuxK's gradients at its largest bucket, 2 x W) and the
-    activations of the forward and backward pass, which XLA places in the same memory at
-    another time."""
-    held = UPDATE_EXPERT_BUFFERS * s.expert_tensor_bytes
-    if not s.dense and s.k_aux:  # AuxK with every latent dead: its dense W_enc and W_dec
-        held += 2 * s.expert_tensor_bytes  # gradients beside the gather kernel's sparse ones
-    if s.compute_dtype != "float32":
-        held += s.expert_tensor_bytes * jnp.dtype(s.compute_dtype).itemsize // F32
+    holds (GATHER_EXPERT_ROW_BUFFERS x [L, d] for the gather kernel; DENSE_EXPERT_BUFFERS x W,
+    and w_enc in the compute dtype below float32, for the dense one) and the activations of
+    the forward and backward pass, which XLA places in the same memory at another time."""
+    if s.dense:
+        held = DENSE_EXPERT_BUFFERS * s.expert_tensor_bytes
+        if s.compute_dtype != "float32":
+            held += s.expert_tensor_bytes * jnp.dtype(s.compute_dtype).itemsize // F32
+    else:
+        held = GATHER_EXPERT_ROW_BUFFERS * s.latents * s.d * F32
     return max(held, dropless_activations(s) if s.dropless else activations(s))
 
 
 def activations(s: Shapes) -> int:
     """Largest live activations, per device: the capacity buffers [S, d] on both sides of
-    the all_to_alls, the pre-activations [S, L] and either the dense kernel's codes and
-    their gradient ([S, L] each) or the gather kernel's rows ([S, k, d], encoder and
-    decoder), plus AuxK's at its largest bucket (`aux_share` of the latents)."""
+    the all_to_alls, the pre-activations [S, L], the dense kernel's codes and their gradient
+    ([S, L] each; the gather kernel's rows are [S, d] buffers, one of the k at a time), plus
+    AuxK's at its largest bucket (`aux_share` of the latents)."""
     slots, tokens = s.slots, s.local_tokens
     buffers = 4 * (slots + tokens) * s.d * F32
     pre = slots * s.latents * F32
-    kernel = 2 * pre if s.dense else 2 * slots * s.k * s.d * F32
+    kernel = 2 * pre if s.dense else 0
     # AuxK at its largest bucket B: the [S, B] pre-activations of the dead columns, their
     # top-k selection mask and their gradient.
     aux = 3 * pre * s.aux_share
@@ -273,10 +286,11 @@ def expert_flops(latents: int, d: int, k: int, copies: int, dense: bool) -> tupl
 
 def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
     """Matmul FLOPs per input token of the forward and backward pass (2 per multiply-add),
-    plus the elementwise update of the local expert shards (replicated over 'data'). A token
-    runs the encoder of its e = experts_per_token experts (L latents each), which pick the
-    routed k - shared_k active latents together (`expert_flops`); a shared dictionary of S
-    latents runs densely on every token with its shared_k (`shared`). Expert work is per
+    plus the elementwise update of the local expert shards (replicated over 'data', or
+    split over it under ZeRO-1). A token runs the encoder of its e = experts_per_token
+    experts (L latents each), which pick the routed k - shared_k active latents together
+    (`expert_flops`); a shared dictionary of S latents runs densely on every token with its
+    shared_k (`shared`). Expert work is per
     computed row, so it is scaled by rows / T_local: slots (capacity factor and rounding),
     or dropless T_local + N_local x B. Dropless runs each block again in the backward (its
     custom VJP keeps only the block's outputs): the top-k and latents are reused, so only
@@ -301,7 +315,7 @@ def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
         "shared": shared,
         "auxk": pad * 10 * aux_ld if aux_on else 0.0,
         "recompute": pad * again if s.dropless else 0.0,
-        "update": UPDATE_FLOPS_PER_PARAM * 2 * params * s.data / s.batch,
+        "update": UPDATE_FLOPS_PER_PARAM * 2 * params * (1 if s.zero else s.data) / s.batch,
     }
     terms["total"] = sum(terms.values())
     return terms

@@ -35,7 +35,7 @@ from sae_jax.config import TrainConfig
 from sae_jax.kernels.auxk import bucket_for, compact_dead, dead_buckets, max_bucket
 from sae_jax.model.losses import loss_and_metrics
 from sae_jax.model.switch import RouterBias, SwitchSAE
-from sae_jax.training.update import apply_update, partition_specs
+from sae_jax.training.update import apply_update, grad_shards, state_specs, with_row_grads
 
 # A step runs AuxK when some latent was dead this many steps before it (LAG - 1 steps late at
 # worst): the host reads counts of a step that finished while the LAG - 1 steps after it were
@@ -89,10 +89,12 @@ def update_router_bias(variables: nnx.State, counts: jax.Array, rate: float) -> 
     return nnx.merge_state(bias, other)
 
 
-def state_sharding(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Shardings for a TrainState-like pytree: expert leaves (update.EXPERT_LEAVES) split their
-    leading axis over 'expert' (replicated over 'data'); every other leaf is replicated."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), partition_specs(tree))
+def state_sharding(tree: TrainState, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings for a TrainState (concrete or abstract): expert leaves (update.EXPERT_LEAVES)
+    split their leading axis over 'expert' (replicated over 'data'), the Adam moments of w_enc,
+    b_enc, w_dec over 'data' too where the mesh allows (ZeRO-1: update.state_specs); every
+    other leaf is replicated."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(tree, mesh))
 
 
 def init_state(model: SwitchSAE, tx: optax.GradientTransformation) -> TrainState:
@@ -136,8 +138,8 @@ def make_train_step(
     layout of the old one, so the second step does not recompile for a different layout.
     """
 
-    def loss_fn(params, others, x, dead_ids):
-        out = nnx.merge(graphdef, params, others)(x, dead_ids)
+    def loss_fn(params, shards, others, x, dead_ids):
+        out = nnx.merge(graphdef, params, others)(x, dead_ids, grad_shards=shards)
         loss, metrics = loss_and_metrics(
             x, out, lb_alpha=tcfg.lb_alpha, aux_weight=tcfg.aux_weight,
             z_weight=tcfg.router_z_weight,
@@ -158,9 +160,12 @@ def make_train_step(
             # Past `size` dead latents per expert, the ids taken start `size` further each step.
             dead_ids = compact_dead(mask, size, start=(state.step % -(-lat // size)) * size)
         params, others = nnx.split_state(state.params, nnx.Param, ...)
-        grads, (metrics, fired, counts) = jax.grad(loss_fn, has_aux=True)(
-            params, others, x, dead_ids
-        )
+        # ZeRO-1: the expert weights' gradient comes reduce-scattered, as that of `shards`.
+        shards = grad_shards(params, jax.sharding.get_abstract_mesh())
+        (grads, row_grads), (metrics, fired, counts) = jax.grad(
+            loss_fn, argnums=(0, 1), has_aux=True
+        )(params, shards, others, x, dead_ids)
+        grads = with_row_grads(grads, row_grads)
         params, opt_state, grad_norm = apply_update(
             tx, grads, state.opt_state, params, clip=tcfg.grad_clip
         )

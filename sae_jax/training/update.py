@@ -1,26 +1,42 @@
-"""The optimizer update, applied one local expert at a time.
+"""The optimizer update, applied one local expert at a time; ZeRO-1 over the 'data' axis.
 
 Adam, the decoder-gradient projection and the row renormalisation are elementwise or per row,
 so they can run expert by expert. Written over whole [N, L, d] tensors, XLA left an
 expert-sized temporary for nearly every stage, several times the weights at pod scale (the
-figures are in docs/pod_scale.md). Here, inside shard_map, a fori_loop updates expert i of
-every local expert tensor in place (the loop carries the donated buffers), so the update's
-temporaries are one expert's size.
+figures are in docs/pod_scale.md). Here, inside shard_map, a fori_loop updates a chunk of
+latent rows of one local expert at a time, in place (the loop carries the donated buffers),
+so the update's temporaries are one chunk's size.
+
+ZeRO-1: on a mesh with a 'data' axis of more than one device that divides the experts a
+device holds, the expert parameters stay replicated over 'data' (the forward needs them
+whole), but the Adam moments of w_enc, b_enc and w_dec are split over it: of the N_local
+experts of an 'expert' index, each device of 'data' holds and updates N_local / data
+(`state_specs`). Their gradient arrives reduce-scattered over 'data' (varying.reduce_scattered:
+one reduce-scatter where a replicated optimizer state needed an all-reduce) and the updated
+rows are all-gathered back into the replicated parameters, a chunk at a time. (Split by latent
+rows instead, the reduce-scatter along axis 1 made XLA copy the gradients into a layout with
+that axis outermost, more memory than the split saves.)
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from sae_jax.kernels.records import ExpertParams
 from sae_jax.model.switch import unit_rows
 
 # State leaves whose leading axis is the expert axis (parameters, their Adam moments, counters).
 EXPERT_LEAVES = frozenset({"w_enc", "b_enc", "w_dec", "enc_scale", "since_fired"})
+# Expert leaves whose axis 1 is the expert's latents ([N, L, ...]): updated by chunks of latent
+# rows, and under ZeRO-1 their Adam moments and gradients split over 'data' too.
+ROW_LEAVES = frozenset({"w_enc", "b_enc", "w_dec"})
+SPLIT = PartitionSpec(("expert", "data"))  # ZeRO-1: the expert axis over 'expert', then 'data'
 UPDATE_CHUNK_BYTES = 2**25  # rows of one expert tensor updated per loop iteration
 
 
@@ -33,12 +49,71 @@ def is_expert_leaf(path, value) -> bool:
     return bool(_names(path) & EXPERT_LEAVES) and jnp.ndim(value) > 0
 
 
-def partition_specs(tree):
-    """P('expert') for expert leaves (split over 'expert', replicated over 'data'), else P()."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, v: PartitionSpec("expert") if is_expert_leaf(path, v) else PartitionSpec(),
-        tree,
-    )
+def is_row_leaf(path, value) -> bool:
+    """Whether a leaf is an expert leaf with the expert's latents on axis 1 (ROW_LEAVES)."""
+    return bool(_names(path) & ROW_LEAVES) and jnp.ndim(value) > 1
+
+
+def partition_specs(tree, split: bool = False):
+    """P('expert') for expert leaves (split over 'expert', replicated over 'data'), else P();
+    with `split` (ZeRO-1), row leaves SPLIT (their experts split over 'data' too)."""
+
+    def spec(path, v):
+        if split and is_row_leaf(path, v):
+            return SPLIT
+        return PartitionSpec("expert") if is_expert_leaf(path, v) else PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def splits_state(mesh, num_experts: int) -> bool:
+    """Whether the expert optimizer state is split over 'data' (ZeRO-1) on `mesh`
+    (`zero_split`); otherwise it is replicated over 'data' like the parameters."""
+    if mesh.empty:
+        return False
+    return zero_split(mesh.shape["data"], num_experts // mesh.shape["expert"])
+
+
+def zero_split(data: int, local_experts: int) -> bool:
+    """ZeRO-1 on a 'data' axis of `data` devices, `local_experts` experts per 'expert' index:
+    when there is more than one device on 'data' and they divide the local experts."""
+    return data > 1 and local_experts % data == 0
+
+
+def state_specs(state: Any, mesh) -> Any:
+    """Partition specs of a TrainState: expert leaves over 'expert', the rest replicated; the
+    Adam moments of row leaves also split over 'data' where `splits_state` (ZeRO-1)."""
+    split = splits_state(mesh, state.since_fired.shape[0])
+    return partition_specs(state).replace(opt_state=partition_specs(state.opt_state, split))
+
+
+def grad_shards(params, mesh) -> ExpertParams | None:
+    """Zeros [N, L, ...] in the ZeRO-1 layout (SPLIT) of w_enc, b_enc, w_dec, for the model's
+    `grad_shards`: their gradient is that of the weights, reduce-scattered over 'data'
+    (varying.reduce_scattered). None where the optimizer state is not split over 'data'
+    (`splits_state`). Only their shape matters: nothing reads them."""
+    b_enc = params["b_enc"][...]
+    if not splits_state(mesh, b_enc.shape[0]):
+        return None
+
+    def zeros(v):
+        return jax.lax.with_sharding_constraint(jnp.zeros(v.shape, v.dtype), SPLIT)
+
+    return ExpertParams(zeros(params["w_enc"][...]), zeros(b_enc), zeros(params["w_dec"][...]))
+
+
+def with_row_grads(grads, rows: ExpertParams | None):
+    """grads with the row leaves' gradient taken from `rows` (the gradient of `grad_shards`,
+    split over 'data'); unchanged for None."""
+    if rows is None:
+        return grads
+    by_name = rows._asdict()
+
+    def leaf(path, g):
+        name = _names(path) & ROW_LEAVES
+        return by_name[name.pop()] if name and jnp.ndim(g) > 1 else g
+
+    return jax.tree_util.tree_map_with_path(leaf, grads)
 
 
 def map_w_dec(fn, tree, *others):
@@ -82,21 +157,32 @@ def apply_update(tx: optax.GradientTransformation, grads, opt_state, params, *, 
     """Project the decoder gradient, clip by the global norm, `tx`, renormalise decoder rows.
 
     Returns (params, opt_state, grad_norm). `tx` must act elementwise (Adam does). Under a
-    mesh the loop over local experts runs in shard_map over 'expert'.
+    mesh the loop over local experts runs in shard_map over 'expert', and over 'data' too
+    where the optimizer state is split over it (`splits_state`; `opt_state` then in the
+    layout of `state_specs`, the row leaves of `grads` best split the same way, as the
+    model's reduce-scatter leaves them).
     """
     dots = decoder_dots(grads, params)
     norm = projected_norm(grads, params, dots)
     scale = jnp.where(norm < clip, 1.0, clip / norm)  # optax.clip_by_global_norm's rule
 
-    def local(grads, opt_state, params, dots, scale):
-        return _update_experts(tx, grads, opt_state, params, dots, scale)
-
     mesh = jax.sharding.get_abstract_mesh()
+    axis = "data" if splits_state(mesh, dots.shape[0]) else None
+
+    def local(grads, opt_state, params, dots, scale):
+        return _update_experts(tx, grads, opt_state, params, dots, scale, axis)
+
     if not mesh.empty:
-        specs = partition_specs((grads, opt_state, params))
+        split = axis is not None
+        state_spec = partition_specs(opt_state, split)
+        # check_vma off under ZeRO-1: the all-gathered rows are the same on every device of
+        # 'data' (so the parameters are replicated there), which the type system cannot see.
         local = jax.shard_map(
-            local, mesh=mesh, in_specs=(*specs, PartitionSpec("expert"), PartitionSpec()),
-            out_specs=partition_specs((params, opt_state)), axis_names={"expert"},
+            local, mesh=mesh,
+            in_specs=(partition_specs(grads, split), state_spec, partition_specs(params),
+                      SPLIT if split else PartitionSpec("expert"), PartitionSpec()),
+            out_specs=(partition_specs(params), state_spec),
+            axis_names={"expert", "data"} if split else {"expert"}, check_vma=not split,
         )  # fmt: skip
     params, opt_state = local(grads, opt_state, params, dots, scale)
     return params, opt_state, norm
@@ -109,57 +195,96 @@ def chunk_rows(latents: int, row_bytes: int) -> int:
     return max(fits, default=1)
 
 
-def _after(tree, start: tuple) -> tuple:
-    """`start`, computed from a read of every expert leaf of `tree` there, so that what is
-    indexed with it happens after those leaves are written (XLA cannot fold the min away)."""
-    reads = [
-        jnp.isnan(jax.lax.dynamic_slice(v, start[: v.ndim], (1,) * v.ndim)).sum(dtype=jnp.int32)
-        for path, v in jax.tree_util.tree_leaves_with_path(tree)
-        if is_expert_leaf(path, v)
-    ]
-    e = start[0]
-    return (jnp.minimum(e, e + sum(reads)), *start[1:])
+def _leaf_map(fn, tree, *others):
+    """fn(rows, leaf, *other leaves) over `tree`, rows: whether it is a row leaf (ROW_LEAVES)."""
+
+    def leaf(path, v, *o):
+        return fn(is_row_leaf(path, v), v, *o)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree, *others)
 
 
-def _update_experts(tx, grads, opt_state, params, dots, scale):
-    """One device's update: expert leaves hold its [N_local, L, ...] experts, updated in place
-    a chunk of latents of one expert at a time. The moments are written only after the
+def _update_experts(tx, grads, opt_state, params, dots, scale, axis: str | None = None):
+    """One device's update, in place, a chunk of latent rows of one expert at a time.
+
+    Row leaves of `grads` and `opt_state` hold [S, L, ...]: the N_local experts of the
+    device's 'expert' index (S = N_local), or with `axis` ('data', ZeRO-1) the S = N_local /
+    data of them this device updates, from expert index * S; `params` holds all N_local, into
+    which every device's updated rows are all-gathered; dots: [S, L]. The other leaves
+    (enc_scale [N_local, d], replicated ones) are small: updated whole, from their inputs,
+    with each chunk (the same values each time). The moments are written only after the
     parameters (see _after): otherwise XLA fuses the parameter write with reads of the
     moments that the moment writes change, and copies whole moment tensors every iteration.
     """
-    num_local, latents = dots.shape
+    share, latents = dots.shape
+    parts = 1 if axis is None else jax.lax.axis_size(axis)
+    own = 0 if axis is None else jax.lax.axis_index(axis) * share  # this device's first expert
     widest = max(
         math.prod(v.shape[2:]) * v.dtype.itemsize
         for path, v in jax.tree_util.tree_leaves_with_path(params)
-        if is_expert_leaf(path, v)
+        if is_row_leaf(path, v)
     )
     rows = chunk_rows(latents, widest)
     per_expert = latents // rows
 
-    def pick(original, current, start):
-        """Expert leaves: the chunk at `start` of `current` (not yet updated); others: original."""
-        return jax.tree_util.tree_map_with_path(
-            lambda path, o, c: jax.lax.dynamic_slice(c, start[: c.ndim], (1, rows) + c.shape[2:])
-            if is_expert_leaf(path, o) else o,
-            original, current,
-        )  # fmt: skip
+    def pick(original, current, e, r):
+        """The chunk to update: row leaves' rows [r, r + rows) of expert e of `current`; the
+        rest whole from `original` (never updated in place before they are read)."""
 
-    def put(current, new, start):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, c, n: jax.lax.dynamic_update_slice(c, n, start[: c.ndim])
-            if is_expert_leaf(path, c) else n,
-            current, new,
-        )  # fmt: skip
+        def one(row, o, c):
+            if not row:
+                return o
+            return jax.lax.dynamic_slice(c, _at(c, e, r), (1, rows, *c.shape[2:]))
+
+        return _leaf_map(one, original, current)
+
+    def put(current, new, e, r, gather=False):
+        """`new` written into `current` where `pick` read it; with `gather` (the parameters
+        under ZeRO-1) the new rows of every device of `axis` are all-gathered and each written
+        to its expert, expert e of the device's share."""
+
+        def one(row, c, n):
+            if not row:
+                return n
+            if not gather or axis is None:
+                return jax.lax.dynamic_update_slice(c, n, _at(c, e, r))
+            every = jax.lax.all_gather(n, axis)  # [parts, 1, rows, ...]
+            for part in range(parts):
+                c = jax.lax.dynamic_update_slice(c, every[part], _at(c, part * share + e, r))
+            return c
+
+        return _leaf_map(one, current, new)
 
     def body(j, carry):
         cur_params, cur_state = carry
-        zero = jnp.zeros((), j.dtype)
-        start = (j // per_expert, (j % per_expert) * rows, zero)
-        p, s = pick(params, cur_params, start), pick(opt_state, cur_state, start)
-        dots_j = jax.lax.dynamic_slice(dots, start[:2], (1, rows))
-        g = map_w_dec(lambda gw, w: project(gw, w, dots_j), pick(grads, grads, start), p)
+        e, r = j // per_expert, (j % per_expert) * rows
+        p, s = pick(params, cur_params, own + e, r), pick(opt_state, cur_state, e, r)
+        dots_j = jax.lax.dynamic_slice(dots, (e, r), (1, rows))
+        g = map_w_dec(lambda gw, w: project(gw, w, dots_j), pick(grads, grads, e, r), p)
         updates, s = tx.update(jax.tree.map(lambda v: v * scale.astype(v.dtype), g), s, p)
-        new_params = put(cur_params, map_w_dec(unit_rows, optax.apply_updates(p, updates)), start)
-        return new_params, put(cur_state, s, _after(new_params, start))
+        new = map_w_dec(unit_rows, optax.apply_updates(p, updates))
+        new_params = put(cur_params, new, e, r, gather=True)
+        e = _after(new_params, e, r)
+        return new_params, put(cur_state, s, e, r)
 
-    return jax.lax.fori_loop(0, num_local * per_expert, body, (params, opt_state))
+    return jax.lax.fori_loop(0, share * per_expert, body, (params, opt_state))
+
+
+def _at(v: jax.Array, *start) -> tuple:
+    """A start index into v: `start`, then zeros."""
+    zero = jnp.zeros((), jnp.asarray(start[-1]).dtype)
+    return (*start, *(zero,) * (v.ndim - len(start)))
+
+
+def _after(tree, e, r):
+    """e, computed from a read of every row leaf of `tree` (the just-written parameters) at
+    expert e, row r, so that what is indexed with it happens after those leaves are written
+    (XLA cannot fold the min away)."""
+
+    def read(row, v):
+        if not row:
+            return jnp.zeros((), jnp.int32)
+        read = jax.lax.dynamic_slice(v, _at(v, e, r), (1,) * v.ndim)
+        return jnp.isnan(read).sum(dtype=jnp.int32)
+
+    return jnp.minimum(e, e + sum(jax.tree.leaves(_leaf_map(read, tree))))
