@@ -40,12 +40,6 @@ def pod8(tmp_path_factory):
     return run_plan(tmp_path_factory.mktemp("plan8") / "plan.json", "--devices=8")
 
 
-@pytest.fixture(scope="module")
-def pod32(tmp_path_factory):
-    """The same config on 32 devices: what the planner suggests for pod8 (about 65 GiB)."""
-    return run_plan(tmp_path_factory.mktemp("plan32") / "plan.json", "--devices=32")
-
-
 def test_json_holds_the_figures(pod64):
     plan, _ = pod64
     assert plan["memory"]["compiled"]["total_bytes"] > 0
@@ -90,13 +84,14 @@ def test_no_whole_expert_tensor_on_a_device(pod64):
         assert not [c for c in gathers if c.bytes >= n * lat * 4], path.name
 
 
-def test_a_config_that_does_not_fit_names_one_that_does(pod32, pod8):
+def test_a_config_that_does_not_fit_names_one_that_does(pod64, pod8):
     assert pod8["fits"] is False
     assert pod8["memory"]["compiled"]["total_bytes"] > pod8["hardware"]["memory_bytes"]
     s = pod8["suggestion"]
-    assert s["bindings"] == ["MESH_SHAPE=(1, 32)"] and s["devices"] == 32
-    # Planned again, the suggestion (pod.gin's own mesh on 32 devices) fits.
-    plan = pod32
+    # 32 devices would need ~65.6 GiB: under the card's 80 GB, over the 54.9 GiB a process has.
+    assert s["bindings"] == ["MESH_SHAPE=(1, 64)"] and s["devices"] == 64
+    # Planned again, the suggestion (pod.gin's own mesh on 64 devices) fits.
+    plan, _ = pod64
     assert plan["config"]["mesh_shape"] == s["mesh_shape"]
     assert plan["config"]["num_experts"] == s["num_experts"]
     assert plan["fits"] and plan["memory"]["needed_bytes"] <= plan["hardware"]["usable_bytes"]

@@ -83,8 +83,9 @@ class SyntheticData:
         )
         self.mean_active = float(mean_active)
         self.max_active = max(1, math.ceil(4 * mean_active))
-        sample = self._raw(jax.random.fold_in(self._key, 2**20), 8192)
-        self.scale = float(jnp.sqrt(dim / jnp.mean(jnp.sum(sample**2, axis=-1))))
+        with jax.set_mesh(None):  # on the host device, outside any mesh
+            sample = self._raw(jax.random.fold_in(self._key, 2**20), 8192)
+            self.scale = float(jnp.sqrt(dim / jnp.mean(jnp.sum(sample**2, axis=-1))))
 
     def _raw(self, key: jax.Array, n: int) -> jax.Array:
         return _generate(
