@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 from launch import peer
+from launch.cli import simulate_cpu_devices
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,8 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.devices:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+        simulate_cpu_devices(args.devices)
     import jax
 
     rows = []

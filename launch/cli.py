@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -85,3 +86,12 @@ def initialize_multihost(args: argparse.Namespace) -> None:
     from sae_jax.distributed import initialize
 
     initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def simulate_cpu_devices(count: int, *, cpu_only: bool = False) -> None:
+    """Make XLA:CPU present `count` devices (call before jax is imported); `cpu_only` also
+    sets JAX_PLATFORMS=cpu unless it is set."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+    if cpu_only:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from launch.cli import simulate_cpu_devices
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,8 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.devices:
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+        simulate_cpu_devices(args.devices)
     from launch.device_checks import CHECKS, run_checks
 
     names = [n for n in args.checks.split(",") if n]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from launch.cli import macro_help, parse_with_bindings
+from launch.cli import macro_help, parse_with_bindings, simulate_cpu_devices
 
 HARDWARE = ("h100", "tpu-v5p", "cpu")
 
@@ -37,9 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.devices:  # before jax is imported
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        simulate_cpu_devices(args.devices, cpu_only=True)
 
     from sae_jax.config import ConfigError
     from sae_jax.gin_setup import parse

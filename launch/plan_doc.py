@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+from launch.cli import simulate_cpu_devices
+
 ROOT = Path(__file__).resolve().parent.parent
 GIB = 2**30
 BOTH = ("h100", "tpu-v5p")
@@ -101,9 +103,7 @@ def run_worker(name: str) -> dict:
 def worker(name: str) -> dict:
     """Compile plan `name` on its simulated devices: {hardware name: the plan as --json has it}."""
     plan = PLANS[name]
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={plan.devices}"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    simulate_cpu_devices(plan.devices, cpu_only=True)
 
     from sae_jax.gin_setup import parse
     from sae_jax.plan import build, hardware

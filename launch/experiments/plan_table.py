@@ -19,6 +19,8 @@ import os
 import subprocess
 import sys
 
+from launch.cli import simulate_cpu_devices
+
 HARDWARE = ("h100", "tpu-v5p")
 GIB = 2**30
 
@@ -63,9 +65,7 @@ def run_worker(gin_file: str, devices: int, log2: int) -> list[dict]:
 def worker(gin_file: str, devices: int, log2: int) -> list[dict]:
     """Compile pod.gin with NUM_LATENTS = 2^log2 on `devices` simulated devices; one row per
     kind of hardware."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    simulate_cpu_devices(devices, cpu_only=True)
 
     from sae_jax.gin_setup import parse
     from sae_jax.plan import build, hardware
