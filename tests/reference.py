@@ -125,36 +125,41 @@ def shared_codes(x, params: dict, shared_k: int):
     return z, z @ (w / np.linalg.norm(w, axis=1, keepdims=True))
 
 
-def top_e_choice(x, params: dict, k: int, e: int):
+def top_e_choice(x, params: dict, k: int, e: int, keep=None):
     """Routing beyond top-1, token by token: each token's e most probable experts and the
-    global TopK over their latents by gated value p_j * ReLU(pre). Returns experts [T, e],
+    global TopK over their latents by gated value p_j * ReLU(pre). keep: [T, e] bool, False
+    for a row that capacity dropped (its latents are not candidates). Returns experts [T, e],
     gates [T, e] and chosen [T, e, L] bool."""
     params = dict(params, w_enc=effective_encoder(params))
     lat = params["w_enc"].shape[1]
     experts, gates, chosen = [], [], []
-    for tok in x:
+    keep = np.ones((len(x), e), bool) if keep is None else keep
+    for tok, kept in zip(x, keep, strict=True):
         logits = (tok - params["b_router"]) @ params["w_router"]
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         top = np.argsort(-probs, kind="stable")[:e]
         centred = tok - params["b_dec"]
         pre = np.stack([params["w_enc"][i] @ centred + params["b_enc"][i] for i in top])
-        scored = (probs[top][:, None] * np.maximum(pre, 0)).reshape(-1)
+        scored = np.where(kept[:, None], probs[top][:, None] * np.maximum(pre, 0), -1.0)
         mask = np.zeros(e * lat, bool)
-        mask[np.argsort(-scored, kind="stable")[:k]] = True
+        mask[np.argsort(-scored.reshape(-1), kind="stable")[:k]] = True
+        mask &= np.repeat(kept, lat)
         experts.append(top)
         gates.append(probs[top])
         chosen.append(mask.reshape(e, lat))
     return np.array(experts), np.array(gates), np.array(chosen)
 
 
-def top_e_sae(x, params: dict, k: int, e: int, dead=None, k_aux: int = 0, shared_k: int = 0):
+def top_e_sae(
+    x, params: dict, k: int, e: int, dead=None, k_aux: int = 0, shared_k: int = 0, keep=None
+):
     """x_hat [T, d] of the top-e global-TopK Switch SAE, token by token, and with dead [N, L]
     the AuxK sums (err, norm): the token's residual x - x_hat against the sum over its experts
     of the gated top-k_aux dead-latent reconstructions, for tokens with a dead expert.
     With shared_k, the shared dictionary's reconstruction is part of x_hat (and of what the
-    residual leaves out); k is then the routed experts' share."""
-    experts, gates, chosen = top_e_choice(x, params, k, e)
+    residual leaves out); k is then the routed experts' share. keep: see `top_e_choice`."""
+    experts, gates, chosen = top_e_choice(x, params, k, e, keep)
     params = dict(params, w_enc=effective_encoder(params))
     shared = shared_codes(x, params, shared_k)[1] if shared_k else np.zeros_like(x)
     x_hat, err, norm = [], 0.0, 0.0

@@ -134,6 +134,35 @@ def test_capacity_overflow_drops_rows_not_whole_tokens():
     assert np.isfinite(out.x_hat).all()
 
 
+def _priority_keep(experts: np.ndarray, num_experts: int, cap: int) -> np.ndarray:
+    """[T, e] bool: rows that fit when every token's first choice takes its slot before any
+    token's second choice (then in token order)."""
+    keep, load = np.zeros(experts.shape, bool), np.zeros(num_experts, int)
+    for j in range(experts.shape[1]):
+        for t, i in enumerate(experts[:, j]):
+            keep[t, j], load[i] = load[i] < cap, load[i] + 1
+    return keep
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (1, 8)])
+def test_capacity_keeps_first_choices_before_second_ones(mesh_shape):
+    """Under overflow the rows fill the experts' buffers choice by choice, so a token loses
+    its second expert before any token loses its first; x_hat matches the reference with
+    exactly those rows dropped."""
+    cfg = dataclasses.replace(CFG, capacity_factor=0.75)
+    x, _ = _inputs(seed=6)
+    params, (_, out, _, _) = _run(cfg, mesh_shape, x, None)
+    devices = mesh_shape[0] * mesh_shape[1]  # capacity is per device's tokens on (1, 8)
+    tokens = len(x) // devices
+    cap = int(np.ceil(0.75 * tokens * 2 / 8))
+    keep = np.concatenate([_priority_keep(np.asarray(out.expert)[s : s + tokens], 8, cap)
+                           for s in range(0, len(x), tokens)])  # fmt: skip
+    assert 0 < (~keep[:, 1]).sum() and (~keep[:, 0]).sum() < (~keep[:, 1]).sum()
+    np.testing.assert_array_equal(out.kept, keep.all(axis=1))
+    want, _, _ = top_e_sae(x, params, cfg.k, 2, keep=keep)
+    np.testing.assert_allclose(out.x_hat, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
 def test_two_stages_with_one_expert_per_token_are_bitwise_the_switch(mesh1, dispatch):
     """global_topk.run with e = 1 (candidates, then the chosen ones decoded) gives the same

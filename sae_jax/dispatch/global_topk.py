@@ -6,7 +6,10 @@ the largest gated values g_j * ReLU(pre-activation) among all e x L latents of i
 decodes x_hat = sum_j g_j W_dec[i_j]^T z_j + b_dec, z_j its chosen latents in expert i_j. With
 e = 1 that is the Switch SAE.
 
-Each token travels as e rows, one per expert, through the path twice:
+Each token travels as e rows, one per expert, choice-major (row j * T + t is token t's j-th
+choice, most probable first), so capacity dispatch, which gives slots in row order, places
+every token's first choice before any second choice: under overflow a token loses its last
+choices first, and rarely all of them. The rows go through the path twice:
 
 1. candidates: every row's expert returns its own top-k values and ids, without gradient
    (`ExpertSettings.encode_only`; the global top-k is among these e x k candidates);
@@ -46,14 +49,16 @@ def run(
     recon [T, d] the GATED sum over the e experts (not ungated as a path's), kept [T] all e
     rows kept, and the AuxK sums of the whole tokens."""
     tokens, e = routed.expert.shape
-    rows = Routed(jnp.repeat(routed.x, e, axis=0), routed.expert.reshape(-1),
-                  routed.gate.reshape(-1), routed.b_dec)  # fmt: skip
+    rows = Routed(jnp.tile(routed.x, (e, 1)), routed.expert.T.reshape(-1),
+                  routed.gate.T.reshape(-1), routed.b_dec)  # fmt: skip
     first = path(rows, jax.lax.stop_gradient(p), None, dataclasses.replace(s, encode_only=True))
-    chosen = select(first.latents, first.indices, routed.gate, s.k)
+    indices, values = select(_token_major(first.latents, e), _token_major(first.indices, e),
+                             routed.gate, s.k)  # fmt: skip
+    chosen = (_choice_major(indices, e), _choice_major(values, e))
     aux = dead_ids is not None and s.k_aux > 0
     out = path(rows._replace(chosen=chosen), p, dead_ids, dataclasses.replace(s, aux_out=aux))
     recon = _per_token(rows.gate[:, None] * out.recon, tokens)
-    result = out._replace(recon=recon, kept=jnp.all(out.kept.reshape(tokens, e), axis=1),
+    result = out._replace(recon=recon, kept=jnp.all(out.kept.reshape(e, tokens), axis=0),
                           aux_recon=None)  # fmt: skip
     if aux:
         has_dead = _has_dead(dead_ids, p.w_enc.shape[1], s.expert_axis)
@@ -84,8 +89,18 @@ def select(
 
 
 def _per_token(a: jax.Array, tokens: int) -> jax.Array:
-    """Sum a token's e consecutive rows: [T * e, ...] -> [T, ...]."""
-    return a.reshape((tokens, -1) + a.shape[1:]).sum(axis=1)
+    """Sum a token's e rows (choice-major, row j * T + t): [e * T, ...] -> [T, ...]."""
+    return a.reshape((-1, tokens) + a.shape[1:]).sum(axis=0)
+
+
+def _token_major(a: jax.Array, e: int) -> jax.Array:
+    """Rows j * T + t -> t * e + j: [e * T, ...] -> [T * e, ...]."""
+    return jnp.swapaxes(a.reshape((e, -1) + a.shape[1:]), 0, 1).reshape(a.shape)
+
+
+def _choice_major(a: jax.Array, e: int) -> jax.Array:
+    """Rows t * e + j -> j * T + t, the inverse of `_token_major`."""
+    return jnp.swapaxes(a.reshape((-1, e) + a.shape[1:]), 0, 1).reshape(a.shape)
 
 
 def _has_dead(dead_ids: jax.Array, latents: int, expert_axis: str | None) -> jax.Array:
