@@ -218,6 +218,7 @@ class TrainConfig:
     aux_weight: float = 1.0 / 32.0
     dead_after_tokens: int = 1_000_000
     aux_max_share: float = 1.0 / 32.0
+    warmup_fraction: float = 0.0
     decay_fraction: float = 0.2
     grad_clip: float = 1.0
     geometric_median_tokens: int = 8192
@@ -254,6 +255,10 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.aux_max_share={self.aux_max_share} must lie in (0, 1]")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction={self.decay_fraction} must lie in [0, 1]")
+        if not 0 <= self.warmup_fraction <= 1 - self.decay_fraction:
+            raise ConfigError(
+                f"warmup_fraction={self.warmup_fraction} must lie in [0, 1 - decay_fraction]"
+            )
         return self
 
     @property

@@ -7,7 +7,7 @@ import optax
 import pytest
 from conftest import jaxpr_shapes, random_model
 
-from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data import SyntheticData
 from sae_jax.model.init import geometric_median
 from sae_jax.training.loop import train
@@ -67,6 +67,24 @@ def test_learning_rate_schedule_holds_then_decays():
     assert sizes[90] == pytest.approx(lr * 0.5, rel=0.06)
     assert sizes[99] < lr * 0.06
     assert isinstance(tx, optax.GradientTransformation)
+
+
+def test_learning_rate_warms_up_holds_then_decays():
+    tcfg = TrainConfig(steps=100, lr=1e-3, warmup_fraction=0.1, decay_fraction=0.2)
+    tx = make_optimizer(tcfg, 2**12)
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    sizes = []
+    for _ in range(100):
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        sizes.append(float(-updates["w"]))
+    assert sizes[0] == pytest.approx(0.0, abs=1e-9)  # linear from 0 over 10 steps
+    assert sizes[5] == pytest.approx(5e-4, rel=1e-3)
+    assert sizes[10] == pytest.approx(1e-3, rel=1e-3)
+    assert sizes[79] == pytest.approx(1e-3, rel=1e-3)
+    assert sizes[90] == pytest.approx(5e-4, rel=0.06)
+    with pytest.raises(ConfigError, match="warmup_fraction"):
+        TrainConfig(warmup_fraction=0.9, decay_fraction=0.2).validate()
 
 
 def test_geometric_median_resists_outliers():

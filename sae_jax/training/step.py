@@ -53,15 +53,19 @@ class TrainState:
 
 
 def make_optimizer(tcfg: TrainConfig, latents_per_expert: int) -> optax.GradientTransformation:
-    """Adam, constant LR then linear decay to 0 over the last part. The step clips gradients
-    by their global norm (`tcfg.grad_clip`) before it (see update.apply_update)."""
+    """Adam; the LR rises linearly from 0 over the first `warmup_fraction` of the steps, holds,
+    then decays linearly to 0 over the last `decay_fraction`. The step clips gradients by their
+    global norm (`tcfg.grad_clip`) before it (see update.apply_update)."""
     lr = tcfg.learning_rate(latents_per_expert)
+    warmup_steps = int(round(tcfg.steps * tcfg.warmup_fraction))
     decay_steps = int(round(tcfg.steps * tcfg.decay_fraction))
-    hold = tcfg.steps - decay_steps
-    schedule = optax.join_schedules(
-        [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(decay_steps, 1))], [hold]
-    )
-    return optax.adam(schedule)
+    hold = tcfg.steps - warmup_steps - decay_steps
+    parts = [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(decay_steps, 1))]
+    bounds = [hold]
+    if warmup_steps:
+        parts.insert(0, optax.linear_schedule(0.0, lr, warmup_steps))
+        bounds = [warmup_steps, warmup_steps + hold]
+    return optax.adam(optax.join_schedules(parts, bounds))
 
 
 def new_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
