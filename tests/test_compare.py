@@ -5,6 +5,7 @@ dictionary, and the training clock."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -109,9 +110,10 @@ def test_compare_writes_table_json_and_curves(compared):
         assert r["duplicates"]["latents"] == r["num_latents"]
         assert r["step_tokens_per_sec"] > 0 and r["tokens_per_sec"] > 0
     assert results[0]["fvu_dropless_vs_topk"] == 1.0
+    assert results[0]["fvu_dropless_vs_best_topk"] == 1.0  # the only N = 1 row
     assert results[1]["flops_per_token"] > results[0]["flops_per_token"]
     table = (out / "results.md").read_text()
-    for header in ("FVU", "FVU vs TopK", "L0", "dead", "duplicates (other expert)",
+    for header in ("FVU", "FVU vs TopK", "vs best TopK", "L0", "dead", "duplicates (other expert)",
                    "loss recovered", "train tokens/s", "step tokens/s", "training FLOPs",
                    "training s"):  # fmt: skip
         assert f"| {header} |" in table
@@ -127,7 +129,7 @@ def test_compare_writes_table_json_and_curves(compared):
 
 def test_row_choice_and_bindings():
     assert [r.name for r in compare.chosen_rows(compare.DEFAULT_ROWS)] == [
-        "topk", "switch8", "switch8_top1", "switch4_flops", "wide", "wide_x3"]  # fmt: skip
+        "topk", "topk_lr", "switch8", "switch8_top1", "switch4_flops", "wide"]  # fmt: skip
     with pytest.raises(SystemExit):
         compare.chosen_rows("topk,nope")
     args = compare.parse_args(["--train", "t", "--eval", "e", "--gin", "K=8"])
@@ -139,3 +141,16 @@ def test_row_choice_and_bindings():
                               Path("w"))  # fmt: skip
     assert wide[0] == "--gin_file=smollm2_wide.gin"
     assert not any(a.startswith("--gin.NUM_EXPERTS") for a in wide)  # the file's own N
+
+
+def test_ratios_are_to_topk_and_to_the_best_topk():
+    rows = [
+        {"name": "topk", "num_experts": 1, "fvu_dropless": 0.2, "tokens_per_sec": 100.0},
+        {"name": "topk_lr", "num_experts": 1, "fvu_dropless": 0.16, "tokens_per_sec": 100.0},
+        {"name": "wide", "num_experts": 4, "fvu_dropless": 0.15, "tokens_per_sec": 120.0},
+    ]
+    compare.add_ratios(rows)
+    assert [r["fvu_dropless_vs_topk"] for r in rows] == pytest.approx([1.0, 0.8, 0.75])
+    assert [r["fvu_dropless_vs_best_topk"] for r in rows] == pytest.approx([1.25, 1.0, 0.9375])
+    assert rows[2]["tokens_per_sec_vs_topk"] == pytest.approx(1.2)
+    assert math.isnan(rows[2]["step_tokens_per_sec_vs_topk"])
