@@ -211,6 +211,11 @@ def _digest(tree) -> str:
 
 OLD_FIELDS = ("x_hat", "expert", "gate", "kept", "expert_counts", "prob_sums", "fired",
               "l0_sum", "aux_err", "aux_norm", "rows")  # fmt: skip
+# (forward, state) digests of the code at commit 155a141, one pair per kind of CPU seen here:
+# XLA:CPU compiles for the host's vector ISA, which changes float rounding in reductions, so the
+# same code gives another pair on another CPU. The second pair was computed by running 155a141's
+# own code on the second kind of machine (an AVX-512 Xeon), beside today's code: identical.
+OLD_DIGESTS = {("a2dde12d9917f65b", "0f38bb78d53ed4a6"), ("86fee821fc75ca36", "de0bd34d3fc3e289")}
 
 
 def test_options_off_route_as_before(mesh1):
@@ -231,18 +236,19 @@ def test_options_off_route_as_before(mesh1):
 )
 def test_options_off_are_bitwise_unchanged(mesh1, monkeypatch):
     """A fixed-seed forward and four train steps (AuxK included) give bitwise the digests that
-    the code before these options gave (recorded at commit 155a141, whose DEAD_COUNT_LAG was
-    2: the lag decides which steps run AuxK and the state's shape, so it is set back)."""
+    the code before these options gave on this kind of CPU (OLD_DIGESTS, from commit 155a141,
+    whose DEAD_COUNT_LAG was 2: the lag decides which steps run AuxK and the state's shape, so
+    it is set back)."""
     monkeypatch.setattr(step_module, "DEAD_COUNT_LAG", 2)
     model = random_model(CFG)
     xs = _batches(4)
     out = model(xs[0])
-    assert _digest(tuple(getattr(out, f) for f in OLD_FIELDS)) == "a2dde12d9917f65b"
+    forward = _digest(tuple(getattr(out, f) for f in OLD_FIELDS))
     tcfg = TrainConfig(steps=6, batch_size=64, lr=1e-2, dead_after_tokens=64)
     _, state, step = setup_training(model, tcfg)
     for x in xs:
         state, _ = step(state, x)
-    assert _digest(state) == "0f38bb78d53ed4a6"
+    assert (forward, _digest(state)) in OLD_DIGESTS
 
 
 def test_a_resumed_run_restores_the_bias(tmp_path):
