@@ -49,6 +49,17 @@ def test_decoder_gradient_projection_is_orthogonal():
     np.testing.assert_allclose(np.sum(np.asarray(g) * w, axis=-1), 0.0, atol=1e-6)
 
 
+def _step_sizes(tx: optax.GradientTransformation, steps: int) -> list[float]:
+    """The update size of each step for a constant unit gradient: the schedule's LR."""
+    params = {"w": jnp.zeros(())}
+    state = tx.init(params)
+    sizes = []
+    for _ in range(steps):
+        updates, state = tx.update({"w": jnp.ones(())}, state, params)
+        sizes.append(float(-updates["w"]))
+    return sizes
+
+
 def test_learning_rate_schedule_holds_then_decays():
     tcfg = TrainConfig(steps=100, lr=None, decay_fraction=0.2)
     lr = tcfg.learning_rate(2**16)
@@ -56,12 +67,7 @@ def test_learning_rate_schedule_holds_then_decays():
     # The default scales with the latents per expert: 4x narrower experts, 2x the LR.
     assert TrainConfig(base_lr=1e-3).learning_rate(2**12) == pytest.approx(2e-3)
     tx = make_optimizer(tcfg, 2**16)
-    params = {"w": jnp.zeros(())}
-    state = tx.init(params)
-    sizes = []
-    for _ in range(100):
-        updates, state = tx.update({"w": jnp.ones(())}, state, params)
-        sizes.append(float(-updates["w"]))
+    sizes = _step_sizes(tx, 100)
     assert sizes[0] == pytest.approx(lr, rel=1e-3)
     assert sizes[79] == pytest.approx(lr, rel=1e-3)
     assert sizes[90] == pytest.approx(lr * 0.5, rel=0.06)
@@ -71,13 +77,7 @@ def test_learning_rate_schedule_holds_then_decays():
 
 def test_learning_rate_warms_up_holds_then_decays():
     tcfg = TrainConfig(steps=100, lr=1e-3, warmup_fraction=0.1, decay_fraction=0.2)
-    tx = make_optimizer(tcfg, 2**12)
-    params = {"w": jnp.zeros(())}
-    state = tx.init(params)
-    sizes = []
-    for _ in range(100):
-        updates, state = tx.update({"w": jnp.ones(())}, state, params)
-        sizes.append(float(-updates["w"]))
+    sizes = _step_sizes(make_optimizer(tcfg, 2**12), 100)
     assert sizes[0] == pytest.approx(0.0, abs=1e-9)  # linear from 0 over 10 steps
     assert sizes[5] == pytest.approx(5e-4, rel=1e-3)
     assert sizes[10] == pytest.approx(1e-3, rel=1e-3)
