@@ -193,10 +193,16 @@ def test_two_stages_with_one_expert_per_token_are_bitwise_the_switch(mesh1, disp
 EXTRAS = dataclasses.replace(CFG, shared_latents=24, shared_k=2, feature_scaling=True)
 
 
-@pytest.mark.parametrize("dispatch, mesh_shape", [("capacity", (1, 1)), ("dropless", (2, 4))])
-@pytest.mark.parametrize("e", [1, 2])
-def test_shared_dictionary_and_feature_scaling_match_the_reference(dispatch, mesh_shape, e):
-    cfg = dataclasses.replace(EXTRAS, dispatch=dispatch, experts_per_token=e)
+# The gather kernel (a shared dictionary above 1024 latents takes it under 'auto') has its own
+# backward: a replicated dictionary's gradient must be summed over the devices' tokens there.
+@pytest.mark.parametrize(
+    "dispatch, mesh_shape, e, kernel",
+    [("capacity", (1, 1), 1, "auto"), ("capacity", (1, 1), 2, "auto"),
+     ("dropless", (2, 4), 1, "auto"), ("dropless", (2, 4), 2, "auto"),
+     ("capacity", (1, 1), 1, "gather"), ("capacity", (2, 4), 2, "gather")],
+)  # fmt: skip
+def test_shared_dictionary_and_feature_scaling_match_the_reference(dispatch, mesh_shape, e, kernel):
+    cfg = dataclasses.replace(EXTRAS, dispatch=dispatch, experts_per_token=e, expert_kernel=kernel)
     x, dead = _inputs(seed=11)
     params, (_, out, metrics, grads) = _run(cfg, mesh_shape, x, jnp.asarray(dead))
     ref_hat, ref_err, ref_norm = top_e_sae(x, params, cfg.routed_k, e, dead, cfg.k_aux,

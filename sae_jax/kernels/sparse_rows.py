@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sae_jax.varying import zeros_varying
+from sae_jax.varying import sum_to_type, zeros_varying
 
 
 def _slot(idx: jax.Array, j) -> jax.Array:
@@ -79,12 +79,13 @@ def _decode_fwd(values, idx, w, dtype):
 
 
 def _decode_bwd(dtype, res, g):
+    primals = res  # their types, before the barrier (which makes its outputs vary alike)
     values, idx, w, g = jax.lax.optimization_barrier((*res, g))
     d_values = _gather_dots(w, idx, g, dtype).astype(values.dtype)
     d_w = _scatter_rows(values.astype(jnp.float32), g, idx, w.shape[0])
     if dtype is not None:  # the gradient of the rounded rows, as before the rounding moved here
         d_w = d_w.astype(dtype)
-    return d_values, None, d_w.astype(w.dtype)
+    return sum_to_type(d_values, primals[0]), None, sum_to_type(d_w.astype(w.dtype), primals[2])
 
 
 gather_decode.defvjp(_decode_fwd, _decode_bwd)
@@ -105,11 +106,15 @@ def _selected_fwd(pre, idx, xc, w_enc, b_enc):
 
 
 def _selected_bwd(res, g):
+    primals = res[1:]  # xc, w_enc, b_enc with their types before the barrier
     idx, xc, w_enc, b_enc, g = jax.lax.optimization_barrier((*res, g.astype(jnp.float32)))
     d_w = _scatter_rows(g, xc.astype(jnp.float32), idx, w_enc.shape[0]).astype(w_enc.dtype)
     d_b = jnp.zeros(b_enc.shape, jnp.float32).at[idx].add(g).astype(b_enc.dtype)
     d_xc = gather_decode(g, idx, w_enc).astype(xc.dtype)
-    return None, None, d_xc, d_w, d_b
+    # A replicated dictionary (the shared one) used on varying tokens: its gradient is the
+    # sum over the devices' tokens, as autodiff's transpose of the replication would give.
+    grads = (d_xc, d_w, d_b)
+    return None, None, *(sum_to_type(g, p) for g, p in zip(grads, primals, strict=True))
 
 
 selected_preactivations.defvjp(_selected_fwd, _selected_bwd)
