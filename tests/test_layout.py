@@ -17,7 +17,7 @@ LAYERS = (
     ("sae_jax.kernels",),
     ("sae_jax.dispatch",),
     ("sae_jax.model",),
-    ("sae_jax.export", "sae_jax.pretrained"),
+    ("sae_jax.export", "sae_jax.pretrained", "sae_jax.interop"),  # the formats beside export
     ("sae_jax.evaluation",),
     ("sae_jax.training",),  # the step, update, checkpoints, metrics: below the planner
     ("sae_jax.plan",),  # compiles the training and eval steps
