@@ -73,12 +73,14 @@ def _check_macro_binding(binding: str) -> None:
     if "=" not in binding:
         raise ConfigError(f"binding {binding!r} is not NAME=VALUE")
     name = binding.split("=", 1)[0].strip()
-    if _MACRO.match(name):
+    if "." not in name:  # a macro, in any case: gin would bind `steps` as a new, unused one
         try:
+            if not _MACRO.match(name):
+                raise ValueError(name)
             gin.query_parameter(f"%{name}")
         except ValueError:
-            raise ConfigError(f"unknown macro {name!r}{_did_you_mean(name, macros())}; known: "
-                              f"{', '.join(macros())}") from None  # fmt: skip
+            raise ConfigError(f"unknown macro {name!r}{_did_you_mean(name.upper(), macros())}"
+                              "; python -m launch.train --help lists them") from None  # fmt: skip
 
 
 def _bind(binding: str) -> None:
@@ -128,7 +130,7 @@ def _holds_string(name: str) -> bool:
 def _did_you_mean(name: str, known: Sequence[str]) -> str:
     """' (did you mean X?)' for the known name closest to a misspelt one, else ''."""
     close = difflib.get_close_matches(name, known, n=1)
-    return f" (did you mean {close[0]}?)" if close and close[0] != name else ""
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _closest_binding(name: str) -> str:

@@ -56,6 +56,8 @@ def test_cli_runs_with_overrides(tmp_path, capsys):
     "binding, message",
     [
         ("--gin.STEPZ=3", "unknown macro 'STEPZ'"),
+        ("--gin.steps=3", "unknown macro 'steps' (did you mean STEPS?)"),
+        ("--gin.Steps=3", "unknown macro 'Steps' (did you mean STEPS?)"),
         ("--gin.K=1000", "K=1000 exceeds the latents per expert"),
         ("--gin.NUM_LATENTS=102", "not divisible by NUM_EXPERTS"),
         ("--gin.TrainConfig.stepz=3", "stepz"),
@@ -71,7 +73,7 @@ def test_cli_rejects_bad_binding_in_one_line(tmp_path, capsys, binding, message)
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert message in err
-    assert err.startswith("error: ") and "\n" not in err
+    assert err.startswith("error: ") and "\n" not in err and len(err) <= 200
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
