@@ -25,7 +25,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--gin_file", action="append", default=[], help="gin config (repeatable)")
     parser.add_argument("--workdir", default=None, help="output directory (default runs/<config>)")
-    parser.add_argument("--no_progress", action="store_true", help="no console progress bar")
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no console progress bar (none either when stdout is not a "
+                        "terminal): a metrics line every LOG_EVERY steps")  # fmt: skip
     parser.add_argument(
         "--allow_changes",
         action="store_true",
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         stem = Path(args.gin_file[-1]).stem if args.gin_file else DEFAULT_CONFIG.stem
         workdir = Path(args.workdir or Path("runs") / stem)
         train(
-            sae_cfg, train_cfg, workdir, progress=not args.no_progress,
+            sae_cfg, train_cfg, workdir, progress=not args.no_progress and sys.stdout.isatty(),
             config_text=gin.config_str(), allow_changes=args.allow_changes, wandb=args.wandb,
         )  # fmt: skip
     except Preempted as e:
