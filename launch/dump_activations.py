@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 
+DUMP_EXTRA = ("torch", "transformers", "gguf", "accelerate")  # what `.[dump]` installs
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -45,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in DUMP_EXTRA:
+            raise
+        print(f"error: the activation dumper needs the dump extra ({e.name} is missing): "
+              "pip install -e '.[dump]'", file=sys.stderr)  # fmt: skip
         return 2
     stats = manifest["stats"]
     print(

