@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 from test_logs import scalars
 
@@ -89,6 +91,37 @@ def test_module_entry_point_help():
     assert out.returncode == 0 and "--gin_file" in out.stdout
     # the values a plain run uses (configs/default.gin), not base.gin's NUM_EXPERTS = 8
     assert "NUM_EXPERTS = 4" in out.stdout and "TRAIN_DATA = 'synthetic'" in out.stdout
+
+
+@pytest.mark.parametrize("save", ["checkpoint", "preemption"])
+def test_nan_gradient_with_a_finite_loss_is_never_checkpointed(tmp_path, capsys, monkeypatch,
+                                                               save):  # fmt: skip
+    """A step's loss is computed before its update: a NaN gradient leaves it finite while
+    every parameter becomes NaN. The grad norm says so, and the run stops before saving, at
+    a periodic checkpoint or at the save a preemption signal asks for."""
+    from sae_jax.training.preemption import PreemptionGuard
+    from sae_jax.training.step import TrainStep
+
+    real, calls = TrainStep.__call__, []
+
+    def nan_gradient_at_step_5(self, state, x):
+        state, metrics = real(self, state, x)
+        calls.append(1)
+        if len(calls) == 5:  # what an overflowing gradient does to the update
+            state = state.replace(params=jax.tree.map(lambda a: a * jnp.nan, state.params))
+            metrics = dict(metrics, grad_norm=jnp.float32(jnp.nan))
+        return state, metrics
+
+    monkeypatch.setattr(TrainStep, "__call__", nan_gradient_at_step_5)
+    every = 5 if save == "checkpoint" else 100
+    if save == "preemption":  # as if SIGTERM arrived during step 5
+        monkeypatch.setattr(PreemptionGuard, "stop_after", lambda self, step: step == 5)
+    args = [f"--workdir={tmp_path}", *TINY, "--gin.STEPS=20", "--gin.LOG_EVERY=10",
+            f"--gin.CHECKPOINT_EVERY={every}", "--gin.MESH_SHAPE=(1, 1)"]  # fmt: skip
+    assert train_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: grad_norm is nan at step 5:"), err
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == []
 
 
 def test_nan_loss_stops_with_a_clear_message_and_no_checkpoint(tmp_path, capsys):

@@ -433,6 +433,7 @@ def train_steps(
             log.evaluate(done, state.params)
         bar.update(1)
         if guard.stop_after(done) and done < tcfg.steps:
+            check_finite(jax.device_get(metrics), done)
             # closing(ckpt) waits for the save to finish
             run.ckpt.save(done, state, checkpoint_record(run, done, position))
             bar.close()
@@ -622,11 +623,15 @@ def say(lead: bool, message: str) -> None:
 
 
 def check_finite(metrics: dict, step: int) -> None:
-    if not np.isfinite(metrics["loss"]):
-        raise TrainingError(
-            f"loss is {metrics['loss']} at step {step}: lower LR, check the data for "
-            "NaN/inf, or raise the capacity factor"
-        )
+    """Stop before a non-finite state is saved: a NaN loss, or a NaN/inf gradient norm (the
+    loss of the step is computed before its update, so it can be finite while the gradient
+    has just made every parameter NaN)."""
+    for name in ("loss", "grad_norm"):
+        if name in metrics and not np.isfinite(metrics[name]):
+            raise TrainingError(
+                f"{name} is {metrics[name]} at step {step}: lower LR, check the data for "
+                "NaN/inf, or raise the capacity factor"
+            )
 
 
 def agree_restored(step: int, broken: UnreadableCheckpoint | None) -> None:
