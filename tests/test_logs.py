@@ -202,3 +202,46 @@ def test_log_axis_only_over_a_wide_range():
     assert y_scale([3.0, 3.2, 3.4]) == "linear"  # the LB term keeps the loss near 3
     assert y_scale([1.0, 0.3, 0.05, 0.02]) == "log"  # a falling FVU
     assert y_scale([0.0, 0.5]) == "linear" and y_scale([]) == "linear"
+
+
+def _cut_off_log(tmp_path) -> str:
+    """metrics.jsonl of 4 steps and an eval row, its last line cut off by a crash mid-write."""
+    writer = MetricWriter(tmp_path)
+    for step in (1, 2, 3, 4):
+        writer.write(train_row(step, scale=1.0))
+    writer.write({"step": 4, "tokens": 1024, "eval/fvu": 0.1})
+    writer.write(train_row(5, scale=1.0))
+    writer.close()
+    path = tmp_path / "metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text[: len(text) - 20])  # the step-5 row, cut in the middle
+    return path.read_text()
+
+
+def test_a_cut_off_last_line_is_read_without_a_crash(tmp_path):
+    from sae_jax.evaluation.metric_rows import read_rows
+    from sae_jax.evaluation.plots import training_curves
+    from sae_jax.training.loop import last_eval_row, logged_seconds
+
+    _cut_off_log(tmp_path)
+    path = tmp_path / "metrics.jsonl"
+    assert [r["step"] for r in read_rows(path)] == [1, 2, 3, 4, 4]
+    assert last_eval_row(path)["eval/fvu"] == 0.1
+    assert logged_seconds(path, 3) == 0.0  # these rows hold no train_seconds
+    assert training_curves(path, tmp_path / "curves.png").exists()
+    MetricWriter(tmp_path, resume_step=4).close()  # a resume keeps the complete rows
+    assert [r["step"] for r in read_rows(path)] == [1, 2, 3, 4, 4]
+
+
+def test_a_resume_rewrites_metrics_jsonl_atomically(tmp_path, monkeypatch):
+    """A failure while the resumed rows are written (here the flush to disk) leaves the
+    previous file whole, never a truncated one."""
+    before = _cut_off_log(tmp_path)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        MetricWriter(tmp_path, resume_step=2)
+    assert (tmp_path / "metrics.jsonl").read_text() == before

@@ -224,7 +224,9 @@ def training_record(metrics: Path, flops: float) -> dict:
     interval, compilation), its training seconds and FLOPs, and the eval curve: (step,
     tokens, train_seconds, FLOPs = tokens x flops per token, eval/fvu) per held-out
     evaluation."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    from sae_jax.evaluation.metric_rows import read_rows
+
+    rows = read_rows(metrics)
     speeds = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r][1:]
     curve = [{"step": r["step"], "tokens": r["tokens"], "train_seconds": r.get("train_seconds"),
               "flops": r["tokens"] * flops, "fvu": r["eval/fvu"]}

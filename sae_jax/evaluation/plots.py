@@ -3,7 +3,6 @@ runs' eval curves side by side (matplotlib)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -13,13 +12,15 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sae_jax.evaluation.metric_rows import read_rows  # noqa: E402
+
 CURVES = ("loss", "mse", "fvu", "l0", "dead_fraction")
 
 
 def training_curves(metrics_path: Path, out: Path) -> Path:
     """loss, MSE, FVU (with the eval points), L0 and dead fraction against tokens; a log y axis
     only where the values span more than a decade."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_rows(metrics_path)
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
     for ax, name in zip(axes, CURVES, strict=True):
         points = [(r["tokens"], r[name]) for r in rows if r.get(name) is not None]

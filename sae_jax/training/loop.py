@@ -11,7 +11,6 @@ are made on the host, so the host runs up to DEAD_COUNT_LAG - 1 steps ahead of t
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -28,6 +27,7 @@ from sae_jax.config import FOLLOW, ConfigError, SAEConfig, TrainConfig
 from sae_jax.data import ActivationData, Batch, SyntheticData, make_source
 from sae_jax.distributed import gather_ints, process_rows, put_local
 from sae_jax.evaluation.held_out import evaluate, make_eval_step
+from sae_jax.evaluation.metric_rows import read_rows
 from sae_jax.export import export_sae
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.model.init import geometric_median
@@ -352,14 +352,8 @@ def open_log(run: Run, graphdef: nnx.GraphDef, wandb: bool) -> Log:
 def logged_seconds(path: Path, step: int) -> float:
     """The last `train_seconds` that metrics.jsonl logged at or before `step` (what a resumed
     run's clock starts from); 0 for a new run, or rows written before it was logged."""
-    if not step or not path.exists():
-        return 0.0
     seconds = 0.0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            break  # a line cut off by a crash
+    for row in read_rows(path) if step else []:
         if row.get("step", step + 1) <= step and "train_seconds" in row:
             seconds = float(row["train_seconds"])
     return seconds
@@ -605,8 +599,7 @@ def data_message(source: ActivationData) -> str:
 
 
 def last_eval_row(path: Path) -> dict:
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    evals = [r for r in rows if "eval/fvu" in r]
+    evals = [r for r in read_rows(path) if "eval/fvu" in r]
     return evals[-1] if evals else {}
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sae_jax.evaluation.metric_rows import read_rows
 from sae_jax.training.metric_logs import TensorBoardLog, WandbLog
 
 
@@ -32,17 +34,9 @@ class MetricWriter:
         run with this config."""
         self.path = Path(workdir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= resume_step:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError):
-                    break  # a line cut off by a crash
-        self._file = self.path.open("w")
-        self._file.writelines(kept)
-        self._file.flush()
+        kept = [r for r in read_rows(self.path) if r.get("step", resume_step + 1) <= resume_step]
+        _replace_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
         self._logs = [TensorBoardLog(self.path.parent, resume_step)]
         if wandb_config is not None:
             self._logs.append(WandbLog(self.path.parent, wandb_config))
@@ -60,6 +54,17 @@ class MetricWriter:
         self._file.close()
         for log in self._logs:
             log.close()
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a crash at
+    any moment leaves either the old file or the new one, never a truncated mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def summary(row: dict[str, Any], names: tuple[str, ...]) -> str:
