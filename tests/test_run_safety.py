@@ -5,6 +5,7 @@ evaluation, and the console says what a batch job's log needs."""
 import io
 import json
 import math
+import shutil
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -126,3 +127,32 @@ def test_the_end_of_a_run_says_where_things_are_and_what_next(synthetic_run):
     assert f"tensorboard --logdir {workdir}" in end[1]
     assert f"python -m launch.eval --workdir {workdir}" in end[2]
     assert f"python -m launch.browse --workdir {workdir}" in end[3]
+
+
+def test_extending_a_finished_run_keeps_its_final_checkpoint_and_export(tmp_path, monkeypatch):
+    """Extend a 4-step run to 10 steps, keeping 2 checkpoints: while the extension runs (and
+    when its export fails) step 4's checkpoint and the 4-step export stay; once the new final
+    ones exist, step 4 goes."""
+    run = [f"--workdir={tmp_path}", *TINY, "--gin.TrainConfig.keep_checkpoints=2"]
+    assert train_cli.main(run) == 0
+    export = tmp_path / "export"
+    before = {p.name: p.read_bytes() for p in export.iterdir()}
+    extend = [*run, "--gin.STEPS=10", "--gin.CHECKPOINT_EVERY=2", "--allow_changes"]
+
+    def disk_full(params, cfg, out, *args, **kwargs):
+        out.mkdir(parents=True)
+        (out / "sae.safetensors").write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(loop, "export_sae", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train_cli.main(extend)
+    assert Checkpointer(tmp_path, create=False).all_steps() == [4, 8, 10]
+    assert {p.name: p.read_bytes() for p in export.iterdir()} == before
+    monkeypatch.undo()
+    for step in (8, 10):  # as if the kill had come at step 7: resume the 4-step run again
+        shutil.rmtree(tmp_path / "checkpoints" / str(step))
+    assert train_cli.main(extend) == 0
+    assert Checkpointer(tmp_path, create=False).all_steps() == [8, 10]
+    assert {p.name for p in tmp_path.iterdir()}.isdisjoint({"export.new", "export.old"})
+    assert {p.name: p.read_bytes() for p in export.iterdir()} != before

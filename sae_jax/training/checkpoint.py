@@ -25,6 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig, binding_name
 from sae_jax.data import ActivationData, SyntheticData
@@ -75,8 +76,33 @@ class Checkpointer:
     def __init__(self, workdir: str | Path, keep: int = 3, create: bool = True):
         """create=False only reads: a missing directory is not made (it has no steps)."""
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self.keep, self.create = keep, create
+        self.preserved: int | None = None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def preserve(self, step: int) -> None:
+        """Keep the checkpoint at `step` beside the last `keep` until `release(step)`: the
+        final checkpoint of a finished run that is being extended stays until the new final
+        one exists."""
+        self.preserved = step
+        self.manager.close()
+        policy = preservation_policy.AnyPreservationPolicy(
+            [preservation_policy.LatestN(self.keep), preservation_policy.CustomSteps([step])]
+        )
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=self.create)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def release(self) -> None:
+        """After the saves in flight finish, delete the preserved step (if any) unless it is
+        among the last `keep`."""
+        step, self.preserved = self.preserved, None
+        if step is None:
+            return
+        self.manager.wait_until_finished()
+        steps = sorted(self.all_steps())
+        if step in steps and step not in steps[-self.keep :]:
+            self.manager.delete(step)
 
     def incomplete(self) -> list[str]:
         """Names of step directories left half-written (never restored from)."""

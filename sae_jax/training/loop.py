@@ -11,6 +11,7 @@ are made on the host, so the host runs up to DEAD_COUNT_LAG - 1 steps ahead of t
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -20,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
@@ -169,6 +171,8 @@ def set_up(
     ckpt = Checkpointer(workdir, tcfg.keep_checkpoints)
     real = isinstance(train_src, ActivationData)
     start, position, changes = resume_point(ckpt, cfg, tcfg, real, allow_changes)
+    if 0 < start < tcfg.steps and ckpt.record(start)["train"]["steps"] == start:
+        ckpt.preserve(start)  # a finished run, extended: its final checkpoint stays till ours
     return Run(
         cfg=cfg,
         tcfg=tcfg,
@@ -494,10 +498,8 @@ def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
     final_record = checkpoint_record(run, tcfg.steps, position)  # a collective
     say(run.lead, f"saving the final checkpoint and exporting the SAE to {workdir / 'export'}")
     run.ckpt.save(tcfg.steps, state, final_record)
-    # every process writes the experts its devices hold (a collective)
-    params = nnx.to_pure_dict(state.params)
-    scale = run.train_src.input_scale
-    out = export_sae(params, run.cfg, workdir / "export", scale, source=final_record["data"])
+    out = export_final(run, state, final_record["data"])
+    run.ckpt.release()
     say(run.lead, f"exported {out}")
     tokens = run.eval_batches * tcfg.batch_size
     say(run.lead, f"final evaluation on {tokens} tokens of EVAL_DATA={tcfg.eval_spec!r}")
@@ -508,6 +510,25 @@ def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
         say(run.lead, f"the final evaluation failed; the training is saved ({saved}); evaluate "
                       f"it later with: python -m launch.eval --workdir {workdir}")  # fmt: skip
         raise
+
+
+def export_final(run: Run, state: TrainState, source: dict) -> Path:
+    """Export into DIR/export.new, then swap it in for DIR/export: an earlier export (of the
+    run this one extends) stays whole until the new one is complete. Every process writes
+    the experts its devices hold (a collective)."""
+    out = Path(run.workdir) / "export"
+    new, old = out.with_name("export.new"), out.with_name("export.old")
+    params = nnx.to_pure_dict(state.params)
+    export_sae(params, run.cfg, new, run.train_src.input_scale, source=source)
+    if run.lead:
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sae_jax.loop: export swapped in")
+    return out
 
 
 def final_message(tcfg: TrainConfig, final: dict) -> str:
