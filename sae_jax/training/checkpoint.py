@@ -17,6 +17,7 @@ import dataclasses
 import inspect
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,28 @@ DATA_KEYS = {
                      "chunk_tokens": "ActivationData.chunk_tokens",
                      "scale_tokens": "ActivationData.scale_tokens"},
 }  # fmt: skip
+
+
+CLOSED_LOOP = "Event loop is closed"
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Silence what a failed restore leaves behind: the reads still in flight complete
+    into orbax's event loop, closed by then, and each reports an unraisable
+    `RuntimeError: Event loop is closed` (some 130 lines of tracebacks after the fallback
+    line, none about the run). Only that error is dropped; any other still reaches the
+    previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == CLOSED_LOOP):
+            previous(unraisable)
+
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
 
 
 class UnreadableCheckpoint(Exception):
@@ -182,7 +205,9 @@ class Checkpointer:
     def _layout_errors(self, step: int):
         """orbax's multi-line errors for a checkpoint whose tree does not match this version's
         (an older layout) -> one line; bytes that do not read back (STATUS) ->
-        UnreadableCheckpoint."""
+        UnreadableCheckpoint. A restore that fails leaves reads in flight (see
+        quiet_closed_loop_callbacks), so their noise is silenced before it starts."""
+        quiet_closed_loop_callbacks()
         try:
             yield
         except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
