@@ -1,0 +1,46 @@
+"""Read a safetensors file into numpy without torch, bfloat16 included (numpy has no bfloat16,
+so safetensors' own numpy reader refuses it; `ml_dtypes`, which JAX ships, supplies it).
+
+The file is an 8-byte little-endian header length, a JSON header {name: {"dtype", "shape",
+"data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensors' bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file; floating tensors as float32 (a peer's bf16/f16/f64
+    weights), others in their own dtype. A damaged file is a one-line ValueError."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + size])
+    except (struct.error, ValueError):
+        raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
+    header.pop("__metadata__", None)
+    body = memoryview(data)[8 + size :]
+    tensors = {}
+    for name, entry in header.items():
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which sae_jax "
+                             f"does not read (it reads {', '.join(DTYPES)})")  # fmt: skip
+        begin, end = entry["data_offsets"]
+        a = np.frombuffer(body[begin:end], dtype).reshape(entry["shape"])
+        floating = np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16
+        tensors[name] = a.astype(np.float32) if floating else a.copy()
+    return tensors
