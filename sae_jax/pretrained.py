@@ -145,6 +145,10 @@ def load_pretrained(path: str | Path) -> PretrainedSAE:
     peer = None if _is_native(path) else read_peer(path)
     if peer is not None:
         return PretrainedSAE(*peer, path)
+    if (path / CONFIG).exists() and not _is_native(path):
+        raise FileNotFoundError(f"{path}: a cfg.json without the weights of any SAE sae_jax "
+                                f"reads ({WEIGHTS} of ours or sparsify, sae_weights.safetensors "
+                                "of SAELens)")  # fmt: skip
     if not (path / CONFIG).exists():
         if (path / "export" / CONFIG).exists():
             path = path / "export"
@@ -321,7 +325,9 @@ def _dense_codes(sae: PretrainedSAE, x: jax.Array, tokens: int, block_size: int 
     compiles). block_size is unused (one dictionary)."""
     del block_size
     acts, most = _dense_acts(sae.params, x, jnp.int32(tokens), sae.activation)
-    width = min(sae.cfg.num_latents, 1 << (max(int(most), 1) - 1).bit_length())
+    width = sae.cfg.num_latents  # inside the caller's jit: every latent
+    if not isinstance(most, jax.core.Tracer):
+        width = min(width, 1 << (max(int(most), 1) - 1).bit_length())
     values, indices = _top_active(acts, width)
     rows = x.shape[0]
     return Codes(values, indices, jnp.zeros(rows, jnp.int32), jnp.ones(rows, jnp.float32))

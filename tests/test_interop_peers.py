@@ -4,7 +4,11 @@ browses with launch.eval / launch.browse --sae; our Switch SAE in SAELens form r
 bitwise."""
 
 import json
+import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -121,6 +125,37 @@ def test_varying_active_counts_keep_every_latent_and_compile_few_widths(tmp_path
         assert (np.asarray(codes.values) > 0).sum() == (acts > 0).sum()
         np.testing.assert_allclose(ours.decode(codes), ours(x), rtol=0, atol=0)
     assert ours.encode(tokens(n=4).reshape(2, 2, D)).values.shape[:2] == (2, 2)
+    # inside the caller's jit the count is not known: every latent, the same activations
+    x = tokens(n=16)
+    values, indices = jax.jit(lambda x: tuple(ours.encode(x)[:2]))(x)
+    assert values.shape == (16, M)
+    dense = np.zeros((16, M), np.float32)
+    np.put_along_axis(dense, np.asarray(indices), np.asarray(values), axis=1)
+    outside = dense_codes(ours, x)  # padded to 128 rows: another matmul, other roundings
+    np.testing.assert_array_equal(dense > 0, outside > 0)
+    np.testing.assert_allclose(dense, outside, rtol=1e-5, atol=1e-6)
+
+
+def test_reading_a_peer_sae_needs_no_torch(tmp_path):
+    sae = saes.JumpReLUSAE(saes.JumpReLUSAEConfig(d_in=D, d_sae=M, dtype="bfloat16"))
+    randomise(sae)
+    sae.save_model(tmp_path / "lens")
+    sparse_coder({"num_latents": M, "k": K}).save_to_disk(tmp_path / "sparsify")
+    script = (
+        "import sys\n"
+        "for name in ('torch', 'sae_lens', 'sparsify'):\n"
+        "    sys.modules[name] = None  # importing them fails\n"
+        "import numpy as np, sae_jax\n"
+        f"x = np.ones((3, {D}), np.float32)\n"
+        "for d in sys.argv[1:]:\n"
+        "    print(sae_jax.load_pretrained(d)(x).shape)\n"
+    )  # fmt: skip
+    env = os.environ | {"JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lens"),
+                          str(tmp_path / "sparsify")], capture_output=True, text=True, env=env,
+                         check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == [f"(3, {D})"] * 2
 
 
 def sparse_coder(cfg_kwargs: dict, seed: int = 0):
@@ -198,6 +233,16 @@ def test_refused_peer_options_are_one_line_errors(tmp_path, capsys, kind, says):
         assert eval_cli.main(["--sae", str(path), "--data", str(tmp_path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "gated" in err
+
+
+def test_a_directory_with_cfg_json_but_no_weights_says_so(tmp_path):
+    saes.StandardSAE(saes.StandardSAEConfig(d_in=D, d_sae=M)).save_model(tmp_path)
+    (tmp_path / "sae_weights.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="a cfg.json without the weights of any SAE"):
+        sae_jax.load_pretrained(tmp_path)
+    (tmp_path / "sae_weights.safetensors").write_bytes(b"\x05" + bytes(7) + b"{nope")
+    with pytest.raises(ValueError, match="sae_weights.safetensors: not a safetensors file"):
+        sae_jax.load_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("n", [1, 4], ids=["topk", "switch"])
@@ -288,6 +333,15 @@ def test_eval_and_browse_a_saelens_sae(tmp_path, capsys):
     ours = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert sorted(peer) == sorted(ours)
     capsys.readouterr()
+    # a d mismatch, or no --data: one line each
+    small = tmp_path / "small"
+    saes.StandardSAE(saes.StandardSAEConfig(d_in=8, d_sae=M)).save_model(small)
+    for cli in (eval_cli, browse_cli):
+        assert cli.main(["--sae", str(small), *common, "--out", str(tmp_path / "x")]) == 2
+        assert capsys.readouterr().err == (f"error: {tmp_path / 'acts'}: d = {D}, but the SAE "
+                                           "has d = 8\n")  # fmt: skip
+        assert cli.main(["--sae", str(small)]) == 2
+        assert capsys.readouterr().err.startswith("error: --sae needs --data SHARDS_DIR")
 
     # a JumpReLU SAE: batches of 128 tokens give codes of several widths
     sae = saes.JumpReLUSAE(saes.JumpReLUSAEConfig(d_in=D, d_sae=M))

@@ -25,22 +25,26 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file; floating tensors as float32 (a peer's bf16/f16/f64
     weights), others in their own dtype. A damaged file is a one-line ValueError."""
     path = Path(path)
-    data = path.read_bytes()
     try:
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + size])
-    except (struct.error, ValueError):
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (struct.error, ValueError, MemoryError, OverflowError):
         raise ValueError(f"{path}: not a safetensors file (unreadable header)") from None
     header.pop("__metadata__", None)
-    body = memoryview(data)[8 + size :]
+    raw = np.memmap(path, np.uint8, mode="r")  # each tensor is copied once, as float32
     tensors = {}
     for name, entry in header.items():
         dtype = DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which sae_jax "
                              f"does not read (it reads {', '.join(DTYPES)})")  # fmt: skip
-        begin, end = entry["data_offsets"]
-        a = np.frombuffer(body[begin:end], dtype).reshape(entry["shape"])
+        begin, end = (8 + size + offset for offset in entry["data_offsets"])
+        count = int(np.prod(entry["shape"]))
+        if end - begin != count * np.dtype(dtype).itemsize or end > len(raw):
+            raise ValueError(f"{path}: tensor {name} does not fit its shape {entry['shape']} "
+                             "(a truncated or damaged file)")  # fmt: skip
+        a = raw[begin:end].view(dtype).reshape(entry["shape"])
         floating = np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16
-        tensors[name] = a.astype(np.float32) if floating else a.copy()
+        tensors[name] = np.array(a, np.float32 if floating else a.dtype)
     return tensors
