@@ -349,11 +349,20 @@ def test_eval_and_browse_a_saelens_sae(tmp_path, capsys):
     sae.save_model(tmp_path / "jumprelu")
     with torch.no_grad():
         acts = sae.encode(torch.from_numpy(x)).numpy()
+    out = tmp_path / "out_jumprelu"
     browse = ["--sae", str(tmp_path / "jumprelu"), "--out", str(out), *common[:4],
               "--batch_size", "128", "--no_model"]  # fmt: skip
     assert browse_cli.main(browse) == 0
     assert f"wrote {out / 'browser' / 'index.html'}" in capsys.readouterr().out
-    text = (out / "browser" / "data" / "block_0.js").read_text()
-    block = json.loads(text[text.index(", ") + 2 : text.rindex(")")])
+    block, overview = (
+        script(out / "browser" / "data" / f"{n}.js") for n in ("block_0", "overview")
+    )
     counts = [block[str(i)]["count"] for i in range(len(block))]
     np.testing.assert_array_equal(counts, (acts > 0).sum(0)[: len(block)])
+    assert overview["k"] == "jumprelu (no fixed k)" and overview["title"] == "jumprelu"
+
+
+def script(path) -> dict:
+    """The payload of a browser data file: SAE.loaded("name", {...});"""
+    text = path.read_text()
+    return json.loads(text[text.index(", ") + 2 : text.rindex(")")])
