@@ -142,10 +142,11 @@ def load_pretrained(path: str | Path) -> PretrainedSAE:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such directory")
-    peer = None if _is_native(path) else read_peer(path)
+    native = _is_native(path)
+    peer = None if native else read_peer(path)
     if peer is not None:
         return PretrainedSAE(*peer, path)
-    if (path / CONFIG).exists() and not _is_native(path):
+    if (path / CONFIG).exists() and not native:
         raise FileNotFoundError(f"{path}: a cfg.json without the weights of any SAE sae_jax "
                                 f"reads ({WEIGHTS} of ours or sparsify, sae_weights.safetensors "
                                 "of SAELens)")  # fmt: skip
