@@ -235,8 +235,22 @@ def test_refused_peer_options_are_one_line_errors(tmp_path, capsys, kind, says):
         assert err.startswith("error: ") and err.count("\n") == 1 and "gated" in err
 
 
-def test_a_directory_with_cfg_json_but_no_weights_says_so(tmp_path):
+def test_damaged_or_incomplete_directories_say_what_is_wrong(tmp_path):
     saes.StandardSAE(saes.StandardSAEConfig(d_in=D, d_sae=M)).save_model(tmp_path)
+    cfg_path = tmp_path / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    missing = {
+        "d_sae": "cfg.json: no d_sae",
+        "architecture": "cfg.json: no architecture .a SAELens config from before",
+    }
+    for key, says in missing.items():
+        cfg_path.write_text(json.dumps({k: v for k, v in cfg.items() if k != key}))
+        with pytest.raises(ValueError, match=says):
+            sae_jax.load_pretrained(tmp_path)
+    cfg_path.write_text("{")
+    with pytest.raises(ValueError, match="cfg.json: not valid JSON"):
+        sae_jax.load_pretrained(tmp_path)
+    cfg_path.write_text(json.dumps(cfg))
     (tmp_path / "sae_weights.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="a cfg.json without the weights of any SAE"):
         sae_jax.load_pretrained(tmp_path)

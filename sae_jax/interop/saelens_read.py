@@ -12,13 +12,12 @@ exactly into the weights are folded; the others are refused in one line.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from sae_jax.interop.safetensors_read import read_tensors
+from sae_jax.interop.peer_files import read_config, read_tensors
 
 CONFIG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 BASE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -34,8 +33,11 @@ def read_saelens(path: str | Path) -> tuple[Tensors, dict]:
     """(native tensors, meta) of a SAELens directory; a one-line ValueError naming the file
     for an architecture or option sae_jax does not run."""
     path = Path(path)
-    cfg = json.loads((path / CONFIG).read_text())
+    cfg = read_config(path / CONFIG, ("d_in", "d_sae"))
     arch = cfg.get("architecture")
+    if arch is None:
+        raise ValueError(f"{path / CONFIG}: no architecture (a SAELens config from before 6.0? "
+                         "load it with SAELens 6 and save it again)")  # fmt: skip
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path / CONFIG}: SAELens architecture {arch!r} is not supported "
                          f"(sae_jax reads {', '.join(ARCHITECTURES)})")  # fmt: skip
@@ -141,6 +143,7 @@ def _batchtopk(path: Path, cfg: dict, t: Tensors) -> tuple[Tensors, dict]:
 
 def _switch(path: Path, cfg: dict, t: Tensors) -> tuple[Tensors, dict]:
     """Our own Switch SAE in SAELens form, back into the native layout (bitwise)."""
+    read_config(path / CONFIG, ("num_experts", "k"))
     n, s, d = int(cfg["num_experts"]), int(cfg.get("shared_latents", 0)), int(cfg["d_in"])
     m = int(cfg["d_sae"]) - s
     if n < 1 or m % n:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_jax.interop.safetensors_read import read_tensors
+from sae_jax.interop.peer_files import read_config, read_tensors
 
 CONFIG, WEIGHTS = "cfg.json", "sae.safetensors"
 NAMES = {"encoder.weight": "w_enc", "encoder.bias": "b_enc", "W_dec": "w_dec", "b_dec": "b_dec"}
@@ -44,7 +44,7 @@ def read_sparsify(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """(native tensors, meta) of a sparsify directory; a one-line ValueError naming the file
     for an option sae_jax does not run (groupmax, transcode, skip connection)."""
     path = Path(path)
-    cfg = json.loads((path / CONFIG).read_text())
+    cfg = read_config(path / CONFIG, ("d_in", "k"))
     for key, runs in REFUSED.items():
         if cfg.get(key, runs) != runs:
             raise ValueError(f"{path / CONFIG}: {key} = {cfg[key]!r} is not supported (sae_jax "

@@ -1,8 +1,9 @@
-"""Read a safetensors file into numpy without torch, bfloat16 included (numpy has no bfloat16,
-so safetensors' own numpy reader refuses it; `ml_dtypes`, which JAX ships, supplies it).
+"""A peer's files without torch: its cfg.json, and its safetensors weights, bfloat16 included
+(numpy has no bfloat16, so safetensors' own numpy reader refuses it; `ml_dtypes`, which JAX
+ships, supplies it).
 
-The file is an 8-byte little-endian header length, a JSON header {name: {"dtype", "shape",
-"data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensors' bytes.
+A safetensors file is an 8-byte little-endian header length, a JSON header {name: {"dtype",
+"shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the tensors' bytes.
 """
 
 from __future__ import annotations
@@ -48,3 +49,17 @@ def read_tensors(path: str | Path) -> dict[str, np.ndarray]:
         floating = np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16
         tensors[name] = np.array(a, np.float32 if floating else a.dtype)
     return tensors
+
+
+def read_config(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A cfg.json as a dict holding the `required` keys, or a one-line ValueError naming it."""
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    missing = [key for key in required if key not in cfg]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)} (the peer's config keys)")
+    return cfg
