@@ -60,8 +60,7 @@ def relative(ours, theirs) -> float:
 
 
 def saelens_case(name: str):
-    """(SAELens SAE as saved, its reference for inference): the same object, or for a
-    BatchTopK training SAE the JumpReLU SAE that SAELens's own save_inference_model makes."""
+    """A new small SAELens SAE of the named case (its weights still to be randomised)."""
     cases = {
         "standard": lambda: saes.StandardSAE(saes.StandardSAEConfig(d_in=D, d_sae=M)),
         "standard-uncentred": lambda: saes.StandardSAE(
@@ -107,9 +106,9 @@ def test_saelens_sae_encodes_and_reconstructs_as_saelens(tmp_path, name):
     assert err_acts < RTOL and err_recon < RTOL
 
 
-def test_varying_active_counts_keep_every_latent_and_compile_few_widths(tmp_path):
-    """relu codes: the width is the batch's most active latents rounded up to a power of 2;
-    decode of those codes equals the dense decode, and zeros in values are inactive."""
+def test_jumprelu_codes_hold_every_active_latent_in_a_power_of_2_width(tmp_path):
+    """The width is the batch's most active latents rounded up to a power of 2; decode of
+    those codes equals the dense decode, and zeros in values are inactive."""
     sae = saes.JumpReLUSAE(saes.JumpReLUSAEConfig(d_in=D, d_sae=M))
     randomise(sae, seed=3)
     sae.save_model(tmp_path)
@@ -179,7 +178,10 @@ def test_sparsify_sae_encodes_and_reconstructs_as_sparsify(tmp_path):
     err_acts, err_recon = relative(got, acts), relative(ours(x), recon)
     print(f"sparsify: activations {err_acts:.2e}, reconstruction {err_recon:.2e} (relative)")
     assert err_acts < RTOL and err_recon < RTOL
-    # a trainer's save directory with this one hookpoint loads it
+    # a trainer's save directory (its own config.json and state beside) with this one
+    # hookpoint loads it
+    (tmp_path / "config.json").write_text("{}")
+    torch.save({"global_step": 1}, tmp_path / "state.pt")
     assert sae_jax.load_pretrained(tmp_path).meta["format"] == "sparsify"
 
 
