@@ -1,6 +1,11 @@
 """Write a feature browser for a trained run: static HTML pages under DIR/browser/.
 
     python -m launch.browse --workdir DIR [--data EVAL_DIR] [--tokens 65536]
+    python -m launch.browse --sae SAE_DIR --data EVAL_DIR [--out OUT]
+
+--sae browses any directory sae_jax.load_pretrained reads (our export, a peer's SAELens or
+sparsify SAE: docs/peer_saes.md) on the shards of --data, writing OUT/browser/ (OUT default:
+runs/peer_<name of SAE_DIR>, where launch.eval --sae writes eval.json).
 
 Open DIR/browser/index.html in a browser (from the file system; nothing is fetched from the
 network). Without --data it uses the run's own EVAL_DATA (synthetic data regenerated from the
@@ -13,13 +18,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.cli import missing_workdir
+from launch.cli import missing_workdir, peer_out_dir
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m launch.browse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--workdir", required=True, help="a training run's directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--workdir", help="a training run's directory")
+    which.add_argument("--sae", help="an SAE directory (ours, SAELens or sparsify); needs --data")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="with --sae: output directory (default: runs/peer_<SAE dir name>)",
+    )
     p.add_argument("--data", default=None, help="activation shards (default: the run's EVAL_DATA)")
     p.add_argument("--tokens", type=int, default=65536, help="tokens to encode")
     p.add_argument("--batch_size", type=int, default=4096, help="tokens per encode batch")
@@ -33,13 +45,18 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if missing_workdir(args.workdir):
+    if args.workdir is not None and missing_workdir(args.workdir):
+        return 2
+    if args.sae is not None and args.data is None:
+        print("error: --sae needs --data SHARDS_DIR (activation shards to browse)",
+              file=sys.stderr)  # fmt: skip
         return 2
     from sae_jax.browser import build_browser
     from sae_jax.config import ConfigError
 
+    out = args.workdir or args.out or peer_out_dir(args.sae)
     try:
-        index, _ = build_browser(args.workdir, args.data, tokens=args.tokens,
+        index, _ = build_browser(out, args.data, sae=args.sae, tokens=args.tokens,
                                  batch_size=args.batch_size, top_k=args.top_k,
                                  use_model=not args.no_model,
                                  duplicates=not args.no_duplicates)  # fmt: skip

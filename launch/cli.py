@@ -71,6 +71,11 @@ def missing_workdir(workdir: str | Path) -> bool:
     return True
 
 
+def peer_out_dir(sae_dir: str | Path) -> Path:
+    """launch.eval / launch.browse --sae's default output directory: runs/peer_<name>."""
+    return Path("runs") / f"peer_{Path(sae_dir).resolve().name}"
+
+
 def add_multihost_args(parser: argparse.ArgumentParser) -> None:
     """--coordinator_address, --num_processes, --process_id (see sae_jax.distributed)."""
     multi = parser.add_argument_group(

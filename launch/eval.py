@@ -1,6 +1,11 @@
 """Evaluate a trained SAE on held-out activations; write DIR/eval.json and plots.
 
     python -m launch.eval --workdir DIR [--data EVAL_DIR] [--tokens 65536] [--no_lm]
+    python -m launch.eval --sae SAE_DIR --data EVAL_DIR [--out OUT]
+
+--sae evaluates any directory sae_jax.load_pretrained reads (our export, a peer's SAELens or
+sparsify SAE: docs/peer_saes.md) on the shards of --data, with no capacity limit, and writes
+OUT/eval.json and the plots (OUT default: runs/peer_<name of SAE_DIR>).
 
 Uses DIR/export (written at the end of training, or by `python -m launch.export`), so the
 SAE runs on raw activations with no capacity limit (hence `fvu_dropless`, where the training
@@ -19,7 +24,7 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-from launch.cli import missing_workdir
+from launch.cli import missing_workdir, peer_out_dir
 
 TABLE = [
     ("tokens", "{:.0f}"), ("mse", "{:.4g}"), ("fvu_dropless", "{:.4f}"),
@@ -37,9 +42,16 @@ TABLE = [
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m launch.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--workdir", required=True, help="a training run's directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--workdir", help="a training run's directory")
+    which.add_argument("--sae", help="an SAE directory (ours, SAELens or sparsify); needs --data")
     p.add_argument("--data", default=None,
                    help="held-out activation shards (default: the run's EVAL_DATA)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        default=None,
+        help="with --sae: output directory (default: runs/peer_<SAE dir name>)",
+    )
     p.add_argument("--tokens", type=int, default=65536, help="activation tokens to evaluate")
     p.add_argument("--batch_size", type=int, default=4096, help="tokens per dispatch batch")
     p.add_argument("--capacity_factor", type=float, default=None,
@@ -53,7 +65,11 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if missing_workdir(args.workdir):
+    if args.workdir is not None and missing_workdir(args.workdir):
+        return 2
+    if args.sae is not None and args.data is None:
+        print("error: --sae needs --data SHARDS_DIR (activation shards to evaluate on)",
+              file=sys.stderr)  # fmt: skip
         return 2
     from sae_jax.config import ConfigError
 
@@ -66,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in result:
             print(f"{name:>28}  {fmt.format(result[name])}")
     print(f"{'expert_load':>28}  " + " ".join(f"{v:.3f}" for v in result["expert_load"]))
-    print(f"wrote {Path(args.workdir) / 'eval.json'}")
+    print(f"wrote {output_dir(args) / 'eval.json'}")
     for path in result.get("plots", []):
         print(f"wrote {path}")
     return 0
@@ -77,19 +93,22 @@ def evaluate_run(args) -> dict:
     from sae_jax.data import ActivationData
     from sae_jax.evaluation import plots
     from sae_jax.evaluation.analysis import EvalAccumulator, decoder_feature_recovery
-    from sae_jax.run_data import load_run_sae, open_eval_data
+    from sae_jax.run_data import load_run_sae, load_sae, open_eval_data
     from sae_jax.training.metrics import to_python
 
-    workdir = Path(args.workdir)
-    sae = load_run_sae(workdir)
+    workdir = output_dir(args)
+    if args.sae is not None:  # any SAE directory; no capacity limit unless asked for
+        sae, capacity = load_sae(args.sae), args.capacity_factor
+    else:
+        sae = load_run_sae(workdir)
+        capacity = args.capacity_factor or _eval_capacity(workdir)
     data = open_eval_data(workdir, args.data, args.outlier_norm_factor)
     real = isinstance(data, ActivationData)
     name = str(data.directory) if real else "synthetic (the run's EVAL_DATA, from its seed)"
     if data.d != sae.cfg.d:
         raise ConfigError(f"{name}: d = {data.d}, but the SAE has d = {sae.cfg.d}")
     batch = min(args.batch_size, args.tokens)
-    acc = EvalAccumulator(sae, args.capacity_factor or _eval_capacity(workdir),
-                          sae.meta.get("input_scale", 1.0))  # fmt: skip
+    acc = EvalAccumulator(sae, capacity, sae.meta.get("input_scale", 1.0))
     batches = data.batches("eval", slice(0, batch), batch)
     for b in islice(batches, max(1, min(args.tokens // batch, data.max_batches(batch)))):
         acc.add(b.x / data.input_scale, b.keep)
@@ -103,6 +122,7 @@ def evaluate_run(args) -> dict:
             result.pop(key)
         result["feature_recovery"] = decoder_feature_recovery(data.features, sae.params["w_dec"])
     result = {k: to_python(v) for k, v in result.items()} | {"data": name}
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.no_plots:
         written = []
@@ -114,6 +134,13 @@ def evaluate_run(args) -> dict:
                                               workdir / "latent_frequency.png"))  # fmt: skip
         result["plots"] = [str(p) for p in written]
     return result
+
+
+def output_dir(args) -> Path:
+    """Where eval.json and the plots go: the run's directory, or for --sae, --out."""
+    if args.sae is None:
+        return Path(args.workdir)
+    return Path(args.out) if args.out else peer_out_dir(args.sae)
 
 
 def _eval_capacity(workdir: Path) -> float | None:

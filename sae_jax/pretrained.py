@@ -1,8 +1,15 @@
-"""Load an exported SAE (either form of `sae_jax.export`) and run it for inference.
+"""Load an exported SAE (either form of `sae_jax.export`, or a peer's SAELens or sparsify
+directory: `sae_jax.interop.readers`) and run it for inference.
 
 Inference runs on one host, which holds the whole SAE. Encoding sorts tokens by their routed
 expert and runs each expert on blocks of its own tokens (`sae_jax.dispatch.blocks`), so the encoder
 work is that of at most T + N * B rows, not N * T.
+
+Activation kinds (meta "activation", a row of ACTIVATIONS): "topk" (ours, sparsify's, SAELens's
+topk), "relu" (SAELens standard) and "jumprelu" (SAELens jumprelu and batchtopk: pre if pre >
+threshold else 0). The last two have no fixed number of active latents per token: their codes
+hold, for every token, the batch's largest active count rounded up to a power of 2 (zeros
+after a token's own active latents), so no active latent is dropped.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,6 +30,7 @@ from safetensors.numpy import load_file
 from sae_jax.config import SAEConfig
 from sae_jax.dispatch import blocks
 from sae_jax.export import CONFIG, INDEX, SHARDED_VERSION, SINGLE_FILE_VERSION, WEIGHTS
+from sae_jax.interop.readers import read_peer
 from sae_jax.kernels import routing
 from sae_jax.kernels.expert import ExpertParams
 
@@ -58,13 +67,21 @@ class PretrainedSAE:
             k=meta["k"], k_aux=0, experts_per_token=meta.get("experts_per_token", 1),
             shared_latents=meta.get("shared_latents", 0), shared_k=meta.get("shared_k", 0),
         ).validate()  # fmt: skip
+        self.activation = meta.get("activation", "topk")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of "
+                             f"{', '.join(ACTIVATIONS)}")  # fmt: skip
+        if self.activation != "topk" and (self.cfg.num_experts > 1 or self.cfg.shared_latents):
+            raise ValueError(f"activation {self.activation!r} runs a single dictionary (N = 1, "
+                             "no shared latents)")  # fmt: skip
         self.params = {k: jnp.asarray(v) for k, v in tensors.items()}
 
     def __repr__(self) -> str:
         c = self.cfg
         where = "" if self.path is None else f", path={self.path!r}"
+        sparsity = f"k={c.k}" if self.activation == "topk" else f"activation={self.activation!r}"
         return (f"PretrainedSAE(d={c.d}, num_latents={c.num_latents}, "
-                f"num_experts={c.num_experts}, k={c.k}{where})")  # fmt: skip
+                f"num_experts={c.num_experts}, {sparsity}{where})")  # fmt: skip
 
     def route(self, x) -> routing.Routing:
         """Router probabilities [..., N], routed expert [...] and gate [...]."""
@@ -75,11 +92,11 @@ class PretrainedSAE:
     def encode(self, x, block_size: int | None = None) -> Codes:
         """Top-k codes of x [..., d] in each token's routed expert: values and indices
         [..., k], expert and gate [...]. block_size: rows per expert block (default: T / N
-        rounded up to a power of 2, within [8, 128], for T the padded token count)."""
+        rounded up to a power of 2, within [8, 128], for T the padded token count).
+        relu / jumprelu SAEs: every active latent, k the batch's most active latents per token
+        rounded up to a power of 2 (values 0 beyond a token's own)."""
         x, lead = self._tokens(x)
-        padded = _pad(x)
-        block = block_size or default_block(padded.shape[0], self.cfg.num_experts)
-        codes = _encode(self.params, padded, jnp.int32(x.shape[0]), self.cfg, block)
+        codes = ACTIVATIONS[self.activation].codes(self, _pad(x), x.shape[0], block_size)
         return Codes(*(None if a is None else _unpad(a, lead) for a in codes))
 
     def decode(self, codes: Codes) -> jax.Array:
@@ -95,9 +112,10 @@ class PretrainedSAE:
         if codes.latent_gate is not None:  # each latent with its own expert's gate
             gate = jnp.ones(lead, jnp.float32)
             values = values * jnp.asarray(codes.latent_gate)
-        x_hat = _decode(self.params, _pad(values.reshape(-1, k).astype(jnp.float32)),
-                        _pad(indices.reshape(-1, k).astype(jnp.int32)),
-                        _pad(gate.reshape(-1).astype(jnp.float32)), self.cfg)  # fmt: skip
+        decode = ACTIVATIONS[self.activation].decode
+        x_hat = decode(self.params, _pad(values.reshape(-1, k).astype(jnp.float32)),
+                       _pad(indices.reshape(-1, k).astype(jnp.int32)),
+                       _pad(gate.reshape(-1).astype(jnp.float32)), self.cfg)  # fmt: skip
         return _unpad(x_hat, lead)
 
     def __call__(self, x) -> jax.Array:
@@ -120,10 +138,18 @@ class PretrainedSAE:
 def load_pretrained(path: str | Path) -> PretrainedSAE:
     """Load a directory written by `export_sae` (or `python -m launch.export`), single-file
     or sharded, whole into this host's memory. A training run's directory loads its export
-    (DIR/export)."""
+    (DIR/export). A peer's SAELens or sparsify directory loads too (`sae_jax.interop`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such directory")
+    native = _is_native(path)
+    peer = None if native else read_peer(path)
+    if peer is not None:
+        return PretrainedSAE(*peer, path)
+    if (path / CONFIG).exists() and not native:
+        raise FileNotFoundError(f"{path}: a cfg.json without the weights of any SAE sae_jax "
+                                f"reads ({WEIGHTS} of ours or sparsify, sae_weights.safetensors "
+                                "of SAELens)")  # fmt: skip
     if not (path / CONFIG).exists():
         if (path / "export" / CONFIG).exists():
             path = path / "export"
@@ -133,7 +159,8 @@ def load_pretrained(path: str | Path) -> PretrainedSAE:
         else:
             raise FileNotFoundError(f"{path / CONFIG}: no such file; {path} is not an "
                                     "exported SAE (written by sae_jax.export_sae or "
-                                    "python -m launch.export)")  # fmt: skip
+                                    "python -m launch.export), nor a SAELens or sparsify "
+                                    "directory")  # fmt: skip
     meta = json.loads((path / CONFIG).read_text())
     version = meta.get("format_version")
     if version == SINGLE_FILE_VERSION:
@@ -141,6 +168,14 @@ def load_pretrained(path: str | Path) -> PretrainedSAE:
     if version == SHARDED_VERSION:
         return PretrainedSAE(read_sharded(path), meta, path)
     raise ValueError(f"{path / CONFIG}: unsupported format_version {version}")
+
+
+def _is_native(path: Path) -> bool:
+    """cfg.json with a format_version: our own export."""
+    try:
+        return "format_version" in json.loads((path / CONFIG).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def read_sharded(path: Path) -> dict[str, np.ndarray]:
@@ -277,3 +312,64 @@ def encode_block(p: ExpertParams, x: jax.Array, valid: jax.Array, *, b_dec: jax.
     pre = (x - b_dec) @ p.w_enc.T + p.b_enc
     top, idx = jax.lax.top_k(pre, k)
     return jax.nn.relu(top), idx
+
+
+def _topk_codes(sae: PretrainedSAE, x: jax.Array, tokens: int, block_size: int | None) -> Codes:
+    """TopK codes of the first `tokens` rows of the padded x [P, d] (routed, blocked)."""
+    block = block_size or default_block(x.shape[0], sae.cfg.num_experts)
+    return _encode(sae.params, x, jnp.int32(tokens), sae.cfg, block)
+
+
+def _dense_codes(sae: PretrainedSAE, x: jax.Array, tokens: int, block_size: int | None) -> Codes:
+    """Every active latent of the first `tokens` rows of x [P, d]: values, indices [P, w], w
+    the most active latents of a row rounded up to a power of 2 (one host sync per call; few
+    compiles). block_size is unused (one dictionary)."""
+    del block_size
+    acts, most = _dense_acts(sae.params, x, jnp.int32(tokens), sae.activation)
+    width = sae.cfg.num_latents  # inside the caller's jit: every latent
+    if not isinstance(most, jax.core.Tracer):
+        width = min(width, 1 << (max(int(most), 1) - 1).bit_length())
+    values, indices = _top_active(acts, width)
+    rows = x.shape[0]
+    return Codes(values, indices, jnp.zeros(rows, jnp.int32), jnp.ones(rows, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _dense_acts(params: dict, x: jax.Array, tokens: jax.Array, kind: str):
+    """Activations [P, M] of a one-dictionary SAE (rows from `tokens` on zero), and the most
+    active latents of any row."""
+    pre = (x - params["b_dec"]) @ params["w_enc"][0].T + params["b_enc"][0]
+    acts = ACTIVATIONS[kind].function(pre, params)
+    acts = jnp.where((jnp.arange(x.shape[0]) < tokens)[:, None], acts, 0.0)
+    return acts, jnp.max(jnp.sum(acts > 0, axis=1))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _top_active(acts: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
+    return jax.lax.top_k(acts, width)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _decode_dense(params: dict, values, indices, gate, cfg: SAEConfig) -> jax.Array:
+    """gate * (codes scattered to [P, M]) @ W_dec + b_dec: no [P, k, d] gather for a wide k."""
+    rows = jnp.arange(values.shape[0])[:, None]
+    dense = jnp.zeros((values.shape[0], cfg.num_latents), jnp.float32).at[rows, indices].add(values)
+    return gate[:, None] * (dense @ params["w_dec"][0]) + params["b_dec"]
+
+
+def _jumprelu(pre: jax.Array, params: dict) -> jax.Array:
+    """pre where pre > threshold [1, M] (and > 0), else 0."""
+    return jnp.where(pre > params["threshold"][0], jax.nn.relu(pre), 0.0)
+
+
+class Activation(NamedTuple):
+    codes: Callable  # (sae, padded x [P, d], tokens, block_size) -> Codes of [P] rows
+    decode: Callable  # (params, values [P, k], indices [P, k], gate [P], cfg) -> [P, d]
+    function: Callable | None = None  # one-dictionary kinds: (pre [P, M], params) -> [P, M]
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "topk": Activation(_topk_codes, _decode),
+    "relu": Activation(_dense_codes, _decode_dense, lambda pre, params: jax.nn.relu(pre)),
+    "jumprelu": Activation(_dense_codes, _decode_dense, _jumprelu),
+}

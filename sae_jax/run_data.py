@@ -25,6 +25,15 @@ def load_run_sae(workdir: str | Path) -> PretrainedSAE:
     return load_pretrained(export)
 
 
+def load_sae(path: str | Path) -> PretrainedSAE:
+    """Any SAE directory load_pretrained reads (ours, SAELens, sparsify), or a one-line
+    ConfigError saying why not."""
+    try:
+        return load_pretrained(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
 def run_config_text(workdir: str | Path) -> str:
     """The run's resolved gin config: DIR/config.gin, else its latest checkpoint's copy."""
     workdir = Path(workdir)

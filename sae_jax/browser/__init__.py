@@ -22,7 +22,7 @@ from sae_jax.browser.site import SiteInfo, write_site
 from sae_jax.config import ConfigError
 from sae_jax.data import ActivationData
 from sae_jax.evaluation.analysis import duplicate_pairs
-from sae_jax.run_data import load_run_sae, open_eval_data
+from sae_jax.run_data import load_run_sae, load_sae, open_eval_data
 
 REDUMP = ("this dump has no token ids (written before the dumper stored them), so contexts "
           "show token positions, not text; re-dump it with python -m launch.dump_activations "
@@ -51,14 +51,24 @@ class BrowserOptions:
 
 
 def build_browser(
-    workdir: str | Path, data: str | None = None, *, log=print, **options: Any
+    workdir: str | Path,
+    data: str | None = None,
+    *,
+    sae: str | Path | None = None,
+    log=print,
+    **options: Any,
 ) -> tuple[Path, Collected]:
     """Write workdir/browser/ for the run's exported SAE over `tokens` tokens of `data` (default:
-    the run's EVAL_DATA). `options`: BrowserOptions' fields. Returns (index.html, what was
-    collected)."""
+    the run's EVAL_DATA). With `sae` (any directory load_pretrained reads: a peer's SAELens or
+    sparsify SAE too) browse that SAE on `data` (then required) instead; workdir is then only
+    where browser/ goes (and its eval.json is shown). `options`: BrowserOptions' fields.
+    Returns (index.html, what was collected)."""
     opts = BrowserOptions(**options)
     workdir = Path(workdir)
-    sae = load_run_sae(workdir)
+    if sae is not None and data is None:
+        raise ConfigError(f"{sae}: browsing an SAE directory needs data (activation shards)")
+    title = workdir.resolve().name if sae is None else Path(sae).resolve().name
+    sae = load_run_sae(workdir) if sae is None else load_sae(sae)
     source = open_eval_data(workdir, data)
     real = isinstance(source, ActivationData)
     if source.d != sae.cfg.d:
@@ -67,7 +77,7 @@ def build_browser(
     total = tokens_to_encode(source, opts.tokens, opts.batch_size)
     log(f"browse: encoding {total} tokens with {sae.cfg.num_latents} latents")
     got = collect(sae, source, opts.tokens, opts.batch_size, opts.top_k, opts.sample_k)
-    info = SiteInfo(title=workdir.resolve().name, kind="synthetic", data="synthetic (seed)",
+    info = SiteInfo(title=title, kind="synthetic", data="synthetic (seed)",
                     metrics=_eval_metrics(workdir))  # fmt: skip
     if real:
         info.data = str(source.directory)

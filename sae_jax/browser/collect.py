@@ -71,8 +71,16 @@ def collect(sae: PretrainedSAE, data, tokens: int, batch_size: int = 4096, top_k
         for name, value in {"values": values, "indices": indices, "expert": expert, **got}.items():
             if value is not None:
                 parts.setdefault(name, []).append(value)
+    for name in ("values", "indices"):  # relu / jumprelu codes: a width per batch
+        parts[name] = _same_width(parts[name])
     joined = {name: np.concatenate(value) for name, value in parts.items()}
     return Collected(stats, **joined)
+
+
+def _same_width(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Batches of codes [T_i, k_i] padded with zeros (inactive) to the widest k."""
+    k = max(a.shape[1] for a in arrays)
+    return [np.pad(a, [(0, 0), (0, k - a.shape[1])]) for a in arrays]
 
 
 def tokens_to_encode(data, tokens: int, batch_size: int) -> int:

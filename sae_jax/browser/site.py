@@ -97,6 +97,11 @@ class _Site:
         if self.info.kind == "text":
             self.script("vocab", {str(i): self.decode(i) for i in sorted(self.vocab)})
 
+    def sparsity(self) -> int | str:
+        """k of a TopK SAE; a peer's relu / jumprelu SAE has no fixed k: its activation."""
+        kind = getattr(self.sae, "activation", "topk")
+        return self.cfg.k if kind == "topk" else f"{kind} (no fixed k)"
+
     def script(self, name: str, payload) -> None:
         text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
         (self.out / "data" / f"{name}.js").write_text(f"SAE.loaded({json.dumps(name)}, {text});\n")
@@ -230,7 +235,7 @@ class _Site:
         return {
             "title": self.info.title, "kind": self.info.kind, "data": self.info.data,
             "note": self.info.note, "d": cfg.d, "num_latents": cfg.num_latents,
-            "num_experts": cfg.num_experts, "latents_per_expert": L, "k": cfg.k,
+            "num_experts": cfg.num_experts, "latents_per_expert": L, "k": self.sparsity(),
             "tokens": int(stats.tokens), "block": BLOCK,
             "hist_edges": [round(float(v), 3) for v in HIST_EDGES],
             "experts": experts, "metrics": {k: v for k, v in self.info.metrics.items()
