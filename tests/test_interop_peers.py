@@ -376,6 +376,8 @@ def test_eval_and_browse_a_saelens_sae(tmp_path, capsys):
     counts = [block[str(i)]["count"] for i in range(len(block))]
     np.testing.assert_array_equal(counts, (acts > 0).sum(0)[: len(block)])
     assert overview["k"] == "jumprelu (no fixed k)" and overview["title"] == "jumprelu"
+    # shards indexed from one's own arrays (no token ids, no model): nothing to re-dump
+    assert "no token ids" in overview["note"] and "re-dump" not in overview["note"]
 
 
 def script(path) -> dict:

@@ -27,6 +27,9 @@ from sae_jax.run_data import load_run_sae, load_sae, open_eval_data
 REDUMP = ("this dump has no token ids (written before the dumper stored them), so contexts "
           "show token positions, not text; re-dump it with python -m launch.dump_activations "
           "to see text")  # fmt: skip
+# Shards indexed from arrays of one's own (launch.index_shards) name no model: nothing to redo.
+NO_IDS = ("these shards come with no token ids (indexed arrays, not a launch.dump_activations "
+          "dump), so contexts show token positions, not text")  # fmt: skip
 
 __all__ = ["BrowserOptions", "Collected", "build_browser", "collect"]
 
@@ -82,8 +85,8 @@ def build_browser(
     if real:
         info.data = str(source.directory)
         info.kind = "text" if source.has_token_ids else "activations"
-        info.note = "" if source.has_token_ids else REDUMP
         model = source.manifest.get("source", {}).get("model")
+        info.note = "" if source.has_token_ids else REDUMP if model else NO_IDS
         if model:
             info.decode, info.effects, why = _text_and_effects(model, sae, opts)
             if why:
