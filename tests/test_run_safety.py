@@ -156,3 +156,24 @@ def test_extending_a_finished_run_keeps_its_final_checkpoint_and_export(tmp_path
     assert Checkpointer(tmp_path, create=False).all_steps() == [8, 10]
     assert {p.name for p in tmp_path.iterdir()}.isdisjoint({"export.new", "export.old"})
     assert {p.name: p.read_bytes() for p in export.iterdir()} != before
+
+
+def test_a_drop_fraction_that_stays_high_is_warned_once(tmp_path):
+    """4 experts with room for a quarter of their share of tokens: most rows are dropped, and
+    the run says so once (after 3 logged steps above 5%), not at every log line."""
+    out = io.StringIO()
+    args = [f"--workdir={tmp_path}", *TINY, "--gin.NUM_EXPERTS=4", "--gin.CAPACITY_FACTOR=0.25",
+            "--gin.STEPS=8", "--gin.LOG_EVERY=1"]  # fmt: skip
+    with redirect_stdout(out):
+        assert train_cli.main(args) == 0
+    warnings = [line for line in out.getvalue().splitlines() if line.startswith("warning: drop")]
+    assert len(warnings) == 1, out.getvalue()
+    assert "for 3 logged steps" in warnings[0] and "at step 3)" in warnings[0]
+    drops = [r["drop_fraction"] for r in rows(tmp_path) if "drop_fraction" in r]
+    assert min(drops[:3]) > 0.05
+
+
+def test_a_drop_fraction_that_dips_restarts_the_count():
+    watch = loop.DropWatch()
+    said = [watch.warning(s, f) for s, f in enumerate([0.1, 0.2, 0.01, 0.1, 0.1, 0.1, 0.3], 1)]
+    assert [s is not None for s in said] == [False] * 5 + [True, False]

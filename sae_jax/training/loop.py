@@ -411,6 +411,7 @@ def train_steps(
     process's data position after the last step."""
     tcfg, position = run.tcfg, run.position
     rate = TokenRate(run.start, tcfg.batch_size)
+    drops = DropWatch()
     auxk_said = False
     for step in range(run.start, tcfg.steps):
         batch = next(batches)
@@ -422,6 +423,8 @@ def train_steps(
         done = step + 1
         if done % tcfg.log_every == 0 or done == tcfg.steps:
             metrics = host_metrics(run, metrics, done, position, rate)
+            if run.lead and (warning := drops.warning(done, metrics.get("drop_fraction", 0.0))):
+                tqdm.write(warning)
             line = summary(log.row(done, metrics), CONSOLE)
             bar.set_postfix_str(line)
             if bar.disable:  # no progress bar: a line for the log instead
@@ -443,6 +446,26 @@ def train_steps(
     log.clock.stop()  # the final checkpoint, export and evaluation are not training
     bar.close()
     return state, position
+
+
+class DropWatch:
+    """One warning when the logged drop_fraction stays above WARN_ABOVE for WARN_ROWS logged
+    steps in a row: dropped tokens reconstruct to b_dec and teach their experts nothing."""
+
+    WARN_ABOVE, WARN_ROWS = 0.05, 3
+
+    def __init__(self):
+        self.high, self.said = 0, False
+
+    def warning(self, step: int, drop_fraction: float) -> str | None:
+        self.high = self.high + 1 if drop_fraction > self.WARN_ABOVE else 0
+        if self.said or self.high < self.WARN_ROWS:
+            return None
+        self.said = True
+        return (f"warning: drop_fraction has stayed above {self.WARN_ABOVE:.0%} for "
+                f"{self.WARN_ROWS} logged steps ({drop_fraction:.1%} at step {step}): dropped "
+                "tokens reconstruct to b_dec; raise CAPACITY_FACTOR, balance harder "
+                "(ROUTER_BIAS_RATE, LB_ALPHA) or use DISPATCH='dropless'")  # fmt: skip
 
 
 class TokenRate:
