@@ -246,10 +246,18 @@ def test_sharded_export_converts_part_by_part_to_the_same_files(tmp_path, monkey
     assert peak < 2 * largest + 48 * 2**10 < total / 2
 
 
-def test_switch_sae_cannot_be_written_for_sparsify(tmp_path):
+def test_refused_conversions_say_why_in_one_line(tmp_path):
+    switch = native(tmp_path / "n", SWITCH["top2_bias"])
     with pytest.raises(ValueError, match=r"NUM_EXPERTS = 4, EXPERTS_PER_TOKEN = 2") as e:
-        write_sparsify(native(tmp_path / "n", SWITCH["top2_bias"]), tmp_path / "s")
+        write_sparsify(switch, tmp_path / "s")
     assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="cannot be written over the native export"):
+        convert(switch, "saelens", switch)
+    with pytest.raises(ValueError, match="unknown format 'gguf'"):
+        convert(switch, "gguf", tmp_path / "g")
+    with pytest.raises(FileNotFoundError, match="is not a native export"):
+        convert(tmp_path, "saelens", tmp_path / "x")
+    assert load_pretrained(switch).cfg.num_experts == 4  # untouched
 
 
 @pytest.fixture(scope="module")

@@ -65,4 +65,8 @@ def format_named(name: str) -> Format:
 def convert(native: str | Path, name: str, out: str | Path,
             block_bytes: int = DEFAULT_BLOCK_BYTES) -> Path:  # fmt: skip
     """Write the native export directory `native` as format `name` to `out`; returns out."""
-    return format_named(name).write(Path(native), Path(out), block_bytes)
+    fmt = format_named(name)
+    if name != "native" and Path(out).resolve() == Path(native).resolve():
+        raise ValueError(f"{out}: the {name} SAE cannot be written over the native export it "
+                         "is converted from; give another directory")  # fmt: skip
+    return fmt.write(Path(native), Path(out), block_bytes)
