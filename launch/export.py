@@ -36,7 +36,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None, help="default: the latest")
-    parser.add_argument("--out", default=None, help="default: WORKDIR/export")
+    parser.add_argument("--out", default=None, help="default: WORKDIR/export (saelens: "
+                        "WORKDIR/export_saelens, sparsify: WORKDIR/export_sparsify)")  # fmt: skip
     parser.add_argument("--max_file_bytes", type=int, default=None,
                         help="largest safetensors file (default 4 GiB); smaller forces "
                         "the sharded form")  # fmt: skip
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"exported step {step} to {out} ({args.format})")
+    kind = "" if args.format == "native" else f" as {args.format}"
+    print(f"exported step {step} to {out}{kind}")
     return 0
 
 

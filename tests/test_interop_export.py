@@ -191,7 +191,12 @@ def test_switch_sae_in_saelens_computes_as_load_pretrained(tmp_path, name):
     assert tuple(shape) == (2, 3, cfg.dictionary_size)
     sae.save_model(tmp_path / "resaved")  # SAELens's own save opens again as the same SAE
     again = SAE.load_from_disk(tmp_path / "resaved")
-    assert isinstance(again, SwitchSAE) and torch.equal(again.encode(torch.from_numpy(x)), acts)
+    with torch.no_grad():
+        assert isinstance(again, SwitchSAE) and torch.equal(again.encode(torch.from_numpy(x)), acts)
+        again.fold_activation_norm_scaling_factor(4.0)  # takes x / 4 where it took x
+        folded = again.encode(torch.from_numpy(x / 4))
+        assert rel_err(folded.numpy(), acts.numpy()) < 1e-5
+        assert rel_err(again.decode(folded).numpy(), forward / 4) < 1e-5
 
 
 def _record_reads(monkeypatch) -> list[tuple]:
@@ -258,6 +263,11 @@ def test_refused_conversions_say_why_in_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a native export"):
         convert(tmp_path, "saelens", tmp_path / "x")
     assert load_pretrained(switch).cfg.num_experts == 4  # untouched
+    sharded = native(tmp_path / "sharded", SWITCH["top1"], max_file_bytes=2**14)
+    (sharded / "sae-00002-of-00005.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="sae-00002-of-00005.safetensors: no such file"):
+        convert(sharded, "saelens", tmp_path / "incomplete")
+    assert not (tmp_path / "incomplete" / "cfg.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -44,13 +44,13 @@ class NativeExport:
         if not (self.path / CONFIG).is_file():
             raise FileNotFoundError(f"{self.path / CONFIG}: no such file; {self.path} is "
                                     "not a native export (launch.export writes one)")  # fmt: skip
-        self.meta = json.loads((self.path / CONFIG).read_text())
+        self.meta = _json(self.path / CONFIG)
         version = self.meta.get("format_version")
         if version == SINGLE_FILE_VERSION:
             names = _names(self.path / WEIGHTS)
             self.places = {n: [(WEIGHTS, 0, self.meta["num_experts"])] for n in names}
         elif version == SHARDED_VERSION:
-            entries = json.loads((self.path / INDEX).read_text())["tensors"]
+            entries = _json(self.path / INDEX)["tensors"]
             self.places = {n: [(p["file"], *p.get("experts", (0, e["shape"][0])))
                                for p in e["parts"]] for n, e in entries.items()}  # fmt: skip
         else:
@@ -80,7 +80,7 @@ class NativeExport:
         = (stop - start) * (hi - lo) in global id order."""
         assert name in EXPERT_TENSORS
         offset = next(a for f, a, _ in self.places[name] if f == block.file)
-        with safe_open(str(self.path / block.file), framework="numpy") as f:
+        with _open(self.path / block.file) as f:
             part = f.get_slice(name)
             rows = part[block.start - offset : block.stop - offset, block.lo : block.hi]
         return np.asarray(rows, np.float32).reshape(-1, *rows.shape[2:])
@@ -89,12 +89,12 @@ class NativeExport:
         """A tensor other than the expert ones (b_dec, the router's, the shared dictionary's),
         whole."""
         (file, *_), *_ = self.places[name]
-        with safe_open(str(self.path / file), framework="numpy") as f:
+        with _open(self.path / file) as f:
             return np.asarray(f.get_tensor(name), np.float32)
 
     def shape(self, name: str) -> tuple[int, ...]:
         file = self.places[name][0][0]
-        with safe_open(str(self.path / file), framework="numpy") as f:
+        with _open(self.path / file) as f:
             shape = tuple(f.get_slice(name).get_shape())
         if name in EXPERT_TENSORS:
             return (self.meta["num_experts"], *shape[1:])
@@ -102,7 +102,24 @@ class NativeExport:
 
 
 def _names(path: Path) -> list[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    with safe_open(str(path), framework="numpy") as f:
+    with _open(path) as f:
         return list(f.keys())
+
+
+def _open(path: Path):
+    """safe_open(path), or a one-line FileNotFoundError naming the missing file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (the export is incomplete)")
+    return safe_open(str(path), framework="numpy")
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (the export is incomplete)") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value

@@ -67,6 +67,21 @@ class SwitchSAE(SAE[SwitchSAEConfig]):
             like = state_dict["router_bias"]
             self.router_bias = nn.Parameter(torch.zeros_like(like, device=self.W_enc.device))
 
+    @torch.no_grad()
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        """As SAELens's, the router too: the SAE then takes x where it took s x."""
+        super().fold_activation_norm_scaling_factor(scaling_factor)
+        if self.cfg.num_experts > 1:
+            self.W_router.data *= scaling_factor
+            self.b_router.data /= scaling_factor
+
+    def fold_W_dec_norm(self) -> None:
+        raise NotImplementedError("switch SAE: folding the decoder norms into the encoder would "
+                                  "change which latents the TopK chooses")  # fmt: skip
+
+    def fold_activation_whitening(self, mean, whitening_matrix, unwhitening_matrix) -> None:
+        raise NotImplementedError("switch SAE: folding a whitening is not supported")
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense gated feature activations [..., d_sae] of x [..., d_in]."""
         lead = x.shape[:-1]
