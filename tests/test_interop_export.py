@@ -257,6 +257,15 @@ def test_sharded_export_converts_part_by_part_to_the_same_files(tmp_path, monkey
     assert peak < 2 * largest + 48 * 2**10 < total / 2
 
 
+def test_the_native_row_copies_an_export(tmp_path):
+    sharded = native(tmp_path / "sharded", SWITCH["top1"], max_file_bytes=2**14)
+    copy = convert(sharded, "native", tmp_path / "copy")
+    assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in sharded.iterdir())
+    for path in sharded.iterdir():
+        assert (copy / path.name).read_bytes() == path.read_bytes()
+    assert convert(sharded, "native", sharded) == sharded  # onto itself: nothing to do
+
+
 def test_refused_conversions_say_why_in_one_line(tmp_path):
     switch = native(tmp_path / "n", SWITCH["top2_bias"])
     with pytest.raises(ValueError, match=r"NUM_EXPERTS = 4, EXPERTS_PER_TOKEN = 2") as e:

@@ -106,7 +106,7 @@ class SwitchSAE(SAE[SwitchSAEConfig]):
         return self.reshape_fn_out(self.run_time_activation_norm_fn_out(out), self.d_head)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's e experts [T, e] (most probable first) and their router probabilities
+        """Each token's e experts [T, e] (in order of choice) and their router probabilities
         [T, e] float32, for raw x [T, d_in]: p = softmax(W_router^T (x - b_router)); a
         router_bias, if trained with one, is added to the logits to choose the experts only."""
         t, e = x.shape[0], self.cfg.experts_per_token

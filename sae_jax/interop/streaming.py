@@ -38,9 +38,8 @@ def write_layout(export: NativeExport, layout: Layout, path: str | Path, block_b
         if isinstance(source, str):
             shapes[target] = export.shape(source)
             continue
-        tail = export.shape(source.expert)[2:]
-        shapes[target] = (*tail, experts + shared) if source.latents_last else (experts + shared,
-                                                                                 *tail)  # fmt: skip
+        tail, size = export.shape(source.expert)[2:], experts + shared
+        shapes[target] = (*tail, size) if source.latents_last else (size, *tail)
     with PiecewiseSafetensors(path, shapes, metadata) as out:
         for target, source in layout.items():
             if isinstance(source, str):
