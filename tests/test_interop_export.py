@@ -51,8 +51,9 @@ def params_of(cfg: SAEConfig, seed: int = 0) -> dict[str, np.ndarray]:
         params = {k: np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(model)).items()}
     rng = np.random.default_rng(seed + 1)
     for name in ("router_bias", "enc_scale", "shared_w_enc", "shared_b_enc", "shared_w_dec"):
-        if name in params:
-            params[name] = (rng.normal(size=params[name].shape) * 0.5).astype(np.float32)
+        if name in params:  # a router bias large enough to change many tokens' experts
+            size = 4.0 if name == "router_bias" else 0.5
+            params[name] = (rng.normal(size=params[name].shape) * size).astype(np.float32)
     return params
 
 
@@ -180,6 +181,11 @@ def test_switch_sae_in_saelens_computes_as_load_pretrained(tmp_path, name):
     sae, ours, x = SAE.load_from_disk(out), load_pretrained(tmp_path / "native"), inputs()
     assert isinstance(sae, SwitchSAE) and sae.W_enc.shape == (D, cfg.dictionary_size)
     assert hasattr(sae, "router_bias") == cfg.router_bias
+    if cfg.router_bias:  # the bias chooses other experts than the probabilities for many tokens
+        with torch.no_grad():
+            expert = sae.route(torch.from_numpy(x))[0]
+        unbiased = np.sort(np.argsort(-ours.route(x).probs, axis=1)[:, :2], axis=1)
+        assert np.mean(np.any(np.sort(expert.numpy(), axis=1) != unbiased, axis=1)) > 0.1
     with torch.no_grad():
         acts = sae.encode(torch.from_numpy(x))
         recon, forward = sae.decode(acts).numpy(), sae(torch.from_numpy(x)).numpy()
