@@ -18,10 +18,11 @@ from safetensors.numpy import load_file, save_file
 from launch import export as export_cli
 from launch import train as train_cli
 from sae_jax.config import SAEConfig
+from sae_jax.data.dumper import BLOCK_PATHS
 from sae_jax.export import export_sae
 from sae_jax.interop import native_reader, saelens_files
 from sae_jax.interop.formats import convert
-from sae_jax.interop.hooks import hook_names
+from sae_jax.interop.hooks import BLOCK_LISTS, hook_names
 from sae_jax.interop.safetensors_file import PiecewiseSafetensors
 from sae_jax.interop.sparsify_files import write_sparsify
 from sae_jax.mesh import make_mesh
@@ -112,6 +113,10 @@ def test_metadata_names_the_dump_from_the_source(tmp_path):
     unknown = saelens_files.saelens_config(meta)["metadata"]
     assert unknown["hook_name"] is None and unknown["model_name"] is None
     assert hook_names(2).sparsify == "layers.2" and hook_names(2).hugging_face == "model.layers.2"
+    assert hook_names(4, "transformer.h") == ("blocks.4.hook_resid_post", "transformer.h.4", "h.4")
+    with pytest.raises(ValueError, match="unknown block list 'blocks'"):
+        hook_names(1, "blocks")
+    assert set(BLOCK_LISTS) == set(BLOCK_PATHS)  # every block list the dumper finds
 
 
 SAELENS_SCRIPT = """
