@@ -1,6 +1,8 @@
-"""Export a checkpoint of a run for inference (format: sae_jax/export.py).
+"""Export a checkpoint of a run for inference (format: sae_jax/export.py), or for SAELens or
+sparsify (docs/interop.md).
 
     python -m launch.export --workdir DIR [--step N] [--out OUT] [--max_file_bytes B]
+                            [--format native|saelens|sparsify]
 
 Reads only the parameters of the checkpoint (latest, or --step N), straight onto this
 machine's devices with the experts split over them, and writes OUT (default DIR/export):
@@ -8,11 +10,18 @@ machine's devices with the experts split over them, and writes OUT (default DIR/
 files + `sae.safetensors.index.json`. With several hosts, run it on every host (the same
 multi-host flags as launch.train) and each writes only its own experts. Load the result with
 `sae_jax.load_pretrained(OUT)`.
+
+--format saelens (default OUT: DIR/export_saelens) or sparsify (DIR/export_sparsify): the
+checkpoint is exported natively first, to DIR/export (kept; reused when it already holds
+that step) or, when DIR/export holds another step, to a temporary DIR/export.stepN.tmp, then
+converted expert block by expert block (sae_jax.interop.formats) by process 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,10 +36,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None, help="default: the latest")
-    parser.add_argument("--out", default=None, help="default: WORKDIR/export")
+    parser.add_argument("--out", default=None, help="default: WORKDIR/export (saelens: "
+                        "WORKDIR/export_saelens, sparsify: WORKDIR/export_sparsify)")  # fmt: skip
     parser.add_argument("--max_file_bytes", type=int, default=None,
                         help="largest safetensors file (default 4 GiB); smaller forces "
                         "the sharded form")  # fmt: skip
+    parser.add_argument("--format", default="native",
+                        help="native (default), saelens or sparsify")  # fmt: skip
     add_multihost_args(parser)
     return parser.parse_args(argv)
 
@@ -44,16 +56,46 @@ def main(argv: list[str] | None = None) -> int:
     initialize_multihost(args)
     try:
         out, step = export_run(args)
-    except ConfigError as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"exported step {step} to {out}")
+    kind = "" if args.format == "native" else f" as {args.format}"
+    print(f"exported step {step} to {out}{kind}")
     return 0
 
 
 def export_run(args: argparse.Namespace) -> tuple[Path, int]:
-    from sae_jax.config import ConfigError, SAEConfig
-    from sae_jax.export import DEFAULT_MAX_FILE_BYTES, export_mesh, export_sae
+    """Export (and convert) the checkpoint; returns the output directory and the step."""
+    from sae_jax.config import SAEConfig
+    from sae_jax.interop.formats import FORMATS, convert, format_named
+
+    fmt = format_named(args.format)
+    run = Path(args.workdir)
+    out = Path(args.out) if args.out else run / fmt.default_dir
+    step, record = _checkpoint_record(args)
+    cfg = SAEConfig.from_record(record["model"])
+    fmt.check({"num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token,
+               "shared_latents": cfg.shared_latents})  # fmt: skip
+    if fmt is FORMATS["native"]:
+        return _export_native(args, step, record, out), step
+    native = run / FORMATS["native"].default_dir
+    exported = _exported_step(native)
+    if exported is not None and exported != step:  # keep that export; use a temporary one
+        native = run / f"export.step{step}.tmp"
+    if exported != step:
+        _export_native(args, step, record, native)
+    try:
+        if jax_process_index() == 0:
+            convert(native, args.format, out)
+    finally:
+        if native.name.endswith(".tmp") and jax_process_index() == 0:
+            shutil.rmtree(native, ignore_errors=True)
+    return out, step
+
+
+def _checkpoint_record(args: argparse.Namespace) -> tuple[int, dict]:
+    """The step to export (latest, or --step) and its checkpoint's record."""
+    from sae_jax.config import ConfigError
     from sae_jax.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(args.workdir, create=False)
@@ -65,15 +107,41 @@ def export_run(args: argparse.Namespace) -> tuple[Path, int]:
         if step not in steps:
             raise ConfigError(f"no checkpoint of step {step} in {ckpt.directory} (steps: "
                               f"{', '.join(map(str, sorted(steps)))})")  # fmt: skip
-        record = ckpt.record(step)
-        cfg = SAEConfig.from_record(record["model"])
+        return step, ckpt.record(step)
+    finally:
+        ckpt.close()
+
+
+def _export_native(args: argparse.Namespace, step: int, record: dict, out: Path) -> Path:
+    """Export the checkpoint of `step` natively to out (every process: a collective)."""
+    from sae_jax.config import SAEConfig
+    from sae_jax.export import DEFAULT_MAX_FILE_BYTES, export_mesh, export_sae
+    from sae_jax.training.checkpoint import Checkpointer
+
+    cfg = SAEConfig.from_record(record["model"])
+    ckpt = Checkpointer(args.workdir, create=False)
+    try:
         params = ckpt.restore_params(step, export_mesh(cfg.num_experts))
     finally:
         ckpt.close()
-    out = Path(args.out) if args.out else Path(args.workdir) / "export"
     scale = record["data"].get("input_scale", 1.0)
     limit = args.max_file_bytes or DEFAULT_MAX_FILE_BYTES
-    return export_sae(params, cfg, out, scale, record["data"], max_file_bytes=limit), step
+    return export_sae(params, cfg, out, scale, record["data"], max_file_bytes=limit)
+
+
+def _exported_step(native: Path) -> int | None:
+    """The training step a native export directory holds (None: no complete export)."""
+    try:
+        step = json.loads((native / "cfg.json").read_text())["source"]["train_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""Write a native export as a SAELens 6 directory: `cfg.json` + `sae_weights.safetensors`
+(float32: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]).
+
+- A plain TopK SAE (N = 1, e = 1, no shared dictionary) is SAELens's own architecture
+  "topk": `sae_lens.SAE.load_from_disk(DIR)` opens it with nothing of ours installed.
+- Anything else is architecture "switch" (`import sae_jax.interop.saelens` registers it):
+  d_sae = NUM_LATENTS + SHARED_LATENTS, expert i's latents at columns (W_enc) and rows
+  (W_dec) [i L, (i + 1) L), the shared dictionary's at [M, M + S) (the global latent ids of
+  `Codes.indices`), plus W_router [d_in, N], b_router [d_in] (N > 1) and router_bias [N]
+  (trained with ROUTER_BIAS), and cfg keys num_experts, k, experts_per_token, shared_latents,
+  shared_k.
+
+The input scale and feature scaling are folded in already (the native export's tensors apply
+to raw activations). metadata carries the dump's model, hook and context where the export's
+source names them, and {"sae_jax": {"input_scale", "source"}}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sae_jax.interop.hooks import hook_names
+from sae_jax.interop.native_reader import DEFAULT_BLOCK_BYTES, NativeExport
+from sae_jax.interop.streaming import Latents, begin_directory, finish_directory, write_layout
+
+CONFIG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
+FORMAT_VERSION = "6.0.0"  # the SAELens config layout written (metadata.sae_lens_version)
+LATENTS = {
+    "W_enc": Latents("w_enc", "shared_w_enc", latents_last=True),
+    "b_enc": Latents("b_enc", "shared_b_enc"),
+    "W_dec": Latents("w_dec", "shared_w_dec"),
+}
+WHOLE = {"b_dec": "b_dec", "W_router": "w_router", "b_router": "b_router",
+         "router_bias": "router_bias"}  # fmt: skip
+DUMP_KEYS = ("model", "layer", "seq_len")  # a dump manifest's source names some of these
+
+
+def write_saelens(native: str | Path, out: str | Path,
+                  block_bytes: int = DEFAULT_BLOCK_BYTES) -> Path:  # fmt: skip
+    """Convert the native export directory `native` into the SAELens directory `out`,
+    expert block by expert block; returns out."""
+    export = NativeExport(native)
+    config = saelens_config(export.meta)
+    out = begin_directory(out, CONFIG)
+    layout = {**LATENTS, **{t: n for t, n in WHOLE.items() if n in export}}
+    write_layout(export, layout, out / WEIGHTS, block_bytes)
+    return finish_directory(out, CONFIG, config)
+
+
+def is_plain_topk(meta: dict) -> bool:
+    """N = 1, one expert per token, no shared dictionary: SAELens's own "topk"."""
+    return (meta["num_experts"] == 1 and meta.get("experts_per_token", 1) == 1
+            and not meta.get("shared_latents", 0))  # fmt: skip
+
+
+def saelens_config(meta: dict) -> dict:
+    """SAELens 6's cfg.json for a native export's cfg.json."""
+    shared = meta.get("shared_latents", 0)
+    config = {
+        "architecture": "topk" if is_plain_topk(meta) else "switch",
+        "d_in": meta["d"],
+        "d_sae": meta["num_latents"] + shared,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "k": meta["k"],
+        "metadata": saelens_metadata(meta),
+    }
+    if is_plain_topk(meta):
+        return {**config, "rescale_acts_by_decoder_norm": False}
+    return {
+        **config,
+        "num_experts": meta["num_experts"],
+        "experts_per_token": meta.get("experts_per_token", 1),
+        "shared_latents": shared,
+        "shared_k": meta.get("shared_k", 0),
+    }
+
+
+def saelens_metadata(meta: dict) -> dict:
+    """Model, hook and context of the dump the SAE was trained on (None where unknown)."""
+    source = meta.get("source") or {}
+    dump = dump_source(source)
+    layer, seq_len = dump.get("layer"), dump.get("seq_len")
+    texts = dump.get("text_files")
+    return {
+        "sae_lens_version": FORMAT_VERSION,
+        "model_name": dump.get("model"),
+        "hook_name": None if layer is None else hook_names(int(layer)).transformer_lens,
+        "hook_head_index": None,
+        "context_size": seq_len,
+        "prepend_bos": None if seq_len is None else True,  # the dumper always prepends BOS
+        "dataset_path": ",".join(map(str, texts)) if texts else None,
+        "sae_jax": {"input_scale": meta.get("input_scale", 1.0), "source": source},
+    }
+
+
+def dump_source(source: dict) -> dict:
+    """The dump manifest's source behind an export's source: the source itself where it names
+    the model, layer or context; else the manifest of the run's train_data directory, where
+    that still exists; else {}."""
+    if any(key in source for key in DUMP_KEYS):
+        return source
+    train_data = source.get("train_data")
+    manifest = Path(train_data) / "manifest.json" if isinstance(train_data, str) else None
+    if manifest is None or not manifest.is_file():
+        return {}
+    try:
+        found = json.loads(manifest.read_text()).get("source") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return found if isinstance(found, dict) else {}
