@@ -72,18 +72,19 @@ def export_run(args: argparse.Namespace) -> tuple[Path, int]:
     fmt = format_named(args.format)
     run = Path(args.workdir)
     out = Path(args.out) if args.out else run / fmt.default_dir
-    step, record = _checkpoint_record(args)
+    steps, record = _checkpoint_record(args)
     cfg = SAEConfig.from_record(record["model"])
     fmt.check({"num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token,
                "shared_latents": cfg.shared_latents})  # fmt: skip
+    step, record, params = _restore_params(args, steps, cfg)
     if fmt is FORMATS["native"]:
-        return _export_native(args, step, record, out), step
+        return _export_native(args, record, params, out), step
     native = run / FORMATS["native"].default_dir
     exported = _exported_step(native)
     if exported is not None and exported != step:  # keep that export; use a temporary one
         native = run / f"export.step{step}.tmp"
     if exported != step:
-        _export_native(args, step, record, native)
+        _export_native(args, record, params, native)
     try:
         if jax_process_index() == 0:
             convert(native, args.format, out)
@@ -93,8 +94,9 @@ def export_run(args: argparse.Namespace) -> tuple[Path, int]:
     return out, step
 
 
-def _checkpoint_record(args: argparse.Namespace) -> tuple[int, dict]:
-    """The step to export (latest, or --step) and its checkpoint's record."""
+def _checkpoint_record(args: argparse.Namespace) -> tuple[list[int], dict]:
+    """The steps to try, newest first (--step alone, or every complete checkpoint's), and the
+    first one's checkpoint record."""
     from sae_jax.config import ConfigError
     from sae_jax.training.checkpoint import Checkpointer
 
@@ -103,27 +105,46 @@ def _checkpoint_record(args: argparse.Namespace) -> tuple[int, dict]:
         steps = ckpt.all_steps()
         if not steps:
             raise ConfigError(f"no complete checkpoint in {ckpt.directory}")
-        step = max(steps) if args.step is None else args.step
-        if step not in steps:
-            raise ConfigError(f"no checkpoint of step {step} in {ckpt.directory} (steps: "
+        if args.step is not None and args.step not in steps:
+            raise ConfigError(f"no checkpoint of step {args.step} in {ckpt.directory} (steps: "
                               f"{', '.join(map(str, sorted(steps)))})")  # fmt: skip
-        return step, ckpt.record(step)
+        tried = [args.step] if args.step is not None else sorted(steps, reverse=True)
+        return tried, ckpt.record(tried[0])
     finally:
         ckpt.close()
 
 
-def _export_native(args: argparse.Namespace, step: int, record: dict, out: Path) -> Path:
-    """Export the checkpoint of `step` natively to out (every process: a collective)."""
-    from sae_jax.config import SAEConfig
-    from sae_jax.export import DEFAULT_MAX_FILE_BYTES, export_mesh, export_sae
-    from sae_jax.training.checkpoint import Checkpointer
+def _restore_params(args: argparse.Namespace, steps: list[int], cfg) -> tuple[int, dict, dict]:
+    """(step, record, parameters) of the newest of `steps` whose files read back. A newest
+    checkpoint that does not (truncated, damaged) is passed over in one line, as training
+    does; with --step, or several processes (which must agree), it is a one-line error."""
+    import jax
 
-    cfg = SAEConfig.from_record(record["model"])
+    from sae_jax.config import ConfigError
+    from sae_jax.export import export_mesh
+    from sae_jax.training.checkpoint import Checkpointer, UnreadableCheckpoint
+
     ckpt = Checkpointer(args.workdir, create=False)
     try:
-        params = ckpt.restore_params(step, export_mesh(cfg.num_experts))
+        for i, step in enumerate(steps):
+            try:
+                return step, ckpt.record(step), ckpt.restore_params(step, export_mesh(
+                    cfg.num_experts))  # fmt: skip
+            except UnreadableCheckpoint as e:
+                if i + 1 == len(steps) or jax.process_count() > 1:
+                    raise ConfigError(f"{e}; nothing exported") from None
+                print(f"{e}; exporting step {steps[i + 1]}, the next newest", flush=True)
     finally:
         ckpt.close()
+    raise AssertionError("unreachable: steps is never empty")
+
+
+def _export_native(args: argparse.Namespace, record: dict, params: dict, out: Path) -> Path:
+    """Export restored parameters natively to out (every process: a collective)."""
+    from sae_jax.config import SAEConfig
+    from sae_jax.export import DEFAULT_MAX_FILE_BYTES, export_sae
+
+    cfg = SAEConfig.from_record(record["model"])
     scale = record["data"].get("input_scale", 1.0)
     limit = args.max_file_bytes or DEFAULT_MAX_FILE_BYTES
     return export_sae(params, cfg, out, scale, record["data"], max_file_bytes=limit)

@@ -197,6 +197,25 @@ def test_export_without_checkpoint_is_an_error(tmp_path, capsys):
     assert err.startswith("error: no checkpoint of step 7 in") and err.count("\n") == 1
 
 
+def test_export_passes_over_an_unreadable_newest_checkpoint_in_one_line(tmp_path, capsys):
+    assert run(tmp_path, ONE, "--gin.STEPS=20") == 0
+    for f in (tmp_path / "checkpoints" / "20").rglob("*"):
+        if f.is_file() and f.parent.name == "d":  # every data file of step 20, cut in half
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    capsys.readouterr()
+    assert export_cli.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'out'}"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and err == "", out + err
+    assert lines[0].startswith("checkpoint at step 20 does not restore (")
+    assert lines[0].endswith("; exporting step 10, the next newest")
+    assert lines[1] == f"exported step 10 to {tmp_path / 'out'}"
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["source"]["train_step"] == 10
+    assert export_cli.main([f"--workdir={tmp_path}", "--step=20"]) == 2  # asked for: no other
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint at step 20 does not restore") and err.count("\n") == 1
+
+
 def whole_state_params(workdir: Path, step: int) -> dict:
     """The parameters through a restore of the whole training state, Adam moments included
     (how export used to read them)."""
