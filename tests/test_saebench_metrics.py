@@ -88,11 +88,12 @@ def test_per_token_metrics_equal_sae_lens():
         "freq_over_1_percent": np.mean(density > 0.01),
         "freq_over_10_percent": np.mean(density > 0.1),
     }
-    acc = EvalAccumulator(ours(sae), capacity_factor=None)
-    for tokens in batches:
-        flat = tokens.reshape(-1)
-        keep = ~np.isin(flat.numpy(), ignored)
-        acc.add(table[flat].numpy(), keep)
+    # relative_reconstruction_bias is SAELens's per batch: ours per 16 tokens too, though
+    # added 24 at a time
+    acc = EvalAccumulator(ours(sae), capacity_factor=None, saebench_batch=16)
+    flat = torch.cat(batches).reshape(-1)
+    for part in flat.reshape(2, 24):
+        acc.add(table[part].numpy(), ~np.isin(part.numpy(), ignored))
     result = acc.finish()
     mine = result["saebench"]
     assert 0 < mine["frac_alive"] < 1 and 0 < mine["freq_over_10_percent"] < 1

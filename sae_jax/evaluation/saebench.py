@@ -33,6 +33,7 @@ PREFIX = "saebench/"  # of these metrics' keys in a training log's rows and Tens
 NORM_FLOOR = 1e-4  # l2_ratio divides by ||x||, or by 1 where ||x|| is below this (as SAELens)
 BLOCK_ELEMENTS = 1 << 26  # entries of one [chunk, M] cosine block (256 MiB of float32)
 MAX_CHUNK = 1024
+SAEBENCH_BATCH = 16 * 128  # tokens of SAEBench's default eval batch: 16 prompts of 128
 HOST_BYTES = 64 << 30  # float32 weights a training run's final evaluation loads on its host
 
 # name: per-token value [T] of (x [T, d], x_hat [T, d], acts [T, k]); the metric is its mean
@@ -73,34 +74,73 @@ def latent_coefficients(codes: Codes) -> np.ndarray:
     return np.asarray(codes.values, np.float64) * np.asarray(gate, np.float64)
 
 
-class SaebenchSums:
-    """Running sums over batches of kept tokens for the per-token SAEBench metrics; `M` is
-    the SAE's latent count, shared dictionary included (firing counts are [M])."""
+class BatchRatio:
+    """relative_reconstruction_bias as SAELens computes it: in each batch of `size` tokens
+    (kept and left-out ones alike, in the order added), mean ||x_hat||^2 / mean x.x_hat over
+    its kept tokens; then the mean over batches (a last partial batch counts as one)."""
 
-    def __init__(self, num_latents: int):
+    def __init__(self, size: int):
+        self.size = size
+        self.rows, self.kept, self.num, self.den = 0, 0, 0.0, 0.0  # the open batch's
+        self.total, self.count = 0.0, 0  # the closed batches'
+
+    def add(self, out2: np.ndarray, dot: np.ndarray, keep: np.ndarray) -> None:
+        """Per-token ||x_hat||^2 [T], x.x_hat [T] and keep [T] bool."""
+        start = 0
+        while start < len(keep):
+            part = slice(start, start + min(self.size - self.rows, len(keep) - start))
+            k = keep[part]
+            self.num += float(out2[part][k].sum())
+            self.den += float(dot[part][k].sum())
+            self.kept += int(k.sum())
+            self.rows += part.stop - start
+            start = part.stop
+            if self.rows == self.size:
+                self._close()
+
+    def _close(self) -> None:
+        if self.kept:
+            self.total, self.count = self.total + self.num / self.den, self.count + 1
+        self.rows, self.kept, self.num, self.den = 0, 0, 0.0, 0.0
+
+    def value(self) -> float:
+        total, count = self.total, self.count
+        if self.kept:  # the open, partial batch
+            total, count = total + self.num / self.den, count + 1
+        return total / count if count else float("nan")
+
+
+class SaebenchSums:
+    """Running sums over batches for the per-token SAEBench metrics, over the kept tokens;
+    `num_latents`: M, the SAE's latents with the shared dictionary's (firing counts [M]);
+    `batch_tokens`: the batch of relative_reconstruction_bias (SAEBench's default)."""
+
+    def __init__(self, num_latents: int, batch_tokens: int = SAEBENCH_BATCH):
         self.sums = dict.fromkeys(PER_TOKEN, 0.0)
-        self.tokens, self.batches = 0, 0
+        self.tokens = 0
         self.sum_x: np.ndarray | None = None  # [d] float64
         self.sum_x2 = 0.0
-        self.bias_sum = 0.0  # relative_reconstruction_bias of each batch, summed
+        self.bias = BatchRatio(batch_tokens)
         self.fired = np.zeros(num_latents, np.int64)
 
-    def add(self, x: np.ndarray, x_hat: np.ndarray, acts: np.ndarray, ids: np.ndarray) -> None:
+    def add(self, x: np.ndarray, x_hat: np.ndarray, acts: np.ndarray, ids: np.ndarray,
+            keep: np.ndarray | None = None) -> None:  # fmt: skip
         """One batch: inputs x [T, d] and reconstructions x_hat [T, d] in raw units, latent
-        coefficients acts [T, k] and their global latent ids [T, k]."""
+        coefficients acts [T, k] and their global latent ids [T, k]; keep [T] bool (None:
+        all), False for tokens left out (outliers, as SAELens leaves out special tokens)."""
+        x, x_hat = np.asarray(x, np.float64), np.asarray(x_hat, np.float64)
+        keep = np.ones(len(x), bool) if keep is None else np.asarray(keep).astype(bool)
+        self.bias.add(np.sum(x_hat**2, 1), np.sum(x * x_hat, 1), keep)
+        x, x_hat = x[keep], x_hat[keep]
+        acts, ids = np.asarray(acts, np.float64)[keep], np.asarray(ids)[keep]
         if len(x) == 0:
             return
-        x, x_hat = np.asarray(x, np.float64), np.asarray(x_hat, np.float64)
-        acts = np.asarray(acts, np.float64)
         for name, per_token in PER_TOKEN.items():
             self.sums[name] += float(np.sum(per_token(x, x_hat, acts)))
         self.sum_x = x.sum(0) if self.sum_x is None else self.sum_x + x.sum(0)
         self.sum_x2 += float(np.sum(x**2))
-        # per batch, then averaged over batches (SAELens): depends on the batch size
-        self.bias_sum += float(np.mean(np.sum(x_hat**2, 1)) / np.mean(np.sum(x * x_hat, 1)))
-        self.batches += 1
         # a token's ids are distinct, so this counts the tokens each latent fired on
-        self.fired += np.bincount(np.asarray(ids)[acts != 0], minlength=len(self.fired))
+        self.fired += np.bincount(ids[acts != 0], minlength=len(self.fired))
         self.tokens += len(x)
 
     def finish(self) -> dict[str, float]:
@@ -108,7 +148,7 @@ class SaebenchSums:
         n = max(self.tokens, 1)
         result = {name: total / n for name, total in self.sums.items()}
         result["explained_variance"] = self._explained_variance()
-        result["relative_reconstruction_bias"] = self.bias_sum / max(self.batches, 1)
+        result["relative_reconstruction_bias"] = self.bias.value()
         frequency = self.fired / n
         result |= {name: float(np.mean(test(frequency))) for name, test in FREQUENCY.items()}
         return result
@@ -181,12 +221,10 @@ def evaluate_batches(
 
 
 def add_batch(sums: SaebenchSums, sae: PretrainedSAE, x: np.ndarray, keep=None) -> None:
-    """Encode and decode x [T, d] and add its kept tokens to `sums`."""
-    keep = np.ones(len(x), bool) if keep is None else np.asarray(keep).astype(bool)
+    """Encode and decode x [T, d] and add it to `sums` (keep [T] bool or None)."""
     codes = sae.encode(x)
-    x_hat = np.asarray(sae.decode(codes))
-    sums.add(x[keep], x_hat[keep], latent_coefficients(codes)[keep],
-             np.asarray(codes.indices)[keep])  # fmt: skip
+    sums.add(x, np.asarray(sae.decode(codes)), latent_coefficients(codes),
+             np.asarray(codes.indices), keep)  # fmt: skip
 
 
 def evaluate_source(sae: PretrainedSAE, source, batch_size: int, max_batches: int) -> dict:
