@@ -115,7 +115,7 @@ def _reference_max_cosines(w):
 
 def test_weight_metrics_equal_the_full_cosine_matrix_of_a_sae_lens_sae():
     sae = sae_lens_topk()
-    got = weight_metrics(ours(sae), chunk=7)  # chunks that do not divide M = 48
+    got = weight_metrics(ours(sae), chunk=7, tile=10)  # neither divides M = 48
     W_enc, W_dec = sae.W_enc.detach().numpy(), sae.W_dec.detach().numpy()
     expect_enc = _reference_max_cosines(W_enc.T).mean()  # SAELens: W_enc [d, M], columns
     expect_dec = _reference_max_cosines(W_dec).mean()
@@ -130,7 +130,7 @@ def switch_sae(seed: int = 0) -> PretrainedSAE:
     n, lat, d, s = 3, 8, 6, 4
     t = {"w_enc": rng.normal(size=(n, lat, d)), "b_enc": rng.normal(size=(n, lat)),
          "w_dec": rng.normal(size=(n, lat, d)), "b_dec": rng.normal(size=d),
-         "w_router": rng.normal(size=(d, n)), "b_router": np.zeros(n),
+         "w_router": rng.normal(size=(d, n)), "b_router": np.zeros(d),
          "shared_w_enc": rng.normal(size=(s, d)), "shared_b_enc": np.zeros(s),
          "shared_w_dec": rng.normal(size=(s, d))}  # fmt: skip
     t["w_dec"][2, 2] = 3 * t["w_dec"][0, 5]
@@ -145,10 +145,11 @@ def test_chunked_max_cosines_equal_unchunked_over_every_expert_and_the_shared_la
     rows = np.concatenate([np.asarray(sae.params["w_dec"]).reshape(-1, 6),
                            np.asarray(sae.params["shared_w_dec"])])  # fmt: skip
     full = _reference_max_cosines(rows)
-    for chunk in (1, 5, 28, None):
-        np.testing.assert_allclose(max_cosines(rows, chunk), full, rtol=1e-5, atol=1e-6)
+    for chunk, tile in ((1, 1), (5, 3), (5, 28), (28, 11), (None, None)):
+        got = max_cosines(rows, chunk, tile)
+        np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-6, err_msg=f"{chunk} {tile}")
     assert full[2 * 8 + 2] == pytest.approx(1.0) and full[5] == pytest.approx(1.0)
-    got = weight_metrics(sae, chunk=5)
+    got = weight_metrics(sae, chunk=5, tile=6)
     assert got["average_max_decoder_cosine_sim"] == pytest.approx(full.mean(), rel=1e-5)
 
 
@@ -239,3 +240,24 @@ def test_final_eval_row_and_launch_eval_report_the_same_saebench_metrics(tmp_pat
     assert report["saebench"]["explained_variance"] == pytest.approx(
         1 - report["fvu_dropless"], rel=1e-6
     )
+
+
+def test_switch_coefficients_are_those_of_the_decoder_rows():
+    """For a Switch SAE (gates) with a shared dictionary, l0 and l1 count the coefficients a
+    with x_hat = sum_j a_j W_dec[id_j] + b_dec over all latents' rows (global ids)."""
+    from sae_jax.evaluation.saebench import SaebenchSums, all_latent_rows, latent_coefficients
+
+    sae = switch_sae()
+    x = np.random.default_rng(1).normal(size=(40, 6)).astype(np.float32)
+    codes = sae.encode(x)
+    a, ids = latent_coefficients(codes), np.asarray(codes.indices)
+    rows = np.asarray(all_latent_rows(sae, "w_dec"), np.float64)
+    x_hat = np.asarray(sae.decode(codes))
+    rebuilt = np.einsum("tk,tkd->td", a, rows[ids]) + np.asarray(sae.params["b_dec"])
+    np.testing.assert_allclose(rebuilt, x_hat, rtol=1e-4, atol=1e-5)
+    assert np.any(ids >= sae.cfg.num_latents)  # shared latents among them
+    sums = SaebenchSums(rows.shape[0])
+    sums.add(x, x_hat, a, ids)
+    got = sums.finish()
+    assert got["l1"] == pytest.approx(np.abs(a).sum() / len(x))
+    assert got["l0"] == pytest.approx(np.count_nonzero(a) / len(x))

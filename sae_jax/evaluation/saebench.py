@@ -31,8 +31,8 @@ NAMES = (
 )  # fmt: skip
 PREFIX = "saebench/"  # of these metrics' keys in a training log's rows and TensorBoard
 NORM_FLOOR = 1e-4  # l2_ratio divides by ||x||, or by 1 where ||x|| is below this (as SAELens)
-BLOCK_ELEMENTS = 1 << 26  # entries of one [chunk, M] cosine block (256 MiB of float32)
-MAX_CHUNK = 1024
+ROW_CHUNK = 1024  # rows of one max-cosine block: its matmul does 2 * ROW_CHUNK flops per
+COL_TILE = 1 << 16  # weight read; one [ROW_CHUNK, COL_TILE] block is 256 MiB of float32
 SAEBENCH_BATCH = 16 * 128  # tokens of SAEBench's default eval batch: 16 prompts of 128
 HOST_BYTES = 64 << 30  # float32 weights a training run's final evaluation loads on its host
 
@@ -165,26 +165,43 @@ class SaebenchSums:
         return 1.0 - mse / total_var
 
 
-def max_cosines(rows: np.ndarray | jax.Array, chunk: int | None = None) -> np.ndarray:
+def max_cosines(
+    rows: np.ndarray | jax.Array, chunk: int | None = None, tile: int | None = None
+) -> np.ndarray:
     """[M] each row's largest cosine with any other row of rows [M, d] (itself left out; a
-    zero row has cosine 0 with all), a [chunk, M] block at a time: never an [M, M] matrix."""
+    zero row has cosine 0 with all): `chunk` rows against all M at a time, the M columns a
+    `tile` at a time with a running max, so memory holds one [chunk, tile] block, never
+    [M, M]."""
     unit = jnp.asarray(rows, jnp.float32)
     unit = unit / jnp.maximum(jnp.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
-    m = unit.shape[0]
-    chunk = chunk or max(1, min(MAX_CHUNK, BLOCK_ELEMENTS // max(m, 1)))
-    out = []
-    for start in range(0, m, chunk):
-        out.append(_block_max(unit, jnp.int32(start), min(chunk, m - start)))
-    return np.asarray(jnp.concatenate(out)) if out else np.zeros(0, np.float32)
+    m, d = unit.shape
+    if m == 0:
+        return np.zeros(0, np.float32)
+    chunk, tile = min(chunk or ROW_CHUNK, m), min(tile or COL_TILE, m)
+    tiles = -(-m // tile)
+    cols = jnp.pad(unit, ((0, tiles * tile - m), (0, 0))).reshape(tiles, tile, d)
+    out = [_chunk_max(unit, cols, jnp.int32(start), min(chunk, m - start))
+           for start in range(0, m, chunk)]  # fmt: skip
+    return np.asarray(jnp.concatenate(out))
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _block_max(unit: jax.Array, start: jax.Array, size: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=3)
+def _chunk_max(unit: jax.Array, cols: jax.Array, start: jax.Array, size: int) -> jax.Array:
+    """[size] max cosine of rows start.. of unit [M, d] with the other rows, cols [tiles,
+    tile, d] being unit's rows zero-padded to whole tiles."""
     block = jax.lax.dynamic_slice_in_dim(unit, start, size)
-    sims = block @ unit.T  # [size, M]
     own = start + jnp.arange(size)
-    sims = sims.at[jnp.arange(size), own].set(-jnp.inf)
-    return jnp.max(sims, axis=1)
+    tile = cols.shape[1]
+
+    def step(best, tile_cols):
+        t, w = tile_cols
+        ids = t * tile + jnp.arange(tile)
+        sims = block @ w.T  # [size, tile]
+        left_out = (ids[None, :] == own[:, None]) | (ids[None, :] >= unit.shape[0])
+        return jnp.maximum(best, jnp.max(jnp.where(left_out, -jnp.inf, sims), axis=1)), None
+
+    init = jnp.full(size, -jnp.inf, jnp.float32)
+    return jax.lax.scan(step, init, (jnp.arange(cols.shape[0]), cols))[0]
 
 
 def all_latent_rows(sae: PretrainedSAE, name: str) -> jax.Array:
@@ -195,13 +212,16 @@ def all_latent_rows(sae: PretrainedSAE, name: str) -> jax.Array:
     return rows if shared is None else jnp.concatenate([rows, shared])
 
 
-def weight_metrics(sae: PretrainedSAE, chunk: int | None = None) -> dict[str, float]:
+def weight_metrics(
+    sae: PretrainedSAE, chunk: int | None = None, tile: int | None = None
+) -> dict[str, float]:
     """average_max_encoder_cosine_sim and average_max_decoder_cosine_sim over all latents."""
     return {
-        f"average_max_{part}_cosine_sim": float(np.mean(max_cosines(all_latent_rows(sae, w),
-                                                                    chunk)))
-        for part, w in (("encoder", "w_enc"), ("decoder", "w_dec"))
-    }  # fmt: skip
+        f"average_max_{part}_cosine_sim": float(
+            np.mean(max_cosines(all_latent_rows(sae, name), chunk, tile))
+        )
+        for part, name in (("encoder", "w_enc"), ("decoder", "w_dec"))
+    }
 
 
 def num_latents(cfg: SAEConfig) -> int:
