@@ -13,6 +13,7 @@ from sae_jax.pretrained import PretrainedSAE
 D, LATENTS, K = 16, 48, 4
 HOOK = "blocks.1.hook_resid_post"
 REL = 1e-4
+WITHOUT_LM = set(NAMES) - {"kl_div_score", "ce_loss_score"}  # the LM's need text and a model
 
 
 def sae_lens_topk(d: int = D, latents: int = LATENTS, k: int = K, seed: int = 0):
@@ -98,7 +99,7 @@ def test_per_token_metrics_equal_sae_lens():
     mine = result["saebench"]
     assert 0 < mine["frac_alive"] < 1 and 0 < mine["freq_over_10_percent"] < 1
     assert 0.1 < mine["explained_variance"] < 0.99  # neither trivial nor perfect
-    for name in set(NAMES) - {"kl_div_score", "ce_loss_score"} - {n for n in NAMES if "max" in n}:
+    for name in WITHOUT_LM - {n for n in NAMES if "max" in n}:
         assert mine[name] == pytest.approx(theirs[name], rel=REL), name
     # pooled over the same kept tokens, SAELens's explained_variance is 1 - our FVU
     assert mine["explained_variance"] == pytest.approx(1 - result["fvu_dropless"], rel=1e-9)
@@ -219,6 +220,8 @@ def test_kl_and_ce_scores_equal_sae_lens_on_a_small_lm(tiny_model, text):
 
 
 def test_final_eval_row_and_launch_eval_report_the_same_saebench_metrics(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from launch import eval as eval_cli
     from launch import train as train_cli
 
@@ -230,11 +233,13 @@ def test_final_eval_row_and_launch_eval_report_the_same_saebench_metrics(tmp_pat
     ]) == 0  # fmt: skip
     assert "saebench/explained_variance=" in capsys.readouterr().out  # the final line
     row = [json.loads(line) for line in (run / "metrics.jsonl").open()][-1]
+    event_tags = EventAccumulator(str(run)).Reload().Tags()["scalars"]
+    assert {PREFIX + n for n in WITHOUT_LM} <= set(event_tags)  # TensorBoard has them too
     args = ["--workdir", str(run), "--batch_size", "128", "--tokens", "256", "--no_plots"]
     assert eval_cli.main(args) == 0
     assert "SAEBench core metrics" in capsys.readouterr().out
     report = json.loads((run / "eval.json").read_text())
-    for name in set(NAMES) - {"kl_div_score", "ce_loss_score"}:  # no LM on synthetic data
+    for name in WITHOUT_LM:  # no LM on synthetic data
         # the same exported SAE on the same tokens in batches of the same size
         assert row[PREFIX + name] == pytest.approx(report["saebench"][name], rel=1e-6), name
     assert report["saebench"]["explained_variance"] == pytest.approx(

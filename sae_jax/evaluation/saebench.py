@@ -34,7 +34,9 @@ NORM_FLOOR = 1e-4  # l2_ratio divides by ||x||, or by 1 where ||x|| is below thi
 ROW_CHUNK = 1024  # rows of one max-cosine block: its matmul does 2 * ROW_CHUNK flops per
 COL_TILE = 1 << 16  # weight read; one [ROW_CHUNK, COL_TILE] block is 256 MiB of float32
 SAEBENCH_BATCH = 16 * 128  # tokens of SAEBench's default eval batch: 16 prompts of 128
-HOST_BYTES = 64 << 30  # float32 weights a training run's final evaluation loads on its host
+# What a training run's final evaluation takes on at most (launch.eval takes on any SAE):
+HOST_BYTES = 64 << 30  # float32 weights loaded on the lead host
+WEIGHT_FLOPS = 1e14  # the max cosines' FLOPs (seconds on an accelerator, an hour on 2 cores)
 
 # name: per-token value [T] of (x [T, d], x_hat [T, d], acts [T, k]); the metric is its mean
 # over all evaluated tokens.
@@ -229,15 +231,18 @@ def num_latents(cfg: SAEConfig) -> int:
     return cfg.num_latents + cfg.shared_latents
 
 
-def evaluate_batches(
-    sae: PretrainedSAE, batches: Iterable, chunk: int | None = None
-) -> dict[str, float]:
+def weight_flops(cfg: SAEConfig) -> float:
+    """FLOPs of the two max-cosine passes (encoder, decoder): 2 M^2 d each."""
+    return 4.0 * num_latents(cfg) ** 2 * cfg.d
+
+
+def evaluate_batches(sae: PretrainedSAE, batches: Iterable, weights: bool = True) -> dict:
     """The SAEBench metrics of `sae` on batches of (x [T, d] raw activations, keep [T] bool or
-    None), kept tokens only, with the weight metrics."""
+    None), kept tokens only; with the weight metrics unless `weights` is False."""
     sums = SaebenchSums(num_latents(sae.cfg))
     for x, keep in batches:
         add_batch(sums, sae, np.asarray(x), keep)
-    return sums.finish() | weight_metrics(sae, chunk)
+    return sums.finish() | (weight_metrics(sae) if weights else {})
 
 
 def add_batch(sums: SaebenchSums, sae: PretrainedSAE, x: np.ndarray, keep=None) -> None:
@@ -247,9 +252,11 @@ def add_batch(sums: SaebenchSums, sae: PretrainedSAE, x: np.ndarray, keep=None) 
              np.asarray(codes.indices), keep)  # fmt: skip
 
 
-def evaluate_source(sae: PretrainedSAE, source, batch_size: int, max_batches: int) -> dict:
+def evaluate_source(
+    sae: PretrainedSAE, source, batch_size: int, max_batches: int, weights: bool = True
+) -> dict:
     """evaluate_batches on a data source's first `max_batches` eval batches of `batch_size`
     tokens (every row; raw units: the source's batches are at its input scale)."""
     with closing(source.batches("eval", slice(0, batch_size), batch_size)) as batches:
         pairs = ((b.x / source.input_scale, b.keep) for b in islice(batches, max_batches))
-        return evaluate_batches(sae, pairs)
+        return evaluate_batches(sae, pairs, weights)

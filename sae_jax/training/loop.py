@@ -524,17 +524,20 @@ def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
 
 def exported_saebench(run: Run, export: Path) -> dict:
     """SAEBench's metrics (`saebench/<name>`) of the exported SAE, run dropless on the host
-    over every row of the held-out batches (the eval step's tokens, its batch size); {} with
-    a note when the SAE is too large to load on one host (python -m launch.eval on a larger
-    one gives them)."""
+    over every row of the held-out batches (the eval step's tokens); {}, or no max cosines,
+    with a note where the SAE is too large for that (launch.eval gives them)."""
     cfg = run.cfg
     size = 2 * saebench.num_latents(cfg) * cfg.d * 4
     if size > saebench.HOST_BYTES:
         say(run.lead, f"saebench metrics skipped: the SAE's {size / 2**30:.0f} GiB of weights "
                       f"exceed {saebench.HOST_BYTES / 2**30:.0f} GiB on one host")  # fmt: skip
         return {}
+    weights = saebench.weight_flops(cfg) <= saebench.WEIGHT_FLOPS
+    if not weights:
+        say(run.lead, f"saebench max cosines skipped ({saebench.weight_flops(cfg):.1e} FLOPs); "
+                      f"python -m launch.eval --workdir {run.workdir} computes them")  # fmt: skip
     metrics = saebench.evaluate_source(load_pretrained(export), run.eval_src,
-                                       run.tcfg.batch_size, run.eval_batches)  # fmt: skip
+                                       run.tcfg.batch_size, run.eval_batches, weights)  # fmt: skip
     return {saebench.PREFIX + name: value for name, value in metrics.items()}
 
 
