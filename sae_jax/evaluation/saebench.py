@@ -31,8 +31,8 @@ NAMES = (
 )  # fmt: skip
 PREFIX = "saebench/"  # of these metrics' keys in a training log's rows and TensorBoard
 NORM_FLOOR = 1e-4  # l2_ratio divides by ||x||, or by 1 where ||x|| is below this (as SAELens)
-ROW_CHUNK = 1024  # rows of one max-cosine block: its matmul does 2 * ROW_CHUNK flops per
-COL_TILE = 1 << 16  # weight read; one [ROW_CHUNK, COL_TILE] block is 256 MiB of float32
+ROW_CHUNK = 1024  # max-cosine rows per block: 2 * 1024 FLOPs per weight read, compute-bound
+COL_TILE = 1 << 16  # columns per block: a [ROW_CHUNK, COL_TILE] block is 256 MiB of float32
 SAEBENCH_BATCH = 16 * 128  # tokens of SAEBench's default eval batch: 16 prompts of 128
 # What a training run's final evaluation takes on at most (launch.eval takes on any SAE):
 HOST_BYTES = 64 << 30  # float32 weights loaded on the lead host

@@ -524,9 +524,9 @@ def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
 
 def exported_saebench(run: Run, export: Path) -> dict:
     """SAEBench's metrics (`saebench/<name>`) of the exported SAE, run dropless on the host
-    on as many held-out tokens as the eval step saw, from the lead's eval stream (on one
-    process, the eval step's tokens); {}, or no max cosines, with a note where the SAE is too
-    large for that (launch.eval gives them)."""
+    on as many held-out tokens as the eval step saw, every row read by the lead (the eval
+    step's tokens on one process or synthetic data); {}, or no max cosines, with a note where
+    the SAE is too large for that (launch.eval gives them)."""
     cfg = run.cfg
     size = 2 * saebench.num_latents(cfg) * cfg.d * 4
     if size > saebench.HOST_BYTES:
