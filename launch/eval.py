@@ -14,6 +14,9 @@ at that factor would drop (0 for a DISPATCH='dropless' run). Without --data it e
 run's own EVAL_DATA (synthetic data is regenerated from the run's seed). When the shards'
 manifest names a model the dumper can load, the reconstruction is also spliced into that
 model on the held-out text (loss recovered; needs the `dump` extra).
+
+eval.json's `saebench` holds SAEBench's core metrics under SAEBench's names and sae_lens.evals'
+definitions, on the kept (non-outlier) tokens (docs/metrics.md); the table prints them last.
 """
 
 from __future__ import annotations
@@ -82,10 +85,21 @@ def main(argv: list[str] | None = None) -> int:
         if name in result:
             print(f"{name:>28}  {fmt.format(result[name])}")
     print(f"{'expert_load':>28}  " + " ".join(f"{v:.3f}" for v in result["expert_load"]))
+    print_saebench(result["saebench"])
     print(f"wrote {output_dir(args) / 'eval.json'}")
     for path in result.get("plots", []):
         print(f"wrote {path}")
     return 0
+
+
+def print_saebench(metrics: dict) -> None:
+    """SAEBench's metrics, in SAEBench's order, under a heading that says whose they are."""
+    from sae_jax.evaluation.saebench import NAMES
+
+    print("SAEBench core metrics (sae_lens.evals definitions; eval.json's saebench):")
+    for name in NAMES:
+        if metrics.get(name) is not None:
+            print(f"{name:>32}  {metrics[name]:.6g}")
 
 
 def evaluate_run(args) -> dict:
@@ -116,12 +130,17 @@ def evaluate_run(args) -> dict:
     result = acc.finish()
     frequency = result.pop("latent_frequency")
     if real and not args.no_lm:
-        result |= _loss_recovered(args, data, sae)
+        lm = _loss_recovered(args, data, sae)
+        result["saebench"] |= lm.pop("saebench", {})
+        result |= lm
     if not real:  # no outliers in synthetic data; the planted features are known
         for key in ("fvu_dropless_with_outliers", "outlier_fraction"):
             result.pop(key)
         result["feature_recovery"] = decoder_feature_recovery(data.features, sae.params["w_dec"])
-    result = {k: to_python(v) for k, v in result.items()} | {"data": name}
+    result = {k: to_python(v) for k, v in result.items() if k != "saebench"} | {
+        "saebench": {k: to_python(v) for k, v in result["saebench"].items()},
+        "data": name,
+    }
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.no_plots:

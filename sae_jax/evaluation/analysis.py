@@ -14,6 +14,13 @@ import numpy as np
 
 from sae_jax.evaluation.held_out import fvu_from_sums
 from sae_jax.evaluation.recovery import feature_recovery
+from sae_jax.evaluation.saebench import (
+    SAEBENCH_BATCH,
+    SaebenchSums,
+    latent_coefficients,
+    num_latents,
+    weight_metrics,
+)
 from sae_jax.pretrained import PretrainedSAE
 
 DENSE_FREQUENCY = 0.1  # a latent firing on more than this fraction of tokens is "dense"
@@ -84,9 +91,11 @@ def duplicate_pairs(w_dec: np.ndarray, threshold: float = DUPLICATE_COSINE,
 class EvalAccumulator:
     """Running sums over evaluated batches of raw activations x [T, d] with keep [T] (False
     for outlier tokens, which are left out of MSE/FVU but counted in
-    `fvu_dropless_with_outliers`)."""
+    `fvu_dropless_with_outliers`). SAEBench's metrics (`saebench`) are over the kept tokens,
+    relative_reconstruction_bias per `saebench_batch` tokens (saebench.BatchRatio)."""
 
-    def __init__(self, sae: PretrainedSAE, capacity_factor: float | None, input_scale: float = 1.0):
+    def __init__(self, sae: PretrainedSAE, capacity_factor: float | None, input_scale: float = 1.0,
+                 saebench_batch: int = SAEBENCH_BATCH):  # fmt: skip
         self.sae, self.cf, self.scale = sae, capacity_factor, input_scale
         cfg = sae.cfg
         self.fired = np.zeros(cfg.dictionary_size, np.int64)
@@ -95,6 +104,7 @@ class EvalAccumulator:
                                       "entropy", "dropped", "tokens")}  # fmt: skip
         self.sum_x = np.zeros(cfg.d)
         self.sum_x_all = np.zeros(cfg.d)
+        self.saebench = SaebenchSums(num_latents(sae.cfg), saebench_batch)
 
     def add(self, x: np.ndarray, keep: np.ndarray | None = None) -> None:
         keep = np.ones(len(x), bool) if keep is None else keep.astype(bool)
@@ -124,6 +134,7 @@ class EvalAccumulator:
         if self.cf is not None:  # None: a dropless run, nothing dropped
             s["dropped"] += dropped_at_capacity(expert, self.sae.cfg.num_experts, self.cf)
         s["tokens"] += len(x)
+        self.saebench.add(x, x_hat, latent_coefficients(codes), indices, keep)
 
     def finish(self) -> dict:
         s, cfg = self.sums, self.sae.cfg
@@ -148,4 +159,5 @@ class EvalAccumulator:
             "capacity_factor": self.cf,
             "feature_duplication": feature_duplication(np.asarray(self.sae.params["w_dec"])),
             "latent_frequency": freq.tolist(),
+            "saebench": self.saebench.finish() | weight_metrics(self.sae),
         }

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from sae_jax.config import FOLLOW, ConfigError, SAEConfig, TrainConfig
 from sae_jax.data import ActivationData, Batch, SyntheticData, make_source
 from sae_jax.distributed import gather_ints, process_rows, put_local
+from sae_jax.evaluation import saebench
 from sae_jax.evaluation.held_out import evaluate, make_eval_step
 from sae_jax.evaluation.metric_rows import read_rows
 from sae_jax.export import export_sae
@@ -35,6 +36,7 @@ from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.model.init import geometric_median
 from sae_jax.model.switch import SwitchSAE, check_mesh
 from sae_jax.plan.suggest import check_fits, device_memory_bytes
+from sae_jax.pretrained import load_pretrained
 from sae_jax.training.checkpoint import (
     Checkpointer,
     UnreadableCheckpoint,
@@ -50,7 +52,8 @@ from sae_jax.training.step import TrainState, TrainStep, setup_training
 # The loss's parts apart (loss = mse + LB_ALPHA * lb_loss + aux_weight * aux_loss; lb_loss is
 # at least 1, so the total sits near LB_ALPHA whatever the reconstruction).
 CONSOLE = ("mse", "lb_loss", "aux_loss", "fvu", "l0", "dead_fraction", "drop_fraction")
-FINAL = ("eval/fvu", "eval/mse", "eval/l0", "eval/drop_fraction", "eval/feature_recovery")
+FINAL = ("eval/fvu", "eval/mse", "eval/l0", "eval/drop_fraction", "eval/feature_recovery",
+         "saebench/explained_variance", "saebench/cossim", "saebench/frac_alive")  # fmt: skip
 
 
 Source = SyntheticData | ActivationData
@@ -318,9 +321,11 @@ class Log:
                "train_seconds": self.clock.seconds()}  # fmt: skip
         return self.writer.write(row) if self.writer else row
 
-    def evaluate(self, step: int, params: nnx.State) -> dict:
+    def evaluate(self, step: int, params: nnx.State, export: Path | None = None) -> dict:
         """Evaluate `params` on the held-out batches and log the row; the training clock
-        waits for the steps dispatched so far, then pauses during the evaluation."""
+        waits for the steps dispatched so far, then pauses during the evaluation. With
+        `export` (the final evaluation) the row also holds SAEBench's metrics of that
+        exported SAE on the same tokens (`saebench/...`, the lead process's)."""
         jax.block_until_ready(params)
         with self.clock.paused():
             row = evaluate(
@@ -330,6 +335,8 @@ class Log:
                 outliers=isinstance(self.run.eval_src, ActivationData),
                 features=getattr(self.run.eval_src, "features", None),
             )
+            if export is not None and self.run.lead:
+                row |= exported_saebench(self.run, export)
         return self.row(step, row)
 
     def close(self) -> None:
@@ -527,7 +534,7 @@ def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
     tokens = run.eval_batches * tcfg.batch_size
     say(run.lead, f"final evaluation on {tokens} tokens of EVAL_DATA={tcfg.eval_spec!r}")
     try:
-        return log.evaluate(tcfg.steps, state.params)
+        return log.evaluate(tcfg.steps, state.params, export=out)
     except Exception:
         saved = f"checkpoint at step {tcfg.steps} in {workdir / 'checkpoints'}, SAE in {out}"
         say(run.lead, f"the final evaluation failed; the training is saved ({saved}); evaluate "
@@ -552,6 +559,26 @@ def export_final(run: Run, state: TrainState, source: dict) -> Path:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("sae_jax.loop: export swapped in")
     return out
+
+
+def exported_saebench(run: Run, export: Path) -> dict:
+    """SAEBench's metrics (`saebench/<name>`) of the exported SAE, run dropless on the host
+    on as many held-out tokens as the eval step saw, every row read by the lead (the eval
+    step's tokens on one process or synthetic data); {}, or no max cosines, with a note where
+    the SAE is too large for that (launch.eval gives them)."""
+    cfg = run.cfg
+    size = 2 * saebench.num_latents(cfg) * cfg.d * 4
+    if size > saebench.HOST_BYTES:
+        say(run.lead, f"saebench metrics skipped: the SAE's {size / 2**30:.0f} GiB of weights "
+                      f"exceed {saebench.HOST_BYTES / 2**30:.0f} GiB on one host")  # fmt: skip
+        return {}
+    weights = saebench.weight_flops(cfg) <= saebench.WEIGHT_FLOPS
+    if not weights:
+        say(run.lead, f"saebench max cosines skipped ({saebench.weight_flops(cfg):.1e} FLOPs); "
+                      f"python -m launch.eval --workdir {run.workdir} computes them")  # fmt: skip
+    metrics = saebench.evaluate_source(load_pretrained(export), run.eval_src,
+                                       run.tcfg.batch_size, run.eval_batches, weights)  # fmt: skip
+    return {saebench.PREFIX + name: value for name, value in metrics.items()}
 
 
 def final_message(tcfg: TrainConfig, final: dict) -> str:
