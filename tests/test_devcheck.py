@@ -4,7 +4,13 @@ import json
 import subprocess
 import sys
 
-from launch import devcheck, device_checks
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from launch import devcheck, device_checks, exchange_check, ragged_dot_lowering, training_checks
+from sae_jax.dispatch import exchange
+from sae_jax.mesh import make_mesh
 
 
 def test_devcheck_on_cpu(tmp_path):
@@ -19,8 +25,19 @@ def test_devcheck_on_cpu(tmp_path):
     assert "fail" not in status.values()
     assert status["ragged_all_to_all"] == "skip"  # XLA:CPU has no ragged_all_to_all
     assert all(c["reason"] for c in report["checks"] if c["status"] == "skip")
-    ragged = next(c for c in report["checks"] if c["name"] == "ragged_dot_vs_blocks")
+    check = {c["name"]: c for c in report["checks"]}
+    ragged = check["ragged_dot_vs_blocks"]
     assert ragged["grad_rel_err"] < 3e-2 and ragged["blocks_step_ms"] > 0
+    lowering = check[
+        "ragged_dot_lowering"
+    ]  # XLA:CPU lowers ragged_dot densely: a skip that says so
+    assert lowering["status"] == "skip" and lowering["lowering"] == "dense"
+    assert "dense" in lowering["reason"]
+    assert "memory_stats" in check["peak_memory"]["reason"]
+    assert status["top2_step"] == "pass" and check["top2_step"]["l0"][-1] == 32
+    assert status["zero1"] == "pass" and check["zero1"]["moment_experts_per_device"] == 1
+    for name in device_checks.NAMED_ON_CPU:
+        assert status[name] == "skip" and "--checks" in check[name]["reason"]
 
 
 def test_a_failing_check_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
@@ -33,3 +50,73 @@ def test_a_failing_check_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
     assert check["status"] == "fail" and check["reason"] == "RuntimeError: device lost"
     assert devcheck.main(["--checks", "nope"]) == 2
     assert "unknown check(s) ['nope']" in capsys.readouterr().err
+
+
+def test_the_emulation_equals_the_numpy_model_in_values_and_gradients():
+    """float32, bfloat16 and int32 payloads, random and all-to-one routings, on 4 devices."""
+    mesh = make_mesh((1, 4))
+    assert exchange_check.compare(mesh, exchange.ragged_all_to_all_emulated, 8, 4) == {}
+
+
+def test_a_wrong_gradient_fails_the_exchange_comparison():
+    def no_gradient(operand, output, *plan, axis_name):
+        operand = jax.lax.stop_gradient(operand)
+        return exchange.ragged_all_to_all_emulated(operand, output, *plan, axis_name=axis_name)
+
+    failures = exchange_check.compare(make_mesh((1, 4)), no_gradient, 8, 4)
+    assert failures == {f"{p}/{r}": "grad differ" for p in ("float32", "bfloat16")
+                        for r in exchange_check.ROUTINGS}  # fmt: skip
+
+
+def test_the_skewed_routing_fills_one_receive_buffer():
+    e, t, d = 3, 4, 2
+    x = exchange_check.small_integers((e, t, d), 0) + 10  # no zero row
+    dest = exchange_check.destinations("skewed", e, t).reshape(e, t)
+    got = exchange_check.model_trip(x, dest, np.ones((e, e * t, d)), np.zeros((e, t, d)))
+    np.testing.assert_array_equal(got["received"][0], x.reshape(e * t, d))
+    assert not got["received"][1:].any() and (got["grad"] == 1).all()
+
+
+def test_ragged_all_to_all_needs_two_expert_devices_and_not_cpu():
+    assert ">= 2 devices on the 'expert' axis" in device_checks.exchange_skip_reason("gpu", 1)
+    assert "XLA:CPU" in device_checks.exchange_skip_reason("cpu", 8)
+    assert device_checks.exchange_skip_reason("gpu", 8) is None
+
+
+def test_the_lowering_detector_finds_cpu_ragged_dot_dense_and_a_plain_dot_ragged():
+    found = ragged_dot_lowering.measure(64, 16, 32, 8)
+    assert found["lowering"] == "dense" and found["forward"]["over_ragged"] > 6, found
+    # One group's rows times its weights: what a ragged lowering of the same shapes computes.
+    plain = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 16)), jnp.ones((16, 32))).compile()
+    flops = ragged_dot_lowering.compiled_flops(plain)
+    assert ragged_dot_lowering.classify(flops, 2.0 * 64 * 16 * 32, 8) == "ragged"
+    assert ragged_dot_lowering.classify(None, 1.0, 8) == "unknown"
+    assert device_checks.lowering_verdict("dense", "gpu", "8.0x")["status"] == "fail"
+    assert device_checks.lowering_verdict("unknown", "tpu", "")["status"] == "fail"
+    assert device_checks.lowering_verdict("ragged", "tpu", "1.0x")["status"] == "pass"
+
+
+def test_memory_verdict_against_usable_memory_and_the_planner():
+    gib = 2**30
+    assert training_checks.memory_verdict(50 * gib, 59 * gib, 48 * gib)["status"] == "pass"
+    over = training_checks.memory_verdict(60 * gib, 59 * gib, 58 * gib)
+    assert over["status"] == "fail" and "exceeds the usable" in over["reason"]
+    under = training_checks.memory_verdict(30 * gib, 59 * gib, 20 * gib)
+    assert under["status"] == "fail" and "underestimate" in under["reason"]
+
+
+def test_default_fvu_within_five_percent():
+    assert training_checks.fvu_verdict(0.0185)["status"] == "pass"
+    assert training_checks.fvu_verdict(0.0192)["status"] == "fail"
+
+
+def test_zero1_skips_without_a_data_axis_of_two():
+    one_expert = device_checks.Sizes(d=8, num_latents=64, num_experts=1, batch=16, steps=1)
+    result = training_checks.zero1(one_expert)
+    assert result["status"] == "skip" and ">= 2 devices on the 'data' axis" in result["reason"]
+
+
+def test_a_check_skipped_on_cpu_runs_when_named():
+    tiny = device_checks.Sizes(d=8, num_latents=64, num_experts=1, batch=32, steps=1)
+    (named,) = device_checks.run_checks(["auxk_compile_ahead"], tiny)["checks"]
+    assert named["status"] == "pass" and named["buckets"] == [0, 16] and named["compiled"] == 2
