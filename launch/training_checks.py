@@ -89,27 +89,18 @@ def memory_verdict(peak: float, usable: float, planned: float) -> dict:
 
 
 def peak_memory(sz) -> dict:
-    """Steps as the training loop runs them (DEAD_COUNT_LAG - 1 batches queued, the plain
-    and the largest AuxK step) and the eval step, then the device's peak_bytes_in_use
-    against usable memory (plan.suggest.device_memory_bytes) and the planner's estimate."""
+    """Steps as the training loop runs them and the eval step (`run_like_the_loop`), then the
+    device's peak_bytes_in_use against usable memory (plan.suggest.device_memory_bytes) and
+    the planner's estimate of the step plus the queued batches."""
     before = peak_bytes()
     if before is None:
         return skip(f"the {jax.default_backend()} backend reports no peak_bytes_in_use "
                     "(device.memory_stats() is None)")  # fmt: skip
-    cfg = check_cfg(sz)
-    mesh = experts_mesh(sz.num_experts)
+    cfg, mesh = check_cfg(sz), experts_mesh(sz.num_experts)
     tcfg = TrainConfig(steps=1000, batch_size=sz.batch, mesh_shape=tuple(mesh.shape.values()))
-    with jax.set_mesh(mesh):
-        graphdef, state, step = model_and_state(cfg, tcfg, mesh)
-        batches = random_batches(DEAD_COUNT_LAG, sz.batch, sz.d, mesh)
-        largest = max_bucket(cfg.latents_per_expert, tcfg.aux_max_share)
-        for i, x in enumerate(batches):  # every batch is on the device before the steps end
-            state, metrics = step.for_bucket(0 if i % 2 else largest)(state, x)
-        eval_step = make_eval_step(graphdef, cfg.eval_capacity_factor, 3.0, 1 / 32)
-        keep = put_batch(np.ones(sz.batch, np.float32), token_sharding(mesh))
-        jax.block_until_ready((state, metrics, eval_step(state.params, batches[0], keep)))
+    run_like_the_loop(cfg, tcfg, mesh)
     peak = peak_bytes()
-    shapes = estimate.Shapes.of(cfg, tcfg, tuple(mesh.shape.values()), jax.default_backend())
+    shapes = estimate.Shapes.of(cfg, tcfg, tcfg.mesh_shape, jax.default_backend())
     terms = estimate.memory(shapes)
     planned = terms["total"] + (DEAD_COUNT_LAG - 1) * terms["batch"]
     usable = device_memory_bytes() or float("inf")
@@ -121,6 +112,23 @@ def peak_memory(sz) -> dict:
         "peak_over_planned": peak / planned,
         **memory_verdict(peak, usable, planned),
     }
+
+
+def run_like_the_loop(cfg: SAEConfig, tcfg: TrainConfig, mesh) -> dict:
+    """DEAD_COUNT_LAG steps dispatched back to back, each on its own batch placed beforehand
+    (as many batches on the device as the loop holds while the host is ahead), alternating
+    the largest AuxK bucket the run can use and the plain step, then the eval step on the
+    last state; returns the eval step's metrics."""
+    with jax.set_mesh(mesh):
+        graphdef, state, step = model_and_state(cfg, tcfg, mesh)
+        batches = random_batches(DEAD_COUNT_LAG, tcfg.batch_size, cfg.d, mesh)
+        largest = max_bucket(cfg.latents_per_expert, tcfg.aux_max_share)
+        for i, x in enumerate(batches):
+            state, _ = step.for_bucket(0 if i % 2 else largest)(state, x)
+        eval_step = make_eval_step(graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha,
+                                   tcfg.aux_weight, tcfg.router_z_weight)  # fmt: skip
+        keep = put_batch(np.ones(tcfg.batch_size, np.float32), token_sharding(mesh))
+        return jax.device_get(eval_step(state.params, batches[0], keep))
 
 
 # The top-2 step: EXPERTS_PER_TOKEN = 2, the two-stage global TopK.
@@ -212,14 +220,19 @@ def _moment_experts(state: TrainState) -> int:
 def default_fvu(sz) -> dict:
     """default.gin trained in bfloat16 (COMPUTE_DTYPE='bfloat16', ~1 minute on a GPU): its
     final eval FVU within FVU_TOLERANCE of DEFAULT_FVU."""
+    fvu = default_run_fvu()
+    return {"fvu": fvu, "expected_fvu": DEFAULT_FVU, **fvu_verdict(fvu)}
+
+
+def default_run_fvu(bindings: tuple[str, ...] = ()) -> float:
+    """The final eval FVU of default.gin in bfloat16 (then `bindings`), in a scratch workdir."""
     from sae_jax.gin_setup import parse
     from sae_jax.training.loop import train
 
-    sae_cfg, tcfg = parse([], ["COMPUTE_DTYPE='bfloat16'"])
+    sae_cfg, tcfg = parse([], ["COMPUTE_DTYPE='bfloat16'", *bindings])
     with tempfile.TemporaryDirectory() as workdir:
         final = train(sae_cfg, tcfg, workdir, progress=False)
-    fvu = float(final["eval/fvu"])
-    return {"fvu": fvu, "expected_fvu": DEFAULT_FVU, **fvu_verdict(fvu)}
+    return float(final["eval/fvu"])
 
 
 def fvu_verdict(fvu: float) -> dict:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from launch import devcheck, device_checks, exchange_check, ragged_dot_lowering, training_checks
+from sae_jax.config import TrainConfig
 from sae_jax.dispatch import exchange
 from sae_jax.mesh import make_mesh
 
@@ -120,3 +121,19 @@ def test_a_check_skipped_on_cpu_runs_when_named():
     tiny = device_checks.Sizes(d=8, num_latents=64, num_experts=1, batch=32, steps=1)
     (named,) = device_checks.run_checks(["auxk_compile_ahead"], tiny)["checks"]
     assert named["status"] == "pass" and named["buckets"] == [0, 16] and named["compiled"] == 2
+
+
+def test_the_peak_memory_run_queues_batches_and_evaluates_on_cpu():
+    """The run the peak-memory check measures on a GPU/TPU (CPU has no peak to read)."""
+    sizes = device_checks.Sizes(d=8, num_latents=64, num_experts=1, batch=32, steps=1)
+    cfg = training_checks.check_cfg(sizes, k=4)
+    tcfg = TrainConfig(steps=100, batch_size=32, mesh_shape=(1, 1))
+    metrics = training_checks.run_like_the_loop(cfg, tcfg, make_mesh((1, 1)))
+    assert metrics["n"] == 32 and np.isfinite(metrics["loss"])
+
+
+def test_the_default_run_fvu_in_bfloat16_on_cpu():
+    """default_fvu's run, cut short (the check runs the whole of default.gin)."""
+    short = ("STEPS=2", "BATCH_SIZE=256", "MESH_SHAPE=(1, 1)", "TrainConfig.eval_tokens=256")
+    fvu = training_checks.default_run_fvu(short)
+    assert 0 < fvu < 2
