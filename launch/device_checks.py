@@ -1,8 +1,11 @@
 """The checks of `python -m launch.devcheck`: what only the hardware can answer.
 
 Each check returns a dict with `status` ('pass', 'fail' or 'skip'), a `reason` where it is not
-a pass, and what it measured. On CPU the checks CPU can run run at small sizes; the rest are
-skipped with the reason. Times are meaningful on an accelerator only.
+a pass, and what it measured; the rules are in docs/devcheck.md. On CPU the checks CPU can run
+run at small sizes; the rest are skipped with the reason (NAMED_ON_CPU: run on CPU only when
+named). Times are meaningful on an accelerator only. The checks that train are in
+launch/training_checks.py, the exchange's model in launch/exchange_check.py, the dense-lowering
+detector in launch/ragged_dot_lowering.py.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ whose receive buffer of E x T_local rows is then full: the worst case).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -62,6 +63,7 @@ def model_trip(x: np.ndarray, dest: np.ndarray, w_out: np.ndarray, w_back: np.nd
     return {"received": received, "returned": x.copy(), "grad": grad}
 
 
+@functools.lru_cache(maxsize=8)  # the jitted trips of one op compile once per payload dtype
 def op_trips(mesh, op: Op) -> tuple[Callable, Callable]:
     """Jitted trips through `op` inside shard_map over `mesh`'s 'expert' axis (the only axis
     of more than one device), on device-major flat arrays: values(x, dest) -> (received,

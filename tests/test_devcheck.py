@@ -137,3 +137,22 @@ def test_the_default_run_fvu_in_bfloat16_on_cpu():
     short = ("STEPS=2", "BATCH_SIZE=256", "MESH_SHAPE=(1, 1)", "TrainConfig.eval_tokens=256")
     fvu = training_checks.default_run_fvu(short)
     assert 0 < fvu < 2
+
+
+def test_the_ragged_dot_lowering_check_fails_a_dense_lowering_off_cpu(monkeypatch):
+    """XLA:CPU's dense lowering, reported as if on a GPU: a fail, not a slower path."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    sizes = device_checks.Sizes(d=16, num_latents=256, num_experts=8, batch=64, steps=1)
+    result = device_checks.ragged_dot_lowering(sizes)
+    assert result["status"] == "fail" and "lowers ragged_dot densely" in result["reason"]
+
+
+def test_the_ragged_all_to_all_check_where_the_op_runs(monkeypatch):
+    """The check's own code on 8 devices, the emulation standing in for the real op."""
+    monkeypatch.setattr(device_checks, "exchange_skip_reason", lambda backend, devices: None)
+    monkeypatch.setattr(device_checks, "EXCHANGE_ROWS", 4)
+    monkeypatch.setattr(jax.lax, "ragged_all_to_all", exchange.ragged_all_to_all_emulated)
+    sizes = device_checks.Sizes(d=2, num_latents=64, num_experts=4, batch=32, steps=1)
+    result = device_checks.ragged_all_to_all(sizes)
+    assert result["status"] == "pass" and result["devices"] == 8, result
+    assert result["real_failures"] == result["emulation_failures"] == {}
