@@ -226,12 +226,17 @@ def default_fvu(sz) -> dict:
 
 def default_run_fvu(bindings: tuple[str, ...] = ()) -> float:
     """The final eval FVU of default.gin in bfloat16 (then `bindings`), in a scratch workdir."""
+    import gin
+
     from sae_jax.gin_setup import parse
     from sae_jax.training.loop import train
 
-    sae_cfg, tcfg = parse([], ["COMPUTE_DTYPE='bfloat16'", *bindings])
-    with tempfile.TemporaryDirectory() as workdir:
-        final = train(sae_cfg, tcfg, workdir, progress=False)
+    try:
+        sae_cfg, tcfg = parse([], ["COMPUTE_DTYPE='bfloat16'", *bindings])
+        with tempfile.TemporaryDirectory() as workdir:
+            final = train(sae_cfg, tcfg, workdir, progress=False)
+    finally:
+        gin.clear_config()  # else default.gin's bindings fill the later checks' configs
     return float(final["eval/fvu"])
 
 

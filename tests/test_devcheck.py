@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from launch import devcheck, device_checks, exchange_check, ragged_dot_lowering, training_checks
-from sae_jax.config import TrainConfig
+from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.dispatch import exchange
 from sae_jax.mesh import make_mesh
 
@@ -137,6 +137,8 @@ def test_the_default_run_fvu_in_bfloat16_on_cpu():
     short = ("STEPS=2", "BATCH_SIZE=256", "MESH_SHAPE=(1, 1)", "TrainConfig.eval_tokens=256")
     fvu = training_checks.default_run_fvu(short)
     assert 0 < fvu < 2
+    # default.gin's bindings (SAEConfig.k_aux = 32) do not reach the configs of the checks after it.
+    assert SAEConfig(d=8, num_latents=64, num_experts=1, k=4).k_aux == 256
 
 
 def test_the_ragged_dot_lowering_check_fails_a_dense_lowering_off_cpu(monkeypatch):
