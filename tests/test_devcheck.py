@@ -89,12 +89,24 @@ def test_the_lowering_detector_finds_cpu_ragged_dot_dense_and_a_plain_dot_ragged
     assert found["lowering"] == "dense" and found["forward"]["over_ragged"] > 6, found
     # One group's rows times its weights: what a ragged lowering of the same shapes computes.
     plain = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 16)), jnp.ones((16, 32))).compile()
-    flops = ragged_dot_lowering.compiled_flops(plain)
+    flops, source = ragged_dot_lowering.compiled_flops(plain)
+    assert source == "cost_analysis"
     assert ragged_dot_lowering.classify(flops, 2.0 * 64 * 16 * 32, 8) == "ragged"
     assert ragged_dot_lowering.classify(None, 1.0, 8) == "unknown"
     assert device_checks.lowering_verdict("dense", "gpu", "8.0x")["status"] == "fail"
     assert device_checks.lowering_verdict("unknown", "tpu", "")["status"] == "fail"
     assert device_checks.lowering_verdict("ragged", "tpu", "1.0x")["status"] == "pass"
+
+
+def test_the_hlo_count_finds_the_dense_lowering_where_no_cost_analysis_is():
+    ragged = 2.0 * 64 * 16 * 32
+    plain = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 16)), jnp.ones((16, 32))).compile()
+    assert ragged_dot_lowering.hlo_dot_flops(plain.as_text()) == ragged
+    dense = jax.jit(lambda lhs, rhs, sizes: jax.lax.ragged_dot(lhs, rhs, sizes)).lower(
+        jnp.ones((64, 16)), jnp.ones((8, 16, 32)), jnp.full(8, 8, jnp.int32)
+    ).compile()  # fmt: skip
+    flops = ragged_dot_lowering.hlo_dot_flops(dense.as_text())
+    assert flops == 8 * ragged and ragged_dot_lowering.classify(flops, ragged, 8) == "dense"
 
 
 def test_memory_verdict_against_usable_memory_and_the_planner():
