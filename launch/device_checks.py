@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from launch import exchange_check, training_checks
-from launch import ragged_dot_lowering as ragged_dot_lowering_module
+from launch import ragged_dot_lowering as dot_lowering
 from launch.bench import time_step
 from launch.training_checks import skip, verdict
 from sae_jax import precision
@@ -91,16 +91,19 @@ def ragged_dot_lowering(sz: Sizes) -> dict:
     dropless experts' shapes (the batch's rows, N groups of [d, L/N]) in bfloat16. Dense or
     unknown is a fail on GPU/TPU; on CPU, which is known to lower it densely and is not the
     target, a skip that says what the detector found."""
-    found = ragged_dot_lowering_module.measure(
-        sz.batch, sz.d, sz.num_latents // sz.num_experts, sz.num_experts
-    )
-    ratio = found["forward"]["over_ragged"]
-    said = f"{ratio:.1f}x the ragged FLOPs, N = {sz.num_experts}" if ratio else "no FLOP count"
+    n = sz.num_experts
+    found = dot_lowering.measure(sz.batch, sz.d, sz.num_latents // n, n)
+    said = ", ".join(_ratio(name, found[name]) for name in dot_lowering.PRODUCTS) + f"; N = {n}"
     backend = jax.default_backend()
     if backend == "cpu":
-        return {**found, **skip(f"CPU is not the target; XLA:CPU's lowering: {found['lowering']} "
-                                f"(forward {said})")}  # fmt: skip
+        finding = f"XLA:CPU's lowering: {found['lowering']} ({said})"
+        return {**found, **skip(f"CPU is not the target; {finding}")}
     return {**found, **lowering_verdict(found["lowering"], backend, said)}
+
+
+def _ratio(name: str, found: dict) -> str:
+    ratio = found["over_ragged"]
+    return f"{name} {ratio:.1f}x the ragged FLOPs" if ratio else f"{name} not counted"
 
 
 def lowering_verdict(lowering: str, backend: str, said: str) -> dict:
