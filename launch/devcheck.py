@@ -2,12 +2,15 @@
 
     python -m launch.devcheck [--json devcheck.json] [--checks a,b] [--devices N]
 
-Checks (launch/device_checks.py): the real `ragged_all_to_all` against the CPU emulation on
-the same rows; the dropless ragged_dot path against the block path in bfloat16 (loss,
-gradients, step time: the faster one is what `grouped_matmul='auto'` should pick there); the
-capacity and dropless training steps' compiled memory against `launch.plan`'s estimate; a
-short `launch.bench` (TopK and Switch tokens/s). On CPU the checks CPU can run run at small
-sizes and the rest are marked skip with the reason. Exits 1 when a check fails.
+Checks (launch/device_checks.py; rules in docs/devcheck.md): the runtime peak memory of
+steps run as the loop runs them, against usable memory and the planner; the real
+`ragged_all_to_all` (and the emulation) against a numpy model of the op, values and
+gradients (bf16, int32, all rows to one device); whether ragged_dot lowers densely (a fail
+on GPU/TPU); the dropless ragged_dot path against the block path in bfloat16; the compiled
+memory against `launch.plan`'s estimate; the top-2 step; ZeRO-1; the time to compile every
+AuxK bucket ahead; default.gin's bf16 eval FVU; a short `launch.bench`. What a backend
+cannot run is a skip with the reason; on CPU `auxk_compile_ahead` and `default_fvu` run only
+when named in --checks. Exits 1 when a check fails.
 """
 
 from __future__ import annotations

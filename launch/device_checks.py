@@ -1,8 +1,11 @@
 """The checks of `python -m launch.devcheck`: what only the hardware can answer.
 
 Each check returns a dict with `status` ('pass', 'fail' or 'skip'), a `reason` where it is not
-a pass, and what it measured. On CPU the checks CPU can run run at small sizes; the rest are
-skipped with the reason. Times are meaningful on an accelerator only.
+a pass, and what it measured; the rules are in docs/devcheck.md. On CPU the checks CPU can run
+run at small sizes; the rest are skipped with the reason (NAMED_ON_CPU: run on CPU only when
+named). Times are meaningful on an accelerator only. The checks that train are in
+launch/training_checks.py, the exchange's model in launch/exchange_check.py, the dense-lowering
+detector in launch/ragged_dot_lowering.py.
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec
 
+from launch import exchange_check, training_checks
+from launch import ragged_dot_lowering as dot_lowering
 from launch.bench import time_step
+from launch.training_checks import skip, verdict
 from sae_jax import precision
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.dispatch import exchange
-from sae_jax.mesh import AXES, make_mesh
+from sae_jax.mesh import make_mesh
 from sae_jax.model.losses import loss_and_metrics
 from sae_jax.model.switch import SwitchSAE
 
@@ -45,54 +49,71 @@ class Sizes:
 
 
 Check = Callable[[Sizes], dict]
+EXCHANGE_ROWS = 256  # rows per device of the ragged_all_to_all check
 
 
-def skip(reason: str) -> dict:
-    return {"status": "skip", "reason": reason}
-
-
-def _verdict(ok: bool, reason: str) -> dict:
-    return {"status": "pass"} if ok else {"status": "fail", "reason": reason}
+def exchange_skip_reason(backend: str, expert_devices: int) -> str | None:
+    """Why the ragged_all_to_all check cannot run here, or None."""
+    if expert_devices < 2:
+        return (f"needs >= 2 devices on the 'expert' axis ({expert_devices} here): with one, "
+                "ragged_all_to_all moves nothing between devices")  # fmt: skip
+    if backend == "cpu":
+        return ("XLA:CPU does not implement ragged_all_to_all; the emulation is tested "
+                "against a numpy model of the op (values and gradients) in "
+                "tests/test_devcheck.py and tests/test_ragged.py")  # fmt: skip
+    return None
 
 
 def ragged_all_to_all(sz: Sizes) -> dict:
-    """The real `jax.lax.ragged_all_to_all` against the CPU emulation (exchange.py) on the
-    same rows, a trip out to random destinations and back, over every device on 'expert'."""
-    if jax.default_backend() == "cpu":
-        return skip(
-            "XLA:CPU does not implement ragged_all_to_all; the emulation is tested against a "
-            "numpy model of the op in tests/test_ragged.py"
-        )
+    """The real `jax.lax.ragged_all_to_all`, and the emulation (exchange.py), against a numpy
+    model of the op (launch/exchange_check.py), a trip out and back over every device on
+    'expert': values and gradients exactly equal, float32, bfloat16 and int32 (values only)
+    payloads, random destinations and all rows to one device (its receive buffer full)."""
+    expert_devices = jax.device_count()
+    reason = exchange_skip_reason(jax.default_backend(), expert_devices)
+    if reason:
+        return skip(reason)
     mesh = make_mesh((1, -1))
-    devices = mesh.shape["expert"]
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(devices * 256, sz.d)).astype(np.float32)
-    dest = rng.integers(0, devices, devices * 256).astype(np.int32)
-    spec = PartitionSpec(AXES)
-    results = {}
-    for emulate in (False, True):
-        fn = jax.shard_map(lambda x, dest, emulate=emulate: _trip(x, dest, emulate), mesh=mesh,
-                           in_specs=(spec, spec), out_specs=(spec, spec))  # fmt: skip
-        results[emulate] = jax.device_get(jax.jit(fn)(x, dest))
-    equal = all(np.array_equal(a, b) for a, b in zip(results[False], results[True], strict=True))
-    back_ok = np.array_equal(results[False][1], x)
+    real = exchange_check.compare(mesh, jax.lax.ragged_all_to_all, EXCHANGE_ROWS, sz.d)
+    emulated = exchange_check.compare(mesh, exchange.ragged_all_to_all_emulated,
+                                      EXCHANGE_ROWS, sz.d)  # fmt: skip
     return {
-        "devices": devices,
-        **_verdict(equal and back_ok, "the real op's rows differ from the emulation's"),
+        "devices": expert_devices,
+        "real_failures": real,
+        "emulation_failures": emulated,
+        **verdict(not real, f"the real op differs from the model in {sorted(real)}"),
     }
 
 
-def _trip(x: jax.Array, dest: jax.Array, emulate: bool) -> tuple[jax.Array, jax.Array]:
-    """Per device: rows x [T_local, d] sent to devices dest [T_local] and returned: (the
-    received buffer [E x T_local, d], the rows back in their original order [T_local, d])."""
-    e, t = jax.lax.axis_size("expert"), x.shape[0]
-    order, sizes = exchange.sort_by_destination(dest, e)
-    out, back = exchange.plan_exchange(sizes, "expert")
-    received = exchange.ragged_exchange(
-        x[order], out, "expert", exchange.max_received_rows(e, t), emulate=emulate
-    )
-    returned = exchange.ragged_exchange(received, back, "expert", t, emulate=emulate)
-    return received, jnp.zeros_like(returned).at[order].set(returned)
+def ragged_dot_lowering(sz: Sizes) -> dict:
+    """Whether the backend lowers `jax.lax.ragged_dot` densely (launch/ragged_dot_lowering.py:
+    the compiled FLOPs against the ragged and the dense count), forward and gradient, at the
+    dropless experts' shapes (the batch's rows, N groups of [d, L/N]) in bfloat16. Dense or
+    unknown is a fail on GPU/TPU; on CPU, which is known to lower it densely and is not the
+    target, a skip that says what the detector found."""
+    n = sz.num_experts
+    found = dot_lowering.measure(sz.batch, sz.d, sz.num_latents // n, n)
+    said = ", ".join(_ratio(name, found[name]) for name in dot_lowering.PRODUCTS) + f"; N = {n}"
+    backend = jax.default_backend()
+    if backend == "cpu":
+        finding = f"XLA:CPU's lowering: {found['lowering']} ({said})"
+        return {**found, **skip(f"CPU is not the target; {finding}")}
+    return {**found, **lowering_verdict(found["lowering"], backend, said)}
+
+
+def _ratio(name: str, found: dict) -> str:
+    ratio = found["over_ragged"]
+    return f"{name} {ratio:.1f}x the ragged FLOPs" if ratio else f"{name} not counted"
+
+
+def lowering_verdict(lowering: str, backend: str, said: str) -> dict:
+    """Pass for a ragged lowering; a dense (or uncounted) one fails, with what it costs."""
+    if lowering == "ragged":
+        return verdict(True, "")
+    if lowering == "unknown":
+        return verdict(False, f"XLA:{backend.upper()} gave no FLOP count for ragged_dot")
+    cost = "grouped_matmul='ragged_dot' does N times the experts' work"
+    return verdict(False, f"XLA:{backend.upper()} lowers ragged_dot densely ({said}): {cost}")
 
 
 def ragged_dot_vs_blocks(sz: Sizes) -> dict:
@@ -120,7 +141,7 @@ def ragged_dot_vs_blocks(sz: Sizes) -> dict:
         "ragged_dot_step_ms": 1e3 * ragged_s,
         "blocks_step_ms": 1e3 * blocks_s,
         "faster": "ragged_dot" if ragged_s < blocks_s else "blocks",
-        **_verdict(ok, f"loss off by {loss_err:.1e}, gradients by {grad_err:.1e} (relative)"),
+        **verdict(ok, f"loss off by {loss_err:.1e}, gradients by {grad_err:.1e} (relative)"),
     }
 
 
@@ -161,7 +182,7 @@ def plan_memory(dispatch: str) -> Check:
             "compiled_mib": compiled / 2**20,
             "estimate_mib": estimate / 2**20,
             "estimate_over_compiled": ratio,
-            **_verdict(0.8 <= ratio <= 1.25, f"the estimate is {ratio:.2f}x the compiled step"),
+            **verdict(0.8 <= ratio <= 1.25, f"the estimate is {ratio:.2f}x the compiled step"),
         }
 
     return check
@@ -179,32 +200,50 @@ def bench(sz: Sizes) -> dict:
         "topk_tokens_per_sec": speeds[1],
         "switch_tokens_per_sec": speeds[sz.num_experts],
         "switch_over_topk": speeds[sz.num_experts] / speeds[1],
-        **_verdict(ok, "a step did not run"),
+        **verdict(ok, "a step did not run"),
     }
 
 
 CHECKS: dict[str, Check] = {
+    "peak_memory": training_checks.peak_memory,  # first: nothing else has raised the peak
     "ragged_all_to_all": ragged_all_to_all,
+    "ragged_dot_lowering": ragged_dot_lowering,
     "ragged_dot_vs_blocks": ragged_dot_vs_blocks,
     "plan_memory_capacity": plan_memory("capacity"),
     "plan_memory_dropless": plan_memory("dropless"),
+    "top2_step": training_checks.top2_step,
+    "zero1": training_checks.zero1,
+    "auxk_compile_ahead": training_checks.auxk_compile_ahead,
+    "default_fvu": training_checks.default_fvu,
     "bench": bench,
+}
+# Checks that run on CPU only when named (--checks): why they are skipped otherwise.
+NAMED_ON_CPU = {
+    "auxk_compile_ahead": "XLA:CPU's compile time is not the device's; name it in --checks "
+    "to time it here",
+    "default_fvu": "a full default.gin run (minutes on CPU; ~1 minute on a GPU); name it in "
+    "--checks to run it here",
 }
 
 
 def run_checks(names: list[str] | None = None, sizes: Sizes | None = None) -> dict:
-    """Runs the checks (default all) and returns the report: backend, device, sizes, checks."""
-    sz = sizes or Sizes.for_backend(jax.default_backend())
+    """Runs the checks (default all) and returns the report: backend, device, sizes, checks.
+    On CPU the NAMED_ON_CPU checks run only when `names` names them."""
+    backend = jax.default_backend()
+    sz = sizes or Sizes.for_backend(backend)
     checks = []
     for name in names or list(CHECKS):
         start = time.perf_counter()
         try:
-            result = CHECKS[name](sz)
+            if backend == "cpu" and name in NAMED_ON_CPU and names is None:
+                result = skip(NAMED_ON_CPU[name])
+            else:
+                result = CHECKS[name](sz)
         except Exception as e:  # noqa: BLE001 - a failing check is a result, not a crash
             result = {"status": "fail", "reason": f"{type(e).__name__}: {e}".splitlines()[0]}
         checks.append({"name": name, **result, "seconds": time.perf_counter() - start})
     return {
-        "backend": jax.default_backend(),
+        "backend": backend,
         "device": str(jax.devices()[0].device_kind),
         "devices": jax.device_count(),
         "jax": jax.__version__,
