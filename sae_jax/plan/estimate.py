@@ -88,6 +88,8 @@ class Shapes:
     experts_per_token: int = 1  # e: the experts each token runs
     shared_latents: int = 0  # S: the always-on shared dictionary, dense for every token
     shared_k: int = 0  # its share of k
+    shared_kernel: str = "auto"  # the shared dictionary's kernel (EXPERT_KERNEL as set)
+    feature_scaling: bool = False  # the experts' encoder runs as a scaled copy of w_enc
 
     @classmethod
     def of(
@@ -100,7 +102,8 @@ class Shapes:
             routed_kernel(cfg.expert_kernel, cfg.experts_per_token), cfg.compute_dtype,
             cfg.dispatch, cfg.block_size, backend == "cpu",
             max_bucket(cfg.latents_per_expert, tcfg.aux_max_share) / cfg.latents_per_expert,
-            cfg.experts_per_token, cfg.shared_latents, cfg.shared_k,
+            cfg.experts_per_token, cfg.shared_latents, cfg.shared_k, cfg.expert_kernel,
+            cfg.feature_scaling,
         )  # fmt: skip
 
     @property
@@ -120,15 +123,19 @@ class Shapes:
         return self.batch // self.devices
 
     @property
+    def local_rows(self) -> int:
+        """Rows a device routes: e x T_local, one per (token, expert) with e experts per
+        token (dispatch/global_topk.py tiles the tokens e times); T_local for e = 1."""
+        return self.experts_per_token * self.local_tokens
+
+    @property
     def slots(self) -> int:
-        """Token slots a device's experts run on: N_local x E x C = N x C,
-        C = ceil(cf x T_local / N) within [1, T_local] (one buffer row per (source device,
-        expert)); T_local for N = 1, whose one buffer holds every token."""
+        """Row slots a device's experts run on: N_local x E x C = N x C,
+        C = ceil(cf x e x T_local / N) within [1, e x T_local] (one buffer row per (source
+        device, expert)); T_local for N = 1, whose one buffer holds every token."""
         if self.num_experts == 1:
-            return self.local_tokens
-        return self.num_experts * capacity(
-            self.local_tokens, self.num_experts, self.capacity_factor
-        )
+            return self.local_rows
+        return self.num_experts * capacity(self.local_rows, self.num_experts, self.capacity_factor)
 
     @property
     def dropless(self) -> bool:
@@ -142,12 +149,12 @@ class Shapes:
     @property
     def block(self) -> int:
         """B, the dropless block size (sae_jax/dispatch/dropless.py `auto_block_size` when 0)."""
-        return self.block_size or auto_block_size(self.local_tokens, self.local_experts)
+        return self.block_size or auto_block_size(self.local_rows, self.local_experts)
 
     @property
     def received_rows(self) -> int:
-        """R, the dropless receive buffer: E x T_local rows (T_local on one device)."""
-        return exchange.max_received_rows(self.expert, self.local_tokens)
+        """R, the dropless receive buffer: E x e x T_local rows (e x T_local on one device)."""
+        return exchange.max_received_rows(self.expert, self.local_rows)
 
     @property
     def layout_rows(self) -> int:
@@ -156,11 +163,11 @@ class Shapes:
 
     @property
     def computed_rows(self) -> int:
-        """Token rows a device's experts compute per step: its slots (capacity) or, dropless,
-        the T_local rows it receives under balanced routing plus at most a block of padding
-        per local expert: T_local + N_local x B (the used blocks, not the layout)."""
+        """Rows a device's experts compute per step: its slots (capacity) or, dropless, the
+        e x T_local rows it receives under balanced routing plus at most a block of padding
+        per local expert: e x T_local + N_local x B (the used blocks, not the layout)."""
         if self.dropless:
-            return min(self.local_tokens + self.local_experts * self.block, self.layout_rows)
+            return min(self.local_rows + self.local_experts * self.block, self.layout_rows)
         return self.slots
 
     @property
@@ -179,10 +186,12 @@ class Shapes:
 
 
 def memory(s: Shapes) -> dict[str, int]:
-    """Bytes per device of each term (see the module docstring) and their total."""
+    """Bytes per device of each term (see the module docstring) and their total; with a
+    shared dictionary or feature scaling also their activations and copies
+    (`routing_temporaries`)."""
     router = _router_params(s)
     rows = 2 * s.expert_tensor_bytes + s.local_experts * s.latents * F32  # w_enc, w_dec, b_enc
-    params = rows + s.d * F32 + router * F32
+    params = rows + s.d * F32 + router * F32 + shared_params(s) * F32
     split = rows // s.data if s.zero else 0  # a device's share of them under ZeRO-1
     terms = {
         "parameters": params,
@@ -191,6 +200,7 @@ def memory(s: Shapes) -> dict[str, int]:
         "batch": s.local_tokens * s.d * F32,
         "gradients": params + split,
         "other": other_temporaries(s),
+        **{k: v for k, v in routing_temporaries(s).items() if v},
     }
     terms["total"] = sum(terms.values())
     return terms
@@ -198,6 +208,28 @@ def memory(s: Shapes) -> dict[str, int]:
 
 def _router_params(s: Shapes) -> int:
     return s.d * s.num_experts + s.d if s.num_experts > 1 else 0
+
+
+def shared_params(s: Shapes) -> int:
+    """The shared dictionary's parameters, replicated on every device: w_enc and w_dec
+    [S, d], b_enc [S] (0 without one). Adam's moments and the gradient follow `memory`'s
+    parameters."""
+    return (2 * s.d + 1) * s.shared_latents
+
+
+def routing_temporaries(s: Shapes) -> dict[str, int]:
+    """Bytes the routing options add beside `other_temporaries`:
+    shared_activations  the shared dictionary's [T_local, S] float32 pre-activations, every
+                        token's (kernels/expert.py on the device's own tokens), and with the
+                        dense kernel its codes and their gradient, [T_local, S] each
+    scaled_encoder      feature scaling: the scaled copy of w_enc the experts run on
+                        (model/switch.py `scaled_encoder`, [N_local, L, d] float32) and its
+                        gradient before it reaches w_enc's: 2 W, whichever kernel"""
+    shared = s.local_tokens * s.shared_latents * F32
+    if s.shared_latents and use_dense(s.shared_kernel, s.shared_latents):
+        shared *= 3
+    scaled = 2 * s.expert_tensor_bytes if s.feature_scaling else 0
+    return {"shared_activations": shared, "scaled_encoder": scaled}
 
 
 def other_temporaries(s: Shapes) -> int:
@@ -216,10 +248,11 @@ def other_temporaries(s: Shapes) -> int:
 
 def activations(s: Shapes) -> int:
     """Largest live activations, per device: the capacity buffers [S, d] on both sides of
-    the all_to_alls, the pre-activations [S, L], the dense kernel's codes and their gradient
-    ([S, L] each; the gather kernel's rows are [S, d] buffers, one of the k at a time), plus
-    AuxK's at its largest bucket (`aux_share` of the latents)."""
-    slots, tokens = s.slots, s.local_tokens
+    the all_to_alls (S = `slots`) and the routed rows [e x T_local, d] they are scattered
+    from and gathered back to, the pre-activations [S, L], the dense kernel's codes and
+    their gradient ([S, L] each; the gather kernel's rows are [S, d] buffers, one of the k
+    at a time), plus AuxK's at its largest bucket (`aux_share` of the latents)."""
+    slots, tokens = s.slots, s.local_rows
     buffers = 4 * (slots + tokens) * s.d * F32
     pre = slots * s.latents * F32
     kernel = 2 * pre if s.dense else 0
@@ -232,23 +265,23 @@ def activations(s: Shapes) -> int:
 def dropless_activations(s: Shapes) -> int:
     """Largest live dropless buffers, per device: the larger of the exchange phase and the
     blocks' backward loop (see DROPLESS_EXCHANGE_F32_BUFFERS), each dominated by [R, d]
-    buffers with R = E x T_local, the worst case whatever the routing; the emulation's chunk
-    buffers count on CPU only (on GPU/TPU ragged_all_to_all writes into the receive
+    buffers with R = E x e x T_local, the worst case whatever the routing; the emulation's
+    chunk buffers count on CPU only (on GPU/TPU ragged_all_to_all writes into the receive
     buffer). Plus the blocks' stacked top-k (latents and ids [blocks, B, k], the backward's
-    residuals; the fired counts go straight into [N_local, L]) and the tokens' side
-    [T_local, d]."""
+    residuals; the fired counts go straight into [N_local, L]) and the rows' side
+    [e x T_local, d]."""
     rows, blocks = max(s.received_rows, s.layout_rows), s.layout_rows // s.block
     itemsize = jnp.dtype(s.compute_dtype).itemsize
     exchange = (DROPLESS_EXCHANGE_F32_BUFFERS * F32 + itemsize) * rows * s.d
     if s.emulated_exchange and s.exchanged:
-        chunk_rows = s.expert * min(s.local_tokens, s.received_rows)
+        chunk_rows = s.expert * min(s.local_rows, s.received_rows)
         exchange += DROPLESS_EMULATION_BUFFERS * chunk_rows * s.d * F32
     weights = DROPLESS_BLOCK_EXPERT_ROWS * s.latents * s.d * F32
     # one block's [B, L] pre-activations and codes, and AuxK's [B, dead] columns (twice)
     aux = (2 + 2 * s.aux_share) * s.block * s.latents * F32
     loop = (DROPLESS_LOOP_F32_BUFFERS * F32 + itemsize) * rows * s.d + weights + aux
     stacked = blocks * 2 * s.block * s.k * F32
-    tokens = 4 * s.local_tokens * s.d * F32
+    tokens = 4 * s.local_rows * s.d * F32
     return max(exchange, loop) + stacked + tokens
 
 
@@ -272,41 +305,43 @@ def ragged_exchanges(s: Shapes) -> list[Collective]:
     ]
 
 
-def expert_flops(latents: int, d: int, k: int, copies: int, dense: bool) -> tuple[float, float]:
-    """(encoder, decoder) matmul FLOPs per token, forward and backward, of `copies` experts of
-    `latents` latents that together pick `k` active latents. Dense kernel: pre-activations
-    with their weight gradient (4 L d) and the codes [., L] @ W_dec with both gradients
-    (6 L d), per expert; gather kernel: gradient-free pre-activations (2 L d per expert) and
-    the k gathered encoder and decoder rows with grad (6 k d each)."""
+def expert_flops(latents: int, d: int, k: int, dense: bool) -> tuple[float, float]:
+    """(encoder, decoder) matmul FLOPs per row, forward and backward, of an expert of
+    `latents` latents that picks `k` active latents. Dense kernel: pre-activations with their
+    weight gradient (4 L d) and the codes [., L] @ W_dec with both gradients (6 L d); gather
+    kernel: gradient-free pre-activations (2 L d) and the k gathered encoder and decoder rows
+    with grad (6 k d each). A global TopK's two passes (dispatch/global_topk.py) cost the
+    same: the candidates' pass is the forward's pre-activation matmul, and the chosen pass
+    reuses its values (its own matmul is dead code) but for the weight gradient."""
     ld, kd = latents * d, k * d
     if dense:
-        return copies * 4.0 * ld, copies * 6.0 * ld
-    return copies * 2.0 * ld + 6.0 * kd, 6.0 * kd
+        return 4.0 * ld, 6.0 * ld
+    return 2.0 * ld + 6.0 * kd, 6.0 * kd
 
 
 def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
     """Matmul FLOPs per input token of the forward and backward pass (2 per multiply-add),
     plus the elementwise update of the local expert shards (replicated over 'data', or
-    split over it under ZeRO-1). A token runs the encoder of its e = experts_per_token
-    experts (L latents each), which pick the routed k - shared_k active latents together
-    (`expert_flops`); a shared dictionary of S latents runs densely on every token with its
-    shared_k (`shared`). Expert work is per
-    computed row, so it is scaled by rows / T_local: slots (capacity factor and rounding),
-    or dropless T_local + N_local x B. Dropless runs each block again in the backward (its
-    custom VJP keeps only the block's outputs): the top-k and latents are reused, so only
-    what the gradient needs beyond them runs again, with AuxK its decode (for the frozen
-    residual) and AuxK's forward: `recompute` (0 without AuxK). The router's backward
-    reaches w_router and b_router."""
-    e, routed_k = s.experts_per_token, s.k - s.shared_k
+    split over it under ZeRO-1). A token runs as e = experts_per_token rows, one per routed
+    expert (L latents each), each row with the k - shared_k slots the global TopK fills
+    (`expert_flops`; with e > 1 most slots of a row hold zeros, but the kernel runs them all);
+    a shared dictionary of S latents runs densely on every token with its shared_k
+    (`shared`). Expert work is per computed row, so it is scaled by rows / T_local: slots
+    (e, the capacity factor and rounding), or dropless e x T_local + N_local x B. Dropless
+    runs each block again in the backward (its custom VJP keeps only the block's outputs):
+    the top-k and latents are reused, so only what the gradient needs beyond them runs
+    again, with AuxK its decode (for the frozen residual) and AuxK's forward: `recompute`
+    (0 without AuxK). The router's backward reaches w_router and b_router."""
+    routed_k = s.k - s.shared_k
     pad, aux_on = s.computed_rows / s.local_tokens, auxk and s.k_aux > 0
-    enc, dec = expert_flops(s.latents, s.d, routed_k, e, s.dense)
-    aux_ld = s.latents * s.d * s.aux_share * e  # AuxK's columns: its largest dead bucket
-    decode = e * 2.0 * s.latents * s.d if s.dense else 2.0 * routed_k * s.d
+    enc, dec = expert_flops(s.latents, s.d, routed_k, s.dense)
+    aux_ld = s.latents * s.d * s.aux_share  # AuxK's columns: its largest dead bucket, per row
+    decode = 2.0 * s.latents * s.d if s.dense else 2.0 * routed_k * s.d
     again = decode + 4 * aux_ld if aux_on else 0.0  # the decode + AuxK's forward
     shared = 0.0
     if s.shared_latents:
-        dense = use_dense(s.kernel, s.shared_latents)
-        shared = sum(expert_flops(s.shared_latents, s.d, s.shared_k, 1, dense))
+        dense = use_dense(s.shared_kernel, s.shared_latents)
+        shared = sum(expert_flops(s.shared_latents, s.d, s.shared_k, dense))
     params = (s.num_latents + s.shared_latents) * s.d
     terms = {
         "router": 6.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0,
