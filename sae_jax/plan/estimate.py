@@ -2,6 +2,7 @@
 
 Memory terms (float32 state; W = one expert tensor's local shard, N_local x L x d x 4 bytes):
   parameters       w_enc + w_dec (2W), b_enc, and the replicated b_dec, b_router, w_router
+                   and shared dictionary ([S, d] x 2 + [S], `shared_params`)
   optimizer_state  Adam's two moments: 2 x parameters (+ its step count); under ZeRO-1 (a
                    'data' axis over 1, training/update.py) the expert weights' part is / data
   counters         since_fired [N_local, L] int32, the step and the recent dead counts
@@ -9,13 +10,20 @@ Memory terms (float32 state; W = one expert tensor's local shard, N_local x L x 
   gradients        one gradient per parameter: = parameters; under ZeRO-1 plus the expert
                    weights' reduce-scattered gradient (/ data) beside the local one
   other            the rest of XLA's temporaries: see `other_temporaries`
+  shared_activations, scaled_encoder   a shared dictionary's and feature scaling's
+                   temporaries, present only with them: see `routing_temporaries`
 The new state is donated (aliased to the old), so outputs add nothing but the metrics.
+
+Routing: a token routed to e = experts_per_token experts runs as e rows, so every row-sized
+term (capacity slots, the routed rows, dropless's buffers, the experts' FLOPs) counts
+e x T_local rows (`Shapes.local_rows`); a shared dictionary adds its replicated parameters
+(with their Adam moments and gradients) and its activations and FLOPs on every token.
 
 Dropless dispatch (sae_jax/dispatch/dropless.py) replaces the capacity buffers by its exchange and
 block buffers (`dropless_activations`), which follow the worst-case receive buffer of
-R = E x T_local rows, not the tokens routed; across devices it also moves different bytes
-(`ragged_exchanges`) and computes T_local + N_local x B rows per device, with AuxK part of
-each block's forward twice (`flops_per_token`).
+R = E x e x T_local rows, not the rows routed; across devices it also moves different bytes
+(`ragged_exchanges`) and computes e x T_local + N_local x B rows per device, with AuxK part
+of each block's forward twice (`flops_per_token`).
 """
 
 from __future__ import annotations
@@ -138,6 +146,15 @@ class Shapes:
         return self.num_experts * capacity(self.local_rows, self.num_experts, self.capacity_factor)
 
     @property
+    def row_outputs(self) -> int:
+        """Float32 [rows, d] outputs each row brings back from its expert: the reconstruction,
+        and with the global TopK (e > 1 or a shared dictionary, dispatch/global_topk.py) and
+        AuxK also AuxK's gated reconstruction (`ExpertSettings.aux_out`), each with its own
+        return trip and gradient."""
+        routed_globally = self.experts_per_token > 1 or self.shared_latents > 0
+        return 2 if routed_globally and self.k_aux > 0 else 1
+
+    @property
     def dropless(self) -> bool:
         return self.dispatch == "dropless"
 
@@ -224,7 +241,9 @@ def routing_temporaries(s: Shapes) -> dict[str, int]:
                         dense kernel its codes and their gradient, [T_local, S] each
     scaled_encoder      feature scaling: the scaled copy of w_enc the experts run on
                         (model/switch.py `scaled_encoder`, [N_local, L, d] float32) and its
-                        gradient before it reaches w_enc's: 2 W, whichever kernel"""
+                        gradient before it reaches w_enc's: 2 W, whichever kernel
+    Both analytic, from the model's structure (no calibrated constant); tests/test_plan_routing.py
+    checks them against XLA's compiled memory analysis."""
     shared = s.local_tokens * s.shared_latents * F32
     if s.shared_latents and use_dense(s.shared_kernel, s.shared_latents):
         shared *= 3
@@ -267,15 +286,18 @@ def dropless_activations(s: Shapes) -> int:
     blocks' backward loop (see DROPLESS_EXCHANGE_F32_BUFFERS), each dominated by [R, d]
     buffers with R = E x e x T_local, the worst case whatever the routing; the emulation's
     chunk buffers count on CPU only (on GPU/TPU ragged_all_to_all writes into the receive
-    buffer). Plus the blocks' stacked top-k (latents and ids [blocks, B, k], the backward's
+    buffer). The exchange phase's float32 buffers are per row output (`row_outputs`: with
+    the global TopK and AuxK, AuxK's reconstruction travels back beside the rows' own).
+    Plus the blocks' stacked top-k (latents and ids [blocks, B, k], the backward's
     residuals; the fired counts go straight into [N_local, L]) and the rows' side
     [e x T_local, d]."""
     rows, blocks = max(s.received_rows, s.layout_rows), s.layout_rows // s.block
     itemsize = jnp.dtype(s.compute_dtype).itemsize
-    exchange = (DROPLESS_EXCHANGE_F32_BUFFERS * F32 + itemsize) * rows * s.d
+    f32_buffers = DROPLESS_EXCHANGE_F32_BUFFERS * s.row_outputs
+    exchange = (f32_buffers * F32 + itemsize) * rows * s.d
     if s.emulated_exchange and s.exchanged:
         chunk_rows = s.expert * min(s.local_rows, s.received_rows)
-        exchange += DROPLESS_EMULATION_BUFFERS * chunk_rows * s.d * F32
+        exchange += DROPLESS_EMULATION_BUFFERS * s.row_outputs * chunk_rows * s.d * F32
     weights = DROPLESS_BLOCK_EXPERT_ROWS * s.latents * s.d * F32
     # one block's [B, L] pre-activations and codes, and AuxK's [B, dead] columns (twice)
     aux = (2 + 2 * s.aux_share) * s.block * s.latents * F32
@@ -288,19 +310,20 @@ def dropless_activations(s: Shapes) -> int:
 def ragged_exchanges(s: Shapes) -> list[Collective]:
     """What `jax.lax.ragged_all_to_all` would move per step and device on GPU/TPU, where it
     sends exactly the routed rows (an analytic estimate: balanced routing, every device sends
-    and receives T_local rows, 1/E of them its own). Dropless across an 'expert' axis only
-    (else []). The trips: tokens out ([T_local, d] in the compute dtype, with their expert id
-    and gate: 8 bytes a row), reconstructions back, and the backward's reconstruction
-    gradients out again. The [E] send sizes' all_gather is in the compiled HLO already."""
+    and receives e x T_local rows, 1/E of them its own). Dropless across an 'expert' axis
+    only (else []). The trips: rows out ([e x T_local, d] in the compute dtype, with their
+    expert id and gate: 8 bytes a row), reconstructions back, and the backward's
+    reconstruction gradients out again. The [E] send sizes' all_gather is in the compiled
+    HLO already."""
     if not s.exchanged:
         return []
     row = s.d * jnp.dtype(s.compute_dtype).itemsize
     dt = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(s.compute_dtype, "?")
-    shape = f"{dt}[{s.local_tokens},{s.d}] (estimate)"
+    shape = f"{dt}[{s.local_rows},{s.d}] (estimate)"
     trips = [("tokens out (+ expert id, gate)", row + 8), ("reconstructions back", row),
              ("backward: their gradients", row)]  # fmt: skip
     return [
-        Collective("ragged-all-to-all", name, shape, s.local_tokens * size, s.expert)
+        Collective("ragged-all-to-all", name, shape, s.local_rows * size, s.expert)
         for name, size in trips
     ]
 
