@@ -9,9 +9,8 @@ Memory terms (float32 state; W = one expert tensor's local shard, N_local x L x 
   batch            the device's share of the input batch [T_local, d]
   gradients        one gradient per parameter: = parameters; under ZeRO-1 plus the expert
                    weights' reduce-scattered gradient (/ data) beside the local one
-  other            the rest of XLA's temporaries: see `other_temporaries`
-  shared_activations, scaled_encoder   a shared dictionary's and feature scaling's
-                   temporaries, present only with them: see `routing_temporaries`
+  other            the rest of XLA's temporaries, a shared dictionary's and feature
+                   scaling's among them: see `other_temporaries`, `routing_temporaries`
 The new state is donated (aliased to the old), so outputs add nothing but the metrics.
 
 Routing: a token routed to e = experts_per_token experts runs as e rows, so every row-sized
@@ -203,9 +202,7 @@ class Shapes:
 
 
 def memory(s: Shapes) -> dict[str, int]:
-    """Bytes per device of each term (see the module docstring) and their total; with a
-    shared dictionary or feature scaling also their activations and copies
-    (`routing_temporaries`)."""
+    """Bytes per device of each term (see the module docstring) and their total."""
     router = _router_params(s)
     rows = 2 * s.expert_tensor_bytes + s.local_experts * s.latents * F32  # w_enc, w_dec, b_enc
     params = rows + s.d * F32 + router * F32 + shared_params(s) * F32
@@ -217,7 +214,6 @@ def memory(s: Shapes) -> dict[str, int]:
         "batch": s.local_tokens * s.d * F32,
         "gradients": params + split,
         "other": other_temporaries(s),
-        **{k: v for k, v in routing_temporaries(s).items() if v},
     }
     terms["total"] = sum(terms.values())
     return terms
@@ -235,7 +231,7 @@ def shared_params(s: Shapes) -> int:
 
 
 def routing_temporaries(s: Shapes) -> dict[str, int]:
-    """Bytes the routing options add beside `other_temporaries`:
+    """Bytes the routing options add to the forward and backward pass (`other_temporaries`):
     shared_activations  the shared dictionary's [T_local, S] float32 pre-activations, every
                         token's (kernels/expert.py on the device's own tokens), and with the
                         dense kernel its codes and their gradient, [T_local, S] each
@@ -255,14 +251,16 @@ def other_temporaries(s: Shapes) -> int:
     """Temporaries besides the gradients: the larger of the expert-sized buffers the step
     holds (GATHER_EXPERT_ROW_BUFFERS x [L, d] for the gather kernel; DENSE_EXPERT_BUFFERS x W,
     and w_enc in the compute dtype below float32, for the dense one) and the activations of
-    the forward and backward pass, which XLA places in the same memory at another time."""
+    the forward and backward pass, which XLA places in the same memory at another time; plus
+    what the routing options hold throughout the pass (`routing_temporaries`)."""
     if s.dense:
         held = DENSE_EXPERT_BUFFERS * s.expert_tensor_bytes
         if s.compute_dtype != "float32":
             held += s.expert_tensor_bytes * jnp.dtype(s.compute_dtype).itemsize // F32
     else:
         held = GATHER_EXPERT_ROW_BUFFERS * s.latents * s.d * F32
-    return max(held, dropless_activations(s) if s.dropless else activations(s))
+    passes = dropless_activations(s) if s.dropless else activations(s)
+    return max(held, passes) + sum(routing_temporaries(s).values())
 
 
 def activations(s: Shapes) -> int:
