@@ -2,20 +2,27 @@
 
 Memory terms (float32 state; W = one expert tensor's local shard, N_local x L x d x 4 bytes):
   parameters       w_enc + w_dec (2W), b_enc, and the replicated b_dec, b_router, w_router
+                   and shared dictionary ([S, d] x 2 + [S], `shared_params`)
   optimizer_state  Adam's two moments: 2 x parameters (+ its step count); under ZeRO-1 (a
                    'data' axis over 1, training/update.py) the expert weights' part is / data
   counters         since_fired [N_local, L] int32, the step and the recent dead counts
   batch            the device's share of the input batch [T_local, d]
   gradients        one gradient per parameter: = parameters; under ZeRO-1 plus the expert
                    weights' reduce-scattered gradient (/ data) beside the local one
-  other            the rest of XLA's temporaries: see `other_temporaries`
+  other            the rest of XLA's temporaries, a shared dictionary's and feature
+                   scaling's among them: see `other_temporaries`, `routing_temporaries`
 The new state is donated (aliased to the old), so outputs add nothing but the metrics.
+
+Routing: a token routed to e = experts_per_token experts runs as e rows, so every row-sized
+term (capacity slots, the routed rows, dropless's buffers, the experts' FLOPs) counts
+e x T_local rows (`Shapes.local_rows`); a shared dictionary adds its replicated parameters
+(with their Adam moments and gradients) and its activations and FLOPs on every token.
 
 Dropless dispatch (sae_jax/dispatch/dropless.py) replaces the capacity buffers by its exchange and
 block buffers (`dropless_activations`), which follow the worst-case receive buffer of
-R = E x T_local rows, not the tokens routed; across devices it also moves different bytes
-(`ragged_exchanges`) and computes T_local + N_local x B rows per device, with AuxK part of
-each block's forward twice (`flops_per_token`).
+R = E x e x T_local rows, not the rows routed; across devices it also moves different bytes
+(`ragged_exchanges`) and computes e x T_local + N_local x B rows per device, with AuxK part
+of each block's forward twice (`flops_per_token`).
 """
 
 from __future__ import annotations
@@ -88,6 +95,8 @@ class Shapes:
     experts_per_token: int = 1  # e: the experts each token runs
     shared_latents: int = 0  # S: the always-on shared dictionary, dense for every token
     shared_k: int = 0  # its share of k
+    shared_kernel: str = "auto"  # the shared dictionary's kernel (EXPERT_KERNEL as set)
+    feature_scaling: bool = False  # the experts' encoder runs as a scaled copy of w_enc
 
     @classmethod
     def of(
@@ -100,7 +109,8 @@ class Shapes:
             routed_kernel(cfg.expert_kernel, cfg.experts_per_token), cfg.compute_dtype,
             cfg.dispatch, cfg.block_size, backend == "cpu",
             max_bucket(cfg.latents_per_expert, tcfg.aux_max_share) / cfg.latents_per_expert,
-            cfg.experts_per_token, cfg.shared_latents, cfg.shared_k,
+            cfg.experts_per_token, cfg.shared_latents, cfg.shared_k, cfg.expert_kernel,
+            cfg.feature_scaling,
         )  # fmt: skip
 
     @property
@@ -120,15 +130,28 @@ class Shapes:
         return self.batch // self.devices
 
     @property
+    def local_rows(self) -> int:
+        """Rows a device routes: e x T_local, one per (token, expert) with e experts per
+        token (dispatch/global_topk.py tiles the tokens e times); T_local for e = 1."""
+        return self.experts_per_token * self.local_tokens
+
+    @property
     def slots(self) -> int:
-        """Token slots a device's experts run on: N_local x E x C = N x C,
-        C = ceil(cf x T_local / N) within [1, T_local] (one buffer row per (source device,
-        expert)); T_local for N = 1, whose one buffer holds every token."""
+        """Row slots a device's experts run on: N_local x E x C = N x C,
+        C = ceil(cf x e x T_local / N) within [1, e x T_local] (one buffer row per (source
+        device, expert)); T_local for N = 1, whose one buffer holds every token."""
         if self.num_experts == 1:
-            return self.local_tokens
-        return self.num_experts * capacity(
-            self.local_tokens, self.num_experts, self.capacity_factor
-        )
+            return self.local_rows
+        return self.num_experts * capacity(self.local_rows, self.num_experts, self.capacity_factor)
+
+    @property
+    def row_outputs(self) -> int:
+        """Float32 [rows, d] outputs each row brings back from its expert: the reconstruction,
+        and with the global TopK (e > 1 or a shared dictionary, dispatch/global_topk.py) and
+        AuxK also AuxK's gated reconstruction (`ExpertSettings.aux_out`), each with its own
+        return trip and gradient."""
+        routed_globally = self.experts_per_token > 1 or self.shared_latents > 0
+        return 2 if routed_globally and self.k_aux > 0 else 1
 
     @property
     def dropless(self) -> bool:
@@ -142,12 +165,12 @@ class Shapes:
     @property
     def block(self) -> int:
         """B, the dropless block size (sae_jax/dispatch/dropless.py `auto_block_size` when 0)."""
-        return self.block_size or auto_block_size(self.local_tokens, self.local_experts)
+        return self.block_size or auto_block_size(self.local_rows, self.local_experts)
 
     @property
     def received_rows(self) -> int:
-        """R, the dropless receive buffer: E x T_local rows (T_local on one device)."""
-        return exchange.max_received_rows(self.expert, self.local_tokens)
+        """R, the dropless receive buffer: E x e x T_local rows (e x T_local on one device)."""
+        return exchange.max_received_rows(self.expert, self.local_rows)
 
     @property
     def layout_rows(self) -> int:
@@ -156,11 +179,11 @@ class Shapes:
 
     @property
     def computed_rows(self) -> int:
-        """Token rows a device's experts compute per step: its slots (capacity) or, dropless,
-        the T_local rows it receives under balanced routing plus at most a block of padding
-        per local expert: T_local + N_local x B (the used blocks, not the layout)."""
+        """Rows a device's experts compute per step: its slots (capacity) or, dropless, the
+        e x T_local rows it receives under balanced routing plus at most a block of padding
+        per local expert: e x T_local + N_local x B (the used blocks, not the layout)."""
         if self.dropless:
-            return min(self.local_tokens + self.local_experts * self.block, self.layout_rows)
+            return min(self.local_rows + self.local_experts * self.block, self.layout_rows)
         return self.slots
 
     @property
@@ -182,7 +205,7 @@ def memory(s: Shapes) -> dict[str, int]:
     """Bytes per device of each term (see the module docstring) and their total."""
     router = _router_params(s)
     rows = 2 * s.expert_tensor_bytes + s.local_experts * s.latents * F32  # w_enc, w_dec, b_enc
-    params = rows + s.d * F32 + router * F32
+    params = rows + s.d * F32 + router * F32 + shared_params(s) * F32
     split = rows // s.data if s.zero else 0  # a device's share of them under ZeRO-1
     terms = {
         "parameters": params,
@@ -200,26 +223,53 @@ def _router_params(s: Shapes) -> int:
     return s.d * s.num_experts + s.d if s.num_experts > 1 else 0
 
 
+def shared_params(s: Shapes) -> int:
+    """The shared dictionary's parameters, replicated on every device: w_enc and w_dec
+    [S, d], b_enc [S] (0 without one). Adam's moments and the gradient follow `memory`'s
+    parameters."""
+    return (2 * s.d + 1) * s.shared_latents
+
+
+def routing_temporaries(s: Shapes) -> dict[str, int]:
+    """Bytes the routing options add to the forward and backward pass (`other_temporaries`):
+    shared_activations  the shared dictionary's [T_local, S] float32 pre-activations, every
+                        token's (kernels/expert.py on the device's own tokens), and with the
+                        dense kernel its codes and their gradient, [T_local, S] each
+    scaled_encoder      feature scaling: the scaled copy of w_enc the experts run on
+                        (model/switch.py `scaled_encoder`, [N_local, L, d] float32) and its
+                        gradient before it reaches w_enc's: 2 W, whichever kernel
+    Both analytic, from the model's structure (no calibrated constant); tests/test_plan_routing.py
+    checks them against XLA's compiled memory analysis."""
+    shared = s.local_tokens * s.shared_latents * F32
+    if s.shared_latents and use_dense(s.shared_kernel, s.shared_latents):
+        shared *= 3
+    scaled = 2 * s.expert_tensor_bytes if s.feature_scaling else 0
+    return {"shared_activations": shared, "scaled_encoder": scaled}
+
+
 def other_temporaries(s: Shapes) -> int:
     """Temporaries besides the gradients: the larger of the expert-sized buffers the step
     holds (GATHER_EXPERT_ROW_BUFFERS x [L, d] for the gather kernel; DENSE_EXPERT_BUFFERS x W,
     and w_enc in the compute dtype below float32, for the dense one) and the activations of
-    the forward and backward pass, which XLA places in the same memory at another time."""
+    the forward and backward pass, which XLA places in the same memory at another time; plus
+    what the routing options hold throughout the pass (`routing_temporaries`)."""
     if s.dense:
         held = DENSE_EXPERT_BUFFERS * s.expert_tensor_bytes
         if s.compute_dtype != "float32":
             held += s.expert_tensor_bytes * jnp.dtype(s.compute_dtype).itemsize // F32
     else:
         held = GATHER_EXPERT_ROW_BUFFERS * s.latents * s.d * F32
-    return max(held, dropless_activations(s) if s.dropless else activations(s))
+    passes = dropless_activations(s) if s.dropless else activations(s)
+    return max(held, passes) + sum(routing_temporaries(s).values())
 
 
 def activations(s: Shapes) -> int:
     """Largest live activations, per device: the capacity buffers [S, d] on both sides of
-    the all_to_alls, the pre-activations [S, L], the dense kernel's codes and their gradient
-    ([S, L] each; the gather kernel's rows are [S, d] buffers, one of the k at a time), plus
-    AuxK's at its largest bucket (`aux_share` of the latents)."""
-    slots, tokens = s.slots, s.local_tokens
+    the all_to_alls (S = `slots`) and the routed rows [e x T_local, d] they are scattered
+    from and gathered back to, the pre-activations [S, L], the dense kernel's codes and
+    their gradient ([S, L] each; the gather kernel's rows are [S, d] buffers, one of the k
+    at a time), plus AuxK's at its largest bucket (`aux_share` of the latents)."""
+    slots, tokens = s.slots, s.local_rows
     buffers = 4 * (slots + tokens) * s.d * F32
     pre = slots * s.latents * F32
     kernel = 2 * pre if s.dense else 0
@@ -232,81 +282,87 @@ def activations(s: Shapes) -> int:
 def dropless_activations(s: Shapes) -> int:
     """Largest live dropless buffers, per device: the larger of the exchange phase and the
     blocks' backward loop (see DROPLESS_EXCHANGE_F32_BUFFERS), each dominated by [R, d]
-    buffers with R = E x T_local, the worst case whatever the routing; the emulation's chunk
-    buffers count on CPU only (on GPU/TPU ragged_all_to_all writes into the receive
-    buffer). Plus the blocks' stacked top-k (latents and ids [blocks, B, k], the backward's
-    residuals; the fired counts go straight into [N_local, L]) and the tokens' side
-    [T_local, d]."""
+    buffers with R = E x e x T_local, the worst case whatever the routing; the emulation's
+    chunk buffers count on CPU only (on GPU/TPU ragged_all_to_all writes into the receive
+    buffer). The exchange phase's float32 buffers are per row output (`row_outputs`: with
+    the global TopK and AuxK, AuxK's reconstruction travels back beside the rows' own).
+    Plus the blocks' stacked top-k (latents and ids [blocks, B, k], the backward's
+    residuals; the fired counts go straight into [N_local, L]) and the rows' side
+    [e x T_local, d]."""
     rows, blocks = max(s.received_rows, s.layout_rows), s.layout_rows // s.block
     itemsize = jnp.dtype(s.compute_dtype).itemsize
-    exchange = (DROPLESS_EXCHANGE_F32_BUFFERS * F32 + itemsize) * rows * s.d
+    f32_buffers = DROPLESS_EXCHANGE_F32_BUFFERS * s.row_outputs
+    exchange = (f32_buffers * F32 + itemsize) * rows * s.d
     if s.emulated_exchange and s.exchanged:
-        chunk_rows = s.expert * min(s.local_tokens, s.received_rows)
-        exchange += DROPLESS_EMULATION_BUFFERS * chunk_rows * s.d * F32
+        chunk_rows = s.expert * min(s.local_rows, s.received_rows)
+        exchange += DROPLESS_EMULATION_BUFFERS * s.row_outputs * chunk_rows * s.d * F32
     weights = DROPLESS_BLOCK_EXPERT_ROWS * s.latents * s.d * F32
     # one block's [B, L] pre-activations and codes, and AuxK's [B, dead] columns (twice)
     aux = (2 + 2 * s.aux_share) * s.block * s.latents * F32
     loop = (DROPLESS_LOOP_F32_BUFFERS * F32 + itemsize) * rows * s.d + weights + aux
     stacked = blocks * 2 * s.block * s.k * F32
-    tokens = 4 * s.local_tokens * s.d * F32
+    tokens = 4 * s.local_rows * s.d * F32
     return max(exchange, loop) + stacked + tokens
 
 
 def ragged_exchanges(s: Shapes) -> list[Collective]:
     """What `jax.lax.ragged_all_to_all` would move per step and device on GPU/TPU, where it
     sends exactly the routed rows (an analytic estimate: balanced routing, every device sends
-    and receives T_local rows, 1/E of them its own). Dropless across an 'expert' axis only
-    (else []). The trips: tokens out ([T_local, d] in the compute dtype, with their expert id
-    and gate: 8 bytes a row), reconstructions back, and the backward's reconstruction
-    gradients out again. The [E] send sizes' all_gather is in the compiled HLO already."""
+    and receives e x T_local rows, 1/E of them its own). Dropless across an 'expert' axis
+    only (else []). The trips: rows out ([e x T_local, d] in the compute dtype, with their
+    expert id and gate: 8 bytes a row), reconstructions back, and the backward's
+    reconstruction gradients out again. The [E] send sizes' all_gather is in the compiled
+    HLO already."""
     if not s.exchanged:
         return []
     row = s.d * jnp.dtype(s.compute_dtype).itemsize
     dt = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(s.compute_dtype, "?")
-    shape = f"{dt}[{s.local_tokens},{s.d}] (estimate)"
+    shape = f"{dt}[{s.local_rows},{s.d}] (estimate)"
     trips = [("tokens out (+ expert id, gate)", row + 8), ("reconstructions back", row),
              ("backward: their gradients", row)]  # fmt: skip
     return [
-        Collective("ragged-all-to-all", name, shape, s.local_tokens * size, s.expert)
+        Collective("ragged-all-to-all", name, shape, s.local_rows * size, s.expert)
         for name, size in trips
     ]
 
 
-def expert_flops(latents: int, d: int, k: int, copies: int, dense: bool) -> tuple[float, float]:
-    """(encoder, decoder) matmul FLOPs per token, forward and backward, of `copies` experts of
-    `latents` latents that together pick `k` active latents. Dense kernel: pre-activations
-    with their weight gradient (4 L d) and the codes [., L] @ W_dec with both gradients
-    (6 L d), per expert; gather kernel: gradient-free pre-activations (2 L d per expert) and
-    the k gathered encoder and decoder rows with grad (6 k d each)."""
+def expert_flops(latents: int, d: int, k: int, dense: bool) -> tuple[float, float]:
+    """(encoder, decoder) matmul FLOPs per row, forward and backward, of an expert of
+    `latents` latents that picks `k` active latents. Dense kernel: pre-activations with their
+    weight gradient (4 L d) and the codes [., L] @ W_dec with both gradients (6 L d); gather
+    kernel: gradient-free pre-activations (2 L d) and the k gathered encoder and decoder rows
+    with grad (6 k d each). A global TopK's two passes (dispatch/global_topk.py) cost the
+    same: the candidates' pass is the forward's pre-activation matmul, and the chosen pass
+    reuses its values (its own matmul is dead code) but for the weight gradient."""
     ld, kd = latents * d, k * d
     if dense:
-        return copies * 4.0 * ld, copies * 6.0 * ld
-    return copies * 2.0 * ld + 6.0 * kd, 6.0 * kd
+        return 4.0 * ld, 6.0 * ld
+    return 2.0 * ld + 6.0 * kd, 6.0 * kd
 
 
 def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
     """Matmul FLOPs per input token of the forward and backward pass (2 per multiply-add),
     plus the elementwise update of the local expert shards (replicated over 'data', or
-    split over it under ZeRO-1). A token runs the encoder of its e = experts_per_token
-    experts (L latents each), which pick the routed k - shared_k active latents together
-    (`expert_flops`); a shared dictionary of S latents runs densely on every token with its
-    shared_k (`shared`). Expert work is per
-    computed row, so it is scaled by rows / T_local: slots (capacity factor and rounding),
-    or dropless T_local + N_local x B. Dropless runs each block again in the backward (its
-    custom VJP keeps only the block's outputs): the top-k and latents are reused, so only
-    what the gradient needs beyond them runs again, with AuxK its decode (for the frozen
-    residual) and AuxK's forward: `recompute` (0 without AuxK). The router's backward
-    reaches w_router and b_router."""
-    e, routed_k = s.experts_per_token, s.k - s.shared_k
+    split over it under ZeRO-1). A token runs as e = experts_per_token rows, one per routed
+    expert (L latents each), each row with the k - shared_k slots the global TopK fills
+    (`expert_flops`; with e > 1 most slots of a row hold zeros, but the kernel runs them all);
+    a shared dictionary of S latents runs densely on every token with its shared_k
+    (`shared`). Expert work is per computed row, so it is scaled by rows / T_local: slots
+    (e, the capacity factor and rounding), or dropless e x T_local + N_local x B. Dropless
+    runs each block again in the backward (its custom VJP keeps only the block's outputs):
+    the top-k and latents are reused, so only what the gradient needs beyond them runs
+    again, with AuxK its decode (for the frozen residual) and AuxK's forward: `recompute`
+    (0 without AuxK). The router's backward reaches w_router and b_router."""
+    routed_k = s.k - s.shared_k
     pad, aux_on = s.computed_rows / s.local_tokens, auxk and s.k_aux > 0
-    enc, dec = expert_flops(s.latents, s.d, routed_k, e, s.dense)
-    aux_ld = s.latents * s.d * s.aux_share * e  # AuxK's columns: its largest dead bucket
-    decode = e * 2.0 * s.latents * s.d if s.dense else 2.0 * routed_k * s.d
+    enc, dec = expert_flops(s.latents, s.d, routed_k, s.dense)
+    aux_ld = s.latents * s.d * s.aux_share  # AuxK's columns: its largest dead bucket, per row
+    decode = 2.0 * s.latents * s.d if s.dense else 2.0 * routed_k * s.d
     again = decode + 4 * aux_ld if aux_on else 0.0  # the decode + AuxK's forward
     shared = 0.0
     if s.shared_latents:
-        dense = use_dense(s.kernel, s.shared_latents)
-        shared = sum(expert_flops(s.shared_latents, s.d, s.shared_k, 1, dense))
+        dense = use_dense(s.shared_kernel, s.shared_latents)
+        shared = sum(expert_flops(s.shared_latents, s.d, s.shared_k, dense))
     params = (s.num_latents + s.shared_latents) * s.d
     terms = {
         "router": 6.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0,
