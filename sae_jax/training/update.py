@@ -205,14 +205,56 @@ def _leaf_map(fn, tree, *others):
 
 
 def _update_experts(tx, grads, opt_state, params, dots, scale, axis: str | None = None):
-    """One device's update, in place, a chunk of latent rows of one expert at a time.
+    """One device's update: the leaves other than the row leaves (small: the router, biases,
+    enc_scale [N_local, d], a shared dictionary) once, whole; the row leaves in place, a chunk
+    of latent rows of one expert at a time (`_update_rows`, whose loop sees only them).
+    Returns (params, opt_state)."""
+    small = (_only(tree, rows=False) for tree in (grads, opt_state, params))
+    small_params, small_state = _tx_step(tx, *small, scale)
+    row_params, row_state = _update_rows(tx, grads, opt_state, params, dots, scale, axis)
+    return _merge(row_params, small_params), _merge(row_state, small_state)
+
+
+def _tx_step(tx, grads, opt_state, params, scale):
+    """(params, opt_state) after `tx` on the gradients times `scale` (leaves may be None)."""
+    updates, opt_state = tx.update(jax.tree.map(lambda v: v * scale.astype(v.dtype), grads),
+                                   opt_state, params)  # fmt: skip
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _only(tree, rows: bool, params=None):
+    """`tree` with None in place of its leaves that are not row leaves (`rows`) or are (not
+    `rows`); with `params`, an optimizer state's leaves of no parameter (Adam's count) stay."""
+    own = [p for p, _ in jax.tree_util.tree_leaves_with_path(() if params is None else params)]
+
+    def leaf(path, v):
+        if is_row_leaf(path, v) == rows or params is not None and not _of_param(path, own):
+            return v
+        return None
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _of_param(path, param_paths) -> bool:
+    """Whether a leaf's path ends with that of a parameter (a moment of it)."""
+    return any(tuple(path[-len(p) :]) == tuple(p) for p in param_paths)
+
+
+def _merge(tree, other):
+    """`tree`'s leaves, `other`'s where `tree` has None (two `_only` parts made whole)."""
+    return jax.tree.map(lambda a, b: b if a is None else a, tree, other,
+                        is_leaf=lambda v: v is None)  # fmt: skip
+
+
+def _update_rows(tx, grads, opt_state, params, dots, scale, axis: str | None = None):
+    """The row leaves' update, in place, a chunk of latent rows of one expert at a time.
 
     Row leaves of `grads` and `opt_state` hold [S, L, ...]: the N_local experts of the
     device's 'expert' index (S = N_local), or with `axis` ('data', ZeRO-1) the S = N_local /
     data of them this device updates, from expert index * S; `params` holds all N_local, into
-    which every device's updated rows are all-gathered; dots: [S, L]. The other leaves
-    (enc_scale [N_local, d], replicated ones) are small: updated whole, from their inputs,
-    with each chunk (the same values each time). The moments are written only after the
+    which every device's updated rows are all-gathered; dots: [S, L]. Returns (params,
+    opt_state) with None for every other leaf: the loop carries and reads only the row leaves
+    (and the optimizer's counters, read only). The moments are written only after the
     parameters (see _after): otherwise XLA fuses the parameter write with reads of the
     moments that the moment writes change, and copies whole moment tensors every iteration.
     """
@@ -226,10 +268,12 @@ def _update_experts(tx, grads, opt_state, params, dots, scale, axis: str | None 
     )
     rows = chunk_rows(latents, widest)
     per_expert = latents // rows
+    grads, counters = _only(grads, rows=True), _only(opt_state, rows=True, params=params)
+    params, opt_state = _only(params, rows=True), _only(opt_state, rows=True)
 
     def pick(original, current, e, r):
         """The chunk to update: row leaves' rows [r, r + rows) of expert e of `current`; the
-        rest whole from `original` (never updated in place before they are read)."""
+        rest (the optimizer's counters) from `original`."""
 
         def one(row, o, c):
             if not row:
@@ -239,13 +283,11 @@ def _update_experts(tx, grads, opt_state, params, dots, scale, axis: str | None 
         return _leaf_map(one, original, current)
 
     def put(current, new, e, r, gather=False):
-        """`new` written into `current` where `pick` read it; with `gather` (the parameters
-        under ZeRO-1) the new rows of every device of `axis` are all-gathered and each written
-        to its expert, expert e of the device's share."""
+        """`new`'s row leaves written into `current` where `pick` read them; with `gather` (the
+        parameters under ZeRO-1) the new rows of every device of `axis` are all-gathered and
+        each written to its expert, expert e of the device's share."""
 
         def one(row, c, n):
-            if not row:
-                return n
             if not gather or axis is None:
                 return jax.lax.dynamic_update_slice(c, n, _at(c, e, r))
             every = jax.lax.all_gather(n, axis)  # [parts, 1, rows, ...]
@@ -253,17 +295,16 @@ def _update_experts(tx, grads, opt_state, params, dots, scale, axis: str | None 
                 c = jax.lax.dynamic_update_slice(c, every[part], _at(c, part * share + e, r))
             return c
 
-        return _leaf_map(one, current, new)
+        return _leaf_map(one, current, _only(new, rows=True))
 
     def body(j, carry):
         cur_params, cur_state = carry
         e, r = j // per_expert, (j % per_expert) * rows
-        p, s = pick(params, cur_params, own + e, r), pick(opt_state, cur_state, e, r)
+        p, s = pick(params, cur_params, own + e, r), pick(counters, cur_state, e, r)
         dots_j = jax.lax.dynamic_slice(dots, (e, r), (1, rows))
         g = map_w_dec(lambda gw, w: project(gw, w, dots_j), pick(grads, grads, e, r), p)
-        updates, s = tx.update(jax.tree.map(lambda v: v * scale.astype(v.dtype), g), s, p)
-        new = map_w_dec(unit_rows, optax.apply_updates(p, updates))
-        new_params = put(cur_params, new, e, r, gather=True)
+        new, s = _tx_step(tx, g, s, p, scale)
+        new_params = put(cur_params, map_w_dec(unit_rows, new), e, r, gather=True)
         e = _after(new_params, e, r)
         return new_params, put(cur_state, s, e, r)
 
