@@ -44,3 +44,29 @@ def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int]:
 
 def token_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, TOKENS)
+
+
+# ZeRO-1's layouts of the expert rows' Adam state [N, L, ...]: the expert axis over 'expert'
+# and then 'data' (by experts), or the experts over 'expert' and the latents over 'data'.
+ROW_SPLITS = (PartitionSpec(("expert", "data")), PartitionSpec("expert", "data"))
+
+
+def zero_rows_axis(data: int, local_experts: int, latents: int) -> int | None:
+    """ZeRO-1 on a 'data' axis of `data` devices: the axis of the N_local x L expert rows of
+    an 'expert' index over which their Adam state splits, each device of 'data' holding 1 /
+    data of them: 0 (whole experts) where data divides N_local, else 1 (the same latent rows
+    of every expert) where it divides L; None (replicated) for one device or neither."""
+    if data < 2:
+        return None
+    return 0 if local_experts % data == 0 else 1 if latents % data == 0 else None
+
+
+def zero_rows_spec(mesh, num_experts: int, latents: int) -> PartitionSpec | None:
+    """The partition spec (ROW_SPLITS) of the Adam state and the reduce-scattered gradient of
+    the expert rows [N, L, ...] on `mesh` (concrete or abstract), None where it is not split
+    over 'data' (`zero_rows_axis`)."""
+    if mesh.empty:
+        return None
+    local = num_experts // mesh.shape["expert"]
+    axis = zero_rows_axis(mesh.shape["data"], local, latents)
+    return None if axis is None else ROW_SPLITS[axis]

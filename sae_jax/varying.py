@@ -58,27 +58,34 @@ def sum_to_type(g: jax.Array, primal: jax.Array) -> jax.Array:
 def reduce_scattered(tree: PyTree, shards: PyTree, axes: Iterable[str]) -> PyTree:
     """`tree`, replicated over the mesh axes `axes`, marked varying over them as by `vary_all`,
     but with its gradient reduce-scattered into `shards` instead of summed over `axes` into
-    `tree`'s (which gets none): each leaf's gradient [N, ...] is summed over `axes` and split
-    along axis 0, a device getting [i N / n, (i + 1) N / n) of its index i, as the gradient of
-    its leaf of `shards` ([N / n, ...], values unused). ZeRO-1: a device gets the summed
-    gradient of just the experts whose optimizer state it holds, with one reduce-scatter."""
-    return _reduce_scattered(tree, shards, tuple(axes))
+    `tree`'s (which gets none): each leaf's gradient is summed over `axes` and split along the
+    first axis where its leaf of `shards` is shorter (axis 0 [N, ...] -> [N / n, ...], or axis
+    1 [N, L, ...] -> [N, L / n, ...]), a device getting the i-th part of its index i, as the
+    gradient of its leaf of `shards` (values unused). ZeRO-1: a device gets the summed
+    gradient of just the rows whose optimizer state it holds, with one reduce-scatter."""
+    dims = tuple(
+        next((i for i, (a, b) in enumerate(zip(t.shape, s.shape, strict=True)) if a != b), 0)
+        for t, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shards), strict=True)
+    )
+    return _reduce_scattered(tree, shards, tuple(axes), dims)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _reduce_scattered(tree: PyTree, shards: PyTree, axes: tuple[str, ...]) -> PyTree:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _reduce_scattered(tree: PyTree, shards: PyTree, axes: tuple[str, ...], dims) -> PyTree:
     return vary_all(tree, axes)
 
 
-def _scattered_fwd(tree, shards, axes):
+def _scattered_fwd(tree, shards, axes, dims):
     return vary_all(tree, axes), None
 
 
-def _scattered_bwd(axes, _, ct):
-    def scatter(g):
-        return jax.lax.psum_scatter(g, axes, scatter_dimension=0, tiled=True)
-
-    return None, jax.tree.map(scatter, ct)
+def _scattered_bwd(axes, dims, _, ct):
+    leaves, treedef = jax.tree.flatten(ct)
+    scattered = [
+        jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+        for g, dim in zip(leaves, dims, strict=True)
+    ]
+    return None, jax.tree.unflatten(treedef, scattered)
 
 
 _reduce_scattered.defvjp(_scattered_fwd, _scattered_bwd)

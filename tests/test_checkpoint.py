@@ -16,16 +16,18 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 from data_utils import TINY_TRAIN
+from flax import nnx
 from safetensors import safe_open
 
 from launch import export as export_cli
 from launch import train as train_cli
 from sae_jax import load_pretrained
-from sae_jax.config import SAEConfig
+from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.export import INDEX, WEIGHTS, export_mesh, export_sae
 from sae_jax.mesh import make_mesh
 from sae_jax.model.switch import SwitchSAE
 from sae_jax.training.checkpoint import Checkpointer
+from sae_jax.training.step import init_state, make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [*TINY_TRAIN, "--gin.SYNTH_FEATURES=64"]
@@ -145,15 +147,40 @@ def test_incompatible_workdir_is_refused_untouched(tmp_path, capsys):
 
 
 def test_restore_onto_other_meshes(tmp_path, capsys):
+    """Train on (2, 4), resume on (4, 2), then on (1, 1); the start-up line says how ZeRO-1
+    splits each; the state saved on one mesh (parameters, Adam moments, counters) restores
+    on every other one bitwise, in that mesh's layout."""
     for steps, mesh in ((10, "(2, 4)"), (20, "(4, 2)"), (30, "(1, 1)")):
         assert run(tmp_path, f"--gin.MESH_SHAPE={mesh}", f"--gin.STEPS={steps}",
                    "--allow_changes") == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "resuming from the checkpoint at step 10, with changed settings: STEPS 10 -> 20" in out
     assert "resuming from the checkpoint at step 20, with changed settings: STEPS 20 -> 30" in out
+    split = "ZeRO-1: Adam state of the expert rows split over 'data' ({} devices, by latent rows"
+    assert split.format(2) in out and split.format(4) in out
+    assert "ZeRO-1: off ('data' axis of 1 device)" in out
     train_rows = [r for r in rows(tmp_path) if "loss" in r]
     assert [r["step"] for r in train_rows] == [10, 20, 30]
     assert all(np.isfinite(r["loss"]) for r in train_rows)
+    ckpt = Checkpointer(tmp_path)
+    for step in (10, 20):  # saved on (2, 4), on (4, 2)
+        states = [restored_state(ckpt, step, shape) for shape in ((2, 4), (4, 2), (1, 1))]
+        for other in states[1:]:
+            jax.tree.map(np.testing.assert_array_equal, states[0], other)
+    ckpt.close()
+
+
+def restored_state(ckpt: Checkpointer, step: int, shape: tuple[int, int]) -> dict:
+    """The TrainState at `step` restored on a mesh of `shape`, as numpy arrays; its Adam
+    moment of w_enc [4, 32, 16] is split over 'data' by latent rows (ZeRO-1) on 2 or 4."""
+    cfg = SAEConfig.from_record(ckpt.record(step)["model"])
+    with jax.set_mesh(make_mesh(shape)):
+        tx = make_optimizer(TrainConfig(), cfg.latents_per_expert)
+        state = ckpt.restore(step, like=init_state(SwitchSAE(cfg, rngs=nnx.Rngs(0)), tx))
+    mu = state.opt_state[0].mu["w_enc"][...]
+    data, expert = shape
+    assert mu.sharding.shard_shape(mu.shape) == (4 // expert, 32 // data, 16)
+    return jax.tree.map(np.asarray, jax.device_get(state))
 
 
 def test_export_then_load_reconstructs_like_the_model(tmp_path):

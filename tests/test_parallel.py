@@ -124,7 +124,7 @@ ZERO_CFG = SAEConfig(d=16, num_latents=256, num_experts=8, k=4, k_aux=8, capacit
                      expert_kernel="gather")  # fmt: skip
 
 
-def _train_steps(mesh, batches):
+def _train_steps(mesh, batches, cfg=ZERO_CFG):
     """AuxK training steps (on every dead latent) of a random model on `mesh`: (final state,
     per-step metrics, the step's optimized HLO). Latents are dead after a token without
     firing, so the first step has none and the others run AuxK."""
@@ -133,7 +133,7 @@ def _train_steps(mesh, batches):
 
     tcfg = TrainConfig(steps=10, batch_size=128, lr=1e-3, grad_clip=0.05, dead_after_tokens=1)
     with jax.set_mesh(mesh):
-        _, state, step = setup_training(random_model(ZERO_CFG, seed=3), tcfg)
+        _, state, step = setup_training(random_model(cfg, seed=3), tcfg)
         xs = [jax.device_put(x, token_sharding(mesh)) for x in batches]
         compiled = step.auxk.lower(state, xs[0]).compile()
         metrics = []
@@ -175,6 +175,11 @@ def test_zero1_training_steps_equal_single_device_with_moments_split_over_data()
     for r, g in zip(ref_m, got_m, strict=True):
         for name in ("loss", "grad_norm", "aux_loss"):
             np.testing.assert_allclose(g[name], r[name], rtol=1e-5, err_msg=name)
+    _assert_same_state(got, ref)
+
+
+def _assert_same_state(got, ref):
+    """Parameters and both Adam moments equal within float tolerance."""
     pairs = [(nnx.to_pure_dict(got.params), nnx.to_pure_dict(ref.params))]
     pairs += [(nnx.to_pure_dict(getattr(got.opt_state[0], m)),
                nnx.to_pure_dict(getattr(ref.opt_state[0], m))) for m in ("mu", "nu")]  # fmt: skip
@@ -182,3 +187,46 @@ def test_zero1_training_steps_equal_single_device_with_moments_split_over_data()
         for name, want in ref_tree.items():
             np.testing.assert_allclose(np.asarray(got_tree[name]), np.asarray(want), rtol=1e-4,
                                        atol=1e-6, err_msg=name)  # fmt: skip
+
+
+def test_zero1_splits_a_data_parallel_topk_by_latent_rows():
+    """A data-parallel TopK (N = 1) on an (8, 1) mesh: 'data' cannot split the one expert, so
+    ZeRO-1 splits its latent rows: each device holds the Adam moments of 64 / 8 latents of
+    w_enc, b_enc, w_dec (an eighth), their gradient arrives reduce-scattered along the
+    latents (no all-reduce of an expert gradient), and three steps (AuxK in two) equal one
+    device's: parameters, both moments, loss and gradient norm."""
+    from sae_jax.plan import hlo as hlo_text
+
+    cfg = SAEConfig(d=16, num_latents=64, num_experts=1, k=4, k_aux=8)
+    rng = np.random.default_rng(6)
+    batches = [jnp.asarray(rng.normal(size=(128, 16)), jnp.float32) for _ in range(3)]
+    ref, ref_m, _ = _train_steps(make_mesh((1, 1)), batches, cfg)
+    got, got_m, hlo = _train_steps(make_mesh((8, 1)), batches, cfg)
+    for name, shard in (("w_enc", (1, 8, 16)), ("w_dec", (1, 8, 16)), ("b_enc", (1, 8))):
+        param = got.params[name][...]
+        assert param.sharding.is_fully_replicated, name
+        for moment in (got.opt_state[0].mu[name][...], got.opt_state[0].nu[name][...]):
+            assert moment.sharding.shard_shape(moment.shape) == shard, name
+    found = hlo_text.collectives(hlo, 8)
+    assert any(c.op == "reduce-scatter" and "f32[1,8,16]" in c.shape for c in found), found
+    assert not [c for c in found if c.op == "all-reduce" and "[1,64,16]" in c.shape], found
+    for r, g in zip(ref_m, got_m, strict=True):
+        for name in ("loss", "grad_norm", "aux_loss"):
+            np.testing.assert_allclose(g[name], r[name], rtol=1e-5, err_msg=name)
+    _assert_same_state(got, ref)
+
+
+def test_zero1_start_up_line():
+    """The line `train` prints: on, and how; off, and why."""
+    from sae_jax.training.update import zero_message
+
+    on = "ZeRO-1: Adam state of the expert rows split over 'data'"
+    assert zero_message(make_mesh((2, 4)), 8, 32) == f"{on} (2 devices, by whole experts)"
+    assert zero_message(make_mesh((8, 1)), 1, 64) == (
+        f"{on} (8 devices, by latent rows of every expert)"
+    )
+    assert zero_message(make_mesh((1, 8)), 8, 32) == "ZeRO-1: off ('data' axis of 1 device)"
+    assert zero_message(make_mesh((3, 2)), 4, 10) == (
+        "ZeRO-1: off ('data' axis of 3 devices divides neither the 2 experts of an 'expert' "
+        "index nor their 10 latents)"
+    )

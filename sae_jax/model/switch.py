@@ -38,7 +38,7 @@ from sae_jax.kernels.expert import (
     expert_out,
 )
 from sae_jax.kernels.records import routed_kernel
-from sae_jax.mesh import AXES
+from sae_jax.mesh import AXES, zero_rows_spec
 from sae_jax.varying import reduce_scattered, vary_all
 
 EXPERT_AXES = ("expert", None, None)
@@ -135,8 +135,8 @@ class SwitchSAE(nnx.Module):
         Under a ('data', 'expert') mesh the forward runs in `jax.shard_map`: each device routes
         its own tokens and the dispatch path moves them to the devices that hold their experts.
         Without a mesh it runs as one local computation.
-        grad_shards (ZeRO-1, a 'data' axis over 1): arrays shaped like w_enc, b_enc, w_dec, their
-        expert axis split over 'expert' then 'data', whose gradient is theirs reduce-scattered
+        grad_shards (ZeRO-1, a 'data' axis over 1): arrays shaped like w_enc, b_enc, w_dec, in
+        the layout of `mesh.zero_rows_spec`, whose gradient is theirs reduce-scattered
         over 'data' (`varying.reduce_scattered`; training.update.grad_shards); the weights
         then get none.
         """
@@ -172,7 +172,10 @@ class SwitchSAE(nnx.Module):
             None if bias is None else P(),
             None if enc_scale is None else expert_spec,
         )
-        shard_specs = None if grad_shards is None else ExpertParams(*(P(("expert", "data")),) * 3)
+        shard_specs = None
+        if grad_shards is not None:
+            split = zero_rows_spec(mesh, cfg.num_experts, cfg.latents_per_expert)
+            shard_specs = ExpertParams(split, split, split)
         in_specs = (param_specs, tok, None if dead is None else expert_spec, shard_specs)
         out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P(), P(), P())
         return jax.shard_map(
@@ -205,8 +208,9 @@ def switch_apply(
 
     Written for one device's share: x [T_local, d], params.experts [N_local, ...], dead_ids
     [N_local, B] int32 dead latent ids (None: no AuxK); grad_shards: see SwitchSAE.__call__
-    ([N_local / data, L, ...] here). Tokens are centred (x - b_dec) in float32 and travel in
-    cfg.compute_dtype, and the reconstructions come back in it. Inside shard_map
+    ([N_local / data, L, ...] or [N_local, L / data, ...] here). Tokens are centred
+    (x - b_dec) in float32 and travel in cfg.compute_dtype, and the reconstructions come back
+    in it. Inside shard_map
     (`all_axes`: the manual mesh axes, 'expert' among them), sums are psum'd over them.
     """
     x = x.astype(jnp.float32)

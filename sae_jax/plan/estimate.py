@@ -198,7 +198,7 @@ class Shapes:
     @property
     def zero(self) -> bool:
         """ZeRO-1: the expert weights' Adam moments split over 'data' (training/update.py)."""
-        return zero_split(self.data, self.local_experts)
+        return zero_split(self.data, self.local_experts, self.latents)
 
 
 def memory(s: Shapes) -> dict[str, int]:

@@ -48,6 +48,7 @@ from sae_jax.training.metric_logs import check_wandb
 from sae_jax.training.metrics import MetricWriter, summary
 from sae_jax.training.preemption import Preempted, PreemptionGuard
 from sae_jax.training.step import TrainState, TrainStep, setup_training
+from sae_jax.training.update import zero_message
 
 # The loss's parts apart (loss = mse + LB_ALPHA * lb_loss + aux_weight * aux_loss; lb_loss is
 # at least 1, so the total sits near LB_ALPHA whatever the reconstruction).
@@ -132,6 +133,7 @@ def train(
     if run.start >= tcfg.steps:
         return already_trained(run)
     describe_data(run)
+    say(run.lead, zero_message(run.mesh, run.cfg.num_experts, run.cfg.latents_per_expert))
     with jax.set_mesh(run.mesh):
         run, graphdef, state, step_fn = initial_state(run)
         log = open_log(run, graphdef, wandb)
