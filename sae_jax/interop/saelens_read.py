@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.interop.peer_files import read_config, read_tensors
+from sae_jax.interop.saelens_files import CONFIG, WEIGHTS, WHOLE
 
-CONFIG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 BASE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 Tensors = dict[str, np.ndarray]
@@ -154,9 +154,8 @@ def _switch(path: Path, cfg: dict, t: Tensors) -> tuple[Tensors, dict]:
                "b_enc": t["b_enc"][:m].reshape(n, m // n),
                "w_dec": np.ascontiguousarray(t["W_dec"][:m]).reshape(n, m // n, d),
                "b_dec": t["b_dec"]}  # fmt: skip
-    for ours, theirs in (("w_router", "W_router"), ("b_router", "b_router"),
-                         ("router_bias", "router_bias")):  # fmt: skip
-        if theirs in t:
+    for theirs, ours in WHOLE.items():  # the router's tensors, as the writer names them
+        if theirs in t and ours not in tensors:
             tensors[ours] = t[theirs]
     if n > 1 and "w_router" not in tensors:
         raise ValueError(f"{path / WEIGHTS}: {n} experts but no W_router")

@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.interop.peer_files import read_config, read_tensors
+from sae_jax.interop.sparsify_files import CONFIG, LAYOUT, WEIGHTS
+from sae_jax.interop.streaming import Latents
 
-CONFIG, WEIGHTS = "cfg.json", "sae.safetensors"
-NAMES = {"encoder.weight": "w_enc", "encoder.bias": "b_enc", "W_dec": "w_dec", "b_dec": "b_dec"}
+# sparsify's tensor -> ours, as the writer lays them out
+NAMES = {theirs: ours.expert if isinstance(ours, Latents) else ours
+         for theirs, ours in LAYOUT.items()}  # fmt: skip
 # cfg.json options that change the maths, with the value sae_jax runs
 REFUSED = {"activation": "topk", "transcode": False, "skip_connection": False}
 
