@@ -187,8 +187,11 @@ class SAEConfig:
 class TrainConfig:
     """How to train: steps, batch, optimiser, losses, data and logging.
 
-    lr: None picks base_lr / sqrt(latents per expert / 2**14): Gao et al.'s 1/sqrt(width) rule
-        (their base_lr 2e-4), applied to the width of one expert, the TopK SAE a token sees.
+    lr: one fixed LR for every parameter group. None: each group's own, by Gao et al.'s
+        1/sqrt(width) rule, base_lr / sqrt(width / 2**14) (their base_lr 2e-4), the experts at
+        the width of the whole routed dictionary, NUM_LATENTS, a shared dictionary at its own
+        (training/learning_rates.py).
+    router_lr: the router's LR (w_router, b_router); None: the experts'.
     lb_alpha: load-balancing weight against the per-dimension MSE; it applies with
         SAEConfig.router_bias too (0: balance by the bias alone).
     router_bias_rate: with SAEConfig.router_bias, how far each step moves an expert's routing
@@ -211,6 +214,7 @@ class TrainConfig:
     batch_size: int = 4096
     lr: float | None = None
     base_lr: float = 2e-4
+    router_lr: float | None = None
     seed: int = 0
     lb_alpha: float = 3.0
     router_bias_rate: float = 1e-3
@@ -245,6 +249,8 @@ class TrainConfig:
             raise ConfigError(f"EVAL_EVERY={self.eval_every} must be >= 0 (0: only at the end)")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"LR={self.lr!r} must be positive (or None for the default)")
+        if self.router_lr is not None and not self.router_lr > 0:
+            raise ConfigError(f"ROUTER_LR={self.router_lr!r} must be positive (or None)")
         if not self.base_lr > 0:
             raise ConfigError(f"BASE_LR={self.base_lr!r} must be positive")
         if self.lb_alpha < 0:
@@ -266,10 +272,11 @@ class TrainConfig:
         """The evaluation data as used: EVAL_DATA, or TRAIN_DATA when EVAL_DATA is FOLLOW."""
         return self.train_data if self.eval_data == FOLLOW else self.eval_data
 
-    def learning_rate(self, latents_per_expert: int) -> float:
+    def learning_rate(self, width: int) -> float:
+        """The LR of a dictionary of `width` latents: LR, or base_lr / sqrt(width / 2**14)."""
         if self.lr is not None:
             return self.lr
-        return self.base_lr / math.sqrt(latents_per_expert / 2**14)
+        return self.base_lr / math.sqrt(width / 2**14)
 
 
 # The configs/base.gin macro that binds each field, to name it in messages as the user
@@ -287,7 +294,7 @@ MACROS = {
         "steps": "STEPS", "batch_size": "BATCH_SIZE", "lr": "LR", "seed": "SEED",
         "lb_alpha": "LB_ALPHA", "train_data": "TRAIN_DATA", "eval_data": "EVAL_DATA",
         "eval_every": "EVAL_EVERY", "log_every": "LOG_EVERY", "mesh_shape": "MESH_SHAPE",
-        "checkpoint_every": "CHECKPOINT_EVERY", "base_lr": "BASE_LR",
+        "checkpoint_every": "CHECKPOINT_EVERY", "base_lr": "BASE_LR", "router_lr": "ROUTER_LR",
         "router_bias_rate": "ROUTER_BIAS_RATE", "router_z_weight": "ROUTER_Z_WEIGHT",
     },
 }  # fmt: skip

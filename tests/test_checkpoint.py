@@ -175,7 +175,7 @@ def restored_state(ckpt: Checkpointer, step: int, shape: tuple[int, int]) -> dic
     moment of w_enc [4, 32, 16] is split over 'data' by latent rows (ZeRO-1) on 2 or 4."""
     cfg = SAEConfig.from_record(ckpt.record(step)["model"])
     with jax.set_mesh(make_mesh(shape)):
-        tx = make_optimizer(TrainConfig(), cfg.latents_per_expert)
+        tx = make_optimizer(cfg, TrainConfig())
         state = ckpt.restore(step, like=init_state(SwitchSAE(cfg, rngs=nnx.Rngs(0)), tx))
     mu = state.opt_state[0].mu["w_enc"][...]
     data, expert = shape

@@ -106,7 +106,7 @@ def test_expert_state_is_created_sharded():
     tcfg = TrainConfig(geometric_median_tokens=256)
     with jax.set_mesh(make_mesh((2, 4))):
         model = build_model(cfg, tcfg, SyntheticData(dim=16, num_features=64, num_groups=4))
-        state = init_state(model, make_optimizer(tcfg, cfg.num_latents))
+        state = init_state(model, make_optimizer(cfg, tcfg))
     params = state.params
     for name in ("w_enc", "w_dec", "b_enc"):
         array = params[name][...]

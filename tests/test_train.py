@@ -51,12 +51,12 @@ def test_decoder_gradient_projection_is_orthogonal():
 
 def _step_sizes(tx: optax.GradientTransformation, steps: int) -> list[float]:
     """The update size of each step for a constant unit gradient: the schedule's LR."""
-    params = {"w": jnp.zeros(())}
+    params = {"w_enc": jnp.zeros(())}
     state = tx.init(params)
     sizes = []
     for _ in range(steps):
-        updates, state = tx.update({"w": jnp.ones(())}, state, params)
-        sizes.append(float(-updates["w"]))
+        updates, state = tx.update({"w_enc": jnp.ones(())}, state, params)
+        sizes.append(float(-updates["w_enc"]))
     return sizes
 
 
@@ -64,9 +64,9 @@ def test_learning_rate_schedule_holds_then_decays():
     tcfg = TrainConfig(steps=100, lr=None, decay_fraction=0.2)
     lr = tcfg.learning_rate(2**16)
     assert lr == pytest.approx(1e-4)
-    # The default scales with the latents per expert: 4x narrower experts, 2x the LR.
+    # The default scales with the width: a 4x narrower dictionary, 2x the LR.
     assert TrainConfig(base_lr=1e-3).learning_rate(2**12) == pytest.approx(2e-3)
-    tx = make_optimizer(tcfg, 2**16)
+    tx = make_optimizer(SAEConfig(d=8, num_latents=2**16, num_experts=1, k=4), tcfg)
     sizes = _step_sizes(tx, 100)
     assert sizes[0] == pytest.approx(lr, rel=1e-3)
     assert sizes[79] == pytest.approx(lr, rel=1e-3)
@@ -77,7 +77,9 @@ def test_learning_rate_schedule_holds_then_decays():
 
 def test_learning_rate_warms_up_holds_then_decays():
     tcfg = TrainConfig(steps=100, lr=1e-3, warmup_fraction=0.1, decay_fraction=0.2)
-    sizes = _step_sizes(make_optimizer(tcfg, 2**12), 100)
+    sizes = _step_sizes(
+        make_optimizer(SAEConfig(d=8, num_latents=64, num_experts=1, k=4), tcfg), 100
+    )
     assert sizes[0] == pytest.approx(0.0, abs=1e-9)  # linear from 0 over 10 steps
     assert sizes[5] == pytest.approx(5e-4, rel=1e-3)
     assert sizes[10] == pytest.approx(1e-3, rel=1e-3)

@@ -28,13 +28,15 @@ def reference_update(grads, opt_state, params, clip):
 def test_chunked_update_equals_whole_tensor_update(monkeypatch, shape):
     """On a 2x4 mesh (ZeRO-1: each device updates 1 of the 2 experts of its 'expert' index, in
     4 chunks of rows) with feature scaling: enc_scale [N, d] is updated whole (its axis 1 is
-    not the latents: chunked as rows, its update was wrong or failed)."""
+    not the latents: chunked as rows, its update was wrong or failed). Each parameter group at
+    its own LR (experts, router, shared dictionary: training/learning_rates.py)."""
     monkeypatch.setattr(update, "UPDATE_CHUNK_BYTES", 4 * 16 * 8)  # 8 rows of d=16: 4 chunks
-    cfg = SAEConfig(d=16, num_latents=256, num_experts=8, k=4, feature_scaling=True)
-    tcfg = TrainConfig(steps=10, lr=1e-2, grad_clip=0.5)
+    cfg = SAEConfig(d=16, num_latents=256, num_experts=8, k=4, feature_scaling=True,
+                    shared_latents=24, shared_k=1)  # fmt: skip
+    tcfg = TrainConfig(steps=10, base_lr=1e-3, router_lr=2e-2, grad_clip=0.5)
     assert update.chunk_rows(cfg.latents_per_expert, 16 * 4) == 8
     rng = np.random.default_rng(0)
-    tx = make_optimizer(tcfg, cfg.num_latents)
+    tx = make_optimizer(cfg, tcfg)
 
     def run(mesh):
         model = random_model(cfg)
@@ -72,7 +74,7 @@ def test_update_loop_carries_only_the_expert_rows(monkeypatch):
     each chunk), and the loop still runs (4 chunks of rows)."""
     monkeypatch.setattr(update, "UPDATE_CHUNK_BYTES", 4 * 16 * 8)  # 8 rows of d=16
     cfg = SAEConfig(d=16, num_latents=64, num_experts=2, k=4, shared_latents=24, shared_k=1)
-    tx = make_optimizer(TrainConfig(steps=10), cfg.latents_per_expert)
+    tx = make_optimizer(cfg, TrainConfig(steps=10))
     with jax.set_mesh(make_mesh((1, 1))):
         state = init_state(random_model(cfg), tx)
         fn = jax.jit(lambda g, s, p: update.apply_update(tx, g, s, p, clip=1.0))

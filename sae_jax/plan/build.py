@@ -32,7 +32,7 @@ def abstract_state(cfg: SAEConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh):
     """(graphdef, optimizer, state of ShapeDtypeStructs carrying their shardings, shardings)."""
     model = nnx.eval_shape(lambda: SwitchSAE(cfg, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model)
-    tx = make_optimizer(tcfg, cfg.latents_per_expert)
+    tx = make_optimizer(cfg, tcfg)
     abstract = jax.eval_shape(functools.partial(new_state, tx=tx), params)
     shardings = state_sharding(abstract, mesh)
     state = jax.tree.map(

@@ -41,9 +41,10 @@ MODEL_KEYS = ("d", "num_latents", "num_experts", "router_bias", "shared_latents"
 CHANGE_KEYS = {
     SAEConfig: ("k", "k_aux", "capacity_factor", "eval_capacity_factor", "compute_dtype",
                 "dispatch", "experts_per_token", "shared_k"),
-    TrainConfig: ("steps", "batch_size", "lr", "base_lr", "seed", "lb_alpha", "aux_weight",
-                  "warmup_fraction", "decay_fraction", "grad_clip", "dead_after_tokens",
-                  "aux_max_share", "train_data", "router_bias_rate", "router_z_weight"),
+    TrainConfig: ("steps", "batch_size", "lr", "base_lr", "router_lr", "seed", "lb_alpha",
+                  "aux_weight", "warmup_fraction", "decay_fraction", "grad_clip",
+                  "dead_after_tokens", "aux_max_share", "train_data", "router_bias_rate",
+                  "router_z_weight"),
 }  # fmt: skip
 DATA_TRAIN_KEYS = ("train_data", "seed")  # TrainConfig fields that choose the training data
 # The data source's parameters that change the training stream (another value: the data would

@@ -44,6 +44,7 @@ from sae_jax.training.checkpoint import (
     check_compatible,
     model_record,
 )
+from sae_jax.training.learning_rates import lr_message
 from sae_jax.training.metric_logs import check_wandb
 from sae_jax.training.metrics import MetricWriter, summary
 from sae_jax.training.preemption import Preempted, PreemptionGuard
@@ -134,6 +135,7 @@ def train(
         return already_trained(run)
     describe_data(run)
     say(run.lead, zero_message(run.mesh, run.cfg.num_experts, run.cfg.latents_per_expert))
+    say(run.lead, lr_message(run.cfg, tcfg))
     with jax.set_mesh(run.mesh):
         run, graphdef, state, step_fn = initial_state(run)
         log = open_log(run, graphdef, wandb)

@@ -35,6 +35,7 @@ from sae_jax.config import TrainConfig
 from sae_jax.kernels.auxk import bucket_for, compact_dead, dead_buckets, max_bucket
 from sae_jax.model.losses import loss_and_metrics
 from sae_jax.model.switch import RouterBias, SwitchSAE
+from sae_jax.training.learning_rates import make_optimizer
 from sae_jax.training.update import apply_update, grad_shards, state_specs, with_row_grads
 
 # A step runs AuxK when some latent was dead this many steps before it (LAG - 1 steps late at
@@ -50,22 +51,6 @@ class TrainState:
     opt_state: Any
     since_fired: jax.Array  # [N, L] int32 training tokens since each latent last fired
     recent_dead: jax.Array  # [DEAD_COUNT_LAG] int32 most dead latents in one expert, recent steps
-
-
-def make_optimizer(tcfg: TrainConfig, latents_per_expert: int) -> optax.GradientTransformation:
-    """Adam; the LR rises linearly from 0 over the first `warmup_fraction` of the steps, holds,
-    then decays linearly to 0 over the last `decay_fraction`. The step clips gradients by their
-    global norm (`tcfg.grad_clip`) before it (see update.apply_update)."""
-    lr = tcfg.learning_rate(latents_per_expert)
-    warmup_steps = int(round(tcfg.steps * tcfg.warmup_fraction))
-    decay_steps = int(round(tcfg.steps * tcfg.decay_fraction))
-    hold = tcfg.steps - warmup_steps - decay_steps
-    parts = [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, max(decay_steps, 1))]
-    bounds = [hold]
-    if warmup_steps:
-        parts.insert(0, optax.linear_schedule(0.0, lr, warmup_steps))
-        bounds = [warmup_steps, warmup_steps + hold]
-    return optax.adam(optax.join_schedules(parts, bounds))
 
 
 def new_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
@@ -114,7 +99,7 @@ def init_state(model: SwitchSAE, tx: optax.GradientTransformation) -> TrainState
 def setup_training(model: SwitchSAE, tcfg: TrainConfig):
     """(graphdef, initial TrainState, TrainStep) for a model built under the current mesh;
     the step keeps the state in the layout it was created in."""
-    tx = make_optimizer(tcfg, model.cfg.latents_per_expert)
+    tx = make_optimizer(model.cfg, tcfg)
     graphdef, state = nnx.graphdef(model), init_state(model, tx)
     step = TrainStep(graphdef, tx, tcfg, sharding_of(state), has_auxk=model.cfg.k_aux > 0)
     return graphdef, state, step
