@@ -1,11 +1,13 @@
-"""launch.experiments.compare end to end on tiny shards, and what it is built from: the
-duplicate-feature counter, the FLOPs estimate with e experts per token and a shared
-dictionary, and the training clock."""
+"""launch.experiments.compare end to end on tiny shards (at one seed and at two), and what it
+is built from: the duplicate-feature counter, the FLOPs estimate with e experts per token and
+a shared dictionary, the training clock, and the aggregation over seeds."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -125,6 +127,7 @@ def test_compare_writes_table_json_and_curves(compared):
     doc = (compared / "docs" / "c.md").read_text()
     assert "| switch2_flops |" in doc and f"]({compare.TIME_PNG})" in doc
     assert "--rows topk,switch2_flops" in doc and "$" not in doc
+    assert "Each row is trained at" not in doc and "beats TopK" not in table
 
 
 def test_row_choice_and_bindings():
@@ -154,3 +157,102 @@ def test_ratios_are_to_topk_and_to_the_best_topk():
     assert [r["fvu_dropless_vs_best_topk"] for r in rows] == pytest.approx([1.25, 1.0, 0.9375])
     assert rows[2]["tokens_per_sec_vs_topk"] == pytest.approx(1.2)
     assert math.isnan(rows[2]["step_tokens_per_sec_vs_topk"])
+
+
+def test_seed_aggregates_by_hand():
+    assert compare.sample_std([0.2, 0.21, 0.19]) == pytest.approx(0.01)  # sqrt(2e-4 / 2)
+    assert math.isnan(compare.sample_std([0.2]))
+    assert compare.paired_wins({0: 0.2, 1: 0.21, 2: 0.19}, {0: 0.21, 1: 0.2, 2: 0.2}) == (2, 3)
+    assert compare.paired_wins({0: 0.2, 1: 0.1}, {1: 0.2, 5: 0.3}) == (1, 1)  # shared seeds
+    first = [{"step": 2, "fvu": 0.5, "train_seconds": 1.0},
+             {"step": 4, "fvu": 0.3, "train_seconds": 2.0}]  # fmt: skip
+    curves = [first, [{"step": 2, "fvu": 0.4, "train_seconds": 3.0}]]  # step 4: one curve only
+    assert compare.mean_curve(curves) == [
+        {"step": 2, "fvu": pytest.approx(0.45), "train_seconds": 2.0}]  # fmt: skip
+    shape = {"name": "switch", "num_experts": 8, "experts_per_token": 1, "num_latents": 64,
+             "kind": "k"}  # fmt: skip
+    records = [shape | {"seed": s, "fvu_dropless": f, "l0": l0, "tokens_per_sec": t,
+                        "duplicates": {"cross_expert": c, "cross_expert_fraction": c / 64},
+                        "expert_load": [s, 1], "curve": [{"step": 2, "fvu": f}]}
+               for s, f, l0, t, c in [(0, 0.2, 30, 100.0, 3), (1, 0.21, 32, 300.0, 4),
+                                      (2, 0.19, 34, 120.0, 5)]]  # fmt: skip
+    row = compare.aggregate(records)
+    assert row["fvu_dropless"] == pytest.approx(0.2) and row["l0"] == pytest.approx(32)
+    assert row["fvu_dropless_std"] == pytest.approx(0.01)
+    assert (row["fvu_dropless_min"], row["fvu_dropless_max"]) == (0.19, 0.21)
+    assert row["tokens_per_sec"] == 120.0  # the median
+    assert row["num_experts"] == 8 and row["name"] == "switch"  # shared: kept as they are
+    assert row["duplicates"] == {"cross_expert": 4.0, "cross_expert_fraction": 4 / 64}
+    assert "expert_load" not in row and "seed" not in row  # differing non-numbers left out
+    assert row["seeds"] == [0, 1, 2] and row["runs"] == records
+    assert row["curve"] == [{"step": 2, "fvu": pytest.approx(0.2)}]
+    base = compare.aggregate([r | {"name": "topk", "num_experts": 1,
+                                   "fvu_dropless": 0.205} for r in records])  # fmt: skip
+    results = [base, row]
+    compare.add_ratios(results)
+    compare.add_paired_wins(results)
+    assert base["beats_topk"] is None and row["beats_topk"] == [2, 3]  # 0.2 and 0.19 < 0.205
+    assert row["fvu_dropless_vs_topk"] == pytest.approx(0.2 / 0.205)  # the ratio of means
+    table = compare.markdown(results, seeds=True)
+    assert "| FVU (mean ± sd) | FVU min–max | FVU vs TopK | vs best TopK | beats TopK |" in table
+    assert "| 0.2000 ± 0.0100 | 0.1900–0.2100 | 0.98x | 0.976x | 2/3 | 32.0 |" in table
+    assert "| 0.2050 ± 0.0000 | 0.2050–0.2050 | 1.00x | 1.000x | - |" in table
+    assert "| 32.0 | - | 4.0 (6.2%) | - | - | 120 | 1.00x |" in table  # dead, same expert: -
+
+
+def test_seeds_flag_and_bindings():
+    assert compare.parse_seeds("0,1,2") == [0, 1, 2]
+    for bad in ("0,0", "", "a,1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            compare.parse_seeds(bad)
+    args = compare.parse_args(["--train", "t", "--eval", "e", "--gin", "SEED=9"])
+    assert args.seeds is None and not compare.multi_seed(args)
+    topk = compare.RUNS[0]
+    assert compare.row_dirs(args, topk) == [Path("runs/compare/topk")]
+    assert not any("SEED" in a for a in compare.train_argv(args, topk, 10, Path("w"))[:-1])
+    assert compare.train_argv(args, topk, 10, Path("w"), 3)[-1] == "--gin.SEED=3"  # wins
+    one = compare.parse_args(["--train", "t", "--eval", "e", "--seeds", "4"])
+    assert compare.row_dirs(one, topk) == [Path("runs/compare/topk")]  # today's directory
+    three = compare.parse_args(["--train", "t", "--eval", "e", "--seeds", "0,1,2"])
+    assert compare.row_dirs(three, topk) == [Path(f"runs/compare/topk/seed{s}") for s in (0, 1, 2)]
+    assert compare.seeds_text(one) == "" and "SEED = 0, 1, 2" in compare.seeds_text(three)
+
+
+def test_compare_with_two_seeds_reuses_seed_0(compared):
+    """The one-seed fixture's runs (SEED = 0) copied in as seed 0, and their step benchmarks
+    as the rows' (WORKDIR/ROW/step_speed.json): only seed 1 trains."""
+    runs = compared / "seeds"
+    one = json.loads((compared / "out" / "results.json").read_text())
+    for r in one:
+        shutil.copytree(compared / "runs" / r["name"], runs / r["name"] / "seed0")
+        shutil.copy(compared / "runs" / r["name"] / "step_speed.json", runs / r["name"])
+    argv = ["--train", str(compared / "train"), "--eval", str(compared / "eval"),
+            "--width", "32", "--passes", "0.5", "--eval_points", "4",
+            "--rows", "topk,switch2_flops", "--gin", "BATCH_SIZE=64", "--gin", "K=4",
+            "--gin", "LOG_EVERY=2", "--gin", "TrainConfig.eval_tokens=256", "--eval_tokens",
+            "256", "--bench_steps", "1", "--workdir", str(runs), "--seeds", "0,1",
+            "--out", str(compared / "out2" / "results.md"),
+            "--doc", str(compared / "docs2" / "c.md"), "--in_process"]  # fmt: skip
+    assert compare.main(argv) == 0
+    results = json.loads((compared / "out2" / "results.json").read_text())
+    for r, single in zip(results, one, strict=True):
+        assert r["name"] == single["name"] and r["seeds"] == [0, 1]
+        assert [s["seed"] for s in r["runs"]] == [0, 1]
+        assert r["runs"][0]["fvu_dropless"] == single["fvu_dropless"]  # reused, not retrained
+        assert r["runs"][1]["fvu_dropless"] != single["fvu_dropless"]
+        assert compare.run_configs(runs / r["name"] / "seed1")[1].seed == 1
+        fvus = [s["fvu_dropless"] for s in r["runs"]]
+        assert r["fvu_dropless"] == pytest.approx(sum(fvus) / 2)
+        assert r["fvu_dropless_std"] == pytest.approx(abs(fvus[0] - fvus[1]) / math.sqrt(2))
+        assert [p["step"] for p in r["curve"]] == [2, 4, 6, 8]
+        assert r["step_tokens_per_sec"] == single["step_tokens_per_sec"]  # one per row
+    wins = sum(s["fvu_dropless"] < t["fvu_dropless"]
+               for s, t in zip(results[1]["runs"], results[0]["runs"], strict=True))  # fmt: skip
+    assert results[0]["beats_topk"] is None and results[1]["beats_topk"] == [wins, 2]
+    table = (compared / "out2" / "results.md").read_text()
+    assert "| FVU (mean ± sd) |" in table and f"| {wins}/2 |" in table
+    assert "Each row is trained at 2 seeds (SEED = 0, 1" in table
+    doc = (compared / "docs2" / "c.md").read_text()
+    assert "Each row is trained at 2 seeds" in doc and "| beats TopK |" in doc
+    assert "--seeds 0,1" in doc and "$" not in doc
+    assert (compared / "docs2" / compare.TIME_PNG).read_bytes().startswith(PNG)

@@ -3,6 +3,7 @@
     python -m launch.experiments.compare --train DIR --eval DIR [--width 4608] [--passes 1]
         [--steps S] [--rows topk,switch8,...] [--gin NAME=VALUE ...] [--eval_points 9]
         [--workdir runs/compare] [--out runs/compare/results.md] [--doc docs/comparison.md]
+        [--seeds 0,1,2]
 
 Trains one SAE per row (RUNS; --rows picks them, default DEFAULT_ROWS, `all` for every one):
 a TopK SAE (N = 1, NUM_LATENTS = width), Switch SAEs at equal width (N = 8, 32; top-1, or
@@ -25,6 +26,14 @@ shares the machine), "step tokens/s" the training step alone, benchmarked for ev
 this one process at the end (--bench_steps 0 skips it). --doc DOC regenerates that page from
 launch/experiments/comparison_template.md, with the PNGs copied beside it. Finished runs
 (those with an eval.json) are not trained again.
+
+--seeds S0,S1,... trains every row once per seed (gin SEED: the initialisation and the data
+order), in WORKDIR/ROW/seedS (with one seed, or without --seeds, in WORKDIR/ROW as before).
+With several seeds a row's FVU is given as the mean ± the sample standard deviation over the
+seeds and their min-max, the ratios are those of the means, "beats TopK" counts the seeds at
+which the row's FVU is below the TopK baseline's of the same seed, the other metrics and the
+curves are means over the seeds, "train tokens/s" the median over them, and the step is
+benchmarked once per row; results.json keeps each seed's record under the row's `runs`.
 """
 
 from __future__ import annotations
@@ -91,9 +100,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gin", action="append", default=[], help="NAME=VALUE for every row")
     p.add_argument("--bench_steps", type=int, default=5, help="timed steps per step benchmark")
     p.add_argument("--doc", default=None, help="also regenerate this markdown page")
+    p.add_argument("--seeds", type=parse_seeds, default=None,
+                   help="comma list of SEED values, one run per row and seed (default: one, "
+                   "the config's)")  # fmt: skip
     p.add_argument("--in_process", action="store_true",
                    help="train and evaluate in this process, not in subprocesses")  # fmt: skip
     return p.parse_args(argv)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (distinct, in the given order)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from e
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"need one or more distinct seeds: {text!r}")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,15 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = chosen_rows(args.rows)
     steps, batch = planned_steps(args)
-    results = [run_row(args, row, steps, batch) for row in rows]
-    for result in results:  # one process, one after another: comparable step times
-        result["step_tokens_per_sec"] = step_speed(args, result)
+    results = [row_result(args, row, steps, batch) for row in rows]
+    for row, result in zip(rows, results, strict=True):  # one process: comparable step times
+        result["step_tokens_per_sec"] = step_speed(args, row_dirs(args, row)[0], result)
     add_ratios(results)
+    if multi_seed(args):
+        add_paired_wins(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(results, out.parent)
-    table = markdown(results)
-    out.write_text(f"{setup_text(args, steps, batch)}\n\n{table}")
+    plots = write_plots(results, out.parent, seeds_label(args))
+    table = markdown(results, multi_seed(args))
+    out.write_text(f"{setup_text(args, steps, batch)}\n\n{seeds_text(args)}{table}")
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     print(table)
     print(f"wrote {out}, {out.with_suffix('.json')}, {plots[0]}, {plots[1]}")
@@ -149,14 +174,14 @@ def eval_every(steps: int, points: int) -> int:
     return max(1, math.ceil(steps / max(points, 1)))
 
 
-def train_argv(args, row: Row, steps: int, workdir: Path) -> list[str]:
+def train_argv(args, row: Row, steps: int, workdir: Path, seed: int | None = None) -> list[str]:
     """launch.train's arguments for a row: the config, the data, N, NUM_LATENTS, STEPS and
-    EVAL_EVERY, then --gin's bindings, then the row's own."""
+    EVAL_EVERY, then --gin's bindings, then the row's own, then SEED (unless None)."""
     shape = [f"NUM_EXPERTS={row.experts}", f"NUM_LATENTS={args.width * row.multiple}"]
     bindings = [f"TRAIN_DATA={args.train!r}", f"EVAL_DATA={args.eval!r}",
                 *(shape if row.experts else []),
                 f"STEPS={steps}", f"EVAL_EVERY={eval_every(steps, args.eval_points)}",
-                *args.gin, *row.bindings]  # fmt: skip
+                *args.gin, *row.bindings, *([] if seed is None else [f"SEED={seed}"])]  # fmt: skip
     return [f"--gin_file={row.config}", f"--workdir={workdir}", "--no_progress",
             *[f"--gin.{b}" for b in bindings]]  # fmt: skip
 
@@ -173,14 +198,37 @@ def run_module(module: str, argv: list[str], in_process: bool) -> None:
         raise SystemExit(f"error: {module} {shlex.join(argv)} exited with {code}")
 
 
-def run_row(args, row: Row, steps: int, batch: int) -> dict:
-    """Train and evaluate a row (unless its eval.json exists); its results: eval.json's
-    numbers, throughput, curves, FLOPs and duplicates."""
-    workdir = Path(args.workdir) / row.name
-    print(f"== {row.name}: {row.config} N={row.experts or 'config'}, x{row.multiple or 'config'} "
-          f"{' '.join(row.bindings)}", flush=True)  # fmt: skip
+def multi_seed(args) -> bool:
+    return args.seeds is not None and len(args.seeds) > 1
+
+
+def row_dirs(args, row: Row) -> list[Path]:
+    """The row's run directories, one per seed: WORKDIR/ROW/seedS, or WORKDIR/ROW alone
+    with one seed."""
+    if not multi_seed(args):
+        return [Path(args.workdir) / row.name]
+    return [Path(args.workdir) / row.name / f"seed{s}" for s in args.seeds]
+
+
+def row_result(args, row: Row, steps: int, batch: int) -> dict:
+    """run_row's record (one seed), or with several seeds aggregate() of each seed's."""
+    if not multi_seed(args):
+        seed = None if args.seeds is None else args.seeds[0]
+        return run_row(args, row, steps, batch, row_dirs(args, row)[0], seed)
+    records = [run_row(args, row, steps, batch, workdir, seed) | {"seed": seed}
+               for seed, workdir in zip(args.seeds, row_dirs(args, row), strict=True)]  # fmt: skip
+    return aggregate(records)
+
+
+def run_row(args, row: Row, steps: int, batch: int, workdir: Path, seed: int | None) -> dict:
+    """Train and evaluate a row at a seed (None: the config's) in workdir, unless its
+    eval.json exists; its results: eval.json's numbers, throughput, curves, FLOPs and
+    duplicates."""
+    at = "" if seed is None else f" SEED={seed}"
+    print(f"== {row.name}{at}: {row.config} N={row.experts or 'config'}, "
+          f"x{row.multiple or 'config'} {' '.join(row.bindings)}", flush=True)  # fmt: skip
     if not (workdir / "eval.json").exists():  # done runs are kept: rerunning resumes
-        run_module("launch.train", train_argv(args, row, steps, workdir), args.in_process)
+        run_module("launch.train", train_argv(args, row, steps, workdir, seed), args.in_process)
         eval_argv = ["--workdir", str(workdir), "--data", args.eval,
                      "--tokens", str(args.eval_tokens)]  # fmt: skip
         run_module("launch.eval", eval_argv, args.in_process)
@@ -260,16 +308,16 @@ def duplicates(workdir: Path) -> dict:
     return found
 
 
-def step_speed(args, result: dict) -> float:
-    """Tokens/s of the run's training step alone (random inputs, one device), or NaN with
-    --bench_steps 0. Kept in the run's step_speed.json: a rerun (say with --doc) reuses it,
-    as it reuses the training, so the rows keep the figures measured side by side."""
+def step_speed(args, workdir: Path, result: dict) -> float:
+    """Tokens/s of the training step alone of the run in workdir (random inputs, one device),
+    or NaN with --bench_steps 0. Kept in WORKDIR/ROW/step_speed.json (once per row: the step
+    does not depend on the seed): a rerun (say with --doc) reuses it, as it reuses the
+    training, so the rows keep the figures measured side by side."""
     if args.bench_steps <= 0:
         return float("nan")
     from launch import bench
 
-    workdir = Path(args.workdir) / result["name"]
-    cache = workdir / "step_speed.json"
+    cache = Path(args.workdir) / result["name"] / "step_speed.json"
     if cache.exists():
         return json.loads(cache.read_text())["step_tokens_per_sec"]
     cfg, _ = run_configs(workdir)
@@ -278,6 +326,74 @@ def step_speed(args, result: dict) -> float:
     speed = result["batch_size"] / seconds
     cache.write_text(json.dumps({"step_tokens_per_sec": speed}) + "\n")
     return speed
+
+
+def aggregate(records: list[dict]) -> dict:
+    """One row's result over its seeds, from run_row's record of each (with its "seed"):
+    mean_record() of them, the FVU's sample standard deviation, min and max, the median
+    training tokens/s, the mean curve, the seeds, and every seed's record (`runs`)."""
+    fvus = [r["fvu_dropless"] for r in records]
+    result = mean_record([{k: v for k, v in r.items() if k != "seed"} for r in records])
+    return result | {
+        "seeds": [r["seed"] for r in records],
+        "fvu_dropless_std": sample_std(fvus),
+        "fvu_dropless_min": min(fvus),
+        "fvu_dropless_max": max(fvus),
+        "tokens_per_sec": statistics.median([r["tokens_per_sec"] for r in records]),
+        "curve": mean_curve([r["curve"] for r in records]),
+        "runs": records,
+    }
+
+
+def mean_record(records: list[dict]) -> dict:
+    """Key by key (the first record's keys): the value all records share, else the mean of
+    numbers, else mean_record() of dicts; keys whose values differ otherwise are left out."""
+    out = {}
+    for key in records[0]:
+        values = [r.get(key) for r in records]
+        if all(v == values[0] for v in values):
+            out[key] = values[0]
+        elif all(is_number(v) for v in values):
+            out[key] = statistics.fmean(values)
+        elif all(isinstance(v, dict) for v in values):
+            out[key] = mean_record(values)
+    return out
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def sample_std(values: list[float]) -> float:
+    """The sample standard deviation (n - 1 in the denominator); NaN for fewer than 2."""
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """The eval curve's points at the steps every curve has, each field (tokens,
+    train_seconds, FLOPs, FVU) the mean over the curves, by mean_record()."""
+    by_step = [{p["step"]: p for p in curve} for curve in curves]
+    steps = sorted(set.intersection(*(set(b) for b in by_step)))
+    return [mean_record([b[step] for b in by_step]) for step in steps]
+
+
+def paired_wins(fvus: dict[int, float], base: dict[int, float]) -> tuple[int, int]:
+    """(how many seeds the row's FVU is below the baseline's at, how many seeds both have),
+    from {seed: FVU} of each."""
+    shared = [s for s in fvus if s in base]
+    return sum(fvus[s] < base[s] for s in shared), len(shared)
+
+
+def add_paired_wins(results: list[dict]) -> None:
+    """Each aggregate()'s `beats_topk`: paired_wins() against the baseline row (None for the
+    baseline itself)."""
+    base = baseline(results)
+
+    def fvus(result: dict) -> dict[int, float]:
+        return {r["seed"]: r["fvu_dropless"] for r in result["runs"]}
+
+    for r in results:
+        r["beats_topk"] = None if r is base else list(paired_wins(fvus(r), fvus(base)))
 
 
 def baseline(results: list[dict]) -> dict:
@@ -304,17 +420,20 @@ def ratio(a: float | None, b: float | None) -> float:
     return a / b
 
 
-def write_plots(results: list[dict], directory: Path) -> tuple[Path, Path]:
-    """Eval FVU against training seconds, and against training FLOPs (two PNGs)."""
+def write_plots(
+    results: list[dict], directory: Path, ylabel: str = "eval FVU"
+) -> tuple[Path, Path]:
+    """Eval FVU (each row's curve: with several seeds the mean one) against training seconds,
+    and against training FLOPs (two PNGs)."""
     from sae_jax.evaluation.plots import comparison_curves
 
     def series(x: str) -> dict[str, list[tuple[float, float]]]:
-        return {r["name"]: [(p[x], p["fvu"]) for p in r["curve"] if p[x] is not None]
+        return {r["name"]: [(p[x], p["fvu"]) for p in r["curve"] if p.get(x) is not None]
                 for r in results}  # fmt: skip
 
     time_png = comparison_curves(series("train_seconds"), "training wall-clock seconds",
-                                 "eval FVU", directory / TIME_PNG)  # fmt: skip
-    flops_png = comparison_curves(series("flops"), "training FLOPs (analytic)", "eval FVU",
+                                 ylabel, directory / TIME_PNG)  # fmt: skip
+    flops_png = comparison_curves(series("flops"), "training FLOPs (analytic)", ylabel,
                                   directory / FLOPS_PNG)  # fmt: skip
     return time_png, flops_png
 
@@ -340,6 +459,14 @@ COLUMNS = [  # (header, function of a result -> cell)
     ("training FLOPs", lambda r: cell(r.get("train_flops"), "{:.3g}")),
     ("training s", lambda r: cell(r.get("train_seconds"), "{:.0f}")),
 ]
+SEED_COLUMNS = [  # with several seeds: the FVU's spread and the paired wins
+    *COLUMNS[:5],
+    ("FVU (mean ± sd)", lambda r: spread_cell(r)),
+    ("FVU min–max", lambda r: range_cell(r)),
+    *COLUMNS[6:8],
+    ("beats TopK", lambda r: wins_cell(r)),
+    *COLUMNS[8:],
+]
 
 
 def cell(value: float | None, fmt: str) -> str:
@@ -349,18 +476,39 @@ def cell(value: float | None, fmt: str) -> str:
     return fmt.format(value)
 
 
+def spread_cell(r: dict) -> str:
+    """'mean ± sample standard deviation' of the FVU over the seeds."""
+    mean, std = r.get("fvu_dropless"), r.get("fvu_dropless_std")
+    return f"{cell(mean, '{:.4f}')} ± {cell(std, '{:.4f}')}"
+
+
+def range_cell(r: dict) -> str:
+    """'min–max' of the FVU over the seeds."""
+    return (
+        f"{cell(r.get('fvu_dropless_min'), '{:.4f}')}–{cell(r.get('fvu_dropless_max'), '{:.4f}')}"
+    )
+
+
+def wins_cell(r: dict) -> str:
+    """'wins/seeds' of add_paired_wins(), '-' for the baseline."""
+    wins = r.get("beats_topk")
+    return "-" if wins is None else f"{wins[0]}/{wins[1]}"
+
+
 def duplicate_cell(r: dict, key: str) -> str:
     dup = r.get("duplicates") or {}
     if key not in dup:
         return "-"
-    return f"{dup[key]} ({dup[f'{key}_fraction']:.1%})"
+    count = f"{dup[key]:.1f}" if isinstance(dup[key], float) else str(dup[key])
+    return f"{count} ({dup[f'{key}_fraction']:.1%})"
 
 
-def markdown(results: list[dict]) -> str:
-    """The results table, one line per row."""
-    lines = ["| " + " | ".join(h.strip() for h, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]  # fmt: skip
-    lines += ["| " + " | ".join(f(r) for _, f in COLUMNS) + " |" for r in results]
+def markdown(results: list[dict], seeds: bool = False) -> str:
+    """The results table, one line per row (SEED_COLUMNS for aggregates over seeds)."""
+    columns = SEED_COLUMNS if seeds else COLUMNS
+    lines = ["| " + " | ".join(h.strip() for h, _ in columns) + " |",
+             "|" + "---|" * len(columns)]  # fmt: skip
+    lines += ["| " + " | ".join(f(r) for _, f in columns) + " |" for r in results]
     return "\n".join(lines) + "\n"
 
 
@@ -373,6 +521,27 @@ def setup_text(args, steps: int, batch: int) -> str:
     )
 
 
+def seeds_text(args) -> str:
+    """With several seeds, a paragraph (and a blank line) on them and how the table
+    aggregates over them; else ''."""
+    if not multi_seed(args):
+        return ""
+    seeds = ", ".join(map(str, args.seeds))
+    return (
+        f"Each row is trained at {len(args.seeds)} seeds (SEED = {seeds}: the initialisation "
+        "and the data order). FVU is the mean ± the sample standard deviation over the seeds, "
+        'with their min–max; the ratios are those of the means; "beats TopK" counts the '
+        "seeds at which the row's FVU is below the TopK baseline's at the same seed. The other "
+        'figures and the curves are means over the seeds, "train tokens/s" the median, and '
+        "the step is benchmarked once per row.\n\n"
+    )
+
+
+def seeds_label(args) -> str:
+    """The curves' y label: 'eval FVU', with several seeds '... (mean of S seeds)'."""
+    return f"eval FVU (mean of {len(args.seeds)} seeds)" if multi_seed(args) else "eval FVU"
+
+
 def write_doc(args, argv: list[str], results: list[dict], plots, shape: tuple[int, int]) -> Path:
     """Fill comparison_template.md into --doc, the PNGs copied beside it."""
     doc = Path(args.doc)
@@ -383,7 +552,8 @@ def write_doc(args, argv: list[str], results: list[dict], plots, shape: tuple[in
     text = Template(TEMPLATE.read_text()).substitute(
         setup=setup_text(args, *shape),
         command=f"python -m launch.experiments.compare {shlex.join(argv)}",
-        table=markdown(results),
+        seeds=seeds_text(args),
+        table=markdown(results, multi_seed(args)),
         fvu_time=TIME_PNG,
         fvu_flops=FLOPS_PNG,
         rows=", ".join(f"`{r['name']}` ({r['kind']})" for r in results),
