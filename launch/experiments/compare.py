@@ -71,7 +71,7 @@ class Row(NamedTuple):
 TOP1 = ("EXPERTS_PER_TOKEN=1", "ROUTER_BIAS=False", "LB_ALPHA=3.0")
 RUNS = [
     Row("topk", 1, 1, "baseline"),
-    Row("topk_lr", 1, 1, "TopK at BASE_LR = 2e-3", ("BASE_LR=2e-3",)),
+    Row("topk_lr", 1, 1, "TopK at BASE_LR = 3e-3", ("BASE_LR=3e-3",)),
     Row("switch8", 8, 1, "equal width, smollm2.gin (top-2, bias balancing)"),
     Row("switch8_top1", 8, 1, "equal width, top-1 + LB loss", TOP1),
     Row("switch4_flops", 4, 4, "equal FLOPs, top-1 + LB loss", TOP1),
@@ -79,6 +79,11 @@ RUNS = [
     Row("switch32", 32, 1, "equal width"),
     Row("switch2_flops", 2, 2, "equal FLOPs, top-1 + LB loss", TOP1),
     Row("switch8_flops", 8, 8, "equal FLOPs, top-1 + LB loss", TOP1),
+    # The LRs the Switch rows had when the width rule took one expert's width.
+    Row("switch8_lr", 8, 1, "switch8 at BASE_LR = 2.8e-3", ("BASE_LR=2.8e-3",)),
+    Row(
+        "wide_lr", 0, 0, "smollm2_wide.gin at BASE_LR = 4e-3", ("BASE_LR=4e-3",), "smollm2_wide.gin"
+    ),
 ]
 DEFAULT_ROWS = "topk,topk_lr,switch8,switch8_top1,switch4_flops,wide"
 
