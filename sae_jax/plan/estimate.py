@@ -9,8 +9,10 @@ Memory terms (float32 state; W = one expert tensor's local shard, N_local x L x 
   batch            the device's share of the input batch [T_local, d]
   gradients        one gradient per parameter: = parameters; under ZeRO-1 plus the expert
                    weights' reduce-scattered gradient (/ data) beside the local one
-  other            the rest of XLA's temporaries, a shared dictionary's and feature
-                   scaling's among them: see `other_temporaries`, `routing_temporaries`
+  other            the rest of XLA's temporaries: the larger of the forward and backward
+                   pass's (a shared dictionary's and feature scaling's among them: see
+                   `other_temporaries`, `routing_temporaries`) and the optimizer update
+                   loop's chunk buffers (`update_temporaries`), which run at different times
 The new state is donated (aliased to the old), so outputs add nothing but the metrics.
 
 Routing: a token routed to e = experts_per_token experts runs as e rows, so every row-sized
@@ -38,13 +40,14 @@ from sae_jax.dispatch.dropless import auto_block_size
 from sae_jax.kernels.auxk import max_bucket
 from sae_jax.kernels.expert import use_dense
 from sae_jax.kernels.records import routed_kernel
+from sae_jax.mesh import zero_rows_axis
 from sae_jax.plan.hlo import Collective
 from sae_jax.training.step import DEAD_COUNT_LAG
-from sae_jax.training.update import zero_split
+from sae_jax.training.update import chunk_rows, zero_split
 
 F32 = 4
-# Expert-sized temporaries the step holds besides the gradients (the optimizer update runs a
-# chunk at a time, see sae_jax/training/update.py, so it adds none). The gather kernel runs one
+# Expert-sized temporaries the forward and backward pass holds besides the gradients (the
+# optimizer update's are per chunk: UPDATE_CHUNK_BUFFERS below). The gather kernel runs one
 # local expert at a time (lax.map) and holds GATHER_EXPERT_ROW_BUFFERS float32 [L, d] buffers
 # of that expert, whatever N_local: its encoder and decoder row gradients (zeros the rows are
 # scattered into), AuxK's, and their sum; w_enc cast to the compute dtype for the [S, L]
@@ -54,6 +57,23 @@ F32 = 4
 # when the step changes.
 GATHER_EXPERT_ROW_BUFFERS = 4
 DENSE_EXPERT_BUFFERS = 1
+# The optimizer update (training/update.py `_update_rows`) runs a loop over chunks of latent
+# rows of one expert (`update_chunk_bytes`: a whole expert's [L, d] float32 rows, or the most
+# rows within update.UPDATE_CHUNK_BYTES), after the backward pass, holding the row leaves'
+# gradients and, per trip, chunk-sized float32 buffers of w_enc and w_dec: one leaf's new Adam
+# moments (computed before its parameter, written after it: update._after), its parameter
+# chunk sliced out and its new value, and the other leaf's old moments, sliced out before the
+# in-place write that reads them: UPDATE_CHUNK_BUFFERS. Under ZeRO-1 also one leaf's new rows
+# all-gathered over 'data' ([data, rows, d], data chunks) before they are written. Without
+# ZeRO-1, XLA:CPU hands w_enc's update to a YNNPACK fusion whose four scalar operands (Adam's
+# step size, bias corrections, eps) are broadcast to the chunk's shape first:
+# UPDATE_CPU_BROADCAST_BUFFERS more, an XLA:CPU artefact (a GPU or TPU loop fusion reads a
+# scalar as a scalar), counted only for the 'cpu' backend (`Shapes.xla_cpu`). Counted in
+# XLA:CPU's buffer assignment: at d = 1024, L = 4096 on (1, 8), where the loop is the step's
+# peak (tests/test_plan_routing.py); under ZeRO-1 at d = 256, L = 2048 on (2, 4)
+# (tests/test_plan_counts.py's config, whose peak stays the pass).
+UPDATE_CHUNK_BUFFERS = 6
+UPDATE_CPU_BROADCAST_BUFFERS = 4
 # Elementwise FLOPs per parameter of the update: global-norm clipping (2), Adam's moments
 # and step (~12), the decoder-gradient projection and row renormalisation (~6).
 UPDATE_FLOPS_PER_PARAM = 20
@@ -97,12 +117,14 @@ class Shapes:
     shared_k: int = 0  # its share of k
     shared_kernel: str = "auto"  # the shared dictionary's kernel (EXPERT_KERNEL as set)
     feature_scaling: bool = False  # the experts' encoder runs as a scaled copy of w_enc
+    xla_cpu: bool = False  # compiled by XLA:CPU: its fusions' own buffers count too
 
     @classmethod
     def of(
         cls, cfg: SAEConfig, tcfg: TrainConfig, mesh_shape: tuple[int, int], backend: str
     ) -> Shapes:
-        """backend: where the step runs ('cpu' emulates ragged_all_to_all)."""
+        """backend: where the step runs ('cpu' emulates ragged_all_to_all, and its fusions
+        hold buffers of their own: UPDATE_CPU_BROADCAST_BUFFERS)."""
         return cls(
             cfg.d, cfg.num_latents, cfg.num_experts, cfg.k, cfg.k_aux_effective,
             tcfg.batch_size, mesh_shape[0], mesh_shape[1], cfg.capacity_factor,
@@ -110,7 +132,7 @@ class Shapes:
             cfg.dispatch, cfg.block_size, backend == "cpu",
             max_bucket(cfg.latents_per_expert, tcfg.aux_max_share) / cfg.latents_per_expert,
             cfg.experts_per_token, cfg.shared_latents, cfg.shared_k, cfg.expert_kernel,
-            cfg.feature_scaling,
+            cfg.feature_scaling, backend == "cpu",
         )  # fmt: skip
 
     @property
@@ -207,13 +229,18 @@ def memory(s: Shapes) -> dict[str, int]:
     rows = 2 * s.expert_tensor_bytes + s.local_experts * s.latents * F32  # w_enc, w_dec, b_enc
     params = rows + s.d * F32 + router * F32 + shared_params(s) * F32
     split = rows // s.data if s.zero else 0  # a device's share of them under ZeRO-1
+    gradients = params + split
+    # The update loop holds only the row leaves' gradients (the reduce-scattered share under
+    # ZeRO-1): the other leaves are updated whole before it (update._update_experts), and the
+    # local row gradients are spent on the reduce-scatter.
+    update = (split or rows) + update_temporaries(s) - gradients
     terms = {
         "parameters": params,
         "optimizer_state": 2 * (params - rows + (split or rows)) + F32,
         "counters": s.local_experts * s.latents * F32 + (1 + DEAD_COUNT_LAG) * F32,
         "batch": s.local_tokens * s.d * F32,
-        "gradients": params + split,
-        "other": other_temporaries(s),
+        "gradients": gradients,
+        "other": max(other_temporaries(s), update),
     }
     terms["total"] = sum(terms.values())
     return terms
@@ -245,6 +272,28 @@ def routing_temporaries(s: Shapes) -> dict[str, int]:
         shared *= 3
     scaled = 2 * s.expert_tensor_bytes if s.feature_scaling else 0
     return {"shared_activations": shared, "scaled_encoder": scaled}
+
+
+def update_chunk_bytes(s: Shapes) -> int:
+    """Bytes of one chunk of the optimizer update loop: update.chunk_rows of a device's
+    [rows, d] float32 share of one expert's w_enc (L rows, or L / data under ZeRO-1 split by
+    latent rows)."""
+    latents = s.latents
+    if s.zero and zero_rows_axis(s.data, s.local_experts, s.latents) == 1:
+        latents //= s.data
+    return chunk_rows(latents, s.d * F32) * s.d * F32
+
+
+def update_temporaries(s: Shapes) -> int:
+    """Bytes the optimizer update loop holds besides the state and the row gradients it
+    reads: UPDATE_CHUNK_BUFFERS chunks (`update_chunk_bytes`), and under ZeRO-1 one leaf's
+    all-gathered new rows (data chunks), else on XLA:CPU UPDATE_CPU_BROADCAST_BUFFERS more."""
+    buffers = UPDATE_CHUNK_BUFFERS
+    if s.zero:
+        buffers += s.data
+    elif s.xla_cpu:
+        buffers += UPDATE_CPU_BROADCAST_BUFFERS
+    return buffers * update_chunk_bytes(s)
 
 
 def other_temporaries(s: Shapes) -> int:
