@@ -14,6 +14,7 @@ from flax import nnx
 from sae_jax import load_pretrained
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data import SyntheticData
+from sae_jax.dispatch.capacity import capacity
 from sae_jax.export import export_sae
 from sae_jax.kernels import routing
 from sae_jax.mesh import make_mesh
@@ -77,10 +78,57 @@ def test_router_bias_update_matches_numpy():
     assert not jax.tree.leaves(empty)
 
 
+def test_router_bias_step_is_the_rate_times_the_lr():
+    """ROUTER_BIAS_RATE is in units of the LR: the bias step follows the LR that
+    BASE_LR / sqrt(width / 2**14) gives each width, or LR itself."""
+    for base_lr, width in ((1e-3, 144), (1e-3, 576), (2e-3, 4032), (2e-4, 2**14)):
+        tcfg = TrainConfig(base_lr=base_lr, router_bias_rate=2.5)
+        lr = base_lr / np.sqrt(width / 2**14)  # numpy reference
+        assert tcfg.router_bias_step(width) == pytest.approx(2.5 * lr, rel=1e-12)
+    assert TrainConfig(lr=4e-3, router_bias_rate=2.5).router_bias_step(99) == pytest.approx(1e-2)
+    assert TrainConfig().router_bias_rate == 5.0
+
+
+def _skewed_drops(step_size: float, steps: int = 40) -> tuple[float, float]:
+    """(drop fraction at the first step, mean over the last 10 of `steps`) of top-2 routing
+    over 32 experts at capacity factor 1.25, the router's logits (sd 1 per token) favouring
+    experts 0-3 by 1.5 and drifting further towards them by 0.02 a step (as a router that
+    trains does), the bias moved by `update_router_bias` after each step."""
+    n, e, tokens = 32, 2, 2048
+    noise = jax.random.normal(jax.random.key(0), (steps, tokens, n))
+    favour = jnp.zeros(n).at[:4].set(1.0)
+    cap = capacity(tokens * e, n, 1.25)
+
+    def one(bias, t):
+        logits = noise[t] + (1.5 + 0.02 * t) * favour
+        eye = jnp.eye(n, dtype=jnp.float32)  # logits = (x - 0) @ I
+        r = routing.route_top(logits, eye, jnp.zeros(n), e, bias=bias)
+        counts, _ = routing.load_sums(r, n)
+        drops = jnp.sum(jnp.maximum(counts - cap, 0.0)) / (tokens * e)
+        variables = update_router_bias(nnx.State({"router_bias": RouterBias(bias)}), counts,
+                                       step_size)  # fmt: skip
+        return variables["router_bias"][...], drops
+
+    _, drops = jax.jit(lambda: jax.lax.scan(one, jnp.zeros(n), jnp.arange(steps)))()
+    return float(drops[0]), float(jnp.mean(drops[-10:]))
+
+
+def test_default_bias_rate_keeps_32_experts_from_dropping():
+    """A top-2 router over 32 experts that favours 4 of them: the default rate (5 x the LR of
+    smollm2.gin at N = 32, 5.3e-2 a step) brings the drops under 2% within 30 steps; the old
+    fixed step of 1e-3 leaves more than a third of the rows dropped."""
+    tcfg = TrainConfig(base_lr=1e-3)  # smollm2.gin's, at 4608 / 32 = 144 latents per expert
+    first, new = _skewed_drops(tcfg.router_bias_step(144))
+    _, old = _skewed_drops(1e-3)
+    assert first > 0.3
+    assert new < 0.02
+    assert old > 0.3
+
+
 def test_train_step_moves_the_bias_by_its_global_counts():
-    """One jitted step on a 2 x 2 mesh: bias' = bias + rate * sign(mean count - count), the
-    counts of all four devices together; every replica the same."""
-    tcfg = TrainConfig(steps=4, batch_size=64, lr=1e-2, router_bias_rate=0.01)
+    """One jitted step on a 2 x 2 mesh: bias' = bias + rate * LR * sign(mean count - count),
+    the counts of all four devices together; every replica the same."""
+    tcfg = TrainConfig(steps=4, batch_size=64, lr=1e-2, router_bias_rate=0.5)
     with jax.set_mesh(make_mesh((2, 2))):
         model = random_model(BIASED)
         start = np.array([0.1, -0.2, 0.0, 0.3], np.float32)
@@ -95,7 +143,7 @@ def test_train_step_moves_the_bias_by_its_global_counts():
         )
     counts = np.bincount(expert, minlength=4).astype(np.float32)
     np.testing.assert_allclose(np.asarray(metrics["expert_load"]) * 64, counts)
-    expected = start + 0.01 * np.sign(counts.mean() - counts)
+    expected = start + 0.5 * 1e-2 * np.sign(counts.mean() - counts)  # ROUTER_BIAS_RATE x LR
     np.testing.assert_allclose(np.asarray(bias), expected, atol=1e-7)
 
 
@@ -118,7 +166,7 @@ def _skewed_run(router_bias: bool, steps: int = 30) -> float:
     """Max expert load over the last 5 of `steps` steps (LB_ALPHA = 0) of a router that starts
     sending most tokens to expert 0."""
     cfg = BIASED if router_bias else CFG
-    tcfg = TrainConfig(steps=steps, batch_size=256, lr=1e-3, lb_alpha=0.0, router_bias_rate=0.05)
+    tcfg = TrainConfig(steps=steps, batch_size=256, lr=1e-3, lb_alpha=0.0, router_bias_rate=50.0)
     data = SyntheticData(dim=16, num_features=64, num_groups=4, seed=1)
     with jax.set_mesh(make_mesh((1, 1))):
         model = random_model(cfg)
@@ -144,7 +192,7 @@ def test_router_bias_balances_a_skewed_router():
 def test_bias_survives_checkpoint_and_export(tmp_path, mesh1):
     model = random_model(BIASED)
     model.router_bias[...] = jnp.asarray([1.5, -0.5, 0.25, -1.0], jnp.float32)
-    tcfg = TrainConfig(steps=4, batch_size=64, lr=1e-2, router_bias_rate=0.01)
+    tcfg = TrainConfig(steps=4, batch_size=64, lr=1e-2, router_bias_rate=1.0)
     _, state, step = setup_training(model, tcfg)
     state, _ = step(state, _batches(1)[0])
     bias = np.asarray(state.params["router_bias"][...])
@@ -258,7 +306,7 @@ def test_a_resumed_run_restores_the_bias(tmp_path):
     cfg = SAEConfig(num_latents=128, num_experts=4, k=4, k_aux=8, router_bias=True)
     tcfg = TrainConfig(
         steps=20, batch_size=256, log_every=10, checkpoint_every=10, eval_tokens=512,
-        dead_after_tokens=2560, router_bias_rate=0.01, router_z_weight=1e-3,
+        dead_after_tokens=2560, router_bias_rate=2.0, router_z_weight=1e-3,
     )  # fmt: skip
     train(cfg, tcfg, tmp_path / "a", progress=False)
     shutil.copytree(tmp_path / "a", tmp_path / "b")

@@ -67,13 +67,14 @@ def trained(variables: nnx.State) -> nnx.State:
     return nnx.split_state(variables, nnx.Param, ...)[0]
 
 
-def update_router_bias(variables: nnx.State, counts: jax.Array, rate: float) -> nnx.State:
-    """Loss-free balancing (DeepSeek-V3): each RouterBias [N] moves by rate * sign(mean load -
-    load), from the step's global per-expert token counts [N] (SwitchOut.expert_counts,
-    already summed over devices, so every replica moves the same). `variables`: a model
-    state's non-Param part; returned with the biases moved (unchanged without one)."""
+def update_router_bias(variables: nnx.State, counts: jax.Array, step_size: float) -> nnx.State:
+    """Loss-free balancing (DeepSeek-V3): each RouterBias [N] moves by step_size * sign(mean
+    load - load), from the step's global per-expert token counts [N] (SwitchOut.expert_counts,
+    already summed over devices, so every replica moves the same). The training step passes
+    `TrainConfig.router_bias_step`: ROUTER_BIAS_RATE x the LR. `variables`: a model state's
+    non-Param part; returned with the biases moved (unchanged without one)."""
     bias, other = nnx.split_state(variables, RouterBias, ...)
-    step = rate * jnp.sign(jnp.mean(counts) - counts)
+    step = step_size * jnp.sign(jnp.mean(counts) - counts)
     bias = jax.tree.map(lambda b: b + step.astype(b.dtype), bias)
     return nnx.merge_state(bias, other)
 
@@ -158,7 +159,8 @@ def make_train_step(
         params, opt_state, grad_norm = apply_update(
             tx, grads, state.opt_state, params, clip=tcfg.grad_clip
         )
-        others = update_router_bias(others, counts, tcfg.router_bias_rate)
+        latents_per_expert = state.params["b_enc"][...].shape[1]
+        others = update_router_bias(others, counts, tcfg.router_bias_step(latents_per_expert))
         params = nnx.merge_state(params, others)
         tokens = x.shape[0]
         since = jnp.where(
