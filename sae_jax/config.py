@@ -195,11 +195,11 @@ class TrainConfig:
     lb_alpha: load-balancing weight against the per-dimension MSE; it applies with
         SAEConfig.router_bias too (0: balance by the bias alone).
     router_bias_rate: with SAEConfig.router_bias, how far each step moves an expert's routing
-        bias, in units of the learning rate: -rate x LR x sign(its load - the mean load)
-        (`router_bias_step`). The router's logits move with its Adam steps, at the LR's pace,
-        and the bias has to keep up with them: at a fixed step of 1e-3 a top-2 Switch of 32
-        experts (LR 1.1e-2) dropped half its rows over one pass at capacity factor 1.25; at 5 x
-        LR, 1% (docs/routing.md, "Bias rate").
+        bias, in units of the router's LR: -rate x router LR x sign(its load - the mean load)
+        (training/learning_rates.router_bias_step). The router's logits move with its Adam
+        steps, and the bias has to keep up with them: at a fixed step of 1e-3 a top-2 Switch
+        of 32 experts dropped half its rows over one pass at capacity factor 1.25; at 10 x its
+        LR, 0.2% (docs/routing.md, "Bias rate").
     router_z_weight: weight of the router z-loss (ST-MoE), mean over tokens of
         logsumexp(router logits)^2; 0: off.
     dead_after_tokens: a latent that has not fired for this many training tokens is dead.
@@ -221,7 +221,7 @@ class TrainConfig:
     router_lr: float | None = None
     seed: int = 0
     lb_alpha: float = 3.0
-    router_bias_rate: float = 5.0
+    router_bias_rate: float = 10.0
     router_z_weight: float = 0.0
     aux_weight: float = 1.0 / 32.0
     dead_after_tokens: int = 1_000_000
@@ -281,10 +281,6 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return self.base_lr / math.sqrt(width / 2**14)
-
-    def router_bias_step(self, latents_per_expert: int) -> float:
-        """How far a routing bias moves per step: router_bias_rate x the (peak) LR."""
-        return self.router_bias_rate * self.learning_rate(latents_per_expert)
 
 
 # The configs/base.gin macro that binds each field, to name it in messages as the user

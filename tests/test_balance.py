@@ -22,6 +22,7 @@ from sae_jax.model.losses import loss_and_metrics
 from sae_jax.model.switch import RouterBias
 from sae_jax.training import step as step_module
 from sae_jax.training.checkpoint import Checkpointer, check_compatible, model_record
+from sae_jax.training.learning_rates import router_bias_step, router_lr
 from sae_jax.training.loop import train
 from sae_jax.training.step import setup_training, update_router_bias
 
@@ -78,21 +79,24 @@ def test_router_bias_update_matches_numpy():
     assert not jax.tree.leaves(empty)
 
 
-def test_router_bias_step_is_the_rate_times_the_lr():
-    """ROUTER_BIAS_RATE is in units of the LR: the bias step follows the LR that
-    BASE_LR / sqrt(width / 2**14) gives each width, or LR itself."""
-    for base_lr, width in ((1e-3, 144), (1e-3, 576), (2e-3, 4032), (2e-4, 2**14)):
+def test_router_bias_step_is_the_rate_times_the_router_lr():
+    """ROUTER_BIAS_RATE is in units of the router's LR: the bias step follows the LR that
+    BASE_LR / sqrt(NUM_LATENTS / 2**14) gives the experts (and the router by default), or LR,
+    or ROUTER_LR where set."""
+    for base_lr, width in ((1e-3, 4608), (2e-3, 16128), (2e-4, 2**14)):
         tcfg = TrainConfig(base_lr=base_lr, router_bias_rate=2.5)
         lr = base_lr / np.sqrt(width / 2**14)  # numpy reference
-        assert tcfg.router_bias_step(width) == pytest.approx(2.5 * lr, rel=1e-12)
-    assert TrainConfig(lr=4e-3, router_bias_rate=2.5).router_bias_step(99) == pytest.approx(1e-2)
-    assert TrainConfig().router_bias_rate == 5.0
+        assert router_bias_step(tcfg, width) == pytest.approx(2.5 * lr, rel=1e-12)
+    assert router_bias_step(TrainConfig(lr=4e-3, router_bias_rate=2.5), 99) == pytest.approx(1e-2)
+    routed = TrainConfig(lr=4e-3, router_lr=1e-3, router_bias_rate=2.5)
+    assert router_bias_step(routed, 99) == pytest.approx(2.5e-3)
+    assert TrainConfig().router_bias_rate == 10.0
 
 
-def _skewed_drops(step_size: float, steps: int = 40) -> tuple[float, float]:
+def _skewed_drops(step_size: float, drift: float, steps: int = 40) -> tuple[float, float]:
     """(drop fraction at the first step, mean over the last 10 of `steps`) of top-2 routing
     over 32 experts at capacity factor 1.25, the router's logits (sd 1 per token) favouring
-    experts 0-3 by 1.5 and drifting further towards them by 0.02 a step (as a router that
+    experts 0-3 by 1.5 and drifting further towards them by `drift` a step (as a router that
     trains does), the bias moved by `update_router_bias` after each step."""
     n, e, tokens = 32, 2, 2048
     noise = jax.random.normal(jax.random.key(0), (steps, tokens, n))
@@ -100,7 +104,7 @@ def _skewed_drops(step_size: float, steps: int = 40) -> tuple[float, float]:
     cap = capacity(tokens * e, n, 1.25)
 
     def one(bias, t):
-        logits = noise[t] + (1.5 + 0.02 * t) * favour
+        logits = noise[t] + (1.5 + drift * t) * favour
         eye = jnp.eye(n, dtype=jnp.float32)  # logits = (x - 0) @ I
         r = routing.route_top(logits, eye, jnp.zeros(n), e, bias=bias)
         counts, _ = routing.load_sums(r, n)
@@ -114,21 +118,24 @@ def _skewed_drops(step_size: float, steps: int = 40) -> tuple[float, float]:
 
 
 def test_default_bias_rate_keeps_32_experts_from_dropping():
-    """A top-2 router over 32 experts that favours 4 of them: the default rate (5 x the LR of
-    smollm2.gin at N = 32, 5.3e-2 a step) brings the drops under 2% within 30 steps; the old
-    fixed step of 1e-3 leaves more than a third of the rows dropped."""
-    tcfg = TrainConfig(base_lr=1e-3)  # smollm2.gin's, at 4608 / 32 = 144 latents per expert
-    first, new = _skewed_drops(tcfg.router_bias_step(144))
-    _, old = _skewed_drops(1e-3)
+    """A top-2 router over 32 experts that favours 4 of them, its logits drifting towards them
+    by twice its LR a step: the default rate (10 x the router's LR; smollm2.gin's BASE_LR at
+    4608 latents: 3.8e-2 a step) brings the drops under 2%; the old fixed step of 1e-3 leaves
+    more than a third of the rows dropped."""
+    tcfg = TrainConfig(base_lr=2e-3)
+    drift = 2 * router_lr(tcfg, 4608)
+    first, new = _skewed_drops(router_bias_step(tcfg, 4608), drift)
+    _, old = _skewed_drops(1e-3, drift)
     assert first > 0.3
     assert new < 0.02
     assert old > 0.3
 
 
 def test_train_step_moves_the_bias_by_its_global_counts():
-    """One jitted step on a 2 x 2 mesh: bias' = bias + rate * LR * sign(mean count - count),
+    """One jitted step on a 2 x 2 mesh: bias' = bias + rate * router LR * sign(mean count -
+    count),
     the counts of all four devices together; every replica the same."""
-    tcfg = TrainConfig(steps=4, batch_size=64, lr=1e-2, router_bias_rate=0.5)
+    tcfg = TrainConfig(steps=4, batch_size=64, lr=1e-2, router_lr=4e-3, router_bias_rate=0.5)
     with jax.set_mesh(make_mesh((2, 2))):
         model = random_model(BIASED)
         start = np.array([0.1, -0.2, 0.0, 0.3], np.float32)
@@ -143,7 +150,7 @@ def test_train_step_moves_the_bias_by_its_global_counts():
         )
     counts = np.bincount(expert, minlength=4).astype(np.float32)
     np.testing.assert_allclose(np.asarray(metrics["expert_load"]) * 64, counts)
-    expected = start + 0.5 * 1e-2 * np.sign(counts.mean() - counts)  # ROUTER_BIAS_RATE x LR
+    expected = start + 0.5 * 4e-3 * np.sign(counts.mean() - counts)  # RATE x ROUTER_LR
     np.testing.assert_allclose(np.asarray(bias), expected, atol=1e-7)
 
 

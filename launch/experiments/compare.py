@@ -79,10 +79,11 @@ RUNS = [
     Row("switch32", 32, 1, "equal width"),
     Row("switch2_flops", 2, 2, "equal FLOPs, top-1 + LB loss", TOP1),
     Row("switch8_flops", 8, 8, "equal FLOPs, top-1 + LB loss", TOP1),
-    # The LRs the Switch rows had when the width rule took one expert's width.
+    # Other LRs: switch8's experts and router at 5.3e-3 (what one expert's width gave them
+    # before the per-group LRs), the wide config at the width rule's 2.0e-3.
     Row("switch8_lr", 8, 1, "switch8 at BASE_LR = 2.8e-3", ("BASE_LR=2.8e-3",)),
     Row(
-        "wide_lr", 0, 0, "smollm2_wide.gin at BASE_LR = 4e-3", ("BASE_LR=4e-3",), "smollm2_wide.gin"
+        "wide_lr", 0, 0, "smollm2_wide.gin at BASE_LR = 2e-3", ("BASE_LR=2e-3",), "smollm2_wide.gin"
     ),
 ]
 DEFAULT_ROWS = "topk,topk_lr,switch8,switch8_top1,switch4_flops,wide"

@@ -32,13 +32,23 @@ GROUPS = {
 
 def group_lrs(cfg: SAEConfig, tcfg: TrainConfig) -> dict[str, float]:
     """The peak LR of each parameter group the model has: experts, router (N > 1), shared."""
-    experts = tcfg.learning_rate(cfg.num_latents)
-    lrs = {"experts": experts}
+    lrs = {"experts": tcfg.learning_rate(cfg.num_latents)}
     if cfg.num_experts > 1:
-        lrs["router"] = experts if tcfg.router_lr is None else tcfg.router_lr
+        lrs["router"] = router_lr(tcfg, cfg.num_latents)
     if cfg.shared_latents:
         lrs["shared"] = tcfg.learning_rate(cfg.shared_latents)
     return lrs
+
+
+def router_lr(tcfg: TrainConfig, num_latents: int) -> float:
+    """The router's peak LR: ROUTER_LR, or the experts' (the rule at NUM_LATENTS)."""
+    return tcfg.learning_rate(num_latents) if tcfg.router_lr is None else tcfg.router_lr
+
+
+def router_bias_step(tcfg: TrainConfig, num_latents: int) -> float:
+    """How far a routing bias moves per step: ROUTER_BIAS_RATE x the router's peak LR (its
+    logits move at the pace of its Adam steps, and the bias has to keep up)."""
+    return tcfg.router_bias_rate * router_lr(tcfg, num_latents)
 
 
 def lr_message(cfg: SAEConfig, tcfg: TrainConfig) -> str:

@@ -35,7 +35,7 @@ from sae_jax.config import TrainConfig
 from sae_jax.kernels.auxk import bucket_for, compact_dead, dead_buckets, max_bucket
 from sae_jax.model.losses import loss_and_metrics
 from sae_jax.model.switch import RouterBias, SwitchSAE
-from sae_jax.training.learning_rates import make_optimizer
+from sae_jax.training.learning_rates import make_optimizer, router_bias_step
 from sae_jax.training.update import apply_update, grad_shards, state_specs, with_row_grads
 
 # A step runs AuxK when some latent was dead this many steps before it (LAG - 1 steps late at
@@ -71,8 +71,8 @@ def update_router_bias(variables: nnx.State, counts: jax.Array, step_size: float
     """Loss-free balancing (DeepSeek-V3): each RouterBias [N] moves by step_size * sign(mean
     load - load), from the step's global per-expert token counts [N] (SwitchOut.expert_counts,
     already summed over devices, so every replica moves the same). The training step passes
-    `TrainConfig.router_bias_step`: ROUTER_BIAS_RATE x the LR. `variables`: a model state's
-    non-Param part; returned with the biases moved (unchanged without one)."""
+    learning_rates.router_bias_step: ROUTER_BIAS_RATE x the router's LR. `variables`: a model
+    state's non-Param part; returned with the biases moved (unchanged without one)."""
     bias, other = nnx.split_state(variables, RouterBias, ...)
     step = step_size * jnp.sign(jnp.mean(counts) - counts)
     bias = jax.tree.map(lambda b: b + step.astype(b.dtype), bias)
@@ -159,8 +159,8 @@ def make_train_step(
         params, opt_state, grad_norm = apply_update(
             tx, grads, state.opt_state, params, clip=tcfg.grad_clip
         )
-        latents_per_expert = state.params["b_enc"][...].shape[1]
-        others = update_router_bias(others, counts, tcfg.router_bias_step(latents_per_expert))
+        num_latents = state.params["b_enc"][...].size  # N x L
+        others = update_router_bias(others, counts, router_bias_step(tcfg, num_latents))
         params = nnx.merge_state(params, others)
         tokens = x.shape[0]
         since = jnp.where(
