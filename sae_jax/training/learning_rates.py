@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from sae_jax.config import SAEConfig, TrainConfig
+from sae_jax.training.update import leaf_names
 
 GROUPS = {
     "w_enc": "experts", "b_enc": "experts", "w_dec": "experts", "enc_scale": "experts",
@@ -81,8 +82,7 @@ def schedule(tcfg: TrainConfig, peak: float) -> optax.Schedule:
 
 def group_of(path) -> str:
     """The group (GROUPS) of a parameter leaf, from the names on its pytree path."""
-    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
-    (group,) = {GROUPS[n] for n in names if n in GROUPS}
+    (group,) = {GROUPS[n] for n in leaf_names(path) if n in GROUPS}
     return group
 
 

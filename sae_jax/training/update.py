@@ -43,18 +43,19 @@ ROW_LEAVES = frozenset({"w_enc", "b_enc", "w_dec"})
 UPDATE_CHUNK_BYTES = 2**25  # rows of one expert tensor updated per loop iteration
 
 
-def _names(path) -> set:
+def leaf_names(path) -> set:
+    """The names (dict keys, attributes) on a leaf's pytree path."""
     return {getattr(k, "key", getattr(k, "name", None)) for k in path}
 
 
 def is_expert_leaf(path, value) -> bool:
     """Whether a leaf (by its pytree path) has the expert axis first."""
-    return bool(_names(path) & EXPERT_LEAVES) and jnp.ndim(value) > 0
+    return bool(leaf_names(path) & EXPERT_LEAVES) and jnp.ndim(value) > 0
 
 
 def is_row_leaf(path, value) -> bool:
     """Whether a leaf is an expert leaf with the expert's latents on axis 1 (ROW_LEAVES)."""
-    return bool(_names(path) & ROW_LEAVES) and jnp.ndim(value) > 1
+    return bool(leaf_names(path) & ROW_LEAVES) and jnp.ndim(value) > 1
 
 
 def partition_specs(tree, split: PartitionSpec | None = None):
@@ -119,7 +120,7 @@ def with_row_grads(grads, rows: ExpertParams | None):
     by_name = rows._asdict()
 
     def leaf(path, g):
-        name = _names(path) & ROW_LEAVES
+        name = leaf_names(path) & ROW_LEAVES
         return by_name[name.pop()] if name and jnp.ndim(g) > 1 else g
 
     return jax.tree_util.tree_map_with_path(leaf, grads)
@@ -129,7 +130,7 @@ def map_w_dec(fn, tree, *others):
     """Apply fn to the w_dec leaf (and the matching leaves of `others`), identity elsewhere."""
 
     def leaf(path, v, *o):
-        return fn(v, *o) if "w_dec" in _names(path) else v
+        return fn(v, *o) if "w_dec" in leaf_names(path) else v
 
     return jax.tree_util.tree_map_with_path(leaf, tree, *others)
 
@@ -141,7 +142,7 @@ def decoder_dots(grads, params) -> jax.Array:
         for (path, g), w in zip(
             jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(params), strict=True
         )
-        if "w_dec" in _names(path)
+        if "w_dec" in leaf_names(path)
     ]
     return dots
 
@@ -154,7 +155,7 @@ def project(g: jax.Array, w: jax.Array, dots: jax.Array) -> jax.Array:
 def projected_norm(grads, params, dots: jax.Array) -> jax.Array:
     """Global L2 norm of the gradients with the decoder gradient projected (no copy of it)."""
     sq = [
-        jnp.sum(jnp.square(project(g, w, dots) if "w_dec" in _names(path) else g))
+        jnp.sum(jnp.square(project(g, w, dots) if "w_dec" in leaf_names(path) else g))
         for (path, g), w in zip(
             jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(params), strict=True
         )
