@@ -60,6 +60,14 @@ def filesystem(p: str | os.PathLike):
     return fsspec.core.url_to_fs(os.fspath(p))
 
 
+def make_bucket(url: str) -> None:
+    """Create the bucket of a URL (gs://name/...); an existing one is no error."""
+    fs, name = filesystem(url)
+    bucket = name.split("/")[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+
+
 def write_atomic(p: str | os.PathLike, data: bytes | str) -> None:
     """Write a whole file so that a reader sees the old content or the new, never a part: a
     local file through a temporary file and os.replace, an object in one write (which an

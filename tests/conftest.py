@@ -124,18 +124,11 @@ def gcs_server():
 @pytest.fixture
 def bucket(gcs_server, request) -> str:
     """A new, empty bucket on the emulator for one test: 'gs://<name>'."""
-    import json
     import re
-    import urllib.request
 
-    name = (
-        re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
-        + "-"
-        + str(abs(hash(request.node.nodeid)) % 10**6)
-    )
-    req = urllib.request.Request(
-        f"{gcs_server}/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST",
-    )  # fmt: skip
-    urllib.request.urlopen(req).close()
+    from sae_jax import storage
+
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    name = f"{name}-{abs(hash(request.node.nodeid)) % 10**6}"
+    storage.make_bucket(f"gs://{name}")
     return f"gs://{name}"
