@@ -3,6 +3,7 @@ gives bit for bit what it gives on a local copy, reading by range requests; the 
 dumper and the one-line errors work there too; reading windows ahead changes nothing."""
 
 import json
+import time
 from itertools import islice
 
 import numpy as np
@@ -12,6 +13,7 @@ from launch import index_shards
 from sae_jax import storage
 from sae_jax.data import ActivationData, DataError, make_source
 from sae_jax.data.shards import build_manifest, open_dataset, write_manifest
+from sae_jax.data.stream import read_ahead
 
 LENGTHS = [700, 300, 1000, 548]  # 2548 tokens
 ROWS = slice(0, 98)
@@ -106,6 +108,25 @@ def test_reading_windows_ahead_changes_nothing(dataset, where):
         runs[ahead] = take(src, 30) + take(src, 20, split="eval", rows=slice(0, 130))
     assert_same_batches(runs[1], runs[0])
     assert_same_batches(runs[3], runs[0])
+
+
+def test_read_ahead_holds_at_most_one_plus_depth_items():
+    made = []
+
+    def items():
+        for i in range(12):
+            made.append(i)
+            yield i
+
+    for depth in (1, 3):
+        made.clear()
+        seen, ahead = [], []
+        for i in read_ahead(items(), depth):
+            time.sleep(0.02)  # time for the thread to run as far ahead as it may
+            ahead.append(len(made) - i - 1)
+            seen.append(i)
+        assert seen == list(range(12))
+        assert max(ahead) == depth  # reads ahead, never past depth items
 
 
 def test_a_read_error_reaches_the_consumer(dataset, monkeypatch):
