@@ -211,3 +211,27 @@ def test_dump_to_gs_equals_a_local_dump_and_resumes(tmp_path, bucket, tiny_model
                 == (tmp_path / "acts" / name).read_bytes()
             )
     assert dumper.dump(str(tiny_model), 1, text, url, **kw) == local  # complete: nothing to do
+
+
+def test_sparse_samples_fetch_only_their_rows(bucket, tmp_path, monkeypatch):
+    """The NaN check, the norm statistics and the input scale sample rows far apart: one
+    small request per row (RangeArray's own 1 MiB merging would fetch whole shards)."""
+    from sae_jax.data import shards
+
+    x = np.random.default_rng(0).normal(size=(2000, 64)).astype(np.float32)  # 256-byte rows
+    np.save(tmp_path / "a.npy", x)
+    storage.path(f"{bucket}/a.npy").write_bytes((tmp_path / "a.npy").read_bytes())
+    remote = shards.read_header(f"{bucket}/a.npy").open()
+    monkeypatch.setattr(shards, "SPARSE_GAP_BYTES", 1024)  # rows > 4 apart: one request each
+    fetched = []
+    real = storage.read_ranges
+    monkeypatch.setattr(storage, "read_ranges", lambda p, r: fetched.extend(r) or real(p, r))
+    for start, stop, step in ((0, 2000, 7), (5, 1900, 3), (0, 2000, 1)):
+        fetched.clear()
+        got = shards.spaced(remote, start, stop, step)
+        assert got.tobytes() == x[start:stop:step].tobytes()
+        rows = len(range(start, stop, step))
+        expect = rows * 256 if step > 4 else (rows - 1) * step * 256 + 256
+        assert sum(b - a for a, b in fetched) == expect
+    rows = np.asarray([3, 4, 5, 700, 1999])
+    assert shards.take_rows(remote, rows).tobytes() == x[rows].tobytes()
