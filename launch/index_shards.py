@@ -2,6 +2,8 @@
 
     python -m launch.index_shards DIR [--dtype bfloat16]
 
+DIR may be a URL (gs://bucket/acts): the files are then read by range requests, not downloaded.
+
 Every file's header, size, d and dtype are checked, and sampled rows for NaN/inf; the
 manifest then records token counts and norm statistics (including massive-activation
 outliers). Pass --dtype bfloat16 for bfloat16 arrays, which numpy saves as raw 2-byte records.
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def previous_source(directory: str) -> dict | None:
     """The `source` of a manifest already there (re-indexing keeps the dumper's provenance)."""
-    path = Path(directory) / "manifest.json"
+    from sae_jax import storage
+
+    path = storage.path(directory) / "manifest.json"
     try:
         return json.loads(path.read_text()).get("source") if path.exists() else None
     except (ValueError, AttributeError):

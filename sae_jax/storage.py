@@ -158,7 +158,7 @@ def read_ranges(p: str | os.PathLike, ranges: Sequence[tuple[int, int]]) -> list
     if is_url(p):
         fs, name = filesystem(p)
         starts, stops = zip(*ranges, strict=True)
-        return fs.cat_ranges([name] * len(ranges), list(starts), list(stops))
+        return fs.cat_ranges([name] * len(ranges), list(starts), list(stops), on_error="raise")
     with open(p, "rb") as f:
         return [os.pread(f.fileno(), b - a, a) for a, b in ranges]
 
@@ -234,6 +234,33 @@ def read_rows(array, runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
     if isinstance(array, RangeArray):
         return array.read_runs(runs)
     return [array[a:b] for a, b in runs]
+
+
+def read_blocks(requests: Sequence[tuple]) -> list[np.ndarray]:
+    """array[a:b] for each (array, a, b): the rows of every RangeArray among them (any objects
+    of one store) fetched concurrently in one batch of range requests; other arrays sliced."""
+    out: list = [None] * len(requests)
+    remote = []
+    for i, (array, a, b) in enumerate(requests):
+        if isinstance(array, RangeArray) and b > a:
+            remote.append(i)
+        else:
+            out[i] = array[a:b]  # a local array, or an empty run (no request)
+    if not remote:
+        return out
+    fs, _ = filesystem(requests[remote[0]][0].url)
+    within = {url: filesystem(url)[1] for url in {requests[i][0].url for i in remote}}
+    names, starts, stops = [], [], []
+    for i in remote:
+        array, a, b = requests[i]
+        names.append(within[array.url])
+        starts.append(array.offset + a * array.row_bytes)
+        stops.append(array.offset + b * array.row_bytes)
+    raws = fs.cat_ranges(names, starts, stops, on_error="raise")
+    for i, raw in zip(remote, raws, strict=True):
+        array, a, b = requests[i]
+        out[i] = np.frombuffer(raw, array.dtype).reshape(b - a, array.shape[1])
+    return out
 
 
 @contextlib.contextmanager

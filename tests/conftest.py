@@ -116,9 +116,22 @@ def gcs_server():
 
     server = wrapper.FakeGCSServer()
     server.start()
+    drain_stderr(server)
     storage.use_emulator(server.url)
     yield server.url
     server.stop()
+
+
+def drain_stderr(server) -> None:
+    """Read the server's log as it comes: the wrapper pipes its stderr and never reads it, so
+    after some 400 requests (64 KiB of log lines) the server blocks writing and every request
+    hangs."""
+    import shutil
+    import threading
+
+    pipe = server._process.stderr
+    threading.Thread(target=shutil.copyfileobj, args=(pipe, open(os.devnull, "wb")),
+                     daemon=True).start()  # fmt: skip
 
 
 @pytest.fixture

@@ -4,12 +4,14 @@ Needs the `dump` extra (torch, transformers, gguf, accelerate); imported only wh
 Text files are tokenised and concatenated (EOS between files) into sequences of BOS plus
 seq_len - 1 text tokens; the BOS position is not stored. Each shard holds whole sequences,
 with their token ids in token_ids/<shard name> (int32 [tokens]), and is written atomically,
-with dump_state.json recording progress, so an interrupted dump resumes.
+with dump_state.json recording progress, so an interrupted dump resumes. `out` may be a URL
+(gs://...): each shard is then uploaded as one object (an object write is atomic).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from sae_jax import storage
 from sae_jax.data.shards import (
     DTYPES,
     MANIFEST,
@@ -189,7 +192,7 @@ def dump(
     model_spec: str,
     layer: int,
     text_files: Sequence[str | Path],
-    out: str | Path,
+    out: str | os.PathLike,
     **options: Any,
 ) -> dict:
     """Write shards and manifest.json to `out`; resumes an interrupted dump. `options`:
@@ -198,7 +201,7 @@ def dump(
     for name in text_files:
         if not Path(name).is_file():
             raise DataError(f"{name}: no such text file")
-    out = Path(out)
+    out = storage.path(out)
     args = {
         "model": model_spec,
         "layer": layer,
@@ -237,7 +240,7 @@ def dump(
 
 
 def _write_shards(
-    out: Path,
+    out: storage.AnyPath,
     state: dict,
     sequences: Iterator[list[int]],
     activations: Callable[[list[list[int]]], np.ndarray],
@@ -274,7 +277,7 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _start_state(out: Path, args: dict) -> dict | None:
+def _start_state(out: storage.AnyPath, args: dict) -> dict | None:
     """Progress so far (a fresh state for a new dump); None when the dump is complete."""
     if (out / MANIFEST).exists():
         return None
@@ -288,11 +291,12 @@ def _start_state(out: Path, args: dict) -> dict | None:
         return state
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: exists and is not an unfinished dump; use an empty --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_url(out):  # a store has no directories
+        out.mkdir(parents=True, exist_ok=True)
     return {"args": args, "shards": []}
 
 
-def _write_shard(path: Path, x: np.ndarray, dtype: str) -> None:
+def _write_shard(path: storage.AnyPath, x: np.ndarray, dtype: str) -> None:
     data = x.astype(DTYPES[dtype])
     if not np.isfinite(data.astype(np.float32)).all():
         raise DataError(f"{path}: NaN or inf in the activations as {dtype} (overflow? try "
@@ -300,8 +304,13 @@ def _write_shard(path: Path, x: np.ndarray, dtype: str) -> None:
     _write_array(path, data)
 
 
-def _write_array(path: Path, data: np.ndarray) -> None:
-    """np.save to a temporary file, fsync, rename."""
+def _write_array(path: storage.AnyPath, data: np.ndarray) -> None:
+    """np.save to a temporary file, fsync, rename; to a URL, one object write."""
+    if storage.is_url(path):
+        buffer = io.BytesIO()
+        np.save(buffer, data)
+        storage.write_atomic(path, buffer.getvalue())
+        return
     path.parent.mkdir(exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
@@ -311,7 +320,5 @@ def _write_array(path: Path, data: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _save_state(out: Path, state: dict) -> None:
-    tmp = out / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, out / STATE)
+def _save_state(out: storage.AnyPath, state: dict) -> None:
+    storage.write_atomic(out / STATE, json.dumps(state, indent=1))

@@ -1,5 +1,10 @@
 """Shuffled, memory-mapped reading of activation shards: one deterministic stream per process.
 
+The shard directory may be a URL (gs://...): each window's chunks are then fetched by range
+requests, all at once (storage.read_blocks), and a background thread reads the next
+`prefetch_windows` windows while the current one is served, locally as in a store. Either way
+the batches are the same, bit for bit.
+
 Process p of P reads only shards p, p + P, ... Its stream visits every one of its tokens once
 per epoch (see TokenOrder); the stream's position (raw tokens consumed) is all a checkpoint
 needs to resume it. The order depends on the seed and the process count, never on the mesh.
@@ -9,15 +14,16 @@ on the device, and the host never holds a float32 copy of a batch or shuffle win
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import gin
 import jax
 import numpy as np
 
-from sae_jax.data.shards import DataError, open_dataset
-from sae_jax.data.stream import Batch, prefetch
+from sae_jax import storage
+from sae_jax.data.shards import DataError, concurrently, open_dataset, open_token_ids, spaced
+from sae_jax.data.stream import Batch, prefetch, read_ahead
 
 EVAL_SEED = 0  # evaluation sees the same tokens whatever the training seed
 BLOCK_ROWS = 4096  # rows converted to float32 at a time for the outlier norms
@@ -44,12 +50,13 @@ class TokenOrder:
 
     def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(chunk order, token offset where each window starts, with the total appended)."""
-        if self._cached is None or self._cached[0] != epoch:
+        cached = self._cached  # one read: the window thread and the batch thread share it
+        if cached is None or cached[0] != epoch:
             order = np.random.default_rng([*self.seed, epoch]).permutation(len(self.shard))
             ends = np.concatenate([[0], np.cumsum((self.stop - self.start)[order])])
             bounds = np.r_[0 : len(order) : self.per_window, len(order)]
-            self._cached = (epoch, order, ends[bounds])
-        return self._cached[1], self._cached[2]
+            cached = self._cached = (epoch, order, ends[bounds])
+        return cached[1], cached[2]
 
     def locate(self, position: int) -> tuple[int, int, int]:
         """(epoch, window, tokens of that window already consumed) at a stream position."""
@@ -71,20 +78,31 @@ class TokenOrder:
 
 
 @gin.configurable
+def prefetch_windows(windows: int = 1) -> int:
+    """Shuffle windows a reader reads ahead in a background thread while serving the current
+    one (0: none): a store's latency hides behind a window's batches; memory holds 1 + windows
+    windows. Bind with `prefetch_windows.windows = 2`."""
+    if windows < 0:
+        raise DataError(f"prefetch_windows.windows = {windows}; expected >= 0")
+    return windows
+
+
+@gin.configurable
 class ActivationData:
-    """Activations from a shard directory (see sae_jax/data/shards.py).
+    """Activations from a shard directory, local or a URL (see sae_jax/data/shards.py).
 
     outlier_norm_factor: training skips tokens whose norm exceeds this times the dataset's
         median norm (massive activations); 0 keeps every token.
     shuffle_buffer: tokens per shuffle window; chunk_tokens: consecutive tokens read together.
     scale_tokens: sample size that measures the input scale s (E||s x||^2 = d on inliers).
+    prefetch_batches: batches read ahead (windows read ahead: `prefetch_windows`).
     process: (index, count): read the stream of process `index` of `count` (default: this
         JAX process's).
     """
 
     def __init__(
         self,
-        directory: str | Path,
+        directory: str | os.PathLike,
         seed: int = 0,
         outlier_norm_factor: float = 10.0,
         shuffle_buffer: int = 65536,
@@ -95,7 +113,8 @@ class ActivationData:
     ):
         if outlier_norm_factor < 0 or shuffle_buffer <= 0 or chunk_tokens <= 0:
             raise DataError("outlier_norm_factor must be >= 0; shuffle_buffer, chunk_tokens > 0")
-        self.directory = Path(directory)
+        self.directory = storage.path(directory)
+        self.store = storage.is_url(self.directory)
         self.manifest, shards = open_dataset(directory)
         self.d = int(self.manifest["d"])
         self.dtype = self.manifest["dtype"]
@@ -124,18 +143,23 @@ class ActivationData:
                                [EVAL_SEED, *stream]),
         }  # fmt: skip
         self.max_norm = self._median_norm() * outlier_norm_factor or np.inf
-        self.prefetch_batches = prefetch_batches
+        self.prefetch_batches, self.prefetch_windows = prefetch_batches, prefetch_windows()
         raw = self._spread(scale_tokens)
         inliers = raw[np.linalg.norm(raw, axis=1) <= self.max_norm]
         if not len(inliers):
             raise DataError(f"{self.directory}: every sampled token is an outlier")
         self.input_scale = float(np.sqrt(self.d / np.mean(np.sum(inliers**2, axis=1))))
 
-    def _open_token_ids(self) -> list[np.ndarray] | None:
+    def _open_token_ids(self) -> list | None:
+        """Each shard's [tokens, 1] token ids (memory-mapped, or RangeArrays for a URL)."""
         entries = self.manifest["shards"]
         if not all("token_ids" in e for e in entries):
             return None
-        return [np.load(self.directory / e["token_ids"], mmap_mode="r") for e in entries]
+        return concurrently(
+            lambda e: open_token_ids(self.directory / e["token_ids"], int(e["tokens"])),
+            entries,
+            self.store,
+        )
 
     @property
     def has_token_ids(self) -> bool:
@@ -151,15 +175,17 @@ class ActivationData:
         """[stop - start] int64 ids of the tokens in_order(start, stop) returns."""
         if self._ids is None:
             raise DataError(f"{self.directory}: the dump has no token ids (re-dump it)")
-        return self._storage_slice(self._ids, start, stop).astype(np.int64)
+        return self._storage_slice(self._ids, start, stop).reshape(-1).astype(np.int64)
 
-    def _storage_slice(self, arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
-        parts = []
+    def _storage_slice(self, arrays: list, start: int, stop: int) -> np.ndarray:
+        """[stop - start, cols] rows start..stop of the arrays concatenated (one batch of
+        concurrent range requests in a store)."""
+        runs = []
         for i, a in enumerate(arrays):
             lo, hi = max(start - self.offsets[i], 0), min(stop - self.offsets[i], len(a))
             if lo < hi:
-                parts.append(np.asarray(a[lo:hi]))
-        return np.concatenate(parts)
+                runs.append((a, int(lo), int(hi)))
+        return np.concatenate([np.asarray(p) for p in storage.read_blocks(runs)])
 
     def _median_norm(self) -> float:
         try:
@@ -173,7 +199,9 @@ class ActivationData:
         """[<= n, d] float32 unscaled tokens evenly spaced over all shards (same on every
         process)."""
         step = max(1, -(-sum(len(a) for a in self._all) // n))
-        return np.concatenate([np.asarray(a[::step], np.float32) for a in self._all])[:n]
+        parts = concurrently(lambda a: np.asarray(spaced(a, 0, len(a), step), np.float32),
+                             self._all, self.store)  # fmt: skip
+        return np.concatenate(parts)[:n]
 
     def sample(self, n: int) -> np.ndarray:
         """[<= n, d] scaled inlier tokens from all shards, for data-dependent initialisation."""
@@ -200,32 +228,46 @@ class ActivationData:
         epoch, window, skip = order.locate(start)
         position = start - skip
         xs, keeps, have = [], [], 0
+        windows = self._windows(order, epoch, window)
+        if self.prefetch_windows:
+            windows = read_ahead(windows, self.prefetch_windows)
+        try:
+            for x, keep in windows:
+                idx = np.flatnonzero(keep[skip:]) + skip if train else np.arange(skip, len(x))
+                while len(idx):
+                    part, idx = idx[: rows - have], idx[rows - have :]
+                    xs.append(x[part])
+                    keeps.append(keep[part])
+                    have += len(part)
+                    if have == rows:
+                        yield Batch(
+                            scaled(np.concatenate(xs), self.input_scale),
+                            position + int(part[-1]) + 1,
+                            None if train else np.concatenate(keeps),
+                        )
+                        xs, keeps, have = [], [], 0
+                position += len(x)
+                skip = 0
+        finally:
+            windows.close()
+
+    def _windows(
+        self, order: TokenOrder, epoch: int, window: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Endless (x [window tokens, d], inlier mask [window tokens]) of consecutive windows
+        from (epoch, window) on."""
         while True:
             x = self._load(order, epoch, window)
-            keep = row_norms(x) <= self.max_norm
-            idx = np.flatnonzero(keep[skip:]) + skip if train else np.arange(skip, len(x))
-            while len(idx):
-                part, idx = idx[: rows - have], idx[rows - have :]
-                xs.append(x[part])
-                keeps.append(keep[part])
-                have += len(part)
-                if have == rows:
-                    yield Batch(
-                        scaled(np.concatenate(xs), self.input_scale),
-                        position + int(part[-1]) + 1,
-                        None if train else np.concatenate(keeps),
-                    )
-                    xs, keeps, have = [], [], 0
-            position += len(x)
-            skip = 0
+            yield x, row_norms(x) <= self.max_norm
             window += 1
             if window == order.windows_per_epoch(epoch):
                 epoch, window = epoch + 1, 0
 
     def _load(self, order: TokenOrder, epoch: int, window: int) -> np.ndarray:
-        """[window tokens, d] in the shards' dtype, unscaled, in the window's shuffled order."""
+        """[window tokens, d] in the shards' dtype, unscaled, in the window's shuffled order
+        (its chunks fetched concurrently from a store)."""
         chunks, perm = order.window(epoch, window)
-        parts = [self._local[s][a:b] for s, a, b in chunks]
+        parts = storage.read_blocks([(self._local[s], a, b) for s, a, b in chunks])
         return np.concatenate(parts)[perm]
 
 

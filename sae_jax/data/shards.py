@@ -2,20 +2,25 @@
 
 Shards are float16, bfloat16 or float32 (numpy writes bfloat16 as raw 2-byte `V2` records; the
 manifest says what they are). Everything here reads headers and memory-maps; no function loads
-a whole shard into RAM.
+a whole shard into RAM. The directory may be a URL (gs://...): headers and rows are then read
+by range requests (sae_jax.storage.RangeArray), the per-shard checks run concurrently.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
 from numpy.lib import format as npy_format
 
+from sae_jax import storage
 from sae_jax.config import ConfigError
 
 FORMAT = "sae_jax.activations"
@@ -28,6 +33,9 @@ STATS_TOKENS = 2**20  # tokens sampled for the manifest's norm statistics
 CHECK_ROWS = 256  # rows per shard checked for NaN/inf when a dataset is opened
 STATS_BLOCK = 16384  # tokens read at a time for them
 OUTLIER_FACTOR = 10.0  # the manifest's outlier statistics use norm > 10 x median
+HEADER_BYTES = 4096  # first range read of a .npy in a store (numpy's headers are ~128 bytes)
+SPARSE_GAP_BYTES = 1 << 16  # sampled rows further apart than this: one range request each
+IO_THREADS = 16  # shards checked at once in a store (each check waits on requests)
 
 
 class DataError(ConfigError):
@@ -36,24 +44,33 @@ class DataError(ConfigError):
 
 @dataclass(frozen=True)
 class Shard:
-    path: Path
+    path: storage.AnyPath
     tokens: int
     d: int
     dtype: str  # a DTYPES key, or 'V2' for an unlabelled 2-byte type (bfloat16 as numpy saves it)
     offset: int  # bytes before the data
 
     def open(self, dtype: str | None = None) -> np.ndarray:
-        """The [tokens, d] array, memory-mapped read-only."""
-        return np.memmap(
-            self.path, DTYPES[dtype or self.dtype], "r", self.offset, (self.tokens, self.d)
+        """The [tokens, d] array, read-only: memory-mapped, or a RangeArray for a URL."""
+        return storage.open_array(
+            self.path, DTYPES[dtype or self.dtype], self.offset, (self.tokens, self.d)
         )
 
 
-def read_header(path: str | Path) -> Shard:
-    """Parse and check a .npy header against the file's size (truncation shows here)."""
-    path = Path(path)
+def concurrently(fn: Callable, items: Iterable, store: bool) -> list:
+    """[fn(item) for item in items], run on IO_THREADS threads when `store` (each call waits
+    on range requests); the first item's error (in order) is raised, as in a loop."""
+    if not store:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(IO_THREADS) as pool:
+        return list(pool.map(fn, items))
+
+
+def npy_header(path: storage.AnyPath) -> tuple[tuple, bool, np.dtype, int, int]:
+    """(shape, fortran order, dtype, bytes before the data, file size) of a .npy file."""
     try:
-        with path.open("rb") as f:
+        size = storage.file_size(path)
+        with _header_stream(path, size) as f:
             version = npy_format.read_magic(f)
             read = (
                 npy_format.read_array_header_1_0
@@ -64,13 +81,33 @@ def read_header(path: str | Path) -> Shard:
             offset = f.tell()
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: not a readable .npy file ({e})") from None
+    return shape, fortran, dtype, offset, size
+
+
+def _header_stream(path: storage.AnyPath, size: int) -> BinaryIO:
+    """The file (local), or its header bytes fetched by one or two range requests (URL)."""
+    if not storage.is_url(path):
+        return open(path, "rb")
+    head = storage.read_ranges(path, [(0, min(size, HEADER_BYTES))])[0]
+    if len(head) >= 10 and head[6] == 1:  # magic (6), version (2), header length (2 or 4)
+        extent = 10 + int.from_bytes(head[8:10], "little")
+    else:
+        extent = 12 + int.from_bytes(head[8:12], "little") if len(head) >= 12 else 0
+    if len(head) < extent <= size:
+        head = storage.read_ranges(path, [(0, extent)])[0]
+    return io.BytesIO(head)
+
+
+def read_header(path: str | os.PathLike) -> Shard:
+    """Parse and check a .npy header against the file's size (truncation shows here)."""
+    path = storage.path(path)
+    shape, fortran, dtype, offset, size = npy_header(path)
     if len(shape) != 2 or fortran:
         raise DataError(f"{path}: array of shape {shape}; expected a C-ordered [tokens, d] array")
     name = "V2" if dtype == np.dtype("V2") else dtype.name
     if name not in DTYPES and name != "V2":
         raise DataError(f"{path}: dtype {dtype}; expected one of {', '.join(DTYPES)}")
     expected = offset + shape[0] * shape[1] * dtype.itemsize
-    size = path.stat().st_size
     if size < expected:
         raise DataError(f"{path}: truncated: {size} bytes, its header promises {expected}")
     if size > expected:
@@ -80,22 +117,49 @@ def read_header(path: str | Path) -> Shard:
     return Shard(path, int(shape[0]), int(shape[1]), name, offset)
 
 
-def check_token_ids(path: Path, tokens: int) -> None:
-    """Raise DataError unless path is a 1-D integer .npy array of `tokens` token ids."""
-    try:
-        ids = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not a readable .npy file ({e})") from None
-    if ids.ndim != 1 or ids.dtype.kind not in "iu" or len(ids) != tokens:
-        raise DataError(f"{path}: {ids.dtype} array of shape {ids.shape}; expected {tokens} "
+def open_token_ids(path: storage.AnyPath, tokens: int):
+    """The [tokens, 1] token ids of a shard (a 1-D integer .npy array), read-only: memory-mapped,
+    or a RangeArray for a URL; DataError unless it is readable and holds `tokens` ids."""
+    shape, fortran, dtype, offset, size = npy_header(path)
+    if len(shape) != 1 or dtype.kind not in "iu" or shape[0] != tokens:
+        raise DataError(f"{path}: {dtype} array of shape {shape}; expected {tokens} "
                         "integer token ids")  # fmt: skip
+    if size < offset + tokens * dtype.itemsize:
+        raise DataError(f"{path}: truncated: {size} bytes, its header promises "
+                        f"{offset + tokens * dtype.itemsize}")  # fmt: skip
+    return storage.open_array(path, dtype, offset, (tokens, 1))
+
+
+def check_token_ids(path: storage.AnyPath, tokens: int) -> None:
+    """Raise DataError unless path is a 1-D integer .npy array of `tokens` token ids."""
+    open_token_ids(path, tokens)
+
+
+def take_rows(array, rows: np.ndarray) -> np.ndarray:
+    """[len(rows), d] array[rows] for ascending rows. A RangeArray fetches rows further apart
+    than SPARSE_GAP_BYTES by one request each, all concurrently (its own merging would fetch
+    everything between rows up to 1 MiB apart: a whole shard for a sparse sample)."""
+    if not isinstance(array, storage.RangeArray):
+        return np.asarray(array[rows])
+    if not len(rows):
+        return np.empty((0, array.shape[1]), array.dtype)
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) * array.row_bytes > SPARSE_GAP_BYTES) + 1)
+    blocks = array.read_runs([(int(r[0]), int(r[-1]) + 1) for r in runs])
+    return np.concatenate([b[r - r[0]] for b, r in zip(blocks, runs, strict=True)])
+
+
+def spaced(array, start: int, stop: int, step: int) -> np.ndarray:
+    """array[start:stop:step] ([rows, d]), a sparse sample of a RangeArray by take_rows."""
+    if not isinstance(array, storage.RangeArray):
+        return array[start:stop:step]
+    return take_rows(array, np.arange(start, min(stop, len(array)), step))
 
 
 def check_finite(shard: Shard, dtype: str, rows: int = CHECK_ROWS) -> None:
     """Raise DataError if evenly spaced sample rows of the shard hold NaN or inf."""
     data = shard.open(dtype)
     idx = np.unique(np.linspace(0, shard.tokens - 1, min(rows, shard.tokens)).astype(np.int64))
-    sample = np.asarray(data[idx], np.float32)
+    sample = np.asarray(take_rows(data, idx), np.float32)
     bad = ~np.isfinite(sample).all(axis=1)
     if bad.any():
         raise DataError(f"{shard.path}: NaN or inf values (row {int(idx[bad.argmax()])})")
@@ -129,7 +193,7 @@ def norm_stats(arrays: list[np.ndarray], max_tokens: int = STATS_TOKENS) -> dict
     def blocks():
         for a in arrays:
             for start in range(0, len(a), STATS_BLOCK * step):
-                yield np.asarray(a[start : start + STATS_BLOCK * step : step], np.float32)
+                yield np.asarray(spaced(a, start, start + STATS_BLOCK * step, step), np.float32)
 
     sum_x, norms = 0.0, []
     for x in blocks():
@@ -155,34 +219,29 @@ def norm_stats(arrays: list[np.ndarray], max_tokens: int = STATS_TOKENS) -> dict
     }
 
 
-def shard_files(directory: Path) -> list[Path]:
+def shard_files(directory: storage.AnyPath) -> list[storage.AnyPath]:
     if not directory.is_dir():
         raise DataError(f"{directory}: no such directory")
-    files = sorted(directory.glob("*.npy"))
+    files = sorted(directory.glob("*.npy"), key=lambda p: p.name)
     if not files:
         raise DataError(f"{directory}: no .npy files")
     return files
 
 
 def build_manifest(
-    directory: str | Path, dtype: str | None = None, source: dict | None = None
+    directory: str | os.PathLike, dtype: str | None = None, source: dict | None = None
 ) -> dict:
     """Check every .npy file in directory and describe them (does not write anything)."""
-    directory = Path(directory)
-    shards = [read_header(p) for p in shard_files(directory)]
+    directory = storage.path(directory)
+    store = storage.is_url(directory)
+    shards = concurrently(read_header, shard_files(directory), store)
     dims = {s.d for s in shards}
     if len(dims) > 1:
         odd = next(s for s in shards if s.d != shards[0].d)
         raise DataError(f"{odd.path}: d = {odd.d}, but {shards[0].path.name} has d = {shards[0].d}")
     dtype = resolve_dtype(shards, dtype)
-    entries = []
-    for s in shards:
-        check_finite(s, dtype)
-        entries.append({"file": s.path.name, "tokens": s.tokens})
-        ids = directory / TOKEN_IDS / s.path.name
-        if ids.exists():
-            check_token_ids(ids, s.tokens)
-            entries[-1]["token_ids"] = f"{TOKEN_IDS}/{s.path.name}"
+    concurrently(lambda s: check_finite(s, dtype), shards, store)
+    entries = concurrently(lambda s: _entry(directory, s), shards, store)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -195,26 +254,47 @@ def build_manifest(
     }
 
 
-def write_manifest(directory: str | Path, manifest: dict) -> Path:
+def _entry(directory: storage.AnyPath, shard: Shard) -> dict:
+    """The manifest's entry for a shard, with its token ids if token_ids/ holds them."""
+    entry = {"file": shard.path.name, "tokens": shard.tokens}
+    ids = directory / TOKEN_IDS / shard.path.name
+    if ids.exists():
+        check_token_ids(ids, shard.tokens)
+        entry["token_ids"] = f"{TOKEN_IDS}/{shard.path.name}"
+    return entry
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> storage.AnyPath:
     """Write directory/manifest.json atomically (a crash leaves the old one or none)."""
-    path = Path(directory) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, path)
+    path = storage.path(directory) / MANIFEST
+    storage.write_atomic(path, json.dumps(manifest, indent=1) + "\n")
     return path
 
 
-def open_dataset(directory: str | Path) -> tuple[dict, list[Shard]]:
+def open_dataset(directory: str | os.PathLike) -> tuple[dict, list[Shard]]:
     """Read the manifest and check every shard it lists against it: existence, header, size,
     d, dtype, token count, and NaN/inf in sampled rows."""
-    directory = Path(directory)
+    directory = storage.path(directory)
+    manifest = read_manifest(directory)
+    store = storage.is_url(directory)
+    entries = [(e["file"], int(e["tokens"])) for e in manifest["shards"]]
+    shards = concurrently(lambda e: _check_shard(directory, manifest, *e), entries, store)
+    with_ids = [e for e in manifest["shards"] if "token_ids" in e]
+    concurrently(lambda e: check_token_ids(directory / e["token_ids"], int(e["tokens"])),
+                 with_ids, store)  # fmt: skip
+    return manifest, shards
+
+
+def read_manifest(directory: storage.AnyPath) -> dict:
+    """directory/manifest.json, checked for format, version, d, dtype and a shard list."""
     path = directory / MANIFEST
     if not path.exists():
         shard_files(directory)  # names an empty or missing directory first
         raise DataError(f"{path}: missing; run `python -m launch.index_shards {directory}`")
     try:
         manifest = json.loads(path.read_text())
-        version, d, dtype = manifest["version"], int(manifest["d"]), manifest["dtype"]
+        version, dtype = manifest["version"], manifest["dtype"]
+        int(manifest["d"])
         entries = [(e["file"], int(e["tokens"])) for e in manifest["shards"]]
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: not a valid manifest ({e!r})") from None
@@ -225,21 +305,21 @@ def open_dataset(directory: str | Path) -> tuple[dict, list[Shard]]:
         raise DataError(f"{path}: dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
     if not entries:
         raise DataError(f"{path}: lists no shards")
-    shards = []
-    for name, tokens in entries:
-        if not (directory / name).exists():
-            raise DataError(f"{directory / name}: listed in {MANIFEST} but missing")
-        shard = read_header(directory / name)
-        if shard.d != d:
-            raise DataError(f"{shard.path}: d = {shard.d}, but {MANIFEST} says {d}")
-        if shard.dtype != dtype and not (shard.dtype == "V2" and dtype == "bfloat16"):
-            raise DataError(f"{shard.path}: dtype {shard.dtype}, but {MANIFEST} says {dtype}")
-        if shard.tokens != tokens:
-            raise DataError(f"{shard.path}: {shard.tokens} tokens, but {MANIFEST} says {tokens}")
-        shard = replace(shard, dtype=dtype)  # V2 records are the manifest's bfloat16
-        check_finite(shard, dtype)
-        shards.append(shard)
-    for entry in manifest["shards"]:
-        if "token_ids" in entry:
-            check_token_ids(directory / entry["token_ids"], int(entry["tokens"]))
-    return manifest, shards
+    return manifest
+
+
+def _check_shard(directory: storage.AnyPath, manifest: dict, name: str, tokens: int) -> Shard:
+    """The shard `name`, checked against the manifest (d, dtype, tokens) and for NaN/inf."""
+    d, dtype = int(manifest["d"]), manifest["dtype"]
+    if not (directory / name).exists():
+        raise DataError(f"{directory / name}: listed in {MANIFEST} but missing")
+    shard = read_header(directory / name)
+    if shard.d != d:
+        raise DataError(f"{shard.path}: d = {shard.d}, but {MANIFEST} says {d}")
+    if shard.dtype != dtype and not (shard.dtype == "V2" and dtype == "bfloat16"):
+        raise DataError(f"{shard.path}: dtype {shard.dtype}, but {MANIFEST} says {dtype}")
+    if shard.tokens != tokens:
+        raise DataError(f"{shard.path}: {shard.tokens} tokens, but {MANIFEST} says {tokens}")
+    shard = replace(shard, dtype=dtype)  # V2 records are the manifest's bfloat16
+    check_finite(shard, dtype)
+    return shard

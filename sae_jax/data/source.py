@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sae_jax import storage
 from sae_jax.config import ConfigError
 from sae_jax.data.reader import ActivationData
 from sae_jax.data.synthetic import SyntheticData
 
 
 def make_source(spec: str, seed: int = 0) -> SyntheticData | ActivationData:
-    """'synthetic' (planted features), or a directory of activation shards."""
+    """'synthetic' (planted features), or a directory of activation shards (local or a URL)."""
     if not spec:
         raise ConfigError("no data directory given: pass --gin.TRAIN_DATA=DIR --gin.EVAL_DATA=DIR")
     if spec == "synthetic":
         return SyntheticData()
-    if Path(spec).is_dir():
+    if storage.is_url(spec) or Path(spec).is_dir():
         return ActivationData(spec, seed=seed)
     raise ConfigError(f"data source {spec!r} is neither 'synthetic' nor a directory")
 

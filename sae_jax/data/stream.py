@@ -52,6 +52,10 @@ def prefetch(items: Iterator, depth: int) -> Iterator:
             put(_END)
         except BaseException as e:  # handed to the consumer, which raises it
             put(e)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator's own clean-up (its read-ahead threads) runs now
 
     thread = threading.Thread(target=work, name="sae_jax-prefetch", daemon=True)
     thread.start()
@@ -66,3 +70,37 @@ def prefetch(items: Iterator, depth: int) -> Iterator:
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def read_ahead(items: Iterator, depth: int) -> Iterator:
+    """`items` computed in a daemon thread up to `depth` ahead of the one the consumer holds:
+    at most 1 + depth items exist at a time (the thread starts another only when the consumer
+    has asked past one). Errors re-raise in the consumer; closing the returned generator stops
+    the thread and closes `items` (in the thread that runs it)."""
+    slots = threading.Semaphore(depth + 1)  # + 1: the item the consumer holds
+    stop = threading.Event()
+
+    def bounded() -> Iterator:
+        try:
+            while True:
+                while not slots.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                yield item
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    inner = prefetch(bounded(), depth)
+    try:
+        for item in inner:
+            yield item
+            slots.release()  # the consumer is done with `item`
+    finally:
+        stop.set()
+        inner.close()
