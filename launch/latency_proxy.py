@@ -59,6 +59,14 @@ class _Server(ThreadingHTTPServer):
         self.latency = latency
         self._local = threading.local()  # one upstream connection per handler thread
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that hung up mid-reply (a reader closed with requests in flight) is not
+        an error of the proxy; anything else is reported as usual."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
     def send_upstream(self, method: str, target: str, body: bytes | None, headers: dict):
         """(status, headers, body) of the request sent to the upstream server."""
         for attempt in range(2):  # a kept-alive connection the server closed: reconnect once

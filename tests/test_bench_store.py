@@ -1,10 +1,13 @@
 """The store benchmark's latency proxy: bytes forwarded exactly, each request held, and
 concurrent requests held concurrently (a latency, not a bandwidth cap)."""
 
+import json
 import time
 
 import numpy as np
+from data_utils import write_dataset
 
+from launch import bench_store
 from launch.latency_proxy import LatencyProxy
 from sae_jax import storage
 
@@ -27,3 +30,16 @@ def test_proxy_holds_each_request_and_forwards_exact_bytes(bucket, gcs_server, m
     assert got == [data[a:b] for a, b in ranges]
     assert one >= 0.2
     assert twelve < 12 * 0.2 / 3, f"12 concurrent requests took {twelve:.2f} s"
+
+
+def test_bench_store_reports_the_reader_from_disk_store_and_far_store(tmp_path, capsys):
+    write_dataset(tmp_path / "acts", [3000, 2000], d=32, dtype=np.float16)
+    out = tmp_path / "bench.json"
+    args = ["--data", str(tmp_path / "acts"), "--batch", "256", "--reader_batches", "8",
+            "--latency_ms", "20", "--repeats", "0", "--out", str(out)]  # fmt: skip
+    assert bench_store.main(args) == 0
+    report = json.loads(out.read_text())
+    assert [r["place"] for r in report["reader"]] == ["local disk", "gs:// (emulator)",
+                                                      "gs:// + 20 ms"]  # fmt: skip
+    assert all(r["batches"] == 8 and r["tokens_per_sec"] > 0 for r in report["reader"])
+    assert "gs:// + 20 ms" in capsys.readouterr().out
