@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from sae_jax import precision
+from sae_jax import precision, storage
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data.shards import MANIFEST
 from sae_jax.evaluation.held_out import make_eval_step
@@ -136,7 +136,7 @@ def input_dim(tcfg: TrainConfig, override: int | None = None) -> int:
         return int(override)
     if tcfg.train_data == "synthetic":
         return int(_gin_value("SyntheticData.dim", 64))
-    path = Path(tcfg.train_data) / MANIFEST
+    path = storage.path(tcfg.train_data) / MANIFEST
     try:
         return int(json.loads(path.read_text())["d"])
     except (OSError, ValueError, KeyError, TypeError) as e:
