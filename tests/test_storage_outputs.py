@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_utils import TINY_TRAIN
+from data_utils import TINY_TRAIN, write_dataset
 
 from launch import eval as eval_cli
 from launch import export as export_cli
@@ -177,3 +177,16 @@ def test_browse_writes_its_pages_into_a_bucket(run, bucket, tmp_path):
     assert str(remote) == f"{url}/browser/index.html"
     pages = url_files(f"{url}/browser")
     assert pages == local_files(index.parent)
+
+
+def test_eval_of_an_sae_at_a_url_writes_to_an_out_url(run, bucket, tmp_path, capsys):
+    """launch.eval --sae URL --out URL (local shards): the local run's numbers, in the bucket."""
+    write_dataset(tmp_path / "eval", [512], d=16, outliers=2, seed=1, ids=False)
+    storage.upload_tree(run / "export", f"{bucket}/sae")
+    args = ["--data", str(tmp_path / "eval"), "--batch_size", "256", "--no_plots"]
+    assert eval_cli.main(["--sae", str(run / "export"), "--out", str(tmp_path / "o"), *args]) == 0
+    assert eval_cli.main(["--sae", f"{bucket}/sae", "--out", f"{bucket}/o", *args]) == 0
+    assert f"wrote {bucket}/o/eval.json" in capsys.readouterr().out
+    got = json.loads(url_files(f"{bucket}/o")["eval.json"])
+    assert got == json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert got["tokens"] == 512 and got["outlier_fraction"] > 0
