@@ -11,6 +11,9 @@ Open DIR/browser/index.html in a browser (from the file system; nothing is fetch
 network). Without --data it uses the run's own EVAL_DATA (synthetic data regenerated from the
 run's seed). Text contexts need a dump with token ids; promoted/suppressed tokens need the
 model the shards' manifest names (the `dump` extra).
+
+DIR (and OUT) may be a URL (gs://...): the pages are written locally, then uploaded to
+DIR/browser/ (its old pages deleted first); copy that to a local directory to open it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launch.cli import missing_workdir, peer_out_dir
+from launch.cli import is_url, missing_workdir, peer_out_dir
 
 
 def parse_args(argv):
@@ -63,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"wrote {index}  (open it in a browser: file://{index.resolve()})")
+    if is_url(index):
+        print(f"wrote {index}  (copy browser/ to a local directory to open it)")
+    else:
+        print(f"wrote {index}  (open it in a browser: file://{index.resolve()})")
     return 0
 
 

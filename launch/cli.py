@@ -63,7 +63,13 @@ def _bindings(path: Path) -> list[tuple[str, str]]:
 
 
 def missing_workdir(workdir: str | Path) -> bool:
-    """Whether --workdir names no directory; if so, print the one-line error (exit code 2)."""
+    """Whether --workdir names no directory; if so, print the one-line error (exit code 2).
+    A URL (gs://...) names one when any object is under it."""
+    if is_url(workdir):
+        if _has_objects(workdir):
+            return False
+        print(f"error: {workdir}: nothing there (no object under it)", file=sys.stderr)
+        return True
     if Path(workdir).is_dir():
         return False
     why = "not a directory" if Path(workdir).exists() else "no such directory"
@@ -71,8 +77,28 @@ def missing_workdir(workdir: str | Path) -> bool:
     return True
 
 
+def is_url(p: str | Path) -> bool:
+    from sae_jax import storage
+
+    return storage.is_url(p)
+
+
+def _has_objects(url: str) -> bool:
+    """Whether any object's name starts with the URL's path and a slash (a bucket: any)."""
+    from sae_jax import storage
+
+    fs, name = storage.filesystem(url)
+    try:
+        return bool(fs.ls(name.rstrip("/"), detail=False, refresh=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def peer_out_dir(sae_dir: str | Path) -> Path:
-    """launch.eval / launch.browse --sae's default output directory: runs/peer_<name>."""
+    """launch.eval / launch.browse --sae's default output directory: runs/peer_<name>
+    (local, also for a URL's SAE: its last path component)."""
+    if is_url(sae_dir):
+        return Path("runs") / f"peer_{os.fspath(sae_dir).rstrip('/').rsplit('/', 1)[-1]}"
     return Path("runs") / f"peer_{Path(sae_dir).resolve().name}"
 
 

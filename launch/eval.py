@@ -15,6 +15,9 @@ run's own EVAL_DATA (synthetic data is regenerated from the run's seed). When th
 manifest names a model the dumper can load, the reconstruction is also spliced into that
 model on the held-out text (loss recovered; needs the `dump` extra).
 
+DIR (and OUT) may be a URL (gs://...): the export, config and checkpoints are read from it,
+eval.json and the plots written into it.
+
 eval.json's `saebench` holds SAEBench's core metrics under SAEBench's names and sae_lens.evals'
 definitions, on the kept (non-outlier) tokens (docs/metrics.md); the table prints them last.
 """
@@ -25,9 +28,12 @@ import argparse
 import json
 import sys
 from itertools import islice
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launch.cli import missing_workdir, peer_out_dir
+
+if TYPE_CHECKING:
+    from sae_jax.storage import AnyPath
 
 TABLE = [
     ("tokens", "{:.0f}"), ("mse", "{:.4g}"), ("fvu_dropless", "{:.4f}"),
@@ -105,7 +111,6 @@ def print_saebench(metrics: dict) -> None:
 def evaluate_run(args) -> dict:
     from sae_jax.config import ConfigError
     from sae_jax.data import ActivationData
-    from sae_jax.evaluation import plots
     from sae_jax.evaluation.analysis import EvalAccumulator, decoder_feature_recovery
     from sae_jax.run_data import load_run_sae, load_sae, open_eval_data
     from sae_jax.training.metrics import to_python
@@ -141,34 +146,59 @@ def evaluate_run(args) -> dict:
         "saebench": {k: to_python(v) for k, v in result["saebench"].items()},
         "data": name,
     }
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    _write_result(workdir, result)
     if not args.no_plots:
-        written = []
-        if (workdir / "metrics.jsonl").exists():
-            written.append(plots.training_curves(workdir / "metrics.jsonl",
-                                                 workdir / "training_curves.png"))  # fmt: skip
-        written.append(plots.expert_load(result["expert_load"], workdir / "expert_load.png"))
-        written.append(plots.firing_histogram(frequency, result["tokens"],
-                                              workdir / "latent_frequency.png"))  # fmt: skip
-        result["plots"] = [str(p) for p in written]
+        result["plots"] = [str(p) for p in write_plots(workdir, result, frequency)]
     return result
 
 
-def output_dir(args) -> Path:
-    """Where eval.json and the plots go: the run's directory, or for --sae, --out."""
+def _write_result(workdir: AnyPath, result: dict) -> None:
+    """workdir/eval.json (a URL's: one object write)."""
+    from sae_jax import storage
+
+    text = json.dumps(result, indent=1) + "\n"
+    if storage.is_url(workdir):
+        storage.write_atomic(workdir / "eval.json", text)
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "eval.json").write_text(text)
+
+
+def write_plots(workdir: AnyPath, result: dict, frequency) -> list[AnyPath]:
+    """The PNG plots in workdir (a URL's: drawn in a local directory, then uploaded); returns
+    where they are."""
+    from sae_jax import storage
+    from sae_jax.evaluation import plots
+
+    metrics = workdir / "metrics.jsonl"
+    names = ["expert_load.png", "latent_frequency.png"]
+    with storage.local_dir(workdir) as out:
+        if metrics.exists():
+            with storage.local_copy(metrics) as rows:
+                plots.training_curves(rows, out / "training_curves.png")
+            names.insert(0, "training_curves.png")
+        plots.expert_load(result["expert_load"], out / "expert_load.png")
+        plots.firing_histogram(frequency, result["tokens"], out / "latent_frequency.png")
+    return [workdir / name for name in names]
+
+
+def output_dir(args) -> AnyPath:
+    """Where eval.json and the plots go: the run's directory, or for --sae, --out (a local
+    Path, or an epath.Path for a URL)."""
+    from sae_jax import storage
+
     if args.sae is None:
-        return Path(args.workdir)
-    return Path(args.out) if args.out else peer_out_dir(args.sae)
+        return storage.path(args.workdir)
+    return storage.path(args.out) if args.out else peer_out_dir(args.sae)
 
 
-def _eval_capacity(workdir: Path) -> float | None:
+def _eval_capacity(workdir: AnyPath) -> float | None:
     """The run's evaluation capacity factor, from its latest checkpoint record; None for a
     dropless run (no token is ever dropped)."""
     from sae_jax.config import SAEConfig
     from sae_jax.training.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(workdir, create=False)
+    ckpt = Checkpointer(str(workdir), create=False)
     try:
         step = ckpt.latest_step()
         if step is None:

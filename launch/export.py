@@ -15,14 +15,18 @@ multi-host flags as launch.train) and each writes only its own experts. Load the
 checkpoint is exported natively first, to DIR/export (kept; reused when it already holds
 that step) or, when DIR/export holds another step, to a temporary DIR/export.stepN.tmp, then
 converted expert block by expert block (sae_jax.interop.formats) by process 0.
+
+DIR and OUT may be URLs (gs://...): the native export is uploaded file by file with cfg.json
+last (sae_jax.export); a SAELens or sparsify directory is converted in a local temporary
+directory from a local copy of the native export, then uploaded the same way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from launch.cli import add_multihost_args, initialize_multihost, missing_workdir
@@ -66,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def export_run(args: argparse.Namespace) -> tuple[Path, int]:
     """Export (and convert) the checkpoint; returns the output directory and the step."""
+    from sae_jax import storage
     from sae_jax.config import SAEConfig
-    from sae_jax.interop.formats import FORMATS, convert, format_named
+    from sae_jax.interop.formats import FORMATS, format_named
 
     fmt = format_named(args.format)
-    run = Path(args.workdir)
-    out = Path(args.out) if args.out else run / fmt.default_dir
+    run = storage.path(args.workdir)
+    out = storage.path(args.out) if args.out else run / fmt.default_dir
     steps, record = _checkpoint_record(args)
     cfg = SAEConfig.from_record(record["model"])
     fmt.check({"num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token,
@@ -87,11 +92,44 @@ def export_run(args: argparse.Namespace) -> tuple[Path, int]:
         _export_native(args, record, params, native)
     try:
         if jax_process_index() == 0:
-            convert(native, args.format, out)
+            convert_to(native, args.format, out)
     finally:
         if native.name.endswith(".tmp") and jax_process_index() == 0:
-            shutil.rmtree(native, ignore_errors=True)
+            storage.remove_tree(native)
     return out, step
+
+
+def convert_to(native: Path, name: str, out: Path) -> None:
+    """sae_jax.interop.formats.convert, for either directory local or a URL: a URL's native
+    export is read from a local copy; a URL's output is written to a local directory, then
+    uploaded with its cfg.json deleted first and uploaded last (a failed upload leaves no
+    directory that loads)."""
+    from sae_jax import storage
+    from sae_jax.interop.formats import convert
+
+    if not storage.is_url(out):
+        with storage.local_copy(native) as source:
+            convert(source, name, out)
+        return
+    if storage.display(native).rstrip("/") == storage.display(out).rstrip("/"):
+        raise ValueError(f"{out}: the {name} SAE cannot be written over the native export it "
+                         "is converted from; give another directory")  # fmt: skip
+    with storage.local_copy(native) as source, tempfile.TemporaryDirectory() as staging:
+        convert(source, name, Path(staging) / "out")
+        publish(Path(staging) / "out", out)
+
+
+def publish(local: Path, url: Path, config: str = "cfg.json") -> None:
+    """Upload the files of the local directory `local` to `url`: `config` deleted there
+    first and uploaded last, so the URL holds a complete directory or none that loads."""
+    from sae_jax import storage
+
+    (url / config).unlink(missing_ok=True)
+    files = [f for f in sorted(local.rglob("*")) if f.is_file() and f.name != config]
+    fs, target = storage.filesystem(url)
+    for f in files:
+        fs.put_file(str(f), f"{target}/{f.relative_to(local).as_posix()}")
+    storage.write_atomic(url / config, (local / config).read_bytes())
 
 
 def _checkpoint_record(args: argparse.Namespace) -> tuple[list[int], dict]:

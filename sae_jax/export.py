@@ -40,6 +40,11 @@ input_scale (the folded s), source (free-form provenance); also d_in (= d) and d
 It is written last, and removed first when a directory is exported again: a directory
 without cfg.json is not (yet) an export.
 Files are written with mode 0644.
+
+out_dir may be an object-store URL (gs://...; sae_jax.storage): each safetensors file is
+written to a local temporary file and uploaded whole, the JSON files in one object write
+each, in the same order (cfg.json and the index deleted first, cfg.json uploaded last), so an
+upload that fails part way leaves no cfg.json: nothing that loads.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -56,6 +63,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
+from sae_jax import storage
 from sae_jax.config import SAEConfig
 from sae_jax.mesh import make_mesh
 from sae_jax.model.switch import scaled_encoder, unit_rows
@@ -84,15 +92,17 @@ def export_sae(
     input_scale: float = 1.0,
     source: dict | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
-) -> Path:
-    """Write the SAE to out_dir (format in this module's docstring) and return out_dir.
+) -> storage.AnyPath:
+    """Write the SAE to out_dir, a local directory or a URL (format in this module's
+    docstring) and return out_dir.
 
     params: {name: array}, numpy or jax.Arrays sharded on any mesh, over several processes
     too. With several processes every one must call this (it synchronises them); each
     writes only what its own devices hold.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(out_dir)
+    if not storage.is_url(out):
+        out.mkdir(parents=True, exist_ok=True)
     params = inference_params(params)
     lead = jax.process_index() == 0
     if lead:  # from here until cfg.json is rewritten the directory is not a complete export
@@ -184,7 +194,9 @@ def export_mesh(num_experts: int) -> Mesh:
     return make_mesh((jax.device_count() // experts, experts))
 
 
-def _write_parts(out: Path, params: dict[str, Array], parts: list[Part], scale: float) -> None:
+def _write_parts(
+    out: storage.AnyPath, params: dict[str, Array], parts: list[Part], scale: float
+) -> None:
     """Write the parts this process owns: an expert range whose w_enc shard with replica_id 0
     is on one of its devices, and (process 0) the replicated tensors."""
     if jax.process_index() == 0:
@@ -250,20 +262,53 @@ def _config(cfg: SAEConfig, version: int, scale: float, source: dict | None) -> 
     }
 
 
-def _remove_stale(out: Path, keep: list[str]) -> None:
+def _remove_stale(out: storage.AnyPath, keep: list[str]) -> None:
     """Weight files of an earlier export of the other form or another file count."""
     for path in [out / WEIGHTS, *out.glob("sae-*-of-*.safetensors")]:
         if path.name not in keep:
             path.unlink(missing_ok=True)
 
 
-def _save(path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, FILE_MODE)  # safetensors creates files as 0600
+def _save(path: storage.AnyPath, tensors: dict[str, np.ndarray],
+          metadata: dict | None = None) -> None:  # fmt: skip
+    """One safetensors file; to a URL through a local temporary file, uploaded whole."""
+    if not storage.is_url(path):
+        save_file(tensors, str(path), metadata=metadata)
+        _sort_metadata(path)
+        os.chmod(path, FILE_MODE)  # safetensors creates files as 0600
+        return
+    with tempfile.TemporaryDirectory(prefix="sae_jax-export-") as tmp:
+        local = os.path.join(tmp, path.name)
+        save_file(tensors, local, metadata=metadata)
+        _sort_metadata(local)
+        fs, target = storage.filesystem(path)
+        fs.put_file(local, target)
 
 
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=1) + "\n")
+def _sort_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's header with its metadata keys sorted: safetensors writes
+    them in a hash map's order, which changes from one process to the next, so the same
+    export would not be the same bytes twice. The header keeps its length (the same keys and
+    values), so nothing after it moves."""
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            raise AssertionError(f"{path}: the re-serialised safetensors header grew")
+        f.seek(8)
+        f.write(text.ljust(size))
+
+
+def _write_json(path: storage.AnyPath, value: dict) -> None:
+    text = json.dumps(value, indent=1) + "\n"
+    if storage.is_url(path):
+        storage.write_atomic(path, text)
+        return
+    path.write_text(text)
     os.chmod(path, FILE_MODE)
 
 

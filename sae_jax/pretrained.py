@@ -14,19 +14,21 @@ after a token's own active latents), so no active latent is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from safetensors import safe_open
-from safetensors.numpy import load_file
 
+from sae_jax import storage
 from sae_jax.config import SAEConfig
 from sae_jax.dispatch import blocks
 from sae_jax.export import CONFIG, INDEX, SHARDED_VERSION, SINGLE_FILE_VERSION, WEIGHTS
@@ -138,12 +140,14 @@ class PretrainedSAE:
 def load_pretrained(path: str | Path) -> PretrainedSAE:
     """Load a directory written by `export_sae` (or `python -m launch.export`), single-file
     or sharded, whole into this host's memory. A training run's directory loads its export
-    (DIR/export). A peer's SAELens or sparsify directory loads too (`sae_jax.interop`)."""
-    path = Path(path)
+    (DIR/export). A peer's SAELens or sparsify directory loads too (`sae_jax.interop`).
+    `path` may be a URL (gs://...): our export is read file by file (each safetensors file
+    fetched whole, one at a time); a peer's directory is downloaded to a temporary one."""
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such directory")
     native = _is_native(path)
-    peer = None if native else read_peer(path)
+    peer = None if native else _read_peer(path)
     if peer is not None:
         return PretrainedSAE(*peer, path)
     if (path / CONFIG).exists() and not native:
@@ -164,13 +168,14 @@ def load_pretrained(path: str | Path) -> PretrainedSAE:
     meta = json.loads((path / CONFIG).read_text())
     version = meta.get("format_version")
     if version == SINGLE_FILE_VERSION:
-        return PretrainedSAE(load_file(str(path / WEIGHTS)), meta, path)
+        with _tensor_file(path / WEIGHTS) as f:
+            return PretrainedSAE({name: f.get_tensor(name) for name in f.keys()}, meta, path)
     if version == SHARDED_VERSION:
         return PretrainedSAE(read_sharded(path), meta, path)
     raise ValueError(f"{path / CONFIG}: unsupported format_version {version}")
 
 
-def _is_native(path: Path) -> bool:
+def _is_native(path: storage.AnyPath) -> bool:
     """cfg.json with a format_version: our own export."""
     try:
         return "format_version" in json.loads((path / CONFIG).read_text())
@@ -178,7 +183,45 @@ def _is_native(path: Path) -> bool:
         return False
 
 
-def read_sharded(path: Path) -> dict[str, np.ndarray]:
+def _read_peer(path: storage.AnyPath) -> tuple[dict[str, np.ndarray], dict] | None:
+    """read_peer of a local directory; of a URL, of a temporary copy of it, unless it is a
+    run directory (export/ or checkpoints/ in it) or has no cfg.json, at its top or one level
+    down (sparsify's hookpoints). Errors name the URL, not the copy."""
+    if not storage.is_url(path):
+        return read_peer(path)
+    if (path / "export").exists() or (path / "checkpoints").exists():
+        return None
+    if not (path / CONFIG).exists() and not any(path.glob(f"*/{CONFIG}")):
+        return None  # no peer's directory (nor a half-written export) is downloaded
+    with storage.local_copy(path) as copy:
+        try:
+            return read_peer(copy)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(str(e).replace(str(copy), str(path))) from None
+
+
+@contextlib.contextmanager
+def _tensor_file(path: storage.AnyPath) -> Iterator:
+    """A safetensors file's tensors by name (keys(), get_tensor(name)): a local file opened
+    lazily; a URL's object fetched whole (one at a time: a sharded export is read shard by
+    shard)."""
+    if not storage.is_url(path):
+        with safe_open(str(path), framework="numpy") as f:
+            yield f
+        return
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    yield _Tensors(safetensors.numpy.load(path.read_bytes()))
+
+
+class _Tensors(dict):
+    """A dict of arrays with safe_open's get_tensor."""
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        return self[name]
+
+
+def read_sharded(path: storage.AnyPath) -> dict[str, np.ndarray]:
     """Assemble every tensor of a sharded export from its parts (see sae_jax.export)."""
     entries = json.loads((path / INDEX).read_text())["tensors"]
     tensors = {name: np.empty(e["shape"], np.dtype(e["dtype"])) for name, e in entries.items()}
@@ -189,7 +232,7 @@ def read_sharded(path: Path) -> dict[str, np.ndarray]:
         for part in entry["parts"]:
             by_file.setdefault(part["file"], []).append((name, part))
     for file, wanted in by_file.items():
-        with safe_open(str(path / file), framework="numpy") as f:
+        with _tensor_file(path / file) as f:
             for name, part in wanted:
                 rows = slice(*part["experts"]) if "experts" in part else slice(None)
                 value = f.get_tensor(name)

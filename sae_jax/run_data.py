@@ -3,6 +3,7 @@
 A run's gin config (DIR/config.gin, or the text stored in its latest checkpoint) says which
 data it was evaluated on; synthetic data is regenerated from those bindings (dimension,
 features, groups, seed), so `launch.eval` and `launch.browse` need no `--data` for any run.
+A workdir (and --data) may be a URL (gs://...; sae_jax.storage).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import gin
 
+from sae_jax import storage
 from sae_jax.config import ConfigError, TrainConfig
 from sae_jax.data import ActivationData, SyntheticData
 from sae_jax.pretrained import PretrainedSAE, load_pretrained
@@ -18,7 +20,7 @@ from sae_jax.pretrained import PretrainedSAE, load_pretrained
 
 def load_run_sae(workdir: str | Path) -> PretrainedSAE:
     """The run's exported SAE (DIR/export), or a one-line ConfigError saying how to make it."""
-    export = Path(workdir) / "export"
+    export = storage.path(workdir) / "export"
     if not (export / "cfg.json").exists():
         raise ConfigError(f"{export}: no exported SAE; run python -m launch.export "
                           f"--workdir {workdir}")  # fmt: skip
@@ -36,12 +38,12 @@ def load_sae(path: str | Path) -> PretrainedSAE:
 
 def run_config_text(workdir: str | Path) -> str:
     """The run's resolved gin config: DIR/config.gin, else its latest checkpoint's copy."""
-    workdir = Path(workdir)
-    if (workdir / "config.gin").exists():
-        return (workdir / "config.gin").read_text()
+    run = storage.path(workdir)
+    if (run / "config.gin").exists():
+        return (run / "config.gin").read_text()
     from sae_jax.training.checkpoint import Checkpointer
 
-    if (workdir / "checkpoints").is_dir():
+    if (run / "checkpoints").is_dir():
         ckpt = Checkpointer(workdir, create=False)
         try:
             step = ckpt.latest_step()
@@ -77,6 +79,6 @@ def open_eval_data(
             return SyntheticData()  # configured by the run's bindings
     if spec == "synthetic":
         raise ConfigError("--data synthetic: leave --data out to use the run's own synthetic data")
-    if not Path(spec).is_dir():
+    if not storage.path(spec).is_dir():
         raise ConfigError(f"{spec}: no such data directory")
     return ActivationData(spec, outlier_norm_factor=outlier_norm_factor, process=(0, 1))

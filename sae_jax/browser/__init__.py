@@ -5,18 +5,22 @@ writes DIR/browser/ (site.py): an overview of the experts, a page per expert and
 look-up by latent id and by token text. On text dumps with token ids the contexts are text;
 on synthetic data, the planted features; when the shards' manifest names a loadable model,
 each latent's decoder row is read through its unembedding (unembed.py).
+A workdir may be a URL (gs://...): the pages are written to a local directory, then uploaded
+to workdir/browser/ (whose old pages are deleted first).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sae_jax import storage
 from sae_jax.browser.collect import Collected, collect, tokens_to_encode
 from sae_jax.browser.site import SiteInfo, write_site
 from sae_jax.config import ConfigError
@@ -60,17 +64,17 @@ def build_browser(
     sae: str | Path | None = None,
     log=print,
     **options: Any,
-) -> tuple[Path, Collected]:
+) -> tuple[storage.AnyPath, Collected]:
     """Write workdir/browser/ for the run's exported SAE over `tokens` tokens of `data` (default:
     the run's EVAL_DATA). With `sae` (any directory load_pretrained reads: a peer's SAELens or
     sparsify SAE too) browse that SAE on `data` (then required) instead; workdir is then only
     where browser/ goes (and its eval.json is shown). `options`: BrowserOptions' fields.
     Returns (index.html, what was collected)."""
     opts = BrowserOptions(**options)
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     if sae is not None and data is None:
         raise ConfigError(f"{sae}: browsing an SAE directory needs data (activation shards)")
-    title = workdir.resolve().name if sae is None else Path(sae).resolve().name
+    title = _name(workdir) if sae is None else _name(storage.path(sae))
     sae = load_run_sae(workdir) if sae is None else load_sae(sae)
     source = open_eval_data(workdir, data)
     real = isinstance(source, ActivationData)
@@ -98,8 +102,25 @@ def build_browser(
     pairs = duplicate_pairs(np.asarray(sae.params["w_dec"])) if opts.duplicates else None
     found = "duplicates not searched" if pairs is None else f"{len(pairs)} duplicated pairs"
     log(f"browse: writing pages ({found})")
-    index = write_site(workdir / "browser", sae, got, info, pairs)
-    return index, got
+    return _write_pages(workdir / "browser", sae, got, info, pairs), got
+
+
+def _write_pages(out: storage.AnyPath, sae, got: Collected, info: SiteInfo,
+                 pairs: list | None) -> storage.AnyPath:  # fmt: skip
+    """write_site into `out`; for a URL, into a local directory, uploaded to `out` once
+    written (the old pages deleted first). Returns out/index.html."""
+    if not storage.is_url(out):
+        return write_site(out, sae, got, info, pairs)
+    with tempfile.TemporaryDirectory(prefix="sae_jax-browser-") as tmp:
+        index = write_site(Path(tmp) / "browser", sae, got, info, pairs)
+        storage.remove_tree(out)
+        storage.upload_tree(index.parent, out)
+    return out / "index.html"
+
+
+def _name(p: storage.AnyPath) -> str:
+    """A directory's name: a local one's resolved, a URL's last component."""
+    return p.name if storage.is_url(p) else p.resolve().name
 
 
 def _text_and_effects(model: str, sae, opts: BrowserOptions):
@@ -121,7 +142,7 @@ def _text_and_effects(model: str, sae, opts: BrowserOptions):
     return (lambda i: tokenizer.decode([i])), effects, ""
 
 
-def _eval_metrics(workdir: Path) -> dict:
+def _eval_metrics(workdir: storage.AnyPath) -> dict:
     path = workdir / "eval.json"
     if not path.exists():
         return {}
