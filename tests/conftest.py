@@ -1,6 +1,7 @@
 """Simulated CPU devices must be configured before jax is imported anywhere."""
 
 import os
+import threading
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
@@ -116,6 +117,10 @@ def gcs_server():
 
     server = wrapper.FakeGCSServer()
     server.start()
+    # The wrapper pipes the server's log (a line per request) to stderr and never reads it: a
+    # full pipe (64 KiB, about one training run's requests) would block the server.
+    drain = threading.Thread(target=lambda: all(server._process.stderr), daemon=True)
+    drain.start()
     storage.use_emulator(server.url)
     yield server.url
     server.stop()
