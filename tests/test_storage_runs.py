@@ -71,6 +71,13 @@ def final_params(workdir: str | Path) -> dict:
     return {k: np.asarray(v) for k, v in params.items()}
 
 
+def scalars(directory: Path, tag: str) -> list[tuple[int, float]]:
+    """The series `tag` as TensorBoard shows it (a resume's purge applied)."""
+    acc = EventAccumulator(str(directory))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 def assert_same_params(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
@@ -104,6 +111,9 @@ def test_sigkill_then_resume_on_gs_equals_the_local_run(bucket, reference, capsy
     assert not storage.path(f"{url}/export.new").exists()
     gin = storage.path(f"{url}/config.gin").read_text()
     assert gin == (reference / "config.gin").read_text()
+    with storage.local_copy(url) as local:  # the killed run's events and the resumed run's
+        assert len(list(local.glob("events.out.tfevents.*"))) == 2
+        assert scalars(local, "train/mse") == scalars(reference, "train/mse")
 
 
 def test_unreadable_checkpoint_on_gs_is_set_aside(bucket, capsys):
@@ -142,6 +152,11 @@ def test_incomplete_step_on_gs_is_named_and_never_used(bucket, capsys):
     out = capsys.readouterr().out
     assert "resuming from the checkpoint at step 20 (ignored incomplete checkpoint 30)" in out
     assert finished_steps(url) == [20, 30, 40]  # 30 written anew
+    assert run(url, "--gin.STEPS=40") == 0
+    out = capsys.readouterr().out
+    last = [r for r in rows(url) if "eval/fvu" in r][-1]
+    assert f"{url} is already trained to step 40 (STEPS=40): nothing to do; its last eval: " \
+           f"eval/fvu={last['eval/fvu']:.4g}" in out  # fmt: skip
 
 
 def test_metrics_events_and_config_land_in_the_bucket(bucket, tmp_path):
@@ -163,9 +178,7 @@ def test_metrics_events_and_config_land_in_the_bucket(bucket, tmp_path):
     assert [(r["step"], r["mse"]) for r in rows(url)] == [(1, 1.0), (2, 0.5), (3, 2 / 3),
                                                           (4, 0.5)]  # fmt: skip
     with storage.local_copy(url) as local:
-        acc = EventAccumulator(str(local))
-        acc.Reload()
-        got = [(e.step, e.value) for e in acc.Scalars("train/mse")]
+        got = scalars(local, "train/mse")
         assert len(list(local.glob("events.out.tfevents.*"))) == 2
     assert got == [(1, 1.0), (2, 0.5), (3, pytest.approx(2 / 3)), (4, 0.5)]
 
