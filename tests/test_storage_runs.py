@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -201,3 +202,26 @@ def test_sigterm_on_gs_saves_and_exits(bucket, reference):
     assert run(url, STEPS) == 0
     assert rows(url) == rows(reference)
     assert_same_params(final_params(url), final_params(reference))
+
+
+def test_wandb_files_stay_local_for_a_gs_workdir(bucket, tmp_path, monkeypatch):
+    """wandb's own files go to a kept local directory (`wandb sync` reads them), not to the
+    bucket; the staging directory of the rows is removed at close."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    url = f"{bucket}/run"
+    writer = MetricWriter(url, wandb_config={"model": {"k": 4}})
+    writer.write({"step": 1, "mse": 0.5})
+    writer.close()
+    assert [r["step"] for r in rows(url)] == [1]
+    (kept,) = tmp_path.glob("sae_jax-wandb-*/wandb/offline-run-*")
+    assert list(kept.glob("run-*.wandb"))
+    assert not list(tmp_path.glob("sae_jax-logs-*"))
+    fs, root = storage.filesystem(url)
+    fs.invalidate_cache()
+    names = sorted(n.removeprefix(f"{root}/") for n in fs.find(root))
+    assert names[-1] == "metrics.jsonl" and len(names) == 2
+    assert names[0].startswith("events.out.tfevents.")
