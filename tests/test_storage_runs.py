@@ -4,6 +4,7 @@ an unreadable checkpoint is set aside; metrics.jsonl, TensorBoard events and con
 in the bucket, a resume keeping the rows up to its step; SIGTERM saves and exits."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -32,11 +33,13 @@ def run(workdir: str | Path, *extra: str) -> int:
     return train_cli.main([f"--workdir={workdir}", *TINY, *extra])
 
 
-def spawn(workdir: str, *extra: str) -> subprocess.Popen:
-    """`python -m launch.train` in a subprocess (it inherits the emulator's settings)."""
+def spawn(workdir: str, *extra: str, tmp: Path | None = None) -> subprocess.Popen:
+    """`python -m launch.train` in a subprocess (it inherits the emulator's settings), its
+    temporary files in `tmp` if given."""
     cmd = [sys.executable, "-m", "launch.train", f"--workdir={workdir}", *TINY, *extra]
+    env = {**os.environ, "TMPDIR": str(tmp)} if tmp else None
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, env=env)  # fmt: skip
 
 
 def finished_steps(url: str) -> list[int]:
@@ -184,9 +187,9 @@ def test_metrics_events_and_config_land_in_the_bucket(bucket, tmp_path):
     assert got == [(1, 1.0), (2, 0.5), (3, pytest.approx(2 / 3)), (4, 0.5)]
 
 
-def test_sigterm_on_gs_saves_and_exits(bucket, reference):
+def test_sigterm_on_gs_saves_and_exits(bucket, reference, tmp_path):
     url = f"{bucket}/run"
-    proc = spawn(url, STEPS)
+    proc = spawn(url, STEPS, tmp=tmp_path)
     wait_for_checkpoint(url, proc, at_least=10)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -199,6 +202,7 @@ def test_sigterm_on_gs_saves_and_exits(bucket, reference):
     logged = [r["step"] for r in rows(url) if "mse" in r]
     assert logged == [s for s in range(10, step + 1, 10)]
     assert storage.path(f"{url}/config.gin").exists()
+    assert not list(tmp_path.glob("sae_jax-*"))  # the local staging of the logs: removed
     assert run(url, STEPS) == 0
     assert rows(url) == rows(reference)
     assert_same_params(final_params(url), final_params(reference))

@@ -10,6 +10,7 @@ checkpoint was saved."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -44,7 +45,7 @@ class MetricWriter:
         (see the module's docstring)."""
         self.target = storage.path(workdir) / "metrics.jsonl"
         self.url = storage.is_url(workdir)
-        local = Path(tempfile.mkdtemp(prefix="sae_jax-logs-")) if self.url else Path(workdir)
+        local = staging_dir() if self.url else Path(workdir)
         self.path = local / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metric_rows(self.target)
@@ -84,6 +85,14 @@ class MetricWriter:
         self.sync()
         if self.url:
             shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def staging_dir() -> Path:
+    """A new local directory for a URL workdir's logs: removed at close, or at exit when the
+    run stops on an error or a preemption (its rows were uploaded by then)."""
+    local = Path(tempfile.mkdtemp(prefix="sae_jax-logs-"))
+    atexit.register(shutil.rmtree, local, ignore_errors=True)
+    return local
 
 
 def wandb_log(workdir: str | Path, local: Path, config: dict) -> WandbLog:
