@@ -24,7 +24,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog=macro_help(),
     )
     parser.add_argument("--gin_file", action="append", default=[], help="gin config (repeatable)")
-    parser.add_argument("--workdir", default=None, help="output directory (default runs/<config>)")
+    parser.add_argument("--workdir", default=None,
+                        help="output directory, local or a URL such as gs://bucket/run "
+                        "(default runs/<config>)")  # fmt: skip
     parser.add_argument("--no_progress", action="store_true",
                         help="no console progress bar (none either when stdout is not a "
                         "terminal): a metrics line every LOG_EVERY steps")  # fmt: skip
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that --help answers without loading JAX.
     import gin
 
+    from sae_jax import storage
     from sae_jax.gin_setup import DEFAULT_CONFIG, parse
     from sae_jax.training.loop import TrainingError, train
     from sae_jax.training.preemption import Preempted
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sae_cfg, train_cfg = parse(args.gin_file, args.bindings)
         stem = Path(args.gin_file[-1]).stem if args.gin_file else DEFAULT_CONFIG.stem
-        workdir = Path(args.workdir or Path("runs") / stem)
+        workdir = storage.path(args.workdir or Path("runs") / stem)  # local, or a URL
         train(
             sae_cfg, train_cfg, workdir, progress=not args.no_progress and sys.stdout.isatty(),
             config_text=gin.config_str(), allow_changes=args.allow_changes, wandb=args.wandb,

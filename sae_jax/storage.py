@@ -264,6 +264,19 @@ def read_blocks(requests: Sequence[tuple]) -> list[np.ndarray]:
     return out
 
 
+def forget_listings(p: str | os.PathLike) -> None:
+    """Drop the directory listings cached for the store of URL `p` (nothing for a local
+    path). gcsfs caches listings per filesystem object, and epath (hence orbax) holds
+    another object than `filesystem`: after a change made through one, or by another
+    process or client (tensorstore), the other can still list what was there before."""
+    if not is_url(p):
+        return
+    from etils.epath import backend
+
+    for fs in (backend.fsspec_backend.fs(os.fspath(p)), filesystem(p)[0]):
+        fs.invalidate_cache()
+
+
 @contextlib.contextmanager
 def quiet_fsspec() -> Iterator[None]:
     """Silence gcsfs's warning-with-traceback when an emulator lacks the move API (it then

@@ -2,9 +2,11 @@
 
 A checkpoint holds the TrainState (parameters, Adam state, step, dead-latent counters) and a
 JSON record: the model and training configs (to refuse an incompatible workdir, and to name
-what a resumed run changes), the data reader position, the resolved gin config text. orbax
-writes each step to a temporary directory and renames it when complete, so a save cut off
-mid-write is never listed and the last complete one is used.
+what a resumed run changes), the data reader position, the resolved gin config text. On a
+local disk orbax writes each step to a temporary directory and renames it when complete; on an
+object store (a gs:// workdir), which cannot rename, it writes the step directory in place and
+a commit_success.txt marker last. Either way a save cut off mid-write is never listed and the
+last complete one is used.
 `restore_params` reads the parameters alone (no Adam state), placed on a mesh of the caller's
 choosing: what export needs, on any topology.
 """
@@ -16,7 +18,6 @@ import contextlib
 import dataclasses
 import inspect
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from orbax.checkpoint.checkpoint_managers import preservation_policy
+from orbax.checkpoint.path import step as orbax_step
 
+from sae_jax import storage
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig, binding_name
 from sae_jax.data import ActivationData, SyntheticData
 from sae_jax.data.source import source_class
@@ -98,8 +101,11 @@ class Checkpointer:
     """Asynchronous saves at the steps the caller chooses; keeps the last `keep`."""
 
     def __init__(self, workdir: str | Path, keep: int = 3, create: bool = True):
-        """create=False only reads: a missing directory is not made (it has no steps)."""
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        """`workdir`: a local directory or a URL (gs://...). create=False only reads: a missing
+        directory is not made (it has no steps)."""
+        root = storage.path(workdir)
+        self.directory = (root if storage.is_url(workdir) else root.absolute()) / "checkpoints"
+        storage.forget_listings(self.directory)  # the store as it is now, not as last listed
         self.keep, self.create = keep, create
         self.preserved: int | None = None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
@@ -129,10 +135,13 @@ class Checkpointer:
             self.manager.delete(step)
 
     def incomplete(self) -> list[str]:
-        """Names of step directories left half-written (never restored from)."""
+        """Names of step directories left half-written (never restored from): orbax's
+        temporary directories on a local disk (<step>.orbax-checkpoint-tmp-<time>), step
+        directories without their commit_success.txt on an object store."""
         if not self.directory.exists():
             return []
-        return sorted(p.name for p in self.directory.iterdir() if "tmp" in p.name)
+        return sorted(p.name for p in self.directory.iterdir()
+                      if is_step_name(p.name) and orbax_step.is_path_temporary(p))  # fmt: skip
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -174,15 +183,18 @@ class Checkpointer:
                 raise UnreadableCheckpoint(step, reason) from e
             raise
 
-    def set_aside(self, step: int) -> Path:
+    def set_aside(self, step: int) -> storage.AnyPath:
         """Move the checkpoint at `step` to checkpoints/broken/<step> (kept for inspection; no
-        longer listed or restored); returns where it went."""
+        longer listed or restored; on an object store a copy, then a delete); returns where
+        it went."""
         target = self.directory / "broken" / str(step)
         n = 1
         while target.exists():
             target, n = self.directory / "broken" / f"{step}.{n}", n + 1
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.directory / str(step)), str(target))
+        if not storage.is_url(self.directory):
+            target.parent.mkdir(parents=True, exist_ok=True)
+        storage.move(self.directory / str(step), target)
+        storage.forget_listings(self.directory)
         self.manager.reload()
         return target
 
@@ -243,12 +255,22 @@ def param_target(cfg: SAEConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
+def is_step_name(name: str) -> bool:
+    """Whether a name in the checkpoint directory is a step's (finished or not): '30' or
+    '30.orbax-checkpoint-tmp-<time>', not 'broken'."""
+    try:
+        orbax_step.step_from_checkpoint_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def model_record(cfg: SAEConfig) -> dict:
     """The SAEConfig as JSON (rebuilds it with SAEConfig.from_record(record))."""
     return dataclasses.asdict(cfg)
 
 
-def check_compatible(record: dict, cfg: SAEConfig, directory: Path) -> None:
+def check_compatible(record: dict, cfg: SAEConfig, directory: storage.AnyPath) -> None:
     """A one-line error when a workdir's checkpoint (its model_record) belongs to a model of
     another d, NUM_LATENTS, NUM_EXPERTS or ROUTER_BIAS (a record without a key: its default)."""
     defaults = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
@@ -282,7 +304,7 @@ def config_changes(record: dict, cfg: SAEConfig, tcfg: TrainConfig) -> list[str]
     ]
 
 
-def check_changes(record: dict, cfg: SAEConfig, tcfg: TrainConfig, directory: Path,
+def check_changes(record: dict, cfg: SAEConfig, tcfg: TrainConfig, directory: storage.AnyPath,
                   allow: bool) -> list[str]:  # fmt: skip
     """The changes resuming would make (config_changes, then the data source's settings:
     data_changes); a one-line ConfigError naming them unless `allow`, which says so when the

@@ -10,6 +10,7 @@ are made on the host, so the host runs up to DEAD_COUNT_LAG - 1 steps ahead of t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -25,12 +26,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
+from sae_jax import storage
 from sae_jax.config import FOLLOW, ConfigError, SAEConfig, TrainConfig
 from sae_jax.data import ActivationData, Batch, SyntheticData, make_source
 from sae_jax.distributed import gather_ints, process_rows, put_local
 from sae_jax.evaluation import saebench
 from sae_jax.evaluation.held_out import evaluate, make_eval_step
-from sae_jax.evaluation.metric_rows import read_rows
 from sae_jax.export import export_sae
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.model.init import geometric_median
@@ -46,7 +47,7 @@ from sae_jax.training.checkpoint import (
 )
 from sae_jax.training.learning_rates import lr_message
 from sae_jax.training.metric_logs import check_wandb
-from sae_jax.training.metrics import MetricWriter, summary
+from sae_jax.training.metrics import MetricWriter, read_metric_rows, summary
 from sae_jax.training.preemption import Preempted, PreemptionGuard
 from sae_jax.training.step import TrainState, TrainStep, setup_training
 from sae_jax.training.update import zero_message
@@ -129,6 +130,10 @@ def train(
 
     SIGTERM / SIGINT save a checkpoint at a step boundary (the same one on every process) and
     raise Preempted.
+
+    The workdir may be a URL (gs://...): checkpoints, metrics.jsonl, TensorBoard events,
+    config.gin and the export are written there (metrics and events uploaded before every
+    checkpoint save and at the end; see training/metrics.py).
     """
     run = set_up(sae_cfg, tcfg, workdir, config_text, allow_changes, wandb)
     if run.start >= tcfg.steps:
@@ -140,7 +145,7 @@ def train(
         run, graphdef, state, step_fn = initial_state(run)
         log = open_log(run, graphdef, wandb)
         stream = run.train_src.batches("train", run.rows, tcfg.batch_size, start=run.position)
-        with PreemptionGuard() as guard, closing(run.ckpt), closing(stream):
+        with PreemptionGuard() as guard, closing(run.ckpt), closing(stream), synced(log):
             batches = compile_steps(run, state, step_fn, stream)
             shown = progress and run.lead
             bar = tqdm(total=tcfg.steps, initial=run.start, disable=not shown, unit="step")
@@ -238,7 +243,7 @@ def eval_batch_count(tcfg: TrainConfig, eval_src: Source) -> int:
 def already_trained(run: Run) -> dict:
     """The workdir's last eval row, when it is trained to STEPS already."""
     run.ckpt.close()
-    final = last_eval_row(Path(run.workdir) / "metrics.jsonl")
+    final = last_eval_row(storage.path(run.workdir) / "metrics.jsonl")
     say(
         run.lead,
         f"{run.workdir} is already trained to step {run.start} (STEPS={run.tcfg.steps}): "
@@ -325,7 +330,7 @@ class Log:
                "train_seconds": self.clock.seconds()}  # fmt: skip
         return self.writer.write(row) if self.writer else row
 
-    def evaluate(self, step: int, params: nnx.State, export: Path | None = None) -> dict:
+    def evaluate(self, step: int, params: nnx.State, export: storage.AnyPath | None = None) -> dict:
         """Evaluate `params` on the held-out batches and log the row; the training clock
         waits for the steps dispatched so far, then pauses during the evaluation. With
         `export` (the final evaluation) the row also holds SAEBench's metrics of that
@@ -343,9 +348,33 @@ class Log:
                 row |= exported_saebench(self.run, export)
         return self.row(step, row)
 
+    def sync(self) -> None:
+        """Upload the rows logged so far where the workdir is a URL (MetricWriter.sync)."""
+        if self.writer:
+            self.writer.sync()
+
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+@contextmanager
+def synced(log: Log) -> Iterator[None]:
+    """On an error, upload the rows logged so far (a URL workdir) before it propagates; an
+    error of the upload itself does not hide it."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            log.sync()
+        raise
+
+
+def save(run: Run, log: Log, step: int, state: TrainState, record: dict) -> None:
+    """Start the checkpoint save at `step`, the logged rows uploaded first (a URL workdir):
+    a resume from this checkpoint finds every row up to its step."""
+    log.sync()
+    run.ckpt.save(step, state, record)
 
 
 def open_log(run: Run, graphdef: nnx.GraphDef, wandb: bool) -> Log:
@@ -356,19 +385,19 @@ def open_log(run: Run, graphdef: nnx.GraphDef, wandb: bool) -> Log:
     wandb_config = run_config if wandb else None
     writer = MetricWriter(run.workdir, run.start, wandb_config) if run.lead else None
     if run.lead and run.config_text:
-        (Path(run.workdir) / "config.gin").write_text(run.config_text)
+        storage.write_atomic(storage.path(run.workdir) / "config.gin", run.config_text)
     eval_step = make_eval_step(
         graphdef, cfg.eval_capacity_factor, tcfg.lb_alpha, tcfg.aux_weight, tcfg.router_z_weight
     )
-    clock = TrainClock(logged_seconds(Path(run.workdir) / "metrics.jsonl", run.start))
+    clock = TrainClock(logged_seconds(storage.path(run.workdir) / "metrics.jsonl", run.start))
     return Log(run, writer, eval_step, clock)
 
 
-def logged_seconds(path: Path, step: int) -> float:
+def logged_seconds(path: storage.AnyPath, step: int) -> float:
     """The last `train_seconds` that metrics.jsonl logged at or before `step` (what a resumed
     run's clock starts from); 0 for a new run, or rows written before it was logged."""
     seconds = 0.0
-    for row in read_rows(path) if step else []:
+    for row in read_metric_rows(path) if step else []:
         if row.get("step", step + 1) <= step and "train_seconds" in row:
             seconds = float(row["train_seconds"])
     return seconds
@@ -447,12 +476,12 @@ def train_steps(
         if guard.stop_after(done) and done < tcfg.steps:
             check_finite(jax.device_get(metrics), done)
             # closing(ckpt) waits for the save to finish
-            run.ckpt.save(done, state, checkpoint_record(run, done, position))
+            save(run, log, done, state, checkpoint_record(run, done, position))
             bar.close()
-            raise Preempted(guard.signal, done, Path(run.workdir))
+            raise Preempted(guard.signal, done, storage.path(run.workdir))
         if done < tcfg.steps and done % tcfg.checkpoint_every == 0:
             check_finite(jax.device_get(metrics), done)  # never save a NaN state
-            run.ckpt.save(done, state, checkpoint_record(run, done, position))
+            save(run, log, done, state, checkpoint_record(run, done, position))
     jax.block_until_ready(state.params)
     log.clock.stop()  # the final checkpoint, export and evaluation are not training
     bar.close()
@@ -528,10 +557,10 @@ def checkpoint_record(run: Run, step: int, position: int) -> dict:
 def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
     """The final checkpoint and export, then the final evaluation (so that a failing
     evaluation loses no training); returns the final eval row."""
-    tcfg, workdir = run.tcfg, Path(run.workdir)
+    tcfg, workdir = run.tcfg, storage.path(run.workdir)
     final_record = checkpoint_record(run, tcfg.steps, position)  # a collective
     say(run.lead, f"saving the final checkpoint and exporting the SAE to {workdir / 'export'}")
-    run.ckpt.save(tcfg.steps, state, final_record)
+    save(run, log, tcfg.steps, state, final_record)
     out = export_final(run, state, final_record["data"])
     run.ckpt.release()
     say(run.lead, f"exported {out}")
@@ -546,26 +575,49 @@ def finish(run: Run, state: TrainState, position: int, log: Log) -> dict:
         raise
 
 
-def export_final(run: Run, state: TrainState, source: dict) -> Path:
+def export_final(run: Run, state: TrainState, source: dict) -> storage.AnyPath:
     """Export into DIR/export.new, then swap it in for DIR/export: an earlier export (of the
     run this one extends) stays whole until the new one is complete. Every process writes
-    the experts its devices hold (a collective)."""
-    out = Path(run.workdir) / "export"
+    the experts its devices hold (a collective). A URL DIR is written through a local
+    staging directory per process (swap_in_store)."""
+    out = storage.path(run.workdir) / "export"
     new, old = out.with_name("export.new"), out.with_name("export.old")
     params = nnx.to_pure_dict(state.params)
-    export_sae(params, run.cfg, new, run.train_src.input_scale, source=source)
-    if run.lead:
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        new.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("sae_jax.loop: export swapped in")
+    if storage.is_url(out):
+        if run.lead:
+            storage.remove_tree(new)  # what an export cut off earlier left
+        with storage.local_dir(new) as staged:
+            export_sae(params, run.cfg, staged, run.train_src.input_scale, source=source)
+        sync_processes("sae_jax.loop: export uploaded")
+        if run.lead:
+            swap_in_store(new, out)
+    else:
+        export_sae(params, run.cfg, new, run.train_src.input_scale, source=source)
+        if run.lead:
+            shutil.rmtree(old, ignore_errors=True)
+            if out.exists():
+                out.rename(old)
+            new.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+    sync_processes("sae_jax.loop: export swapped in")
     return out
 
 
-def exported_saebench(run: Run, export: Path) -> dict:
+def swap_in_store(new: storage.AnyPath, out: storage.AnyPath) -> None:
+    """Replace the export `out` by the complete one at `new` in an object store, which cannot
+    rename: delete `out`, then copy `new` there and delete it. Cut off at any moment, one of
+    the two holds a complete export."""
+    storage.forget_listings(out)
+    storage.remove_tree(out)
+    storage.move(new, out)
+
+
+def sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def exported_saebench(run: Run, export: storage.AnyPath) -> dict:
     """SAEBench's metrics (`saebench/<name>`) of the exported SAE, run dropless on the host
     on as many held-out tokens as the eval step saw, every row read by the lead (the eval
     step's tokens on one process or synthetic data); {}, or no max cosines, with a note where
@@ -580,8 +632,10 @@ def exported_saebench(run: Run, export: Path) -> dict:
     if not weights:
         say(run.lead, f"saebench max cosines skipped ({saebench.weight_flops(cfg):.1e} FLOPs); "
                       f"python -m launch.eval --workdir {run.workdir} computes them")  # fmt: skip
-    metrics = saebench.evaluate_source(load_pretrained(export), run.eval_src,
-                                       run.tcfg.batch_size, run.eval_batches, weights)  # fmt: skip
+    with storage.local_copy(export) as local:  # a URL: downloaded (at most HOST_BYTES)
+        metrics = saebench.evaluate_source(load_pretrained(local), run.eval_src,
+                                           run.tcfg.batch_size, run.eval_batches,
+                                           weights)  # fmt: skip
     return {saebench.PREFIX + name: value for name, value in metrics.items()}
 
 
@@ -592,7 +646,7 @@ def final_message(tcfg: TrainConfig, final: dict) -> str:
 
 def where_message(run: Run) -> str:
     """Where the run's outputs are, and the commands that read them next."""
-    workdir = Path(run.workdir)
+    workdir = storage.path(run.workdir)
     return (
         f"checkpoints: {workdir / 'checkpoints'} (the last at step {run.tcfg.steps})\n"
         f"metrics: {workdir / 'metrics.jsonl'} (TensorBoard: tensorboard --logdir {workdir})\n"
@@ -673,8 +727,8 @@ def data_message(source: ActivationData) -> str:
     )
 
 
-def last_eval_row(path: Path) -> dict:
-    evals = [r for r in read_rows(path) if "eval/fvu" in r]
+def last_eval_row(path: storage.AnyPath) -> dict:
+    evals = [r for r in read_metric_rows(path) if "eval/fvu" in r]
     return evals[-1] if evals else {}
 
 

@@ -87,14 +87,15 @@ class WandbLog:
     settings apply: WANDB_MODE=offline logs with no network (`wandb sync` uploads later),
     WANDB_PROJECT names the project (default sae_jax)."""
 
-    def __init__(self, directory: str | Path, config: dict[str, Any]):
+    def __init__(self, directory: str | Path, config: dict[str, Any], name: str | None = None):
+        """`name`: the run's name (default: the directory's)."""
         check_wandb()
         import wandb
 
         self._wandb = wandb
         directory = Path(directory).absolute()
         project = os.environ.get("WANDB_PROJECT", "sae_jax")
-        self._run = wandb.init(project=project, name=directory.name, dir=str(directory),
+        self._run = wandb.init(project=project, name=name or directory.name, dir=str(directory),
                                config=config)  # fmt: skip
 
     def write(self, row: dict[str, Any]) -> None:

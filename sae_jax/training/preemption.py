@@ -9,9 +9,9 @@ different times. SIGTERM is then left to JAX's preemption service, which agrees 
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
-from pathlib import Path
 
 import jax
 from jax.experimental import multihost_utils
@@ -20,7 +20,8 @@ from jax.experimental import multihost_utils
 class Preempted(RuntimeError):
     """A SIGTERM/SIGINT stopped training after saving a checkpoint."""
 
-    def __init__(self, signum: int, step: int, workdir: Path):
+    def __init__(self, signum: int, step: int, workdir: str | os.PathLike):
+        """`workdir`: a local path or a URL, named as it is."""
         self.signum = signum
         name = signal.Signals(signum).name
         super().__init__(
