@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sae_jax import storage
 from sae_jax.interop.hooks import hook_names
 from sae_jax.interop.native_reader import DEFAULT_BLOCK_BYTES, NativeExport
 from sae_jax.interop.streaming import Latents, begin_directory, finish_directory, write_layout
@@ -105,7 +106,7 @@ def dump_source(source: dict) -> dict:
     if any(key in source for key in DUMP_KEYS):
         return source
     train_data = source.get("train_data")
-    manifest = Path(train_data) / "manifest.json" if isinstance(train_data, str) else None
+    manifest = storage.path(train_data) / "manifest.json" if isinstance(train_data, str) else None
     if manifest is None or not manifest.is_file():
         return {}
     try:
