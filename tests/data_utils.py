@@ -50,3 +50,25 @@ def write_dataset(
 
 def ids_of(batch_x: np.ndarray, scale: float) -> np.ndarray:
     return np.rint(batch_x[:, 0] / scale).astype(np.int64)
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    """Two {name: array} parameter sets are bitwise equal."""
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def crash_on_third_shard(monkeypatch, dumper) -> None:
+    """Make the dumper module's third shard write raise KeyboardInterrupt (an interrupted
+    dump); monkeypatch.undo() or a new setattr restores it."""
+    write = dumper._write_shard
+    calls = []
+
+    def crash(path, x, dtype):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        write(path, x, dtype)
+
+    monkeypatch.setattr(dumper, "_write_shard", crash)

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
-from data_utils import TINY_TRAIN
+from data_utils import TINY_TRAIN, assert_same_params
 from flax import nnx
 from safetensors import safe_open
 
@@ -65,12 +65,6 @@ def final_params(workdir: Path) -> dict:
     params = ckpt.restore_params(ckpt.latest_step())
     ckpt.close()
     return {k: np.asarray(v) for k, v in params.items()}
-
-
-def assert_same_params(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bitwise
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_utils import crash_on_third_shard
 
 from launch import dump_activations
 from launch import train as train_cli
@@ -53,19 +54,10 @@ def test_dump_matches_the_models_hidden_states(tmp_path, tiny_model, text):
 
 def test_interrupted_dump_resumes_to_the_same_shards(tmp_path, tiny_model, text, monkeypatch):
     whole = dump(tiny_model, text, tmp_path / "whole")
-    write = dumper_module._write_shard
-    calls = []
-
-    def crash_on_third(path, x, dtype):
-        calls.append(path)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        write(path, x, dtype)
-
-    monkeypatch.setattr(dumper_module, "_write_shard", crash_on_third)
+    crash_on_third_shard(monkeypatch, dumper_module)
     with pytest.raises(KeyboardInterrupt):
         dump(tiny_model, text, tmp_path / "cut")
-    monkeypatch.setattr(dumper_module, "_write_shard", write)
+    monkeypatch.undo()
     assert not (tmp_path / "cut" / "manifest.json").exists()
     state = json.loads((tmp_path / "cut" / "dump_state.json").read_text())
     assert len(state["shards"]) == 2

@@ -8,6 +8,7 @@ from itertools import islice
 
 import numpy as np
 import pytest
+from data_utils import crash_on_third_shard
 
 from launch import index_shards
 from sae_jax import storage
@@ -185,20 +186,11 @@ def test_dump_to_gs_equals_a_local_dump_and_resumes(tmp_path, bucket, tiny_model
     kw = {"max_tokens": 300, "seq_len": 16, "batch_size": 4, "shard_tokens": 90,
           "dtype": "float16", "device": "cpu", "progress": False}  # fmt: skip
     local = dumper.dump(str(tiny_model), 1, text, tmp_path / "acts", **kw)
-    write = dumper._write_shard
-    calls = []
-
-    def crash_on_third(path, x, dtype):
-        calls.append(path)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        write(path, x, dtype)
-
-    monkeypatch.setattr(dumper, "_write_shard", crash_on_third)
+    crash_on_third_shard(monkeypatch, dumper)
     url = f"{bucket}/acts"
     with pytest.raises(KeyboardInterrupt):
         dumper.dump(str(tiny_model), 1, text, url, **kw)
-    monkeypatch.setattr(dumper, "_write_shard", write)
+    monkeypatch.undo()
     state = json.loads(storage.path(f"{url}/dump_state.json").read_text())
     assert len(state["shards"]) == 2 and not storage.path(f"{url}/manifest.json").exists()
     remote = dumper.dump(str(tiny_model), 1, text, url, **kw)

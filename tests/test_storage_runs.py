@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_utils import TINY_TRAIN
+from data_utils import TINY_TRAIN, assert_same_params
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from launch import train as train_cli
@@ -80,12 +80,6 @@ def scalars(directory: Path, tag: str) -> list[tuple[int, float]]:
     acc = EventAccumulator(str(directory))
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def assert_same_params(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bitwise
 
 
 @pytest.fixture(scope="module")
