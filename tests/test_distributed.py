@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 
 from launch import train as train_cli
-from sae_jax import load_pretrained
+from sae_jax import load_pretrained, storage
 from sae_jax.export import INDEX
 from sae_jax.training.checkpoint import Checkpointer
 
@@ -132,16 +132,25 @@ def test_two_processes_match_one_process(tmp_path, one_device_run):
     assert sorted(writers) == ["0"] * 4 + ["1"] * 4, writers
 
 
-def test_two_processes_read_their_own_shards(tmp_path):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_two_processes_read_their_own_shards(tmp_path, where, request):
     """Each process feeds its rows from its own shards; the checkpoint keeps both positions,
-    and resuming with another process count is refused (the data order depends on it)."""
+    and resuming with another process count is refused (the data order depends on it). With
+    the shards and the workdir in a bucket (gs://), nothing is shared but the store: each
+    process reads its own shards' ranges, orbax writes the checkpoint from both, and each
+    process uploads its own experts' export files."""
     from data_utils import write_dataset
 
     write_dataset(tmp_path / "train", [700, 500, 600, 400], d=16, outliers=8)
     write_dataset(tmp_path / "eval", [300, 300], d=16, seed=1)
+    root = str(tmp_path)
+    if where == "gs":
+        root = request.getfixturevalue("bucket")
+        storage.upload_tree(tmp_path / "train", f"{root}/train")
+        storage.upload_tree(tmp_path / "eval", f"{root}/eval")
     data = [
-        f"--gin.TRAIN_DATA='{tmp_path / 'train'}'",
-        f"--gin.EVAL_DATA='{tmp_path / 'eval'}'",
+        f"--gin.TRAIN_DATA='{root}/train'",
+        f"--gin.EVAL_DATA='{root}/eval'",
         "--gin.STEPS=6",
         "--gin.CHECKPOINT_EVERY=3",
         "--gin.TrainConfig.eval_tokens=512",
@@ -149,7 +158,7 @@ def test_two_processes_read_their_own_shards(tmp_path):
         "--gin.ActivationData.chunk_tokens=32",
     ]
     run = [a for a in RUN if not a.startswith(("--gin.STEPS", "--gin.TrainConfig.eval"))]
-    workdir = tmp_path / "run"
+    workdir = storage.path(f"{root}/run")
     run_two_processes(workdir, "--gin.MESH_SHAPE=(2, 4)", *run, *data)
     rows = _rows(workdir)
     assert np.isfinite(rows[-1]["eval/fvu"])
