@@ -586,6 +586,7 @@ def export_final(run: Run, state: TrainState, source: dict) -> storage.AnyPath:
     if storage.is_url(out):
         if run.lead:
             storage.remove_tree(new)  # what an export cut off earlier left
+        sync_processes("sae_jax.loop: export.new emptied")  # before any process uploads
         with storage.local_dir(new) as staged:
             export_sae(params, run.cfg, staged, run.train_src.input_scale, source=source)
         sync_processes("sae_jax.loop: export uploaded")
