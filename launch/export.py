@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -111,7 +112,7 @@ def convert_to(native: Path, name: str, out: Path) -> None:
         with storage.local_copy(native) as source:
             convert(source, name, out)
         return
-    if storage.display(native).rstrip("/") == storage.display(out).rstrip("/"):
+    if os.fspath(native).rstrip("/") == os.fspath(out).rstrip("/"):
         raise ValueError(f"{out}: the {name} SAE cannot be written over the native export it "
                          "is converted from; give another directory")  # fmt: skip
     with storage.local_copy(native) as source, tempfile.TemporaryDirectory() as staging:

@@ -44,16 +44,6 @@ def path(p: str | os.PathLike) -> AnyPath:
     return epath.Path(os.fspath(p)) if is_url(p) else Path(p)
 
 
-def local(p: str | os.PathLike) -> Path | None:
-    """The local Path `p` names, None for a URL."""
-    return None if is_url(p) else Path(p)
-
-
-def display(p: str | os.PathLike) -> str:
-    """How a path is shown in messages: a URL as written, a local path as it is."""
-    return os.fspath(p)
-
-
 def filesystem(p: str | os.PathLike):
     """(fsspec filesystem, path within it) for a URL."""
     import fsspec
@@ -228,13 +218,6 @@ def open_array(p: str | os.PathLike, dtype, offset: int, shape: tuple[int, int])
     if is_url(p):
         return RangeArray(os.fspath(p), dtype, offset, shape)
     return np.memmap(p, dtype, "r", offset, shape)
-
-
-def read_rows(array, runs: Sequence[tuple[int, int]]) -> list[np.ndarray]:
-    """array[a:b] for each run: concurrent range requests for a RangeArray, slices else."""
-    if isinstance(array, RangeArray):
-        return array.read_runs(runs)
-    return [array[a:b] for a, b in runs]
 
 
 def read_blocks(requests: Sequence[tuple]) -> list[np.ndarray]:
