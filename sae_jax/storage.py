@@ -184,21 +184,24 @@ class RangeArray:
             return self.take(np.asarray([index]))[0]
         return self.take(np.asarray(index))
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """[len(rows), cols] the given rows (any order, repeats allowed)."""
+    def take(self, rows: np.ndarray, gap_bytes: int = MERGE_GAP_BYTES) -> np.ndarray:
+        """[len(rows), cols] the given rows (any order, repeats allowed); rows at most
+        `gap_bytes` apart are fetched in one request (with what lies between them)."""
         rows = np.asarray(rows, np.int64)
         if rows.ndim != 1:
             raise IndexError("RangeArray takes a slice or a 1-D array of row numbers")
+        if not len(rows):
+            return np.empty((0, self.shape[1]), self.dtype)
         rows = np.where(rows < 0, rows + len(self), rows)
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+        if rows.min() < 0 or rows.max() >= len(self):
             raise IndexError(f"row index out of range for {len(self)} rows")
         wanted = np.unique(rows)
-        gap = max(1, MERGE_GAP_BYTES // max(self.row_bytes, 1))
+        gap = max(1, gap_bytes // max(self.row_bytes, 1))
         breaks = np.flatnonzero(np.diff(wanted) > gap) + 1
         runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(wanted, breaks) if len(r)]
         blocks = self.read_runs(runs)
         where = np.concatenate([[0], np.cumsum([b - a for a, b in runs])]).astype(np.int64)
-        out = np.concatenate(blocks) if blocks else np.empty((0, self.shape[1]), self.dtype)
+        out = np.concatenate(blocks)
         run = np.searchsorted([a for a, _ in runs], rows, side="right") - 1
         return out[where[run] + rows - np.asarray([a for a, _ in runs])[run]]
 

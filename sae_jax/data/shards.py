@@ -136,16 +136,12 @@ def check_token_ids(path: storage.AnyPath, tokens: int) -> None:
 
 
 def take_rows(array, rows: np.ndarray) -> np.ndarray:
-    """[len(rows), d] array[rows] for ascending rows. A RangeArray fetches rows further apart
-    than SPARSE_GAP_BYTES by one request each, all concurrently (its own merging would fetch
+    """[len(rows), d] array[rows]. A RangeArray fetches rows further apart than
+    SPARSE_GAP_BYTES by one request each, all concurrently (its default merging would fetch
     everything between rows up to 1 MiB apart: a whole shard for a sparse sample)."""
     if not isinstance(array, storage.RangeArray):
         return np.asarray(array[rows])
-    if not len(rows):
-        return np.empty((0, array.shape[1]), array.dtype)
-    runs = np.split(rows, np.flatnonzero(np.diff(rows) * array.row_bytes > SPARSE_GAP_BYTES) + 1)
-    blocks = array.read_runs([(int(r[0]), int(r[-1]) + 1) for r in runs])
-    return np.concatenate([b[r - r[0]] for b, r in zip(blocks, runs, strict=True)])
+    return array.take(rows, gap_bytes=SPARSE_GAP_BYTES)
 
 
 def spaced(array, start: int, stop: int, step: int) -> np.ndarray:
