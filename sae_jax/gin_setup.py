@@ -40,9 +40,11 @@ def resolve_config_path(name: str | Path) -> Path:
 
 
 def parse(
-    gin_files: Sequence[str | Path], bindings: Sequence[str]
+    gin_files: Sequence[str | Path], bindings: Sequence[str], allow_list: bool = False
 ) -> tuple[SAEConfig, TrainConfig]:
-    """Parse files then `NAME=VALUE` bindings; return the (validated) model and train configs."""
+    """Parse files then `NAME=VALUE` bindings; return the (validated) model and train configs.
+    A config that lists several SAEs (SAES, for launch.train_many) is refused unless
+    `allow_list`."""
     gin.clear_config()
     gin.add_config_file_search_path(str(CONFIG_DIR))
     files = [str(resolve_config_path(f)) for f in gin_files or [DEFAULT_CONFIG]]
@@ -55,6 +57,8 @@ def parse(
             _check_macro_binding(binding)
             _bind(binding)
         gin.finalize()
+        if not allow_list:
+            _refuse_list()
         sae_cfg, train_cfg = SAEConfig(), TrainConfig()
     except ConfigError:
         raise
@@ -65,6 +69,18 @@ def parse(
     sae_cfg.validate(need_d=False)
     train_cfg.validate()
     return sae_cfg, train_cfg
+
+
+def _refuse_list() -> None:
+    """A one-line ConfigError where the config lists SAEs for launch.train_many."""
+    try:
+        saes = gin.query_parameter("%SAES")
+    except ValueError:  # a config without base.gin
+        return
+    if saes:
+        raise ConfigError(f"this config lists {len(saes)} SAEs (SAES): train them with python -m "
+                          "launch.train_many, or one alone with --gin_file=DIR/<name>/config.gin "
+                          "of its train_many run")  # fmt: skip
 
 
 def _check_macro_binding(binding: str) -> None:

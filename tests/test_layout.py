@@ -21,8 +21,9 @@ LAYERS = (
     ("sae_jax.evaluation",),
     ("sae_jax.training",),  # the step, update, checkpoints, metrics: below the planner
     ("sae_jax.plan",),  # compiles the training and eval steps
-    ("sae_jax.training.loop",),  # checks the plan's fit before it builds anything
-    ("sae_jax.run_data", "sae_jax.browser", "sae_jax.gin_setup"),
+    # the loop checks the plan's fit before it builds anything; many runs several loops
+    ("sae_jax.training.loop", "sae_jax.training.many"),
+    ("sae_jax.run_data", "sae_jax.browser", "sae_jax.gin_setup", "sae_jax.sae_set"),
     ("sae_jax",),  # the public API
 )
 MAX_TOP_LEVEL_MODULES = 12
