@@ -165,13 +165,15 @@ def set_up(
     config_text: str,
     allow_changes: bool,
     wandb: bool,
+    sources: tuple[Source, Source] | None = None,
 ) -> Run:
     """Check the configs against the data and the devices (before anything is created), open
-    the data and the checkpoints, and find the step to start from."""
+    the data (or take `sources`, the (train, eval) that open_sources gave for this tcfg) and
+    the checkpoints, and find the step to start from."""
     tcfg.validate()
     if wandb:
         check_wandb()
-    train_src, eval_src = open_sources(tcfg)
+    train_src, eval_src = sources or open_sources(tcfg)
     cfg = dataclasses.replace(sae_cfg, d=train_src.d).validate()
     mesh = make_mesh(tcfg.mesh_shape)
     check_mesh(cfg, dict(mesh.shape), tcfg.batch_size)
@@ -416,11 +418,18 @@ def held_out(run: Run) -> Iterator[tuple[jax.Array, jax.Array]]:
 def compile_steps(
     run: Run, state: TrainState, step_fn: TrainStep, batches: Iterator[Batch]
 ) -> Iterator[Batch]:
-    """Compile, before the first step, the training step of every AuxK bucket the run can use
-    (TrainStep.compile, for batches like the first one, as placed on the mesh), so that no step
-    waits for a compile; says what it compiles. Returns the batches, the first one included."""
-    tcfg = run.tcfg
+    """Compile the run's steps for batches like the first one (`compile_for`); returns the
+    batches, the first one included."""
     first = next(batches)
+    compile_for(run, state, step_fn, first)
+    return chain([first], batches)
+
+
+def compile_for(run: Run, state: TrainState, step_fn: TrainStep, first: Batch) -> None:
+    """Compile, before the first step, the training step of every AuxK bucket the run can use
+    (TrainStep.compile, for batches like `first`, as placed on the mesh), so that no step
+    waits for a compile; says what it compiles."""
+    tcfg = run.tcfg
     buckets = step_fn.buckets(state)
     aux = [b for b in buckets if b]
     with_aux = f" and with AuxK on {', '.join(map(str, aux))} dead ids per expert" if aux else ""
@@ -428,13 +437,12 @@ def compile_steps(
     if not tcfg.compile_ahead:
         say(run.lead, f"compiling the training step (the first step takes a while, and the "
                       f"first with AuxK), then training steps {steps}")  # fmt: skip
-        return chain([first], batches)
+        return
     say(run.lead, f"compiling the training step (without AuxK{with_aux}), then training steps "
                   f"{steps}")  # fmt: skip
     x = jax.ShapeDtypeStruct((tcfg.batch_size, *first.x.shape[1:]), first.x.dtype,
                              sharding=run.tokens)  # fmt: skip
     step_fn.compile(state, x)
-    return chain([first], batches)
 
 
 def train_steps(
@@ -449,43 +457,72 @@ def train_steps(
     """Steps start + 1..STEPS, logging, evaluating and checkpointing every so many steps;
     after a signal, saves a checkpoint and raises Preempted. Returns the state and this
     process's data position after the last step."""
-    tcfg, position = run.tcfg, run.position
-    rate = TokenRate(run.start, tcfg.batch_size)
-    drops = DropWatch()
-    auxk_said = False
-    for step in range(run.start, tcfg.steps):
+    steps = Stepper(run, state, step_fn, log, bar)
+    for step in range(run.start, run.tcfg.steps):
         batch = next(batches)
-        if run.lead and not auxk_said and step_fn.uses_auxk(state):
-            auxk_said = True
-            tqdm.write(f"step {step + 1}: dead latents; AuxK on")
-        state, metrics = step_fn(state, put_local(batch.x, run.tokens, tcfg.batch_size))
-        position = batch.position
-        done = step + 1
-        if done % tcfg.log_every == 0 or done == tcfg.steps:
-            metrics = host_metrics(run, metrics, done, position, rate)
-            if run.lead and (warning := drops.warning(done, metrics.get("drop_fraction", 0.0))):
-                tqdm.write(warning)
-            line = summary(log.row(done, metrics), CONSOLE)
-            bar.set_postfix_str(line)
-            if bar.disable:  # no progress bar: a line for the log instead
-                rate_said = f"{metrics['tokens_per_sec']:,.0f} tokens/s"
-                say(run.lead, f"step {done}/{tcfg.steps}: {line} ({rate_said})")
-        if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
-            log.evaluate(done, state.params)
-        bar.update(1)
-        if guard.stop_after(done) and done < tcfg.steps:
-            check_finite(jax.device_get(metrics), done)
-            # closing(ckpt) waits for the save to finish
-            save(run, log, done, state, checkpoint_record(run, done, position))
+        done = steps.advance(step, put_local(batch.x, run.tokens, run.tcfg.batch_size),
+                             batch.position)  # fmt: skip
+        if guard.stop_after(done) and done < run.tcfg.steps:
+            steps.checkpoint(done)  # closing(ckpt) waits for the save to finish
             bar.close()
             raise Preempted(guard.signal, done, storage.path(run.workdir))
-        if done < tcfg.steps and done % tcfg.checkpoint_every == 0:
-            check_finite(jax.device_get(metrics), done)  # never save a NaN state
-            save(run, log, done, state, checkpoint_record(run, done, position))
-    jax.block_until_ready(state.params)
-    log.clock.stop()  # the final checkpoint, export and evaluation are not training
+        if done < run.tcfg.steps and done % run.tcfg.checkpoint_every == 0:
+            steps.checkpoint(done)
+    steps.end()
     bar.close()
-    return state, position
+    return steps.state, steps.position
+
+
+class Stepper:
+    """A run's steps after set-up: `advance` runs one step on a batch already on the mesh,
+    then its logging and held-out evaluation; `checkpoint` saves; `end` waits for the last
+    step and stops the training clock. `name` (train_many) prefixes its console lines."""
+
+    def __init__(self, run: Run, state: TrainState, step_fn: TrainStep, log: Log, bar: tqdm,
+                 name: str = ""):  # fmt: skip
+        self.run, self.state, self.step_fn, self.log, self.bar = run, state, step_fn, log, bar
+        self.prefix = f"{name}: " if name else ""
+        self.position, self.metrics = run.position, None
+        self.rate = TokenRate(run.start, run.tcfg.batch_size)
+        self.drops = DropWatch()
+        self.auxk_said = False
+
+    def advance(self, step: int, x: jax.Array, position: int) -> int:
+        """Step `step` + 1 on `x` [BATCH_SIZE, d] (the stream is at `position` after it);
+        returns the step number done."""
+        run, tcfg = self.run, self.run.tcfg
+        if run.lead and not self.auxk_said and self.step_fn.uses_auxk(self.state):
+            self.auxk_said = True
+            tqdm.write(f"{self.prefix}step {step + 1}: dead latents; AuxK on")
+        self.state, self.metrics = self.step_fn(self.state, x)
+        self.position = position
+        done = step + 1
+        if done % tcfg.log_every == 0 or done == tcfg.steps:
+            self.log_metrics(done)
+        if tcfg.eval_every and done % tcfg.eval_every == 0 and done != tcfg.steps:
+            self.log.evaluate(done, self.state.params)
+        self.bar.update(1)
+        return done
+
+    def log_metrics(self, done: int) -> None:
+        run = self.run
+        metrics = host_metrics(run, self.metrics, done, self.position, self.rate)
+        if run.lead and (warning := self.drops.warning(done, metrics.get("drop_fraction", 0.0))):
+            tqdm.write(self.prefix + warning)
+        line = summary(self.log.row(done, metrics), CONSOLE)
+        self.bar.set_postfix_str(line)
+        if self.bar.disable:  # no progress bar: a line for the log instead
+            rate_said = f"{metrics['tokens_per_sec']:,.0f} tokens/s"
+            say(run.lead, f"{self.prefix}step {done}/{run.tcfg.steps}: {line} ({rate_said})")
+
+    def checkpoint(self, done: int) -> None:
+        """Save a checkpoint after step `done` (never a NaN state)."""
+        check_finite(jax.device_get(self.metrics), done)
+        save(self.run, self.log, done, self.state, checkpoint_record(self.run, done, self.position))
+
+    def end(self) -> None:
+        jax.block_until_ready(self.state.params)
+        self.log.clock.stop()  # the final checkpoint, export and evaluation are not training
 
 
 class DropWatch:
