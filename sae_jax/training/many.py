@@ -202,7 +202,10 @@ def run_steps(groups: list[Group], guard: PreemptionGuard, tcfg: TrainConfig) ->
 
 
 def step_group(group: Group, step: int, tcfg: TrainConfig) -> None:
-    """Step `step` + 1 of every member of `group` that has reached it, on one batch."""
+    """Step `step` + 1 of every member of `group` that has reached it, on one batch (none
+    before the group's stream starts)."""
+    if step < group.start:
+        return
     batch = next(group.stream)
     x = None
     for m in group.members:
