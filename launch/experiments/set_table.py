@@ -33,12 +33,14 @@ def set_results(workdir) -> list[dict]:
 
 
 def lr_used(entry: dict) -> float:
-    """The experts' peak LR: LR, or BASE_LR / sqrt(NUM_LATENTS / 2^14) (TrainConfig's rule)."""
+    """The experts' peak LR: LR, or BASE_LR / sqrt(NUM_LATENTS / 2^14) (TrainConfig's rule,
+    applied to saes.json's values without building a TrainConfig, which gin would bind)."""
+    from types import SimpleNamespace
+
     from sae_jax.config import TrainConfig
 
-    return TrainConfig(lr=entry.get("lr"), base_lr=entry["base_lr"]).learning_rate(
-        entry["num_latents"]
-    )
+    values = SimpleNamespace(lr=entry.get("lr"), base_lr=entry["base_lr"])
+    return TrainConfig.learning_rate(values, entry["num_latents"])
 
 
 def sae_result(entry: dict, directory) -> dict:
