@@ -12,6 +12,10 @@ network). Without --data it uses the run's own EVAL_DATA (synthetic data regener
 run's seed). Text contexts need a dump with token ids; promoted/suppressed tokens need the
 model the shards' manifest names (the `dump` extra).
 
+DIR may be a launch.train_many set (it holds saes.json): each SAE's browser is then written as
+for DIR/<name> alone (DIR/<name>/browser/), and DIR/browser/index.html lists the SAEs, with
+their layer and settings, each name linking to its browser.
+
 DIR (and OUT) may be a URL (gs://...): the pages are written locally, then uploaded to
 DIR/browser/ (its old pages deleted first); copy that to a local directory to open it.
 """
@@ -54,23 +58,60 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --sae needs --data SHARDS_DIR (activation shards to browse)",
               file=sys.stderr)  # fmt: skip
         return 2
-    from sae_jax.browser import build_browser
+    from launch.eval import is_set
     from sae_jax.config import ConfigError
 
+    if args.workdir is not None and is_set(args.workdir):
+        return browse_set(args)
     out = args.workdir or args.out or peer_out_dir(args.sae)
     try:
-        index, _ = build_browser(out, args.data, sae=args.sae, tokens=args.tokens,
-                                 batch_size=args.batch_size, top_k=args.top_k,
-                                 use_model=not args.no_model,
-                                 duplicates=not args.no_duplicates)  # fmt: skip
+        index = browse_one(args, out)
     except ConfigError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    print_written(index)
+    return 0
+
+
+def browse_one(args, out):
+    """build_browser with the command line's options into out/browser/; its index.html."""
+    from sae_jax.browser import build_browser
+
+    index, _ = build_browser(out, args.data, sae=args.sae, tokens=args.tokens,
+                             batch_size=args.batch_size, top_k=args.top_k,
+                             use_model=not args.no_model,
+                             duplicates=not args.no_duplicates)  # fmt: skip
+    return index
+
+
+def browse_set(args) -> int:
+    """Each SAE's browser of the set in args.workdir (DIR/<name>/browser/, as --workdir
+    DIR/<name> alone), then the set's index page DIR/browser/index.html linking them. A
+    failure is one line (exit code 1 at the end); the rest still run."""
+    from sae_jax.browser.set_index import write_set_index
+    from sae_jax.sae_set import read_sae_set, sae_dirs
+
+    failed = {}
+    for name, directory in sae_dirs(args.workdir):
+        print(f"== {name}: {directory}", flush=True)
+        try:
+            print_written(browse_one(args, directory))
+        except Exception as e:  # noqa: BLE001 - one line each, the rest go on
+            failed[name] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"error: {name}: {failed[name]}", file=sys.stderr, flush=True)
+    print_written(write_set_index(args.workdir, read_sae_set(args.workdir), failed))
+    if failed:
+        print(f"error: {len(failed)} of the set's SAEs failed: {', '.join(failed)}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def print_written(index) -> None:
     if is_url(index):
         print(f"wrote {index}  (copy browser/ to a local directory to open it)")
     else:
         print(f"wrote {index}  (open it in a browser: file://{index.resolve()})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
     python -m launch.eval --workdir DIR [--data EVAL_DIR] [--tokens 65536] [--no_lm]
     python -m launch.eval --sae SAE_DIR --data EVAL_DIR [--out OUT]
 
+DIR may be a launch.train_many set (it holds saes.json): every SAE of it is then evaluated in
+turn as DIR/<name> alone would be, with the same options (a failure is one line, and the rest
+still run), and the set's table (launch/experiments/set_table.py) is printed and written to
+DIR/table.md.
+
 --sae evaluates any directory sae_jax.load_pretrained reads (our export, a peer's SAELens or
 sparsify SAE: docs/peer_saes.md) on the shards of --data, with no capacity limit, and writes
 OUT/eval.json and the plots (OUT default: runs/peer_<name of SAE_DIR>).
@@ -82,11 +87,55 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from sae_jax.config import ConfigError
 
+    if args.workdir is not None and is_set(args.workdir):
+        return evaluate_set(args)
     try:
         result = evaluate_run(args)
     except ConfigError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    print_result(args, result)
+    return 0
+
+
+def is_set(workdir: str) -> bool:
+    """Whether `workdir` holds a launch.train_many set (its saes.json)."""
+    from sae_jax import storage
+    from sae_jax.training.many import SET_FILE
+
+    return (storage.path(workdir) / SET_FILE).exists()
+
+
+def evaluate_set(args) -> int:
+    """Every SAE of the set in args.workdir in turn, as `--workdir DIR/<name>` with the same
+    options; a failure is one line (and exit code 1 at the end), the rest still run. Then the
+    set's table (launch/experiments/set_table.py), printed and written to DIR/table.md."""
+    import argparse
+
+    from launch.experiments.set_table import TABLE_FILE, write_table
+    from sae_jax.sae_set import sae_dirs
+
+    failed = []
+    for name, directory in sae_dirs(args.workdir):
+        print(f"== {name}: {directory}", flush=True)
+        one = argparse.Namespace(**{**vars(args), "workdir": str(directory)})
+        try:
+            print_result(one, evaluate_run(one))
+        except Exception as e:  # noqa: BLE001 - one line each, the rest go on
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"error: {name}: {why}", file=sys.stderr, flush=True)
+            failed.append(name)
+    print(write_table(args.workdir))
+    print(f"wrote {args.workdir.rstrip('/')}/{TABLE_FILE}")
+    if failed:
+        print(f"error: {len(failed)} of the set's SAEs failed: {', '.join(failed)}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
+
+
+def print_result(args, result: dict) -> None:
+    """The metrics table, SAEBench's metrics and what was written."""
     for name, fmt in TABLE:
         if name in result:
             print(f"{name:>28}  {fmt.format(result[name])}")
@@ -95,7 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {output_dir(args) / 'eval.json'}")
     for path in result.get("plots", []):
         print(f"wrote {path}")
-    return 0
 
 
 def print_saebench(metrics: dict) -> None:

@@ -4,6 +4,7 @@
         [--steps S] [--rows topk,switch8,...] [--gin NAME=VALUE ...] [--eval_points 9]
         [--workdir runs/compare] [--out runs/compare/results.md] [--doc docs/comparison.md]
         [--seeds 0,1,2]
+    python -m launch.experiments.compare --set DIR
 
 Trains one SAE per row (RUNS; --rows picks them, default DEFAULT_ROWS, `all` for every one):
 a TopK SAE (N = 1, NUM_LATENTS = width), Switch SAEs at equal width (N = 8, 32; top-1, or
@@ -34,6 +35,10 @@ seeds and their min-max, the ratios are those of the means, "beats TopK" counts 
 which the row's FVU is below the TopK baseline's of the same seed, the other metrics and the
 curves are means over the seeds, "train tokens/s" the median over them, and the step is
 benchmarked once per row; results.json keeps each seed's record under the row's `runs`.
+
+--set DIR trains nothing: it prints the table of the SAEs a launch.train_many job trained in
+DIR (each with its layer, settings and results) and writes it to DIR/table.md
+(launch/experiments/set_table.py; launch.eval --workdir DIR writes it too).
 """
 
 from __future__ import annotations
@@ -92,8 +97,11 @@ DEFAULT_ROWS = "topk,topk_lr,switch8,switch8_top1,switch4_flops,wide"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.experiments.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--train", required=True, help="training activation shards")
-    p.add_argument("--eval", required=True, help="held-out activation shards")
+    p.add_argument("--train", help="training activation shards (required but with --set)")
+    p.add_argument("--eval", help="held-out activation shards (required but with --set)")
+    p.add_argument("--set", default=None, metavar="DIR",
+                   help="only print and write DIR/table.md, the table of the launch.train_many "
+                   "set in DIR (launch/experiments/set_table.py); nothing is trained")  # fmt: skip
     p.add_argument("--width", type=int, default=4608, help="the TopK SAE's NUM_LATENTS")
     p.add_argument("--passes", type=float, default=1.0, help="passes over the training shards")
     p.add_argument("--steps", type=int, default=None, help="steps per row (overrides --passes)")
@@ -111,7 +119,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "the config's)")  # fmt: skip
     p.add_argument("--in_process", action="store_true",
                    help="train and evaluate in this process, not in subprocesses")  # fmt: skip
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.set is None and (args.train is None or args.eval is None):
+        p.error("the following arguments are required: --train, --eval (or --set DIR)")
+    return args
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -128,6 +139,8 @@ def parse_seeds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.set is not None:
+        return set_table_main(args.set)
     rows = chosen_rows(args.rows)
     steps, batch = planned_steps(args)
     results = [row_result(args, row, steps, batch) for row in rows]
@@ -146,6 +159,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}, {out.with_suffix('.json')}, {plots[0]}, {plots[1]}")
     if args.doc:
         print(f"wrote {write_doc(args, argv, results, plots, (steps, batch))}")
+    return 0
+
+
+def set_table_main(workdir: str) -> int:
+    """--set DIR: print the set's table and write DIR/table.md (exit 2, one line, where DIR is
+    no set)."""
+    from launch.experiments.set_table import TABLE_FILE, write_table
+    from sae_jax.config import ConfigError
+
+    try:
+        table = write_table(workdir)
+    except ConfigError as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"wrote {workdir.rstrip('/')}/{TABLE_FILE}")
     return 0
 
 
@@ -509,9 +538,10 @@ def duplicate_cell(r: dict, key: str) -> str:
     return f"{count} ({dup[f'{key}_fraction']:.1%})"
 
 
-def markdown(results: list[dict], seeds: bool = False) -> str:
-    """The results table, one line per row (SEED_COLUMNS for aggregates over seeds)."""
-    columns = SEED_COLUMNS if seeds else COLUMNS
+def markdown(results: list[dict], seeds: bool = False, columns: list | None = None) -> str:
+    """The results table, one line per row (SEED_COLUMNS for aggregates over seeds; `columns`:
+    other (header, function) pairs, as set_table's)."""
+    columns = columns or (SEED_COLUMNS if seeds else COLUMNS)
     lines = ["| " + " | ".join(h.strip() for h, _ in columns) + " |",
              "|" + "---|" * len(columns)]  # fmt: skip
     lines += ["| " + " | ".join(f(r) for _, f in columns) + " |" for r in results]
