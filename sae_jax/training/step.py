@@ -127,6 +127,24 @@ def make_train_step(
     `state_sharding` (a pytree of shardings, see `sharding_of`) pins the new state to the
     layout of the old one, so the second step does not recompile for a different layout.
     """
+    out_shardings = None
+    if state_sharding is not None:
+        mesh = jax.tree.leaves(state_sharding)[0].mesh
+        out_shardings = (state_sharding, NamedSharding(mesh, PartitionSpec()))
+    step = step_body(graphdef, tx, tcfg, auxk=auxk, aux_bucket=aux_bucket)
+    return jax.jit(step, donate_argnums=0, out_shardings=out_shardings)
+
+
+def step_body(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    tcfg: TrainConfig,
+    *,
+    auxk: bool,
+    aux_bucket: int | None = None,
+):
+    """The training step as a pure function step(state, x) -> (state, metrics), not jitted
+    (make_train_step jits it; launch.bench_many vmaps it over stacked SAEs)."""
 
     def loss_fn(params, shards, others, x, dead_ids):
         out = nnx.merge(graphdef, params, others)(x, dead_ids, grad_shards=shards)
@@ -136,12 +154,6 @@ def make_train_step(
         )  # fmt: skip
         return loss, (metrics, out.fired, out.expert_counts)
 
-    out_shardings = None
-    if state_sharding is not None:
-        mesh = jax.tree.leaves(state_sharding)[0].mesh
-        out_shardings = (state_sharding, NamedSharding(mesh, PartitionSpec()))
-
-    @functools.partial(jax.jit, donate_argnums=0, out_shardings=out_shardings)
     def step(state: TrainState, x: jax.Array):
         dead_ids = None
         if auxk:
