@@ -48,15 +48,23 @@ def plan_list(
     One-line ConfigErrors name the SAE."""
     full = [_entry(name, cfg, tcfg, hw, None, hlo_out) for name, cfg, tcfg in saes]
     devices = full[0]["plan"]["config"]["devices"]
-    turn = in_turn(full, hw)
-    groups = group_layout(saes, full, devices, hw)
-    if turn["fits"]:
-        recommended = "in_turn"
-    else:
-        recommended = "groups" if groups.get("fits") else None
-    return {"devices": devices, "hardware": full[0]["plan"]["hardware"],
-            "saes": full, "in_turn": turn, "groups": groups,
-            "recommended": recommended}  # fmt: skip
+    lp = {"devices": devices, "saes": full, "in_turn": in_turn(full),
+          "groups": group_layout(saes, full, devices, hw)}  # fmt: skip
+    return judge(lp, hw)
+
+
+def judge(lp: dict, hw: Hardware) -> dict:
+    """The list plan with each layout's fit on `hw` (its compiled bytes per device against
+    the usable memory) and the recommended layout: in turn where it fits, else groups where
+    they fit, else None."""
+    usable = hw.usable_bytes
+    lp["hardware"] = {"name": hw.name, "usable_bytes": usable, "memory_bytes": hw.memory_bytes}
+    for layout in (lp["in_turn"], lp["groups"]):
+        layout["fits"] = "error" not in layout and layout["compiled"]["total_bytes"] <= usable
+    lp["recommended"] = next(
+        (name for name in ("in_turn", "groups") if lp[name]["fits"]), None
+    )  # fmt: skip
+    return lp
 
 
 def _entry(name, cfg, tcfg, hw, devices, hlo_out) -> dict:
@@ -80,7 +88,7 @@ def split(plan: dict, state_bytes: int) -> dict:
     return {"resident": resident, "transient": {k: totals[k] - resident[k] for k in KINDS}}
 
 
-def in_turn(entries: list[dict], hw: Hardware) -> dict:
+def in_turn(entries: list[dict]) -> dict:
     """Per device: the SAEs' resident bytes summed + the largest transient, each kind."""
     out = {}
     for kind in KINDS:
@@ -89,7 +97,6 @@ def in_turn(entries: list[dict], hw: Hardware) -> dict:
         out[kind] = {"resident_bytes": resident, "transient_bytes": big["transient"][kind],
                      "transient_of": big["name"],
                      "total_bytes": resident + big["transient"][kind]}  # fmt: skip
-    out["fits"] = out["compiled"]["total_bytes"] <= hw.usable_bytes
     return out
 
 
@@ -128,7 +135,7 @@ def group_layout(saes: list, full: list[dict], devices: int, hw: Hardware) -> di
             for name, cfg, tcfg in saes:
                 _check(name, cfg, shape, tcfg.batch_size)
         except ConfigError as e:
-            return {**out, "error": str(e).splitlines()[0], "fits": False}
+            return {**out, "error": str(e).splitlines()[0]}
         used = jax.devices()[: devices // g]
         entries = [
             _entry(name, cfg, dataclasses.replace(tcfg, mesh_shape=shape), hw, used, None)
@@ -138,7 +145,6 @@ def group_layout(saes: list, full: list[dict], devices: int, hw: Hardware) -> di
     for kind in KINDS:
         big = max(entries, key=lambda e, k=kind: total(e, k))
         out[kind] = {"total_bytes": total(big, kind), "of": big["name"]}
-    out["fits"] = out["compiled"]["total_bytes"] <= hw.usable_bytes
     out["saes"] = entries
     return out
 
