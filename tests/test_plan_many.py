@@ -73,6 +73,23 @@ def test_in_turn_is_the_resident_sum_plus_the_largest_transient(tiny):
     assert lp["in_turn"]["compiled"]["transient_of"] == "wide"
 
 
+def test_the_estimate_alone_matches_the_list_plan(tiny):
+    """layouts.in_turn_estimate (no compile; what a trainer can check before it builds) gives
+    the list plan's in-turn estimate; check_in_turn_fits refuses less memory in one line."""
+    path, lp, _ = tiny
+    from sae_jax.plan import build
+    from sae_jax.sae_set import parse_many
+
+    hw = hardware.get("cpu")
+    saes = [(build.for_hardware(s.sae_cfg, hw, 32), s.tcfg) for s in parse_many([path], [])]
+    need = layouts.in_turn_estimate(saes, (1, 8), "cpu")
+    est = lp["in_turn"]["estimate"]
+    assert need == {k: est[k] for k in ("resident_bytes", "transient_bytes", "total_bytes")}
+    layouts.check_in_turn_fits(saes, (1, 8), need["total_bytes"])
+    with pytest.raises(ConfigError, match=r"^2 SAEs in turn on MESH_SHAPE=\(1, 8\) need"):
+        layouts.check_in_turn_fits(saes, (1, 8), need["total_bytes"] - 1)
+
+
 def test_groups_are_the_largest_plan_on_half_the_mesh(tiny):
     _, lp, _ = tiny
     g = lp["groups"]

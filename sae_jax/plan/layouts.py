@@ -29,10 +29,11 @@ from pathlib import Path
 
 import jax
 
+from sae_jax import precision
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.mesh import make_mesh, resolve_shape
 from sae_jax.model.switch import check_mesh
-from sae_jax.plan import build, report
+from sae_jax.plan import build, estimate, report
 from sae_jax.plan.hardware import Hardware
 
 RESIDENT_TERMS = ("parameters", "optimizer_state", "counters")
@@ -98,6 +99,42 @@ def in_turn(entries: list[dict]) -> dict:
                      "transient_of": big["name"],
                      "total_bytes": resident + big["transient"][kind]}  # fmt: skip
     return out
+
+
+def in_turn_estimate(
+    saes: list[tuple[SAEConfig, TrainConfig]], mesh_shape: tuple[int, int], backend: str = ""
+) -> dict:
+    """The analytic estimate of `in_turn` (no compile): {'resident_bytes', 'transient_bytes',
+    'total_bytes'} per device of (cfg, tcfg) pairs (d set) on one resolved mesh; `backend`:
+    as estimate.Shapes.of (default: JAX's)."""
+    backend = backend or jax.default_backend()
+    resident, transient = [], []
+    for cfg, tcfg in saes:
+        cfg = dataclasses.replace(cfg, compute_dtype=precision.resolve(cfg.compute_dtype))
+        terms = estimate.memory(estimate.Shapes.of(cfg, tcfg, mesh_shape, backend))
+        resident.append(sum(terms[t] for t in RESIDENT_TERMS))
+        transient.append(terms["total"] - resident[-1])
+    return {"resident_bytes": sum(resident), "transient_bytes": max(transient),
+            "total_bytes": sum(resident) + max(transient)}  # fmt: skip
+
+
+def check_in_turn_fits(
+    saes: list[tuple[SAEConfig, TrainConfig]], mesh_shape: tuple[int, int], memory_bytes: float
+) -> None:
+    """A one-line ConfigError where the SAEs, trained in turn on this mesh (launch.train_many),
+    need more than `memory_bytes` per device by the analytic estimate (suggest.check_fits's
+    judgement for a list)."""
+    need = in_turn_estimate(saes, mesh_shape)
+    if need["total_bytes"] <= memory_bytes:
+        return
+    gib = 2**30
+    raise ConfigError(
+        f"{len(saes)} SAEs in turn on MESH_SHAPE={tuple(mesh_shape)} need about "
+        f"{need['total_bytes'] / gib:.1f} GiB per device (estimate: their states "
+        f"{need['resident_bytes'] / gib:.1f} GiB + the largest step's "
+        f"{need['transient_bytes'] / gib:.1f} GiB), the devices have {memory_bytes / gib:.1f} "
+        "GiB; see python -m launch.plan on the config (groups of devices, or fewer SAEs a job)"
+    )
 
 
 def group_count(saes: int, devices: int) -> int:
