@@ -3,7 +3,10 @@ collectives, FLOPs and an estimated speed on named hardware. Nothing is allocate
 
     python -m launch.plan --gin_file=pod.gin --devices 64 --hardware h100 [--json plan.json]
 
-Takes the same --gin_file / --gin.NAME=VALUE bindings as launch.train.
+Takes the same --gin_file / --gin.NAME=VALUE bindings as launch.train. A config that lists
+SAEs (SAES, for launch.train_many) is planned as a list: each SAE's plan, then the memory per
+device of training them in turn on the whole mesh (what train_many runs) or in groups of
+devices, one SAE per group (sae_jax/plan/layouts.py), and which of those fits.
 """
 
 from __future__ import annotations
@@ -39,26 +42,56 @@ def main(argv: list[str] | None = None) -> int:
         simulate_cpu_devices(args.devices, cpu_only=True)
 
     from sae_jax.config import ConfigError
-    from sae_jax.gin_setup import parse
-    from sae_jax.plan import build, hardware
-    from sae_jax.plan.report import format_text, make_plan
 
     try:
         if args.mem_fraction is not None and not 0 < args.mem_fraction <= 1:
             raise ConfigError(f"--mem_fraction={args.mem_fraction}: must be in (0, 1]")
-        cfg, tcfg = parse(args.gin_file, args.bindings)
-        hw = hardware.get(args.hardware, args.mem_fraction)
-        cfg = build.for_hardware(cfg, hw, build.input_dim(tcfg, args.d))
-        plan = make_plan(cfg, tcfg, hw, args.hlo_out)
+        plan, text = plan_config(args)
     except ConfigError as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    print(format_text(plan))
+    print(text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(plan, f, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+def plan_config(args: argparse.Namespace) -> tuple[dict, str]:
+    """The plan of the config (a list plan where it lists SAEs) and its text."""
+    from sae_jax.gin_setup import parse
+    from sae_jax.plan import build, hardware, layouts
+    from sae_jax.plan.report import format_text, make_plan
+
+    hw = hardware.get(args.hardware, args.mem_fraction)
+    cfg, tcfg = parse(args.gin_file, args.bindings, allow_list=True)
+    if lists_saes():
+        plan = layouts.plan_list(list_configs(args, hw), hw, args.hlo_out)
+        return plan, layouts.format_text(plan)
+    cfg = build.for_hardware(cfg, hw, build.input_dim(tcfg, args.d))
+    plan = make_plan(cfg, tcfg, hw, args.hlo_out)
+    return plan, format_text(plan)
+
+
+def lists_saes() -> bool:
+    """Whether the config just parsed lists SAEs (a non-empty SAES)."""
+    import gin
+
+    try:
+        return bool(gin.query_parameter("%SAES"))
+    except ValueError:  # a config without base.gin
+        return False
+
+
+def list_configs(args: argparse.Namespace, hw) -> list[tuple]:
+    """(name, SAEConfig for `hw`, TrainConfig) of each SAE the config lists."""
+    from sae_jax.plan import build
+    from sae_jax.sae_set import parse_many
+
+    specs = parse_many(args.gin_file, args.bindings)
+    return [(s.name, build.for_hardware(s.sae_cfg, hw, build.input_dim(s.tcfg, args.d)), s.tcfg)
+            for s in specs]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,17 @@ def abstract_state(cfg: SAEConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh):
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     return graphdef, tx, state, shardings
+
+
+def state_bytes(cfg: SAEConfig, tcfg: TrainConfig, mesh: jax.sharding.Mesh) -> int:
+    """Bytes per device of the training state's shards (parameters, optimizer state, counters):
+    the training step's arguments less its batch."""
+    with jax.set_mesh(mesh):
+        state = abstract_state(cfg, tcfg, mesh)[2]
+    return sum(
+        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+        for a in jax.tree.leaves(state)
+    )
 
 
 def compile_steps(

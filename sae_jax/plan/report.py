@@ -24,10 +24,13 @@ def make_plan(cfg: SAEConfig, tcfg: TrainConfig, hw: Hardware, hlo_out: Path | N
     return plan_for(measure(cfg, tcfg, hlo_out), hw)
 
 
-def measure(cfg: SAEConfig, tcfg: TrainConfig, hlo_out: Path | None = None) -> dict:
+def measure(
+    cfg: SAEConfig, tcfg: TrainConfig, hlo_out: Path | None = None, devices: list | None = None
+) -> dict:
     """What does not depend on the hardware: the compiled steps' figures (the training step
-    reported is the variant, with or without AuxK, that needs more memory) and the estimate."""
-    mesh = make_mesh(tcfg.mesh_shape)
+    reported is the variant, with or without AuxK, that needs more memory) and the estimate.
+    `devices`: the devices the mesh is laid on (default: all of them)."""
+    mesh = make_mesh(tcfg.mesh_shape, devices)
     mesh_shape = (mesh.shape["data"], mesh.shape["expert"])
     shapes = estimate.Shapes.of(cfg, tcfg, mesh_shape, jax.default_backend())
     with tempfile.TemporaryDirectory() as dumps:
