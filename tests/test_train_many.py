@@ -183,3 +183,14 @@ def test_the_worked_example_parses(tmp_path):
         (2304, 16), (2304, 32), (4608, 16), (4608, 32)
     ]  # fmt: skip
     assert all(s.tcfg.train_data == "/data" for s in specs)
+
+
+def test_saes_that_do_not_fit_together_are_refused_in_one_line(job, monkeypatch, capsys):
+    from sae_jax.training import many
+
+    data, config, _, _ = job
+    monkeypatch.setattr(many, "device_memory_bytes", lambda: 2**20)
+    args = many_args(data, config, config.parent / "too_big")
+    assert many_cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "3 SAEs in turn on MESH_SHAPE=(1, 1) need about" in err and "\n" not in err

@@ -22,6 +22,8 @@ from sae_jax import storage
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.data import Batch
 from sae_jax.distributed import put_local
+from sae_jax.plan.layouts import check_in_turn_fits
+from sae_jax.plan.suggest import device_memory_bytes
 from sae_jax.training.learning_rates import lr_message
 from sae_jax.training.loop import (
     Log,
@@ -113,6 +115,7 @@ def train_many(
     if lead:
         write_set_record(workdir, specs)
     runs = set_up_all(specs, workdir, allow_changes)
+    check_memory([run for _, run in runs])
     finals = {spec.name: already_trained(run) for spec, run in runs if run.start >= run.tcfg.steps}
     todo = [(spec, run) for spec, run in runs if spec.name not in finals]
     if not todo:
@@ -145,6 +148,16 @@ def set_up_all(
                      allow_changes, False, opened[key])  # fmt: skip
         runs.append((spec, run))
     return runs
+
+
+def check_memory(runs: list[Run]) -> None:
+    """On a GPU/TPU, before anything is created: a one-line ConfigError where the SAEs'
+    states together and the largest step exceed a device's memory (plan.layouts)."""
+    if (memory := device_memory_bytes()) is None:
+        return
+    mesh = runs[0].mesh
+    shape = (mesh.shape["data"], mesh.shape["expert"])
+    check_in_turn_fits([(run.cfg, run.tcfg) for run in runs], shape, memory)
 
 
 def start_member(spec: SAESpec, run: Run, stack: contextlib.ExitStack, progress: bool) -> Member:
