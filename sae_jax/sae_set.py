@@ -7,12 +7,14 @@ A config lists its SAEs in the macro SAES (configs/smollm2_many.gin):
     SAES = [
         {'name': 'w4608_k32', 'NUM_LATENTS': 4608, 'K': 32},
         {'name': 'l09_w4608', 'layer': 9, 'NUM_LATENTS': 4608, 'LR': 1e-3},
+        {'name': 'every', 'layer': 'all', 'K': 32},
     ]
 
 Each entry has a `name` (its subdirectory of the job's workdir), and may set any macro of
 configs/base.gin but the job-wide ones (JOB_WIDE: they fix the shared data stream and the
 step loop), and `layer`: a layer of the multi-layer dump that TRAIN_DATA (and EVAL_DATA, when
-it is one too) names. An entry's settings are bound after the files and the command line's
+it is one too) names; a list of layers, or 'all' (every layer of the dump), makes one SAE per
+layer, named <name>_lNN. An entry's settings are bound after the files and the command line's
 `--gin.X=...` bindings, which apply to every SAE.
 """
 
@@ -51,9 +53,11 @@ def parse_many(gin_files: Sequence[str | Path], bindings: Sequence[str]) -> list
         raise ConfigError(f"SAES must be a list of dicts, not {type(entries).__name__}")
     train_root = gin.query_parameter("%TRAIN_DATA")
     eval_root = gin.query_parameter("%EVAL_DATA")
-    specs, known = [], set(macros())
+    known = set(macros())
     for i, entry in enumerate(entries):
         check_entry(i, entry, known)
+    specs = []
+    for entry in expand_layers(entries, train_root):
         extra = entry_bindings(entry, train_root, eval_root)
         sae_cfg, tcfg = parse(gin_files, [*bindings, *extra, "SAES=[]"])
         specs.append(SAESpec(entry["name"], sae_cfg, tcfg, gin.config_str(),
@@ -80,9 +84,34 @@ def check_entry(i: int, entry: object, known: set[str]) -> None:
         if key not in ENTRY_KEYS and key not in known:
             raise ConfigError(f"SAES[{i}] ({name}): unknown key {key!r}: an entry sets 'name', "
                               "'layer' and macros of configs/base.gin")  # fmt: skip
-    layer = entry.get("layer")
-    if layer is not None and (not isinstance(layer, int) or isinstance(layer, bool) or layer < 0):
-        raise ConfigError(f"SAES[{i}] ({name}): layer={layer!r} must be a block index >= 0")
+    layers = entry.get("layer")
+    if layers is None or layers == "all":
+        return
+    for layer in layers if isinstance(layers, list | tuple) and layers else [layers]:
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise ConfigError(f"SAES[{i}] ({name}): layer={layers!r} must be a block index >= 0, "
+                              "a list of them, or 'all'")  # fmt: skip
+
+
+def expand_layers(entries: list[dict], train_root: str) -> list[dict]:
+    """Entries with 'layer': [3, 9] or 'all' (every layer of TRAIN_DATA's multi-layer dump)
+    become one entry per layer, named <name>_lNN; the others stay as they are."""
+    out = []
+    for entry in entries:
+        layers = entry.get("layer")
+        if layers != "all" and not isinstance(layers, list | tuple):
+            out.append(entry)
+            continue
+        if layers == "all":
+            root = entry.get("TRAIN_DATA", train_root)
+            layers = dumped_layers(root) if root else None
+            if layers is None:
+                raise ConfigError(f"SAES entry {entry['name']!r} has layer 'all', but "
+                                  f"TRAIN_DATA={root!r} is not a multi-layer dump (no "
+                                  "layers.json)")  # fmt: skip
+        out += [entry | {"name": f"{entry['name']}_l{layer:02d}", "layer": layer}
+                for layer in layers]  # fmt: skip
+    return out
 
 
 def entry_bindings(entry: dict, train_root: str, eval_root: str) -> list[str]:

@@ -194,3 +194,17 @@ def test_saes_that_do_not_fit_together_are_refused_in_one_line(job, monkeypatch,
     assert many_cli.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "3 SAEs in turn on MESH_SHAPE=(1, 1) need about" in err and "\n" not in err
+
+
+def test_a_layer_list_or_all_makes_one_sae_per_layer(tmp_path):
+    data = multi_layer_dump(tmp_path / "acts")
+    config = tmp_path / "many.gin"
+    config.write_text("include 'base.gin'\nSAES = [{'name': 'e', 'layer': 'all', 'K': 8}, "
+                      "{'name': 'f', 'layer': [9]}]\n")  # fmt: skip
+    specs = parse_many([config], [f"TRAIN_DATA='{data}'", f"EVAL_DATA='{data}'"])
+    got = [(s.name, s.layer, s.sae_cfg.k, s.tcfg.train_data, s.tcfg.eval_spec) for s in specs]
+    l3, l9 = str(data / "layer_03"), str(data / "layer_09")
+    assert got == [("e_l03", 3, 8, l3, l3), ("e_l09", 9, 8, l9, l9), ("f_l09", 9, 32, l9, l9)]
+    config.write_text("include 'base.gin'\nSAES = [{'name': 'e', 'layer': 'all'}]\n")
+    with pytest.raises(ConfigError, match="has layer 'all', but TRAIN_DATA="):
+        parse_many([config], ["TRAIN_DATA='synthetic'"])
