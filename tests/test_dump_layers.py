@@ -91,6 +91,27 @@ def test_interrupted_dump_resumes_to_the_same_bytes(tmp_path, tiny_model, text, 
     assert files_of(cut) == files_of(tmp_path / "whole")
 
 
+def test_a_dump_cut_in_its_first_shard_resumes(tmp_path, tiny_model, text, monkeypatch):
+    """Layer 0's first shard is on disk, layer 2's is not, no shard is listed: the rerun
+    finishes it (dump_state.json is written before any shard)."""
+    whole = dumper_module.dump_layers(str(tiny_model), [0, 2], text, tmp_path / "whole", **KW)
+    write = dumper_module._write_shard
+
+    def crash(path, x, dtype):
+        if "layer_02" in str(path):
+            raise KeyboardInterrupt
+        write(path, x, dtype)
+
+    monkeypatch.setattr(dumper_module, "_write_shard", crash)
+    with pytest.raises(KeyboardInterrupt):
+        dumper_module.dump_layers(str(tiny_model), [0, 2], text, tmp_path / "cut", **KW)
+    monkeypatch.undo()
+    state = json.loads((tmp_path / "cut" / "dump_state.json").read_text())
+    assert state["shards"] == [] and (layer_dir(tmp_path / "cut", 0) / "shard_00000.npy").exists()
+    assert dumper_module.dump_layers(str(tiny_model), [0, 2], text, tmp_path / "cut", **KW) == whole
+    assert files_of(tmp_path / "cut") == files_of(tmp_path / "whole")
+
+
 def test_dump_layers_to_gs_resumes_to_a_local_dump(tmp_path, bucket, tiny_model, text,
                                                     monkeypatch):  # fmt: skip
     local = dumper_module.dump_layers(str(tiny_model), [1, 2], text, tmp_path / "acts", **KW)

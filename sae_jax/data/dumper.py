@@ -296,6 +296,8 @@ def _dump(job: _Job) -> dict[int, dict]:
     if not storage.is_url(job.out):  # a store has no directories
         for directory in job.dirs().values():
             directory.mkdir(parents=True, exist_ok=True)
+    if not state["shards"]:  # before any file: a dump cut in its first shard resumes too
+        _save_state(job.out, state)
     sequences = token_sequences(tokenizer, job.text_files, job.opts.seq_len)
     activations = partial(residual_streams, model, {n: blocks[n] for n in job.layers},
                           device=device)  # fmt: skip
