@@ -1,4 +1,5 @@
-"""Dump a causal LM's residual stream after one block into activation shards.
+"""Dump a causal LM's residual stream after one block, or several (`dump_layers`: one forward
+pass that stops after the deepest; out/layer_NN each), into activation shards.
 
 Needs the `dump` extra (torch, transformers, gguf, accelerate); imported only when used.
 Text files are tokenised and concatenated (EOS between files) into sequences of BOS plus
