@@ -21,14 +21,15 @@ from sae_jax.data import ActivationData
 from sae_jax.gin_setup import parse
 from sae_jax.sae_set import parse_many, read_sae_set
 from sae_jax.training.checkpoint import Checkpointer
+from sae_jax.training.step import TrainStep
 
 ROOT = Path(__file__).resolve().parent.parent
 D = 16
 TIMING = ("tokens_per_sec", "train_seconds")
 SAES = """SAES = [
     {'name': 'l3_small', 'layer': 3},
-    {'name': 'l3_wide', 'layer': 3, 'NUM_LATENTS': 256, 'K': 8, 'NUM_EXPERTS': 1},
-    {'name': 'l9', 'layer': 9, 'LR': 1e-3},
+    {'name': 'l3_wide', 'layer': 3, 'NUM_LATENTS': 256, 'K': 8, 'NUM_EXPERTS': 1, 'LR': 1e-3},
+    {'name': 'l9', 'layer': 9},
 ]
 """
 NAMES = ("l3_small", "l3_wide", "l9")
@@ -61,14 +62,19 @@ def final_params(workdir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory) -> tuple[Path, Path, Path, list[str]]:
-    """(data, config, workdir, train streams opened) of the uninterrupted job."""
+def job(tmp_path_factory) -> tuple[Path, Path, Path, list[str], list[int]]:
+    """(data, config, workdir, train streams opened, steps compiled per TrainStep.compile
+    call) of the uninterrupted job."""
     root = tmp_path_factory.mktemp("many")
     data = multi_layer_dump(root / "acts")
     config = root / "many.gin"
     config.write_text(f"include 'base.gin'\n{SAES}")
-    opened = []
-    batches = ActivationData.batches
+    opened, compiled = [], []
+    batches, compile_steps = ActivationData.batches, TrainStep.compile
+
+    def counted_compile(self, *args):
+        compiled.append(compile_steps(self, *args))
+        return compiled[-1]
 
     def counted(self, split, *args, **kwargs):
         if split == "train":
@@ -77,12 +83,13 @@ def job(tmp_path_factory) -> tuple[Path, Path, Path, list[str]]:
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(ActivationData, "batches", counted)
+        m.setattr(TrainStep, "compile", counted_compile)
         assert many_cli.main(many_args(data, config, root / "job")) == 0
-    return data, config, root / "job", opened
+    return data, config, root / "job", opened, compiled
 
 
 def test_each_sae_equals_its_own_run_from_its_config(job, tmp_path):
-    data, _, workdir, _ = job
+    data, _, workdir, _, _ = job
     assert [s["name"] for s in read_sae_set(workdir)] == list(NAMES)
     assert [s["layer"] for s in read_sae_set(workdir)] == [3, 3, 9]
     for name in NAMES:
@@ -101,8 +108,15 @@ def test_each_sae_equals_its_own_run_from_its_config(job, tmp_path):
 
 
 def test_each_data_directory_is_read_once(job):
-    data, _, _, opened = job
+    data, _, _, opened, _ = job
     assert sorted(opened) == [str(data / "layer_03"), str(data / "layer_09")]
+
+
+def test_saes_of_one_config_compile_their_step_once(job):
+    """l9 is l3_small on another layer: it runs l3_small's executables (and stays bitwise its
+    own run: test_each_sae_equals_its_own_run_from_its_config)."""
+    *_, compiled = job
+    assert len(compiled) == 2 and all(n > 0 for n in compiled), compiled
 
 
 def finished_steps(workdir: Path) -> dict[str, int]:
@@ -115,7 +129,7 @@ def finished_steps(workdir: Path) -> dict[str, int]:
 
 
 def test_a_sigkill_and_a_resume_change_nothing(job, tmp_path, capsys):
-    data, config, reference, _ = job
+    data, config, reference, *_ = job
     workdir = tmp_path / "job"
     cmd = [sys.executable, "-m", "launch.train_many", *many_args(data, config, workdir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -188,7 +202,7 @@ def test_the_worked_example_parses(tmp_path):
 def test_saes_that_do_not_fit_together_are_refused_in_one_line(job, monkeypatch, capsys):
     from sae_jax.training import many
 
-    data, config, _, _ = job
+    data, config, *_ = job
     monkeypatch.setattr(many, "device_memory_bytes", lambda: 2**20)
     args = many_args(data, config, config.parent / "too_big")
     assert many_cli.main(args) == 2

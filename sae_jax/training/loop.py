@@ -430,6 +430,8 @@ def compile_for(run: Run, state: TrainState, step_fn: TrainStep, first: Batch) -
     (TrainStep.compile, for batches like `first`, as placed on the mesh), so that no step
     waits for a compile; says what it compiles."""
     tcfg = run.tcfg
+    if tcfg.compile_ahead and not step_fn.pending(state):
+        return  # compiled already (train_many: another SAE of the same config)
     buckets = step_fn.buckets(state)
     aux = [b for b in buckets if b]
     with_aux = f" and with AuxK on {', '.join(map(str, aux))} dead ids per expert" if aux else ""

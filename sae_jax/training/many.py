@@ -125,6 +125,7 @@ def train_many(
     with jax.set_mesh(todo[0][1].mesh), contextlib.ExitStack() as stack:
         guard = stack.enter_context(PreemptionGuard())
         members = [start_member(spec, run, stack, progress) for spec, run in todo]
+        share_compiled(members)
         groups = open_groups(members, stack)
         run_steps(groups, guard, todo[0][1].tcfg)
         for m in members:
@@ -173,6 +174,28 @@ def start_member(spec: SAESpec, run: Run, stack: contextlib.ExitStack, progress:
                desc=spec.name)  # fmt: skip
     stack.callback(bar.close)
     return Member(spec.name, run, log, Stepper(run, state, step_fn, log, bar, name=spec.name))
+
+
+def step_key(run: Run) -> tuple:
+    """What a compiled training or eval step depends on: the SAEConfig and the training
+    settings but the data (the mesh is the job's)."""
+    return run.cfg, dataclasses.replace(run.tcfg, train_data="", eval_data="")
+
+
+def share_compiled(members: list[Member]) -> None:
+    """SAEs of one config (on other layers, say) use the first one's compiled training and
+    eval steps: each step compiles once for all of them."""
+    first: dict[tuple, Member] = {}
+    for m in members:
+        key = step_key(m.run)
+        if key not in first:
+            first[key] = m
+            continue
+        m.steps.step_fn.share_compiled(first[key].steps.step_fn)
+        m.log = dataclasses.replace(m.log, eval_step=first[key].log.eval_step)
+        m.steps.log = m.log
+        say(m.run.lead, f"{m.name}: the same SAE config as {first[key].name}: shares its "
+                        "compiled steps")  # fmt: skip
 
 
 def open_groups(members: list[Member], stack: contextlib.ExitStack) -> list[Group]:

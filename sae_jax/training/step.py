@@ -246,10 +246,22 @@ class TrainStep:
         read) and `x` [T, d] (an array or a jax.ShapeDtypeStruct); the calls then run these
         executables (which refuse arguments of another layout). Returns how many it
         compiled."""
-        todo = [b for b in self.buckets(state) if b not in self._compiled]
+        todo = self.pending(state)
         for b in todo:
             self._compiled[b] = self.for_bucket(b).lower(state, x).compile()
         return len(todo)
+
+    def pending(self, state: TrainState) -> list[int]:
+        """The buckets of `buckets(state)` not compiled yet."""
+        return [b for b in self.buckets(state) if b not in self._compiled]
+
+    def share_compiled(self, other: TrainStep) -> None:
+        """Use `other`'s step functions and compiled executables from now on: `other` steps
+        an SAE of the same SAEConfig, step settings and state layout (train_many's SAEs of
+        one config on several layers), so each step compiles once for both. The dead-latent
+        counts stay this TrainStep's own."""
+        self._make, self._steps, self._compiled = other._make, other._steps, other._compiled
+        self.plain = other.plain
 
     def bucket(self, state: TrainState) -> int:
         """The next call's AuxK bucket, 0 for none (seeds the counts from `state` once)."""
