@@ -90,6 +90,18 @@ def models(cfg, tcfg, count: int):
     return nnx.graphdef(built[0]), tx, [init_state(m, tx) for m in built]
 
 
+def seconds_per_round(round_fn, x, rounds: int) -> float:
+    """Seconds per call of round_fn(x), after one untimed call, waiting for the results."""
+    import jax
+
+    jax.block_until_ready(round_fn(x))
+    start = time.perf_counter()
+    for _ in range(rounds):
+        metrics = round_fn(x)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / rounds
+
+
 class Apart:
     """The S SAEs stepped one after another, each by the jitted step (as train_many)."""
 
@@ -107,14 +119,7 @@ class Apart:
         return out
 
     def time(self, x, rounds: int) -> float:
-        import jax
-
-        jax.block_until_ready(self.round(x))
-        start = time.perf_counter()
-        for _ in range(rounds):
-            metrics = self.round(x)
-        jax.block_until_ready(metrics)
-        return (time.perf_counter() - start) / rounds
+        return seconds_per_round(self.round, x, rounds)
 
     def difference(self, stacked: Stacked, x) -> float:
         """Max relative difference of the parameters after one step, stacked vs apart."""
@@ -151,14 +156,7 @@ class Stacked:
         return metrics
 
     def time(self, x, rounds: int) -> float:
-        import jax
-
-        jax.block_until_ready(self.round(x))
-        start = time.perf_counter()
-        for _ in range(rounds):
-            metrics = self.round(x)
-        jax.block_until_ready(metrics)
-        return (time.perf_counter() - start) / rounds
+        return seconds_per_round(self.round, x, rounds)
 
 
 if __name__ == "__main__":

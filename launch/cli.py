@@ -126,3 +126,22 @@ def simulate_cpu_devices(count: int, *, cpu_only: bool = False) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
     if cpu_only:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def training_exit_code(run) -> int:
+    """Run `run()` (a training command's work) and return its exit code: 0; 128 + signal
+    after a preemption (checkpoint saved); 2 after a ConfigError or TrainingError, said in
+    one line."""
+    from sae_jax.config import ConfigError
+    from sae_jax.training.loop import TrainingError
+    from sae_jax.training.preemption import Preempted
+
+    try:
+        run()
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except (ConfigError, TrainingError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin may append context
+        return 2
+    return 0

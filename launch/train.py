@@ -12,8 +12,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.cli import add_multihost_args, initialize_multihost, macro_help, parse_with_bindings
-from sae_jax.config import ConfigError
+from launch.cli import (
+    add_multihost_args,
+    initialize_multihost,
+    macro_help,
+    parse_with_bindings,
+    training_exit_code,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from sae_jax import storage
     from sae_jax.gin_setup import DEFAULT_CONFIG, parse
-    from sae_jax.training.loop import TrainingError, train
-    from sae_jax.training.preemption import Preempted
+    from sae_jax.training.loop import train
 
     initialize_multihost(args)
-    try:
+
+    def run() -> None:
         sae_cfg, train_cfg = parse(args.gin_file, args.bindings)
         stem = Path(args.gin_file[-1]).stem if args.gin_file else DEFAULT_CONFIG.stem
         workdir = storage.path(args.workdir or Path("runs") / stem)  # local, or a URL
@@ -61,13 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             sae_cfg, train_cfg, workdir, progress=not args.no_progress and sys.stdout.isatty(),
             config_text=gin.config_str(), allow_changes=args.allow_changes, wandb=args.wandb,
         )  # fmt: skip
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except (ConfigError, TrainingError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin may append context
-        return 2
-    return 0
+
+    return training_exit_code(run)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.cli import add_multihost_args, initialize_multihost, macro_help, parse_with_bindings
-from sae_jax.config import ConfigError
+from launch.cli import (
+    add_multihost_args,
+    initialize_multihost,
+    macro_help,
+    parse_with_bindings,
+    training_exit_code,
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -50,24 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from sae_jax import storage  # here, so that --help answers without loading JAX
     from sae_jax.sae_set import parse_many
-    from sae_jax.training.loop import TrainingError
     from sae_jax.training.many import train_many
-    from sae_jax.training.preemption import Preempted
 
     initialize_multihost(args)
-    try:
+    workdir = storage.path(args.workdir or Path("runs") / Path(args.gin_file[-1]).stem)
+
+    def run() -> None:
         specs = parse_many(args.gin_file, args.bindings)
-        workdir = storage.path(args.workdir or Path("runs") / Path(args.gin_file[-1]).stem)
         train_many(specs, workdir, progress=not args.no_progress and sys.stdout.isatty(),
                    allow_changes=args.allow_changes)  # fmt: skip
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except (ConfigError, TrainingError) as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"next: python -m launch.eval --workdir {workdir}")
-    return 0
+
+    code = training_exit_code(run)
+    if code == 0:
+        print(f"next: python -m launch.eval --workdir {workdir}")
+    return code
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
+from sae_jax import storage
 from sae_jax.data.shards import build_manifest, write_manifest
+from sae_jax.training.checkpoint import Checkpointer
 
 # A training run of a few seconds on small synthetic data (4 experts of 32 latents, d = 16),
 # checkpointing every 10 steps: for tests of what happens around the steps.
@@ -72,3 +75,20 @@ def crash_on_third_shard(monkeypatch, dumper) -> None:
         write(path, x, dtype)
 
     monkeypatch.setattr(dumper, "_write_shard", crash)
+
+
+TIMING = ("tokens_per_sec", "train_seconds")  # metric keys that differ between equal runs
+
+
+def untimed_rows(workdir) -> list[dict]:
+    """A run's metrics.jsonl rows (local or URL workdir) without the timing keys."""
+    lines = (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in lines]
+
+
+def final_params(workdir) -> dict:
+    """{name: array} of the parameters in the run's latest checkpoint."""
+    ckpt = Checkpointer(workdir, create=False)
+    params = ckpt.restore_params(ckpt.latest_step())
+    ckpt.close()
+    return {k: np.asarray(v) for k, v in params.items()}

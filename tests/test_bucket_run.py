@@ -11,17 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_utils import TINY_TRAIN, assert_same_params, write_dataset
+from data_utils import TINY_TRAIN, assert_same_params, final_params, untimed_rows, write_dataset
 
 from launch import eval as eval_cli
 from launch import train as train_cli
 from sae_jax import load_pretrained, storage
-from sae_jax.training.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parent.parent
 D = 16
 RUN = [*TINY_TRAIN, "--gin.MESH_SHAPE=(1, 1)", "--gin.STEPS=240"]
-TIMING = ("tokens_per_sec", "train_seconds")
 
 
 def train_args(data: str, workdir: str) -> list[str]:
@@ -49,18 +47,6 @@ def kill_after_checkpoint(args: list[str], workdir: str, at_least: int) -> None:
     assert proc.returncode == -signal.SIGKILL, f"ended before the kill: {err.decode()[-2000:]}"
 
 
-def rows(workdir: str) -> list[dict]:
-    lines = (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in lines]
-
-
-def final_params(workdir: str) -> dict:
-    ckpt = Checkpointer(workdir, create=False)
-    params = ckpt.restore_params(ckpt.latest_step())
-    ckpt.close()
-    return {k: np.asarray(v) for k, v in params.items()}
-
-
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory) -> tuple[Path, Path]:
     """(activations, workdir) of the uninterrupted run on local disk, evaluated."""
@@ -80,7 +66,7 @@ def test_run_in_a_bucket_killed_twice_equals_the_local_run(local_run, bucket, ca
     kill_after_checkpoint(args, workdir, at_least=max(finished_steps(workdir)) + 40)
     assert train_cli.main(args) == 0
     assert "resuming from the checkpoint at step" in capsys.readouterr().out
-    assert rows(workdir) == rows(str(reference))
+    assert untimed_rows(workdir) == untimed_rows(str(reference))
     assert_same_params(final_params(workdir), final_params(str(reference)))
 
     sae, local_sae = load_pretrained(f"{workdir}/export"), load_pretrained(reference / "export")

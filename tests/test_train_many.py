@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from data_utils import TINY_TRAIN, assert_same_params, write_dataset
+from data_utils import TINY_TRAIN, assert_same_params, final_params, untimed_rows, write_dataset
 
 from launch import train as train_cli
 from launch import train_many as many_cli
@@ -20,12 +19,10 @@ from sae_jax.config import ConfigError
 from sae_jax.data import ActivationData
 from sae_jax.gin_setup import parse
 from sae_jax.sae_set import parse_many, read_sae_set
-from sae_jax.training.checkpoint import Checkpointer
 from sae_jax.training.step import TrainStep
 
 ROOT = Path(__file__).resolve().parent.parent
 D = 16
-TIMING = ("tokens_per_sec", "train_seconds")
 SAES = """SAES = [
     {'name': 'l3_small', 'layer': 3},
     {'name': 'l3_wide', 'layer': 3, 'NUM_LATENTS': 256, 'K': 8, 'NUM_EXPERTS': 1, 'LR': 1e-3},
@@ -47,18 +44,6 @@ def many_args(data: Path, config: Path, workdir: Path) -> list[str]:
     return [f"--gin_file={config}", f"--workdir={workdir}", *TINY_TRAIN,
             "--gin.MESH_SHAPE=(1, 1)", "--gin.STEPS=60", f"--gin.TRAIN_DATA='{data}'",
             f"--gin.EVAL_DATA='{data}'"]  # fmt: skip
-
-
-def rows(workdir: Path) -> list[dict]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in lines]
-
-
-def final_params(workdir: Path) -> dict:
-    ckpt = Checkpointer(workdir, create=False)
-    params = ckpt.restore_params(ckpt.latest_step())
-    ckpt.close()
-    return {k: np.asarray(v) for k, v in params.items()}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +82,7 @@ def test_each_sae_equals_its_own_run_from_its_config(job, tmp_path):
         args = [f"--gin_file={workdir / name / 'config.gin'}", f"--workdir={alone}",
                 "--no_progress"]  # fmt: skip
         assert train_cli.main(args) == 0
-        assert rows(workdir / name) == rows(alone), name
+        assert untimed_rows(workdir / name) == untimed_rows(alone), name
         assert_same_params(final_params(workdir / name), final_params(alone))
         mine = sorted(p.name for p in (workdir / name / "export").iterdir())
         for f in mine:
@@ -149,7 +134,7 @@ def test_a_sigkill_and_a_resume_change_nothing(job, tmp_path, capsys):
     assert many_cli.main(many_args(data, config, workdir)) == 0
     assert "l3_wide: resuming at step" in capsys.readouterr().out
     for name in NAMES:
-        assert rows(workdir / name) == rows(reference / name), name
+        assert untimed_rows(workdir / name) == untimed_rows(reference / name), name
         assert_same_params(final_params(workdir / name), final_params(reference / name))
     assert many_cli.main(many_args(data, config, workdir)) == 0
     assert "already trained" in capsys.readouterr().out
