@@ -145,3 +145,26 @@ def training_exit_code(run) -> int:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)  # gin may append context
         return 2
     return 0
+
+
+def training_parser(prog: str, doc: str, gin_file: dict) -> argparse.ArgumentParser:
+    """The flags launch.train and launch.train_many share (--gin_file with the keywords
+    `gin_file`, --workdir, --no_progress, --allow_changes, the multi-host ones), the macros
+    listed under --help."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog=prog, description=doc, epilog=macro_help(),
+                                     formatter_class=raw)  # fmt: skip
+    parser.add_argument("--gin_file", action="append", **gin_file)
+    parser.add_argument("--workdir", default=None,
+                        help="output directory, local or a URL such as gs://bucket/run "
+                        "(default runs/<config>)")  # fmt: skip
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no console progress bar (none either when stdout is not a "
+                        "terminal): a metrics line every LOG_EVERY steps")  # fmt: skip
+    parser.add_argument(
+        "--allow_changes",
+        action="store_true",
+        help="resume although K, LR, STEPS, ... differ from the checkpoint's",
+    )
+    add_multihost_args(parser)
+    return parser

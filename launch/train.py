@@ -13,37 +13,19 @@ import sys
 from pathlib import Path
 
 from launch.cli import (
-    add_multihost_args,
     initialize_multihost,
-    macro_help,
     parse_with_bindings,
     training_exit_code,
+    training_parser,
 )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=macro_help(),
-    )
-    parser.add_argument("--gin_file", action="append", default=[], help="gin config (repeatable)")
-    parser.add_argument("--workdir", default=None,
-                        help="output directory, local or a URL such as gs://bucket/run "
-                        "(default runs/<config>)")  # fmt: skip
-    parser.add_argument("--no_progress", action="store_true",
-                        help="no console progress bar (none either when stdout is not a "
-                        "terminal): a metrics line every LOG_EVERY steps")  # fmt: skip
-    parser.add_argument(
-        "--allow_changes",
-        action="store_true",
-        help="resume DIR although K, LR, STEPS, ... differ from its checkpoint's",
-    )
+    gin_file = {"default": [], "help": "gin config (repeatable)"}
+    parser = training_parser("python -m launch.train", __doc__, gin_file)
     parser.add_argument("--wandb", action="store_true",
                         help="also log to Weights & Biases (needs `pip install wandb`; "
                         "WANDB_MODE=offline works with no network)")  # fmt: skip
-    add_multihost_args(parser)
     return parse_with_bindings(parser, argv)
 
 

@@ -17,37 +17,16 @@ import sys
 from pathlib import Path
 
 from launch.cli import (
-    add_multihost_args,
     initialize_multihost,
-    macro_help,
     parse_with_bindings,
     training_exit_code,
+    training_parser,
 )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.train_many",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=macro_help(),
-    )
-    parser.add_argument("--gin_file", action="append", required=True,
-                        help="gin config listing the SAEs in SAES (repeatable)")  # fmt: skip
-    parser.add_argument("--workdir", default=None,
-                        help="output directory, local or a URL such as gs://bucket/runs "
-                        "(default runs/<config>)")  # fmt: skip
-    parser.add_argument(
-        "--no_progress",
-        action="store_true",
-        help="no progress bars: a metrics line per SAE every LOG_EVERY steps",
-    )
-    parser.add_argument(
-        "--allow_changes",
-        action="store_true",
-        help="resume SAEs although their settings differ from the checkpoints'",
-    )
-    add_multihost_args(parser)
+    gin_file = {"required": True, "help": "gin config listing the SAEs in SAES (repeatable)"}
+    parser = training_parser("python -m launch.train_many", __doc__, gin_file)
     return parse_with_bindings(parser, argv)
 
 
