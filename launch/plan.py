@@ -60,28 +60,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def plan_config(args: argparse.Namespace) -> tuple[dict, str]:
     """The plan of the config (a list plan where it lists SAEs) and its text."""
-    from sae_jax.gin_setup import parse
+    from sae_jax.gin_setup import listed_saes, parse
     from sae_jax.plan import build, hardware, layouts
     from sae_jax.plan.report import format_text, make_plan
 
     hw = hardware.get(args.hardware, args.mem_fraction)
     cfg, tcfg = parse(args.gin_file, args.bindings, allow_list=True)
-    if lists_saes():
+    if listed_saes():
         plan = layouts.plan_list(list_configs(args, hw), hw, args.hlo_out)
         return plan, layouts.format_text(plan)
     cfg = build.for_hardware(cfg, hw, build.input_dim(tcfg, args.d))
     plan = make_plan(cfg, tcfg, hw, args.hlo_out)
     return plan, format_text(plan)
-
-
-def lists_saes() -> bool:
-    """Whether the config just parsed lists SAEs (a non-empty SAES)."""
-    import gin
-
-    try:
-        return bool(gin.query_parameter("%SAES"))
-    except ValueError:  # a config without base.gin
-        return False
 
 
 def list_configs(args: argparse.Namespace, hw) -> list[tuple]:

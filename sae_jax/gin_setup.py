@@ -71,13 +71,18 @@ def parse(
     return sae_cfg, train_cfg
 
 
+def listed_saes() -> list:
+    """The SAES list of the config just parsed (launch.train_many's entries; [] for none, or
+    for a config without base.gin)."""
+    try:
+        return list(gin.query_parameter("%SAES") or [])
+    except ValueError:  # a config without base.gin
+        return []
+
+
 def _refuse_list() -> None:
     """A one-line ConfigError where the config lists SAEs for launch.train_many."""
-    try:
-        saes = gin.query_parameter("%SAES")
-    except ValueError:  # a config without base.gin
-        return
-    if saes:
+    if saes := listed_saes():
         raise ConfigError(f"this config lists {len(saes)} SAEs (SAES): train them with python -m "
                           "launch.train_many, or one alone with --gin_file=DIR/<name>/config.gin "
                           "of its train_many run")  # fmt: skip
