@@ -7,6 +7,8 @@ import math
 
 import gin
 
+from sae_jax.kernels.activations import ACTIVATIONS, KINDS, Kind
+
 EXPERT_KERNELS = ("auto", "dense", "gather")
 RETIRED_KEYS = {"encoder_bias"}  # model-record keys of older versions, read and dropped
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
@@ -55,6 +57,14 @@ class SAEConfig:
     router_bias: loss-free balancing (DeepSeek-V3): a per-expert bias added to the routing
         scores when choosing experts (not in the gate), nudged after each step towards equal
         load (TrainConfig.router_bias_rate); not a parameter the optimiser sees.
+    activation: the experts' kind, 'topk', 'batchtopk', 'matryoshka' or 'jumprelu'
+        (sae_jax/kernels/activations.py, docs/activations.md); k is the mean number of
+        active latents per token every kind aims at (exact for TopK).
+    k_max: the most latents a row of the non-TopK kinds keeps (its candidates); 0: 4 k,
+        capped at the latents per expert.
+    matryoshka_prefixes: Matryoshka's nested prefixes, as fractions of each expert's latents
+        (the whole dictionary is the last prefix and not listed).
+    jumprelu_bandwidth: JumpReLU's straight-through kernel width, relative to each threshold.
     """
 
     d: int = 0
@@ -74,8 +84,14 @@ class SAEConfig:
     shared_k: int = 0
     feature_scaling: bool = False
     router_bias: bool = False
+    activation: str = "topk"
+    k_max: int = 0
+    matryoshka_prefixes: tuple[float, ...] = (0.0625, 0.125, 0.25, 0.5)
+    jumprelu_bandwidth: float = 0.1
 
     def __post_init__(self):
+        if isinstance(self.matryoshka_prefixes, list):  # from a JSON record: hashable again
+            object.__setattr__(self, "matryoshka_prefixes", tuple(self.matryoshka_prefixes))
         # e is at most N: EXPERTS_PER_TOKEN=2 in a config still trains a TopK SAE at N = 1.
         e, n = self.experts_per_token, self.num_experts
         if _is_int(e) and _is_int(n) and 1 <= n < e:
@@ -140,6 +156,7 @@ class SAEConfig:
         if self.k_aux < 0:
             raise ConfigError(f"k_aux={self.k_aux} must be >= 0")
         self._validate_routing()
+        self._validate_activation()
         for name, cf in (
             ("CAPACITY_FACTOR", self.capacity_factor),
             ("EVAL_CAPACITY_FACTOR", self.eval_capacity_factor),
@@ -170,6 +187,44 @@ class SAEConfig:
                 f"K - SHARED_K = {self.routed_k} exceeds the latents of the "
                 f"{e} routed expert(s) ({e * self.latents_per_expert})"
             )
+
+    def _validate_activation(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"ACTIVATION={self.activation!r}: use one of "
+                              f"{', '.join(map(repr, ACTIVATIONS))}")  # fmt: skip
+        if self.k_max and not self.routed_k <= self.k_max <= self.latents_per_expert:
+            raise ConfigError(f"SAEConfig.k_max={self.k_max} must lie between K - SHARED_K = "
+                              f"{self.routed_k} and the latents per expert "
+                              f"({self.latents_per_expert}), or be 0 (auto)")  # fmt: skip
+        if not self.jumprelu_bandwidth > 0:
+            raise ConfigError(f"SAEConfig.jumprelu_bandwidth={self.jumprelu_bandwidth} must be > 0")
+        if self.activation != "matryoshka":
+            return
+        if self.experts_per_token > 1 or self.shared_latents:
+            raise ConfigError("ACTIVATION='matryoshka' needs EXPERTS_PER_TOKEN=1 and no "
+                              "SHARED_LATENTS (its prefix losses are per routed row)")  # fmt: skip
+        fractions = tuple(self.matryoshka_prefixes)
+        steps = zip((0, *fractions), (*fractions, 1), strict=True)
+        if not fractions or any(not a < b for a, b in steps):
+            raise ConfigError(f"SAEConfig.matryoshka_prefixes={fractions}: increasing "
+                              "fractions in (0, 1), the whole dictionary left out")  # fmt: skip
+
+    @property
+    def kind(self) -> Kind:
+        """How this config's activation selects latents (kernels.activations.KINDS)."""
+        return KINDS[self.activation]
+
+    @property
+    def candidates_per_row(self) -> int:
+        """k' of the non-TopK kinds: k_max, or 4 x (K - SHARED_K) within the expert."""
+        return self.k_max or min(4 * self.routed_k, self.latents_per_expert)
+
+    @property
+    def prefix_ends(self) -> tuple[int, ...]:
+        """Matryoshka's prefix ends in each expert's latents (at least 1 each, distinct)."""
+        lat = self.latents_per_expert
+        ends = sorted({max(1, round(f * lat)) for f in self.matryoshka_prefixes} - {lat})
+        return tuple(ends)
 
     @property
     def dictionary_size(self) -> int:
@@ -202,6 +257,11 @@ class TrainConfig:
         LR, 0.2% (docs/routing.md, "Bias rate").
     router_z_weight: weight of the router z-loss (ST-MoE), mean over tokens of
         logsumexp(router logits)^2; 0: off.
+    l0_coeff: JumpReLU's L0 penalty, l0_coeff x (batch variance per dimension) x (L0 / K -
+        1)^2 against the per-dimension MSE: it pulls the mean L0 towards K from both sides.
+    threshold_rate: BatchTopK and Matryoshka: each step moves the inference threshold this
+        share of the way to the batch's threshold (an exponential average).
+    threshold_lr: JumpReLU's log-thresholds' Adam LR (their own group; None: the experts').
     dead_after_tokens: a latent that has not fired for this many training tokens is dead.
     aux_max_share: AuxK takes at most this share of an expert's latents per step (rounded down
         to a dead-id bucket, see kernels.auxk.max_bucket); with more dead ones they take turns.
@@ -223,6 +283,9 @@ class TrainConfig:
     lb_alpha: float = 3.0
     router_bias_rate: float = 10.0
     router_z_weight: float = 0.0
+    l0_coeff: float = 1.0
+    threshold_rate: float = 0.05
+    threshold_lr: float | None = 1e-3
     aux_weight: float = 1.0 / 32.0
     dead_after_tokens: int = 1_000_000
     aux_max_share: float = 1.0 / 32.0
@@ -261,6 +324,14 @@ class TrainConfig:
             raise ConfigError(f"LB_ALPHA={self.lb_alpha} must be >= 0")
         if self.router_bias_rate < 0 or self.router_z_weight < 0:
             raise ConfigError("ROUTER_BIAS_RATE and ROUTER_Z_WEIGHT must be >= 0")
+        if self.l0_coeff < 0:
+            raise ConfigError(f"L0_COEFF={self.l0_coeff} must be >= 0")
+        if not 0 < self.threshold_rate <= 1:
+            raise ConfigError(
+                f"TrainConfig.threshold_rate={self.threshold_rate} must lie in (0, 1]"
+            )
+        if self.threshold_lr is not None and not self.threshold_lr > 0:
+            raise ConfigError(f"TrainConfig.threshold_lr={self.threshold_lr!r} must be positive")
         if not 0 < self.aux_max_share <= 1:
             raise ConfigError(f"TrainConfig.aux_max_share={self.aux_max_share} must lie in (0, 1]")
         if not 0 <= self.decay_fraction <= 1:
@@ -292,7 +363,7 @@ MACROS = {
         "compute_dtype": "COMPUTE_DTYPE", "dispatch": "DISPATCH",
         "experts_per_token": "EXPERTS_PER_TOKEN", "shared_latents": "SHARED_LATENTS",
         "shared_k": "SHARED_K", "feature_scaling": "FEATURE_SCALING",
-        "router_bias": "ROUTER_BIAS",
+        "router_bias": "ROUTER_BIAS", "activation": "ACTIVATION",
     },
     "TrainConfig": {
         "steps": "STEPS", "batch_size": "BATCH_SIZE", "lr": "LR", "seed": "SEED",
@@ -300,6 +371,7 @@ MACROS = {
         "eval_every": "EVAL_EVERY", "log_every": "LOG_EVERY", "mesh_shape": "MESH_SHAPE",
         "checkpoint_every": "CHECKPOINT_EVERY", "base_lr": "BASE_LR", "router_lr": "ROUTER_LR",
         "router_bias_rate": "ROUTER_BIAS_RATE", "router_z_weight": "ROUTER_Z_WEIGHT",
+        "l0_coeff": "L0_COEFF",
     },
 }  # fmt: skip
 
@@ -327,6 +399,10 @@ _TYPES = {
     "tuple[int, int]": (
         "a pair of integers like (1, 8)",
         lambda v: isinstance(v, tuple | list) and len(v) == 2 and all(map(_is_int, v)),
+    ),
+    "tuple[float, ...]": (
+        "a tuple of numbers like (0.25, 0.5)",
+        lambda v: isinstance(v, tuple | list) and all(map(_is_number, v)),
     ),
 }
 

@@ -75,7 +75,8 @@ def run(routed: Routed, p: ExpertParams, dead_ids: jax.Array | None, s: ExpertSe
         recon = back(out.recon.astype(s.dtype)).astype(jnp.float32)
     l0_sum = jnp.sum((out.latents > 0) * bufs.valid[..., None])
     rows = jnp.float32(bufs.valid.size)  # this device's slots: N * C however the experts split
-    result = TokenOut(recon, kept, out.fired, l0_sum, out.aux_err, out.aux_norm, rows)
+    result = TokenOut(recon, kept, out.fired, l0_sum, out.aux_err, out.aux_norm, rows,
+                      kind_sums=out.kind_sums)  # fmt: skip
     if s.encode_only:
         result = result._replace(latents=back(out.latents), indices=back(out.indices))
     if out.aux_recon is not None:

@@ -68,7 +68,7 @@ def run_blocks(
     padded = jax.tree.map(lambda a: blocks.to_blocks(a, plan), tokens)
     # Only the top-k ids and values are kept for the backward, not the [rows, d] recon.
     out = blocks.map_blocks(block_fn, (p, dead_ids), padded, plan, shared=(routed.b_dec,),
-                            token_grads=False, keep=lambda o: (o.indices, o.latents))  # fmt: skip
+                            token_grads=False, keep=_kept_choice)  # fmt: skip
     active = (out.latents > 0) * plan.valid[..., None]  # [blocks, B, k]
     result = TokenOut(
         recon=blocks.from_blocks(out.recon, plan).astype(jnp.float32),
@@ -78,6 +78,7 @@ def run_blocks(
         aux_err=out.aux_err.sum(),
         aux_norm=out.aux_norm.sum(),
         rows=(plan.used_blocks * block).astype(jnp.float32),
+        kind_sums=None if out.kind_sums is None else out.kind_sums.sum(axis=0),
     )
     if s.encode_only:
         lat_ids = (blocks.from_blocks(out.latents, plan), blocks.from_blocks(out.indices, plan))
@@ -85,6 +86,12 @@ def run_blocks(
     if out.aux_recon is not None:
         result = result._replace(aux_recon=blocks.from_blocks(out.aux_recon, plan))
     return result
+
+
+def _kept_choice(o):
+    """What a block's backward reuses of its forward (`centred_forward`'s chosen): the ids and
+    the ReLU values, or for the 'jump' rule the pre-activations."""
+    return o.indices, o.latents if o.selected is None else o.selected
 
 
 def _fired(

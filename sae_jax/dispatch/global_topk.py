@@ -27,12 +27,18 @@ explained. A token counts in AuxK's normaliser when one of its experts has a dea
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from sae_jax.dispatch.routed import DispatchPath, Routed, TokenOut
+from sae_jax.kernels.activations import batch_keep
 from sae_jax.kernels.records import ExpertParams, ExpertSettings
+
+Choice = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array | None]]
+"""choose(latents, indices [T * e, k'] the rows' candidates, token-major; gate [T, e]) ->
+(indices, values [T * e, k'] the chosen ones, zero elsewhere; a batch threshold [] or None)."""
 
 
 def run(
@@ -42,24 +48,32 @@ def run(
     dead_ids: jax.Array | None,
     s: ExpertSettings,
     also: jax.Array | None = None,
+    choose: Choice | str | None = "top_k",
 ) -> TokenOut:
     """routed: T tokens with expert and gate [T, e]; p, dead_ids, s as for `path`, with s.k the
-    k chosen among the routed experts; also: [T, d] what the rest of the model reconstructs
-    (a shared dictionary), left out of AuxK's residual too. Returns the tokens' TokenOut with
-    recon [T, d] the GATED sum over the e experts (not ungated as a path's), kept [T] all e
-    rows kept, and the AuxK sums of the whole tokens."""
+    candidates per row; also: [T, d] what the rest of the model reconstructs (a shared
+    dictionary), left out of AuxK's residual too; choose: the selection among the rows'
+    candidates (default: `top_k_choice` of s.k, the global TopK); None: no selection, each row
+    keeps its own (a per-row rule; one pass). Returns the tokens' TokenOut with recon [T, d]
+    the GATED sum over the e experts (not ungated as a path's), kept [T] all e rows kept, the
+    AuxK sums of the whole tokens, and the choice's batch threshold if any."""
     tokens, e = routed.expert.shape
+    if choose == "top_k":
+        choose = top_k_choice(s.k)
     rows = Routed(jnp.tile(routed.x, (e, 1)), routed.expert.T.reshape(-1),
                   routed.gate.T.reshape(-1), routed.b_dec)  # fmt: skip
-    first = path(rows, jax.lax.stop_gradient(p), None, dataclasses.replace(s, encode_only=True))
-    indices, values = select(_token_major(first.latents, e), _token_major(first.indices, e),
-                             routed.gate, s.k)  # fmt: skip
-    chosen = (_choice_major(indices, e), _choice_major(values, e))
+    if choose is not None:
+        first = path(rows, jax.lax.stop_gradient(p), None, dataclasses.replace(s, encode_only=True))
+        candidates = (_token_major(first.latents, e), _token_major(first.indices, e))
+        indices, values, threshold = choose(*candidates, routed.gate)
+        rows = rows._replace(chosen=(_choice_major(indices, e), _choice_major(values, e)))
     aux = dead_ids is not None and s.k_aux > 0
-    out = path(rows._replace(chosen=chosen), p, dead_ids, dataclasses.replace(s, aux_out=aux))
+    out = path(rows, p, dead_ids, dataclasses.replace(s, aux_out=aux))
     recon = _per_token(rows.gate[:, None] * out.recon, tokens)
     result = out._replace(recon=recon, kept=jnp.all(out.kept.reshape(e, tokens), axis=0),
                           aux_recon=None)  # fmt: skip
+    if choose is not None:
+        result = result._replace(threshold=threshold)
     if aux:
         has_dead = _has_dead(dead_ids, p.w_enc.shape[1], s.expert_axis)
         weight = jnp.any(has_dead[routed.expert], axis=1).astype(jnp.float32)[:, None]
@@ -69,6 +83,24 @@ def run(
         result = result._replace(aux_err=jnp.sum(weight * err**2),
                                  aux_norm=jnp.sum(weight * residual**2))  # fmt: skip
     return result
+
+
+def top_k_choice(k: int) -> Choice:
+    """The global TopK (`select`) of k latents per token."""
+    return lambda latents, indices, gate: (*select(latents, indices, gate, k), None)
+
+
+def batch_choice(k: int, axes: tuple[str, ...]) -> Choice:
+    """BatchTopK over every routed row of the batch on every device of the mesh `axes` (the
+    axes the tokens are split over): of all rows' candidates, the k x T largest (ungated)
+    values, T the tokens of the whole batch (kernels.activations.batch_keep)."""
+
+    def choose(latents, indices, gate):
+        tokens = gate.shape[0] * (jax.lax.axis_size(axes) if axes else 1)
+        values, threshold = batch_keep(jax.lax.stop_gradient(latents), k, tokens, axes)
+        return indices, values, threshold
+
+    return choose
 
 
 def select(

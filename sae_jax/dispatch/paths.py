@@ -36,8 +36,10 @@ PATHS: dict[tuple[str, str, bool], DispatchPath] = {
 def choose(cfg: SAEConfig, expert_devices: int) -> DispatchPath:
     """The path for `cfg` with experts split over `expert_devices` devices (1: all local).
     A global TopK over several experts (experts_per_token > 1) runs in two stages
-    (dispatch/global_topk.py) that the ragged_dot path does not have: it uses blocks."""
-    matmul = grouped_matmul(cfg) if cfg.experts_per_token == 1 else "blocks"
+    (dispatch/global_topk.py) that the ragged_dot path does not have, nor the other activation
+    kinds' rules (kernels/activations.py): they use blocks."""
+    plain = cfg.experts_per_token == 1 and cfg.activation == "topk"
+    matmul = grouped_matmul(cfg) if plain else "blocks"
     return PATHS[(cfg.dispatch, matmul, expert_devices > 1)]
 
 

@@ -49,6 +49,8 @@ class TokenOut(NamedTuple):
     latents: jax.Array | None = None  # [T, k] float32 each row's top-k candidate values
     indices: jax.Array | None = None  # [T, k] int32 their latent ids in the row's expert
     aux_recon: jax.Array | None = None  # [T, d] float32 gated AuxK reconstruction
+    kind_sums: jax.Array | None = None  # [S] the activation kind's sums (ExpertOut.kind_sums)
+    threshold: jax.Array | None = None  # [] BatchTopK's threshold of this batch (global_topk)
 
 
 DispatchPath = Callable[[Routed, ExpertParams, "jax.Array | None", ExpertSettings], TokenOut]

@@ -21,7 +21,7 @@ def make_eval_step(
         """x: [T, d]; keep: [T] float, 0 for outlier tokens (left out of the "kept" sums)."""
         x = x.astype(jnp.float32)  # float16 / bfloat16 shards arrive in their own dtype
         model = nnx.merge(graphdef, params)
-        out = model(x, None, capacity_factor)
+        out = model(x, None, capacity_factor, mode="infer")
         _, metrics = loss_and_metrics(x, out, lb_alpha=lb_alpha, aux_weight=aux_w, z_weight=z_w)
         sq_err = jnp.sum((x - out.x_hat) ** 2, axis=-1)
         for suffix, w in (("", keep), ("_all", jnp.ones_like(keep))):

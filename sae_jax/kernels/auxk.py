@@ -106,7 +106,7 @@ def auxk_recon(
     if ids.shape[0] < lat:  # the B dead rows, gathered
         w_enc, b_enc, w_dec = p.w_enc[ids], p.b_enc[ids], p.w_dec[ids]
     else:  # every latent: the weights as they are (a gather would copy them), dead ones masked
-        w_enc, b_enc, w_dec = p
+        w_enc, b_enc, w_dec = p.w_enc, p.b_enc, p.w_dec
         ok = jnp.zeros(lat, jnp.int32).at[ids].max(ok.astype(jnp.int32)) > 0
     pre = precision.einsum("cd,bd->cb", xc, w_enc, dtype) + b_enc  # [C, B]
     acts = jax.nn.relu(pre) * ok

@@ -25,12 +25,13 @@ AuxK (kernels/auxk.py) runs on each expert's dead latents only.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from sae_jax import precision
-from sae_jax.kernels import sparse_rows
+from sae_jax.kernels import activations, sparse_rows
 from sae_jax.kernels.auxk import auxk_recon, auxk_sums
 from sae_jax.kernels.records import (
     DENSE_MAX_LATENTS,
@@ -112,11 +113,7 @@ def encode_selected(xc, p: ExpertParams, idx, pre, pre_grad=None, value=None):
     values a forward computed already: returned as they are, with the same gradient, so
     nothing reads `pre` or `pre_grad` and their matmul is dead code.
     """
-    if pre_grad is not None:
-        selected = jnp.take_along_axis(pre_grad, idx, axis=1)
-    else:
-        selected = sparse_rows.selected_preactivations(pre, idx, xc, p.w_enc, p.b_enc)
-    return jax.nn.relu(selected if value is None else valued_as(selected, value))
+    return jax.nn.relu(select_preactivations(xc, p, idx, pre, pre_grad, value))
 
 
 @jax.custom_vjp
@@ -152,21 +149,33 @@ def decode(
     return sparse_rows.gather_decode(values, idx, w_dec, dtype)
 
 
+class Forward(NamedTuple):
+    """One expert's forward on its buffer ([C, ...] rows, float32 but the ids)."""
+
+    recon: jax.Array  # [C, d] W_dec^T z, ungated, no b_dec
+    latents: jax.Array  # [C, k] the chosen latents' values
+    indices: jax.Array  # [C, k] int32 their ids
+    fired: jax.Array  # [L] valid rows on which each latent was active
+    selected: jax.Array | None = None  # 'jump' rule: [C, k] their pre-activations
+    l0: jax.Array | None = None  # 'jump' rule: [] valid rows' L0, straight-through for theta
+
+
 def centred_forward(
     p: ExpertParams,
     buf: ExpertRows,
     b_dec: jax.Array,
     s: ExpertSettings,
     chosen: tuple[jax.Array, jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """One expert's TopK SAE on its buffer.
+) -> Forward:
+    """One expert's SAE on its buffer, by the activation rule s.rule.
 
     p: one expert's weights; buf: its rows (x [C, d] centred in the compute dtype, valid [C]
-    False for empty slots); b_dec: [d] (for its gradient); chosen: (indices, latents) [C, k]
-    that a forward of the same weights and tokens returned, reused instead of the top-k and
-    the encoder values (a backward then needs no encoder matmul; see blocks.map_blocks).
-    Returns recon [C, d] (W_dec^T z, ungated, no b_dec), latents [C, k], indices [C, k],
-    fired [L] (valid tokens on which each latent was active), all float32 but the indices.
+    False for empty slots); b_dec: [d] (for its gradient); chosen: (indices, values) [C, k]
+    that a forward of the same weights and tokens returned (values: the ReLU values for
+    'topk', the pre-activations for 'jump'), reused instead of the selection and the encoder
+    values (a backward then needs no encoder matmul; see blocks.map_blocks).
+    'topk': the k largest pre-activations, ReLU'd. 'jump': of the k largest pre - threshold
+    (p.threshold [L]), those over the threshold (kernels/activations.py's jumprelu).
     """
     xc, dense, dtype = buf.x, s.dense(p.w_enc.shape[0]), s.dtype
     chosen = buf.chosen if chosen is None else chosen
@@ -175,26 +184,75 @@ def centred_forward(
     p = with_b_dec_grad(p, b_dec, looped=not dense)
     pre_grad = dense_preactivations(xc, p, dtype)
     pre = jax.lax.stop_gradient(pre_grad)
+    validf = buf.valid.astype(jnp.float32)[:, None]
+    if s.rule == "jump":
+        idx, value = (_jump_top(pre, p.threshold, s.k), None) if chosen is None else chosen
+        selected = select_preactivations(xc, p, idx, pre, pre_grad if dense else None, value)
+        theta = p.threshold[idx]
+        bandwidth = jnp.float32(s.bandwidth)
+        latents = activations.jumprelu(selected, theta, bandwidth)
+        l0 = jnp.sum(validf * activations.step(selected, theta, bandwidth))
+        recon = decode(latents, idx, p.w_dec, dense, dtype)
+        fired = jnp.zeros(p.w_enc.shape[0], jnp.float32).at[idx].add((latents > 0) * validf)
+        return Forward(recon, latents, idx, fired, jax.lax.stop_gradient(selected), l0)
     idx, value = (jax.lax.top_k(pre, s.k)[1], None) if chosen is None else chosen
     latents = encode_selected(xc, p, idx, pre, pre_grad if dense else None, value)
     recon = decode(latents, idx, p.w_dec, dense, dtype)
-    active = (latents > 0) * buf.valid.astype(jnp.float32)[:, None]
+    active = (latents > 0) * validf
     fired = jnp.zeros(p.w_enc.shape[0], jnp.float32).at[idx].add(active)
-    return recon, latents, idx, fired
+    return Forward(recon, latents, idx, fired)
 
 
-def candidates(
-    p: ExpertParams, buf: ExpertRows, s: ExpertSettings
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The first stage of a global TopK: each row's top-k latents of this expert, without
-    gradient, decode or AuxK. Returns centred_forward's tuple with a zero recon [C, d] and zero
-    fired [L]; latents [C, k] are the ReLU values (zero in rows that hold no token)."""
+def _jump_top(pre: jax.Array, threshold: jax.Array, k: int) -> jax.Array:
+    """[C, k] ids of each row's k largest pre - threshold (gradient-free)."""
+    return jax.lax.top_k(pre - jax.lax.stop_gradient(threshold), k)[1]
+
+
+def select_preactivations(xc, p: ExpertParams, idx, pre, pre_grad=None, value=None):
+    """The pre-activations of latents idx [C, k] -> [C, k] float32, with gradient (see
+    `encode_selected`, of which this is the part before the ReLU)."""
+    if pre_grad is not None:
+        selected = jnp.take_along_axis(pre_grad, idx, axis=1)
+    else:
+        selected = sparse_rows.selected_preactivations(pre, idx, xc, p.w_enc, p.b_enc)
+    return selected if value is None else valued_as(selected, value)
+
+
+def candidates(p: ExpertParams, buf: ExpertRows, s: ExpertSettings) -> Forward:
+    """The first stage of a selection over several rows (dispatch/global_topk.py): each row's
+    k candidates of this expert by its rule, without gradient, decode or AuxK. Returns a
+    Forward with a zero recon [C, d] and zero fired [L]; latents [C, k] are the values the
+    selection compares, zero in rows that hold no token: the ReLU values for 'topk', the
+    JumpReLU values for 'jump', whose pre-activations are in `selected`."""
     p = jax.lax.stop_gradient(p)
     pre = dense_preactivations(buf.x, p, s.dtype)
-    value, idx = jax.lax.top_k(pre, s.k)
-    latents = jax.nn.relu(value) * buf.valid.astype(jnp.float32)[:, None]
+    validf = buf.valid.astype(jnp.float32)[:, None]
     recon = jnp.zeros(buf.x.shape, jnp.float32)
-    return recon, latents, idx, jnp.zeros(p.w_enc.shape[0], jnp.float32)
+    fired = jnp.zeros(p.w_enc.shape[0], jnp.float32)
+    if s.rule == "jump":
+        idx = _jump_top(pre, p.threshold, s.k)
+        selected = jnp.take_along_axis(pre, idx, axis=1)
+        latents = selected * (selected > p.threshold[idx]) * validf
+        return Forward(recon, latents, idx, fired, selected)
+    value, idx = jax.lax.top_k(pre, s.k)
+    return Forward(recon, jax.nn.relu(value) * validf, idx, fired)
+
+
+def prefix_errors(
+    xc: jax.Array, buf: ExpertRows, fwd: Forward, w_dec: jax.Array, s: ExpertSettings
+) -> jax.Array:
+    """Matryoshka: for each prefix end m in s.prefixes, the sum over valid rows of
+    ||xc - gate * W_dec[:m]^T z[:m]||^2, the row's error with only its latents below m.
+    Returns [len(prefixes)] float32. (The whole dictionary's is the model's own error.)"""
+    dense = s.dense(w_dec.shape[0])
+    g = jax.lax.stop_gradient(buf.gate)[:, None]
+    validf = buf.valid.astype(jnp.float32)[:, None]
+    x = xc.astype(jnp.float32)
+    errs = []
+    for end in s.prefixes:
+        part = decode(fwd.latents * (fwd.indices < end), fwd.indices, w_dec, dense, s.dtype)
+        errs.append(jnp.sum(validf * (x - g * part) ** 2))
+    return jnp.stack(errs)
 
 
 def expert_out(
@@ -209,17 +267,24 @@ def expert_out(
 
     p leaves for one expert ([L, d], [L]); buf [C, ...] rows; dead_ids [B] int32
     (`auxk.compact_dead`) or None (no AuxK); chosen: see `centred_forward`.
-    Returns ExpertOut for this buffer (recon [C, d], ..., fired [L], AuxK sums []).
+    Returns ExpertOut for this buffer (recon [C, d], ..., fired [L], AuxK sums [], and the
+    kind's sums [S] where it has any).
     """
-    recon, latents, idx, fired = centred_forward(p, buf, b_dec, s, chosen)
+    fwd = centred_forward(p, buf, b_dec, s, chosen)
+    recon, latents, idx, fired = fwd[:4]
     zero = zeros_varying((), recon.dtype, recon)
+    out = ExpertOut(recon, latents, idx, fired, zero, zero, selected=fwd.selected)
+    if s.prefixes and not s.encode_only:
+        out = out._replace(kind_sums=prefix_errors(buf.x, buf, fwd, p.w_dec, s))
+    elif fwd.l0 is not None:
+        out = out._replace(kind_sums=fwd.l0[None])
     if dead_ids is None or s.k_aux == 0 or s.encode_only:
-        return ExpertOut(recon, latents, idx, fired, zero, zero)
+        return out
     if s.aux_out:
         aux, _ = auxk_recon(p, buf, dead_ids, s)
-        return ExpertOut(recon, latents, idx, fired, zero, zero, aux)
+        return out._replace(aux_recon=aux)
     err, norm = auxk_sums(p, buf, dead_ids, recon, s)
-    return ExpertOut(recon, latents, idx, fired, err, norm)
+    return out._replace(aux_err=err, aux_norm=norm)
 
 
 def run_experts(
@@ -241,4 +306,6 @@ def run_experts(
         out = jax.vmap(one, in_axes=(0, 0, None, dead_axis))(p, bufs, b_dec, dead_ids)
     else:  # one expert at a time: vmapped, the gather kernel's row gathers ran slower
         out = jax.lax.map(lambda a: one(a[0], a[1], b_dec, a[2]), (p, bufs, dead_ids))
-    return out._replace(aux_err=out.aux_err.sum(), aux_norm=out.aux_norm.sum())
+    kind_sums = None if out.kind_sums is None else out.kind_sums.sum(axis=0)
+    return out._replace(aux_err=out.aux_err.sum(), aux_norm=out.aux_norm.sum(),
+                        kind_sums=kind_sums)  # fmt: skip

@@ -17,6 +17,8 @@ class ExpertParams(NamedTuple):
     w_enc: jax.Array  # [L, d] encoder rows (the transpose of the paper's W_enc)
     b_enc: jax.Array  # [L]
     w_dec: jax.Array  # [L, d] unit-norm decoder rows
+    # [L] each latent's threshold for the 'jump' rule (kernels/activations.py); None: TopK
+    threshold: jax.Array | None = None
 
 
 class ExpertRows(NamedTuple):
@@ -51,6 +53,13 @@ class ExpertSettings:
     # token's residual, instead of summing AuxK's error against this row's own.
     encode_only: bool = False
     aux_out: bool = False
+    # The activation (kernels/activations.py): 'topk' keeps each row's k largest; 'jump'
+    # keeps, of its k largest pre - threshold, those over the threshold (k is then k_max).
+    rule: str = "topk"
+    bandwidth: float = 0.1  # 'jump': the straight-through kernel's width, x the threshold
+    # Matryoshka: the ends of the nested prefixes of each expert's latents, the whole
+    # dictionary excluded; each prefix's squared error comes back in ExpertOut.kind_sums.
+    prefixes: tuple[int, ...] = ()
 
     def dense(self, latents: int) -> bool:
         """Whether experts of `latents` latents use the dense kernel (else gather)."""
@@ -67,6 +76,11 @@ class ExpertOut(NamedTuple):
     aux_err: jax.Array  # [] sum over valid rows of ||residual - aux recon||^2
     aux_norm: jax.Array  # [] sum over valid rows of ||residual||^2
     aux_recon: jax.Array | None = None  # [C, d] gated AuxK reconstruction (settings.aux_out)
+    # The 'jump' rule: [C, k] the chosen latents' pre-activations (a backward's `chosen`).
+    selected: jax.Array | None = None
+    # [S] sums over valid rows the kind's loss needs (None: none): JumpReLU's L0 with its
+    # straight-through gradient [1], Matryoshka's prefix squared errors [len(prefixes)].
+    kind_sums: jax.Array | None = None
 
 
 def routed_kernel(kernel: str, experts_per_token: int) -> str:

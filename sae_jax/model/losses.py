@@ -9,6 +9,8 @@ error of reconstructing the residual with dead latents, as in Gao et al. The rou
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -17,9 +19,16 @@ from sae_jax.model.switch import SwitchOut
 
 
 def loss_and_metrics(
-    x: jax.Array, out: SwitchOut, *, lb_alpha: float, aux_weight: float, z_weight: float = 0.0
+    x: jax.Array,
+    out: SwitchOut,
+    *,
+    lb_alpha: float,
+    aux_weight: float,
+    z_weight: float = 0.0,
+    kind: KindLoss | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x: [T, d] input; returns the scalar loss and a dict of scalar/[N] metrics."""
+    """x: [T, d] input; returns the scalar loss and a dict of scalar/[N] metrics. kind: the
+    activation's own terms (None: TopK's, none)."""
     tokens, d = x.shape
     n = out.expert_counts.shape[0]
     x = x.astype(jnp.float32)
@@ -34,6 +43,10 @@ def loss_and_metrics(
         loss = loss + lb_alpha * lb
     if n > 1 and z_weight > 0:
         loss = loss + z_weight * z
+    extra = {}
+    if kind is not None and out.kind_sums is not None:
+        kind_loss, extra = kind.terms(out.kind_sums, tokens, d, total_var)
+        loss = loss + kind_loss
     metrics = {
         "loss": loss,
         "mse": mse,
@@ -46,5 +59,41 @@ def loss_and_metrics(
         "drop_fraction": jnp.mean(jnp.logical_not(out.kept).astype(jnp.float32)),
         "padding_overhead": out.rows / tokens,  # rows computed per token (capacity / blocks)
         "expert_load": out.expert_counts / tokens,
+        "batch_threshold": jnp.asarray(out.batch_threshold, jnp.float32),
+        **extra,
     }
     return loss, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class KindLoss:
+    """An activation kind's loss terms from SwitchOut.kind_sums (kernels/activations.py).
+
+    matryoshka: each prefix's squared error per element, summed with the whole model's MSE
+    (Bussmann et al. 2025 sum the prefix losses). jumprelu: l0_coeff x the batch's variance
+    per element x (L0 / target - 1)^2, L0 the mean over tokens with JumpReLU's
+    straight-through gradient for the thresholds; scaled by the variance, l0_coeff does not
+    depend on the data's scale.
+    """
+
+    activation: str
+    l0_target: float = 0.0
+    l0_coeff: float = 0.0
+
+    def terms(self, sums, tokens, d, total_var):
+        if self.activation == "matryoshka":
+            prefix_mse = sums / (tokens * d)
+            return jnp.sum(prefix_mse), {"prefix_mse": prefix_mse}
+        if self.activation == "jumprelu":
+            l0 = sums[0] / tokens
+            variance = jax.lax.stop_gradient(total_var) / (tokens * d)
+            penalty = self.l0_coeff * variance * (l0 / self.l0_target - 1.0) ** 2
+            return penalty, {"l0_penalty": penalty}
+        return jnp.zeros((), jnp.float32), {}
+
+
+def kind_loss(cfg, tcfg) -> KindLoss | None:
+    """The KindLoss of a config (SAEConfig, TrainConfig); None for TopK and BatchTopK."""
+    if cfg.activation not in ("matryoshka", "jumprelu"):
+        return None
+    return KindLoss(cfg.activation, float(cfg.routed_k), float(tcfg.l0_coeff))

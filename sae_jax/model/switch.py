@@ -28,6 +28,7 @@ from sae_jax.config import ConfigError, SAEConfig
 from sae_jax.dispatch import global_topk, paths
 from sae_jax.dispatch.routed import Routed
 from sae_jax.kernels import routing
+from sae_jax.kernels.activations import Kind
 from sae_jax.kernels.auxk import compact_dead
 from sae_jax.kernels.expert import (
     ExpertOut,
@@ -53,6 +54,7 @@ class SwitchParams(NamedTuple):
     shared: ExpertParams | None = None  # the shared dictionary ([S, d], [S], [S, d]); None: none
     router_bias: jax.Array | None = None  # [N] selection-only routing bias (RouterBias); None: off
     enc_scale: jax.Array | None = None  # [N, d] scaled_encoder's feature scaling; None: off
+    threshold: jax.Array | None = None  # [N, L] the 'jump' rule's thresholds; None: not used
 
 
 class SwitchOut(NamedTuple):
@@ -70,6 +72,8 @@ class SwitchOut(NamedTuple):
     aux_norm: jax.Array  # [] AuxK residual norm sum
     rows: jax.Array  # [] token rows the experts computed (capacity slots or padded blocks)
     z_sum: jax.Array | float = 0.0  # [] sum of logsumexp(router logits)^2 (0 for N = 1)
+    kind_sums: jax.Array | None = None  # [S] the activation kind's sums (ExpertOut.kind_sums)
+    batch_threshold: jax.Array | float = 0.0  # [] BatchTopK's threshold of this batch (or 0)
 
 
 def unit_rows(w: jax.Array, eps: float = 1e-8) -> jax.Array:
@@ -81,6 +85,15 @@ class RouterBias(nnx.Variable):
     """Loss-free balancing's per-expert routing bias [N] float32 (DeepSeek-V3): model state
     that is not an nnx.Param, so neither the gradient nor the optimiser sees it; the train step
     moves it from each step's expert loads (training.step.update_router_bias)."""
+
+
+class BatchThreshold(nnx.Variable):
+    """BatchTopK's inference threshold [] float32: an exponential average of the training
+    batches' thresholds, moved by the train step (training.step.update_batch_threshold);
+    not an nnx.Param."""
+
+
+MODES = ("train", "infer", "batch")  # SwitchSAE.__call__'s selection modes
 
 
 class SwitchSAE(nnx.Module):
@@ -121,6 +134,11 @@ class SwitchSAE(nnx.Module):
             self.shared_b_enc = nnx.Param(jnp.zeros((s,), jnp.float32))
         if cfg.router_bias and n > 1:
             self.router_bias = RouterBias(jnp.zeros((n,), jnp.float32))
+        if cfg.kind.learned_threshold:  # set from the data at the first step (training.step)
+            log_threshold = jnp.zeros((n, lat), jnp.float32)
+            self.log_threshold = nnx.Param(log_threshold, out_sharding=("expert", None))
+        if cfg.kind.batch:
+            self.batch_threshold = BatchThreshold(jnp.zeros((), jnp.float32))
 
     def __call__(
         self,
@@ -128,9 +146,13 @@ class SwitchSAE(nnx.Module):
         dead: jax.Array | None = None,
         capacity_factor: float | None = None,
         grad_shards: ExpertParams | None = None,
+        mode: str = "train",
     ) -> SwitchOut:
         """x: [T, d] (sharded over every device); dead: AuxK's dead latents (None: off), as
         [N, L] bool masks or as [N, B] int32 ids padded with L (`kernels.auxk.compact_dead`).
+        mode: 'train' selects latents by the activation's training rule, 'infer' by its
+        inference rule (BatchTopK and Matryoshka: their threshold), 'batch' by a BatchTopK of
+        K over the batch whatever the kind (to set JumpReLU's first thresholds).
 
         Under a ('data', 'expert') mesh the forward runs in `jax.shard_map`: each device routes
         its own tokens and the dispatch path moves them to the devices that hold their experts.
@@ -152,17 +174,20 @@ class SwitchSAE(nnx.Module):
             shared = ExpertParams(self.shared_w_enc[...], self.shared_b_enc[...],
                                   unit_rows(self.shared_w_dec[...]))  # fmt: skip
         bias = self.router_bias[...] if hasattr(self, "router_bias") else None
-        params = SwitchParams(experts, router, self.b_dec[...], shared, bias, enc_scale)
+        threshold = self._threshold(mode)
+        params = SwitchParams(experts, router, self.b_dec[...], shared, bias, enc_scale,
+                              threshold)  # fmt: skip
         mesh = jax.sharding.get_abstract_mesh()
         if grad_shards is not None and (mesh.empty or mesh.shape["data"] == 1):
             raise ValueError("grad_shards needs a mesh with a 'data' axis of more than one device")
         if mesh.empty:
-            return switch_apply(params, x, dead, cfg=cfg, capacity_factor=cf)
+            return switch_apply(params, x, dead, cfg=cfg, capacity_factor=cf, mode=mode)
         check_mesh(cfg, dict(mesh.shape), x.shape[0])
         # A 'data' axis of size 1 stays out of the manual axes: its psum of the expert
         # gradients would still be an all-reduce with buffers of their size.
         axes = tuple(a for a in AXES if a == "expert" or mesh.shape[a] > 1)
-        local = functools.partial(switch_apply, cfg=cfg, capacity_factor=cf, all_axes=axes)
+        local = functools.partial(switch_apply, cfg=cfg, capacity_factor=cf, all_axes=axes,
+                                  mode=mode)  # fmt: skip
         expert_spec, tok = P("expert"), P(axes)
         param_specs = SwitchParams(
             ExpertParams(expert_spec, expert_spec, expert_spec),
@@ -171,16 +196,40 @@ class SwitchSAE(nnx.Module):
             None if shared is None else ExpertParams(P(), P(), P()),
             None if bias is None else P(),
             None if enc_scale is None else expert_spec,
+            None if threshold is None else expert_spec,
         )
         shard_specs = None
         if grad_shards is not None:
             split = zero_rows_spec(mesh, cfg.num_experts, cfg.latents_per_expert)
             shard_specs = ExpertParams(split, split, split)
         in_specs = (param_specs, tok, None if dead is None else expert_spec, shard_specs)
-        out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P(), P(), P())
+        out_specs = SwitchOut(tok, tok, tok, tok, P(), P(), expert_spec, P(), P(), P(), P(), P(),
+                              P(), P())  # fmt: skip
         return jax.shard_map(
             local, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=set(axes)
         )(params, x, dead, grad_shards)
+
+    def _threshold(self, mode: str) -> jax.Array | None:
+        """[N, L] the 'jump' rule's thresholds in this mode: JumpReLU's learned ones, or
+        BatchTopK's inference threshold for every latent; None where the rule is TopK's."""
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: use one of {MODES}")
+        if selection(self.cfg.kind, mode)[0] != "jump":
+            return None
+        if self.cfg.kind.learned_threshold:
+            return jnp.exp(self.log_threshold[...])
+        shape = self.b_enc.shape
+        return jnp.broadcast_to(self.batch_threshold[...], shape).astype(jnp.float32)
+
+
+def selection(kind: Kind, mode: str) -> tuple[str, bool]:
+    """(the kernel's rule, whether a batch threshold selects) of an activation kind in a
+    mode of SwitchSAE.__call__."""
+    if mode == "batch":
+        return "topk", True
+    if mode == "infer":
+        return kind.infer_rule, False
+    return kind.train_rule, kind.batch
 
 
 def check_mesh(cfg: SAEConfig, mesh_shape: dict[str, int], tokens: int | None = None) -> None:
@@ -203,6 +252,7 @@ def switch_apply(
     cfg: SAEConfig,
     capacity_factor: float,
     all_axes: tuple[str, ...] | None = None,
+    mode: str = "train",
 ) -> SwitchOut:
     """Route, run each token's expert on the path `dispatch.paths.choose` picks, combine.
 
@@ -231,36 +281,53 @@ def switch_apply(
         enc_scale = vary_all(enc_scale, data_axes)
     if enc_scale is not None:
         experts = experts._replace(w_enc=scaled_encoder(experts.w_enc, enc_scale))
-    settings = expert_settings(cfg, dtype, capacity_factor, expert_axis)
+    if params.threshold is not None:
+        threshold = params.threshold if not all_axes else vary_all(params.threshold, data_axes)
+        experts = experts._replace(threshold=threshold)
+    rule, batch = selection(cfg.kind, mode)
+    settings = expert_settings(cfg, dtype, capacity_factor, expert_axis, rule, batch, mode)
     expert_devices = jax.lax.axis_size(expert_axis) if expert_axis else 1
     path = paths.choose(cfg, expert_devices)
-    if cfg.experts_per_token == 1 and params.shared is None:
+    if cfg.experts_per_token == 1 and params.shared is None and not batch:
         out = path(routed, experts, dead_ids, settings)
         x_hat = gate[:, None] * out.recon + params.b_dec
     else:  # out.recon is the gated sum over the token's experts
+        choose = _choice(cfg, rule, batch, all_axes or ())
         out, x_hat = _apply_global(path, routed, params._replace(experts=experts), dead_ids, cfg,
-                                   settings)  # fmt: skip
-    sums = (counts, prob_sums, out.l0_sum, out.aux_err, out.aux_norm, out.rows, z_sum)
+                                   settings, choose)  # fmt: skip
+    sums = (counts, prob_sums, out.l0_sum, out.aux_err, out.aux_norm, out.rows, z_sum,
+            out.kind_sums)  # fmt: skip
     fired = out.fired
     if all_axes:
         sums = jax.lax.psum(sums, all_axes)
         fired = jax.lax.psum(fired, data_axes)
-    counts, prob_sums, l0_sum, aux_err, aux_norm, rows, z_sum = sums
+    counts, prob_sums, l0_sum, aux_err, aux_norm, rows, z_sum, kind_sums = sums
+    threshold = jnp.zeros((), jnp.float32) if out.threshold is None else out.threshold
     return SwitchOut(x_hat, expert, gate, out.kept, counts, prob_sums, fired, l0_sum, aux_err,
-                     aux_norm, rows, z_sum)  # fmt: skip
+                     aux_norm, rows, z_sum, kind_sums, threshold)  # fmt: skip
 
 
-def _apply_global(path, routed: Routed, params: SwitchParams, dead_ids, cfg, settings):
-    """Routed experts (e >= 1, dispatch/global_topk.py) beside a shared dictionary, if any:
-    the TokenOut (l0_sum with the shared latents) and x_hat [T, d]."""
+def _choice(cfg: SAEConfig, rule: str, batch: bool, axes: tuple[str, ...]):
+    """global_topk.run's selection: a BatchTopK over the batch on every device, the global
+    TopK of K among a token's e experts, or none (a per-row rule: JumpReLU's)."""
+    if batch:
+        return global_topk.batch_choice(cfg.routed_k, axes)
+    return global_topk.top_k_choice(cfg.routed_k) if rule == "topk" else None
+
+
+def _apply_global(path, routed: Routed, params: SwitchParams, dead_ids, cfg, settings, choose):
+    """Routed experts (e >= 1, dispatch/global_topk.py, selecting with `choose`) beside a
+    shared dictionary, if any: the TokenOut (l0_sum with the shared latents) and x_hat [T, d].
+    The shared dictionary is a TopK of SHARED_K in every activation kind."""
     if routed.expert.ndim == 1:
         routed = routed._replace(expert=routed.expert[:, None], gate=routed.gate[:, None])
     shared = None
     if params.shared is not None:
-        own = dict(k=cfg.shared_k, k_aux=0, expert_axis=None, kernel=cfg.expert_kernel)
+        own = dict(k=cfg.shared_k, k_aux=0, expert_axis=None, kernel=cfg.expert_kernel,
+                   rule="topk", prefixes=())  # fmt: skip
         shared = shared_forward(params.shared, routed, dataclasses.replace(settings, **own))
     also = None if shared is None else shared.recon
-    out = global_topk.run(path, routed, params.experts, dead_ids, settings, also)
+    out = global_topk.run(path, routed, params.experts, dead_ids, settings, also, choose)
     x_hat = out.recon + params.b_dec
     if shared is not None:
         x_hat = x_hat + shared.recon
@@ -285,11 +352,24 @@ def scaled_encoder(w_enc: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def expert_settings(
-    cfg: SAEConfig, dtype: str, capacity_factor: float, expert_axis: str | None
+    cfg: SAEConfig,
+    dtype: str,
+    capacity_factor: float,
+    expert_axis: str | None,
+    rule: str = "topk",
+    batch: bool = False,
+    mode: str = "train",
 ) -> ExpertSettings:
-    """The dispatch paths' settings for this config, with the resolved compute dtype."""
+    """The dispatch paths' settings for this config, with the resolved compute dtype, for
+    the kernel's selection rule (`selection`): a row's k is K - SHARED_K for a TopK, its
+    candidates (SAEConfig.candidates_per_row) for a threshold or a batch selection."""
+    per_row = cfg.routed_k if rule == "topk" and not batch else cfg.candidates_per_row
+    prefixes = cfg.prefix_ends if cfg.kind.prefixes and mode == "train" else ()
     return ExpertSettings(
-        k=cfg.routed_k,
+        k=per_row,
+        rule=rule,
+        bandwidth=cfg.jumprelu_bandwidth,
+        prefixes=prefixes,
         k_aux=cfg.k_aux_effective,
         kernel=routed_kernel(cfg.expert_kernel, cfg.experts_per_token),
         dtype=dtype,

@@ -39,15 +39,16 @@ from sae_jax.model.switch import RouterBias, SwitchSAE
 
 # Another value: the state cannot restore (router_bias: the state holds a RouterBias or not).
 MODEL_KEYS = ("d", "num_latents", "num_experts", "router_bias", "shared_latents",
-              "feature_scaling")  # fmt: skip
+              "feature_scaling", "activation")  # fmt: skip
 # Another value restores but trains another model: named, and refused unless allowed.
 CHANGE_KEYS = {
     SAEConfig: ("k", "k_aux", "capacity_factor", "eval_capacity_factor", "compute_dtype",
-                "dispatch", "experts_per_token", "shared_k"),
+                "dispatch", "experts_per_token", "shared_k", "k_max", "matryoshka_prefixes",
+                "jumprelu_bandwidth"),
     TrainConfig: ("steps", "batch_size", "lr", "base_lr", "router_lr", "seed", "lb_alpha",
                   "aux_weight", "warmup_fraction", "decay_fraction", "grad_clip",
                   "dead_after_tokens", "aux_max_share", "train_data", "router_bias_rate",
-                  "router_z_weight"),
+                  "router_z_weight", "l0_coeff", "threshold_rate", "threshold_lr"),
 }  # fmt: skip
 DATA_TRAIN_KEYS = ("train_data", "seed")  # TrainConfig fields that choose the training data
 # The data source's parameters that change the training stream (another value: the data would

@@ -28,12 +28,16 @@ GROUPS = {
     "b_dec": "experts",
     "w_router": "router", "b_router": "router",
     "shared_w_enc": "shared", "shared_b_enc": "shared", "shared_w_dec": "shared",
+    "log_threshold": "threshold",
 }  # fmt: skip
 
 
 def group_lrs(cfg: SAEConfig, tcfg: TrainConfig) -> dict[str, float]:
-    """The peak LR of each parameter group the model has: experts, router (N > 1), shared."""
+    """The peak LR of each parameter group the model has: experts, router (N > 1), shared,
+    threshold (JumpReLU's log-thresholds: TrainConfig.threshold_lr, None: the experts')."""
     lrs = {"experts": tcfg.learning_rate(cfg.num_latents)}
+    if cfg.kind.learned_threshold:
+        lrs["threshold"] = tcfg.threshold_lr or lrs["experts"]
     if cfg.num_experts > 1:
         lrs["router"] = router_lr(tcfg, cfg.num_latents)
     if cfg.shared_latents:

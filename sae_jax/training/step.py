@@ -33,10 +33,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sae_jax.config import TrainConfig
 from sae_jax.kernels.auxk import bucket_for, compact_dead, dead_buckets, max_bucket
-from sae_jax.model.losses import loss_and_metrics
-from sae_jax.model.switch import RouterBias, SwitchSAE
+from sae_jax.model.losses import kind_loss, loss_and_metrics
+from sae_jax.model.switch import BatchThreshold, RouterBias, SwitchSAE
 from sae_jax.training.learning_rates import make_optimizer, router_bias_step
-from sae_jax.training.update import apply_update, grad_shards, state_specs, with_row_grads
+from sae_jax.training.update import (
+    apply_update,
+    grad_shards,
+    leaf_names,
+    state_specs,
+    with_row_grads,
+)
 
 # A step runs AuxK when some latent was dead this many steps before it (LAG - 1 steps late at
 # worst): the host reads counts of a step that finished while the LAG - 1 steps after it were
@@ -77,6 +83,40 @@ def update_router_bias(variables: nnx.State, counts: jax.Array, step_size: float
     step = step_size * jnp.sign(jnp.mean(counts) - counts)
     bias = jax.tree.map(lambda b: b + step.astype(b.dtype), bias)
     return nnx.merge_state(bias, other)
+
+
+def update_batch_threshold(
+    variables: nnx.State, batch: jax.Array, step: jax.Array, rate: float
+) -> nnx.State:
+    """BatchTopK's inference threshold (a BatchThreshold []): the first step's batch
+    threshold, then each step moves it `rate` of the way to the batch's (an exponential
+    average, as SAELens's topk_threshold_lr). Unchanged without one."""
+    theta, other = nnx.split_state(variables, BatchThreshold, ...)
+    theta = jax.tree.map(lambda t: jnp.where(step == 0, batch, t + rate * (batch - t)), theta)
+    return nnx.merge_state(theta, other)
+
+
+def first_thresholds(
+    graphdef: nnx.GraphDef, params: nnx.State, others: nnx.State, x: jax.Array, step: jax.Array
+) -> nnx.State:
+    """JumpReLU: at step 0, every log-threshold becomes log of the batch's BatchTopK
+    threshold of K (the model run in mode 'batch'), so training starts at a mean L0 near K
+    whatever the data's scale; later steps, and the other kinds, pass params through."""
+    names = {n for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+             for n in leaf_names(path)}  # fmt: skip
+    if "log_threshold" not in names:
+        return params
+
+    def calibrate(p):
+        out = nnx.merge(graphdef, p, others)(jax.lax.stop_gradient(x), mode="batch")
+        start = jnp.log(jnp.maximum(out.batch_threshold, 1e-6))
+
+        def leaf(path, a):
+            return jnp.full_like(a, start) if "log_threshold" in leaf_names(path) else a
+
+        return jax.tree_util.tree_map_with_path(leaf, p)
+
+    return jax.lax.cond(step == 0, calibrate, lambda p: p, params)
 
 
 def state_sharding(tree: TrainState, mesh: jax.sharding.Mesh) -> Any:
@@ -147,10 +187,11 @@ def step_body(
     (make_train_step jits it; launch.bench_many vmaps it over stacked SAEs)."""
 
     def loss_fn(params, shards, others, x, dead_ids):
-        out = nnx.merge(graphdef, params, others)(x, dead_ids, grad_shards=shards)
+        model = nnx.merge(graphdef, params, others)
+        out = model(x, dead_ids, grad_shards=shards)
         loss, metrics = loss_and_metrics(
             x, out, lb_alpha=tcfg.lb_alpha, aux_weight=tcfg.aux_weight,
-            z_weight=tcfg.router_z_weight,
+            z_weight=tcfg.router_z_weight, kind=kind_loss(model.cfg, tcfg),
         )  # fmt: skip
         return loss, (metrics, out.fired, out.expert_counts)
 
@@ -162,6 +203,7 @@ def step_body(
             # Past `size` dead latents per expert, the ids taken start `size` further each step.
             dead_ids = compact_dead(mask, size, start=(state.step % -(-lat // size)) * size)
         params, others = nnx.split_state(state.params, nnx.Param, ...)
+        params = first_thresholds(graphdef, params, others, x, state.step)
         # ZeRO-1: the expert weights' gradient comes reduce-scattered, as that of `shards`.
         shards = grad_shards(params, jax.sharding.get_abstract_mesh())
         (grads, row_grads), (metrics, fired, counts) = jax.grad(
@@ -173,6 +215,8 @@ def step_body(
         )
         num_latents = state.params["b_enc"][...].size  # N x L
         others = update_router_bias(others, counts, router_bias_step(tcfg, num_latents))
+        others = update_batch_threshold(others, metrics["batch_threshold"], state.step,
+                                        tcfg.threshold_rate)  # fmt: skip
         params = nnx.merge_state(params, others)
         tokens = x.shape[0]
         since = jnp.where(

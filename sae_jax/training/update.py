@@ -36,7 +36,8 @@ from sae_jax.mesh import zero_rows_axis, zero_rows_spec
 from sae_jax.model.switch import unit_rows
 
 # State leaves whose leading axis is the expert axis (parameters, their Adam moments, counters).
-EXPERT_LEAVES = frozenset({"w_enc", "b_enc", "w_dec", "enc_scale", "since_fired"})
+EXPERT_LEAVES = frozenset({"w_enc", "b_enc", "w_dec", "enc_scale", "since_fired",
+                           "log_threshold"})  # fmt: skip
 # Expert leaves whose axis 1 is the expert's latents ([N, L, ...]): updated by chunks of latent
 # rows, and under ZeRO-1 their Adam moments and gradients split over 'data' too.
 ROW_LEAVES = frozenset({"w_enc", "b_enc", "w_dec"})
