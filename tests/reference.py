@@ -203,3 +203,84 @@ def top_e_mse(x, params: dict, const: dict, k: int, e: int, shared_k: int = 0):
         w = w / jnp.linalg.norm(w, axis=1, keepdims=True)
         x_hat = x_hat + (jax.nn.relu(pre) * mask) @ w
     return jnp.sum((x - x_hat) ** 2) / x.size
+
+
+def kind_choice(x, params: dict, cfg, mode: str):
+    """The active latents of each token under an activation kind (kernels/activations.py),
+    token by token with dense [L] pre-activations, top-1 routing (or N = 1), no capacity
+    limit. mode: 'train', 'infer' or 'batch' (SwitchSAE.__call__). Returns (expert [T],
+    gate [T], pre [T, L] of the routed expert, mask [T, L] the active latents, cand [T, L]
+    the row's candidates, threshold [T, L] the 'jump' rule's thresholds or None, the batch
+    threshold or None)."""
+    tokens = x.shape[0]
+    if cfg.num_experts > 1:
+        _, expert, gate = switch_sae(x, params, cfg.k)
+    else:
+        expert, gate = np.zeros(tokens, int), np.ones(tokens)
+    centred = x - params["b_dec"]
+    pre = np.einsum("tld,td->tl", params["w_enc"][expert], centred) + params["b_enc"][expert]
+    kind, kp = cfg.kind, cfg.candidates_per_row
+    rule = {"batch": "topk", "infer": kind.infer_rule, "train": kind.train_rule}[mode]
+    batch = mode == "batch" or (mode == "train" and kind.batch)
+    k = kp if batch or rule == "jump" else cfg.k
+    theta = None
+    if rule == "jump":
+        if "log_threshold" in params:
+            theta = np.exp(params["log_threshold"])[expert]
+        else:
+            theta = np.full_like(pre, float(params["batch_threshold"]))
+    score = pre - theta if rule == "jump" else pre
+    cand = np.zeros_like(pre, bool)
+    np.put_along_axis(cand, np.argsort(-score, axis=1, kind="stable")[:, :k], True, axis=1)
+    mask = cand & (pre > (theta if rule == "jump" else 0))
+    threshold = None
+    if batch:
+        values = np.sort(np.where(cand, np.maximum(pre, 0), 0).ravel())[::-1]
+        threshold = values[cfg.k * tokens - 1]
+        mask = cand & (pre >= threshold) & (pre > 0)
+    return expert, gate, pre, mask, cand, theta, threshold
+
+
+def kind_sae(x, params: dict, cfg, mode: str):
+    """x_hat [T, d], l0 [T] and the batch threshold of an activation kind (`kind_choice`),
+    plus Matryoshka's prefix squared errors [P] (in mode 'train')."""
+    expert, gate, pre, mask, _, _, threshold = kind_choice(x, params, cfg, mode)
+    z = np.where(mask, pre, 0.0)
+    recon = np.einsum("tl,tld->td", z, params["w_dec"][expert])
+    x_hat = gate[:, None] * recon + params["b_dec"]
+    prefix = []
+    for end in cfg.prefix_ends if cfg.kind.prefixes and mode == "train" else ():
+        part = np.einsum("tl,tld->td", z[:, :end], params["w_dec"][expert][:, :end])
+        prefix.append(np.sum((x - params["b_dec"] - gate[:, None] * part) ** 2))
+    return x_hat, mask.sum(axis=1), threshold, np.array(prefix)
+
+
+def kind_loss(x, params: dict, const: dict, cfg, l0_coeff: float = 1.0):
+    """The training loss of an activation kind in jax.numpy, dense: the active latents and
+    candidates chosen from `const` (numpy parameters), the values from `params` (jax arrays),
+    differentiable; JumpReLU through kernels.activations' straight-through functions."""
+    import jax.numpy as jnp
+
+    from sae_jax.kernels import activations
+
+    expert, gate, _, mask, cand, _, _ = kind_choice(x, const, cfg, "train")
+    centred = x - params["b_dec"]
+    pre = jnp.einsum("tld,td->tl", params["w_enc"][expert], centred) + params["b_enc"][expert]
+    tokens, d = x.shape
+    extra = 0.0
+    if cfg.kind.learned_threshold:
+        theta = jnp.exp(params["log_threshold"])[expert]
+        bandwidth = jnp.float32(cfg.jumprelu_bandwidth)
+        z = jnp.where(cand, activations.jumprelu(pre, theta, bandwidth), 0.0)
+        l0 = jnp.sum(jnp.where(cand, activations.step(pre, theta, bandwidth), 0.0)) / tokens
+        var = np.sum((x - x.mean(axis=0)) ** 2) / (tokens * d)
+        extra = l0_coeff * var * (l0 / cfg.k - 1.0) ** 2
+    else:
+        z = jnp.where(mask, pre, 0.0)
+    dec = params["w_dec"][expert]
+    x_hat = gate[:, None] * jnp.einsum("tl,tld->td", z, dec) + params["b_dec"]
+    loss = jnp.mean((x - x_hat) ** 2) + extra
+    for end in cfg.prefix_ends if cfg.kind.prefixes else ():
+        part = jnp.einsum("tl,tld->td", z[:, :end], dec[:, :end])
+        loss = loss + jnp.sum((centred - gate[:, None] * part) ** 2) / (tokens * d)
+    return loss

@@ -239,15 +239,16 @@ def candidates(p: ExpertParams, buf: ExpertRows, s: ExpertSettings) -> Forward:
 
 
 def prefix_errors(
-    xc: jax.Array, buf: ExpertRows, fwd: Forward, w_dec: jax.Array, s: ExpertSettings
+    buf: ExpertRows, fwd: Forward, w_dec: jax.Array, b_dec: jax.Array, s: ExpertSettings
 ) -> jax.Array:
     """Matryoshka: for each prefix end m in s.prefixes, the sum over valid rows of
-    ||xc - gate * W_dec[:m]^T z[:m]||^2, the row's error with only its latents below m.
+    ||x - b_dec - gate * W_dec[:m]^T z[:m]||^2, the row's error with only its latents below
+    m (b_dec gets its gradient here: the rows hold x - b_dec without it).
     Returns [len(prefixes)] float32. (The whole dictionary's is the model's own error.)"""
     dense = s.dense(w_dec.shape[0])
     g = jax.lax.stop_gradient(buf.gate)[:, None]
     validf = buf.valid.astype(jnp.float32)[:, None]
-    x = xc.astype(jnp.float32)
+    x = buf.x.astype(jnp.float32) - (b_dec - jax.lax.stop_gradient(b_dec))
     errs = []
     for end in s.prefixes:
         part = decode(fwd.latents * (fwd.indices < end), fwd.indices, w_dec, dense, s.dtype)
@@ -275,7 +276,7 @@ def expert_out(
     zero = zeros_varying((), recon.dtype, recon)
     out = ExpertOut(recon, latents, idx, fired, zero, zero, selected=fwd.selected)
     if s.prefixes and not s.encode_only:
-        out = out._replace(kind_sums=prefix_errors(buf.x, buf, fwd, p.w_dec, s))
+        out = out._replace(kind_sums=prefix_errors(buf, fwd, p.w_dec, b_dec, s))
     elif fwd.l0 is not None:
         out = out._replace(kind_sums=fwd.l0[None])
     if dead_ids is None or s.k_aux == 0 or s.encode_only:
