@@ -121,8 +121,8 @@ def _x(seed=0, tokens=128):
     return np.random.default_rng(seed).normal(size=(tokens, CFG.d)).astype(np.float32)
 
 
-CASES = [(kind, n, dispatch, kernel) for kind in KINDS for n, dispatch, kernel in
-         ((1, "capacity", "gather"), (4, "capacity", "dense"), (4, "dropless", "gather"))]  # fmt: skip
+PATHS = ((1, "capacity", "gather"), (4, "capacity", "dense"), (4, "dropless", "gather"))
+CASES = [(kind, *path) for kind in KINDS for path in PATHS]
 
 
 @pytest.mark.parametrize("kind, n, dispatch, kernel", CASES)
