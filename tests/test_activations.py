@@ -44,9 +44,7 @@ def test_jumprelu_and_its_straight_through_gradients_match_numpy():
     np.testing.assert_allclose(d_theta, -(theta / eps) * inside * cot, rtol=1e-6)
     assert inside.sum() >= 4
 
-    d_theta_l0 = jax.grad(lambda t: jnp.sum(cot * activations.step(pre, t, jnp.float32(bw))))(
-        theta
-    )
+    d_theta_l0 = jax.grad(lambda t: jnp.sum(cot * activations.step(pre, t, jnp.float32(bw))))(theta)
     np.testing.assert_allclose(d_theta_l0, -(1.0 / eps) * inside * cot, rtol=1e-6)
     assert np.all(jax.grad(lambda p: jnp.sum(activations.step(p, theta, bw)))(pre) == 0)
 
