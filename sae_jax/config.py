@@ -285,7 +285,7 @@ class TrainConfig:
     router_z_weight: float = 0.0
     l0_coeff: float = 1.0
     threshold_rate: float = 0.05
-    threshold_lr: float | None = 1e-3
+    threshold_lr: float | None = 3e-2
     aux_weight: float = 1.0 / 32.0
     dead_after_tokens: int = 1_000_000
     aux_max_share: float = 1.0 / 32.0

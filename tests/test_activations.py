@@ -3,6 +3,7 @@ functions and their straight-through gradients, the global batch threshold acros
 and whole models of each kind on one device and on a 2x4 mesh."""
 
 import dataclasses
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,13 +12,16 @@ import pytest
 from conftest import random_model
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from data_utils import TINY_TRAIN, assert_same_params, final_params
 from reference import kind_loss, kind_sae
 
+from launch import train as train_cli
 from sae_jax.config import ConfigError, SAEConfig, TrainConfig
 from sae_jax.kernels import activations
 from sae_jax.mesh import make_mesh, token_sharding
 from sae_jax.model.losses import kind_loss as model_kind_loss
 from sae_jax.model.losses import loss_and_metrics
+from sae_jax.training.step import setup_training
 
 CFG = SAEConfig(d=16, num_latents=256, num_experts=4, k=4, k_aux=0, capacity_factor=8.0,
                 eval_capacity_factor=8.0, k_max=12)  # fmt: skip
@@ -199,3 +203,49 @@ def test_activation_settings_fail_in_one_line():
         assert "\n" not in str(err.value)
     assert dataclasses.replace(CFG, activation="matryoshka").prefix_ends == (4, 8, 16, 32)
     assert dataclasses.replace(CFG, k_max=0).candidates_per_row == 16
+
+
+def test_batch_threshold_is_the_first_batch_then_an_average(mesh1):
+    cfg = dataclasses.replace(CFG, activation="batchtopk", num_experts=1).validate()
+    model = _model(cfg)
+    tcfg = TrainConfig(steps=10, batch_size=128, threshold_rate=0.25)
+    _, state, step = setup_training(model, tcfg)
+    x = jnp.asarray(_x(seed=4))
+    thresholds, inference = [], []
+    for _ in range(3):
+        state, metrics = step(state, x)
+        thresholds.append(float(metrics["batch_threshold"]))
+        inference.append(float(state.params["batch_threshold"][...]))
+    assert inference[0] == thresholds[0] > 0
+    want = inference[0] + 0.25 * (thresholds[1] - inference[0])
+    np.testing.assert_allclose(inference[1], want, rtol=1e-6)
+    assert thresholds[1] != thresholds[0]
+
+
+def test_jumprelu_thresholds_start_at_the_first_batchs_batch_threshold(mesh1):
+    """Step 0 sets every threshold so that the mean L0 of the first batch is K, whatever the
+    data's scale; the step then trains them."""
+    cfg = dataclasses.replace(CFG, activation="jumprelu", num_experts=1, k_max=0).validate()
+    model = _model(cfg)
+    _, state, step = setup_training(model, TrainConfig(steps=10, batch_size=128, lr=1e-12,
+                                                       threshold_lr=1e-12))  # fmt: skip
+    x = jnp.asarray(_x(seed=6) * 50.0)
+    state, metrics = step(state, x)
+    theta = np.exp(np.asarray(state.params["log_threshold"][...]))
+    assert metrics["l0"] == cfg.k and np.ptp(theta) == 0 and theta.min() > 10
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "jumprelu"])
+def test_resume_from_a_checkpoint_is_bitwise(tmp_path, kind):
+    args = [*TINY_TRAIN, f"--gin.ACTIVATION='{kind}'", "--gin.STEPS=8",
+            "--gin.CHECKPOINT_EVERY=4", "--gin.MESH_SHAPE=(1, 1)"]  # fmt: skip
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert train_cli.main([f"--workdir={whole}", *args]) == 0
+    shutil.copytree(whole, cut)
+    shutil.rmtree(cut / "checkpoints" / "8")
+    shutil.rmtree(cut / "export")
+    assert train_cli.main([f"--workdir={cut}", *args]) == 0
+    assert_same_params(final_params(cut), final_params(whole))
+    # the exports hold the thresholds too (BatchTopK's is not an nnx.Param)
+    for name in ("sae.safetensors", "cfg.json"):
+        assert (cut / "export" / name).read_bytes() == (whole / "export" / name).read_bytes()

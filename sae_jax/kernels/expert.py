@@ -244,15 +244,26 @@ def prefix_errors(
     """Matryoshka: for each prefix end m in s.prefixes, the sum over valid rows of
     ||x - b_dec - gate * W_dec[:m]^T z[:m]||^2, the row's error with only its latents below
     m (b_dec gets its gradient here: the rows hold x - b_dec without it).
+    The prefixes' decodes are one dense product cut at the prefix ends: the codes [C, m_last]
+    of the latents below the last end times W_dec's groups of rows between two ends, summed
+    group by group; about the FLOPs of a dense decode of m_last latents whatever the kernel.
     Returns [len(prefixes)] float32. (The whole dictionary's is the model's own error.)"""
-    dense = s.dense(w_dec.shape[0])
     g = jax.lax.stop_gradient(buf.gate)[:, None]
     validf = buf.valid.astype(jnp.float32)[:, None]
-    x = buf.x.astype(jnp.float32) - (b_dec - jax.lax.stop_gradient(b_dec))
-    errs = []
+    residual = buf.x.astype(jnp.float32) - (b_dec - jax.lax.stop_gradient(b_dec))
+    last = s.prefixes[-1]
+    rows = jnp.arange(fwd.latents.shape[0])[:, None]
+    below = fwd.indices < last
+    codes = jnp.zeros((fwd.latents.shape[0], last), s.dtype)
+    codes = codes.at[rows, jnp.where(below, fwd.indices, last)].add(
+        (fwd.latents * below).astype(s.dtype), mode="drop"
+    )
+    errs, start = [], 0
     for end in s.prefixes:
-        part = decode(fwd.latents * (fwd.indices < end), fwd.indices, w_dec, dense, s.dtype)
-        errs.append(jnp.sum(validf * (x - g * part) ** 2))
+        part = precision.einsum("cl,ld->cd", codes[:, start:end], w_dec[start:end], s.dtype)
+        residual = residual - g * part
+        errs.append(jnp.sum(validf * residual**2))
+        start = end
     return jnp.stack(errs)
 
 
