@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import random_model
+from data_utils import TINY_TRAIN, assert_same_params, final_params
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-from data_utils import TINY_TRAIN, assert_same_params, final_params
 from reference import kind_loss, kind_sae
 
 from launch import train as train_cli
