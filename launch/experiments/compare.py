@@ -74,6 +74,9 @@ class Row(NamedTuple):
 
 # The Switch SAE as published: top-1 routing balanced by the load-balancing loss.
 TOP1 = ("EXPERTS_PER_TOKEN=1", "ROUTER_BIAS=False", "LB_ALPHA=3.0")
+# Top-1 routing balanced by smollm2.gin's routing bias (Matryoshka experts need top-1).
+TOP1_BIAS = ("EXPERTS_PER_TOKEN=1",)
+KINDS = ("batchtopk", "matryoshka", "jumprelu")
 RUNS = [
     Row("topk", 1, 1, "baseline"),
     Row("topk_lr", 1, 1, "TopK at BASE_LR = 3e-3", ("BASE_LR=3e-3",)),
@@ -90,7 +93,15 @@ RUNS = [
     Row(
         "wide_lr", 0, 0, "smollm2_wide.gin at BASE_LR = 2e-3", ("BASE_LR=2e-3",), "smollm2_wide.gin"
     ),
-]
+    # The other activation kinds (docs/activations.md): each SAE of N = 1, a Switch of its
+    # experts at equal width, and a wide one.
+    *(Row(kind, 0, 0, f"{kind}, N = 1", config=f"smollm2_{kind}.gin") for kind in KINDS),
+    *(Row(f"{kind}_switch8", 8, 1, f"{kind} experts, equal width, top-1",
+          (f"ACTIVATION='{kind}'", *TOP1_BIAS)) for kind in KINDS),
+    Row("batchtopk_wide", 0, 0, "smollm2_batchtopk_wide.gin", config="smollm2_batchtopk_wide.gin"),
+    *(Row(f"{kind}_wide", 0, 0, f"smollm2_wide.gin of {kind} experts", (f"ACTIVATION='{kind}'",),
+          "smollm2_wide.gin") for kind in KINDS[1:]),
+]  # fmt: skip
 DEFAULT_ROWS = "topk,topk_lr,switch8,switch8_top1,switch4_flops,wide"
 
 
