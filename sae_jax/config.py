@@ -7,14 +7,36 @@ import math
 
 import gin
 
-from sae_jax.kernels.activations import ACTIVATIONS, KINDS, Kind
-
 EXPERT_KERNELS = ("auto", "dense", "gather")
 RETIRED_KEYS = {"encoder_bias"}  # model-record keys of older versions, read and dropped
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 DISPATCHES = ("capacity", "dropless")
 GROUPED_MATMULS = ("auto", "ragged_dot", "blocks")
 FOLLOW = "TRAIN_DATA"  # EVAL_DATA's default: evaluate on TRAIN_DATA (TrainConfig.eval_spec)
+
+
+# The activation kinds (kernels/activations.py has their functions; docs/activations.md).
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """How an activation kind selects its active latents (static)."""
+
+    train_rule: str  # 'topk' or 'jump': the expert kernel's own rule in training
+    batch: bool  # training selects by a batch threshold over every row (two stages)
+    infer_rule: str  # the kernel's rule at inference ('jump': a threshold per latent)
+    learned_threshold: bool  # a threshold per latent is a parameter (log_threshold [N, L])
+    prefixes: bool  # Matryoshka's nested prefix losses
+
+
+KINDS: dict[str, Kind] = {
+    "topk": Kind("topk", batch=False, infer_rule="topk", learned_threshold=False, prefixes=False),
+    "batchtopk": Kind("topk", batch=True, infer_rule="jump", learned_threshold=False,
+                      prefixes=False),
+    "matryoshka": Kind("topk", batch=True, infer_rule="jump", learned_threshold=False,
+                       prefixes=True),
+    "jumprelu": Kind("jump", batch=False, infer_rule="jump", learned_threshold=True,
+                     prefixes=False),
+}  # fmt: skip
+ACTIVATIONS = tuple(KINDS)
 
 
 class ConfigError(ValueError):

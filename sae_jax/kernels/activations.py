@@ -21,33 +21,12 @@ over the float bits, one count and one scalar psum per bit, so no device gathers
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
+from sae_jax.config import ACTIVATIONS, KINDS, Kind
 
-@dataclasses.dataclass(frozen=True)
-class Kind:
-    """How an activation kind selects its active latents (static)."""
-
-    train_rule: str  # 'topk' or 'jump': the expert kernel's own rule in training
-    batch: bool  # training selects by a batch threshold over every row (two stages)
-    infer_rule: str  # the kernel's rule at inference ('jump': a threshold per latent)
-    learned_threshold: bool  # a threshold per latent is a parameter (log_threshold [N, L])
-    prefixes: bool  # Matryoshka's nested prefix losses
-
-
-KINDS: dict[str, Kind] = {
-    "topk": Kind("topk", batch=False, infer_rule="topk", learned_threshold=False, prefixes=False),
-    "batchtopk": Kind("topk", batch=True, infer_rule="jump", learned_threshold=False,
-                      prefixes=False),
-    "matryoshka": Kind("topk", batch=True, infer_rule="jump", learned_threshold=False,
-                       prefixes=True),
-    "jumprelu": Kind("jump", batch=False, infer_rule="jump", learned_threshold=True,
-                     prefixes=False),
-}  # fmt: skip
-ACTIVATIONS = tuple(KINDS)
+__all__ = ["ACTIVATIONS", "KINDS", "Kind", "batch_keep", "jumprelu", "kth_largest", "step"]
 
 
 def rectangle(u: jax.Array) -> jax.Array:
