@@ -1,0 +1,147 @@
+"""Export and pretrained inference of the threshold kinds (ACTIVATION batchtopk, matryoshka,
+jumprelu): the exported SAE computes the module's mode='infer', in both export forms."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_model
+from flax import nnx
+
+from sae_jax.config import SAEConfig
+from sae_jax.export import export_sae
+from sae_jax.mesh import make_mesh
+from sae_jax.pretrained import load_pretrained
+
+D, SCALE, CAP = 16, 1.7, 6  # input scale folded into the export; k' (below L: the cap bites)
+KINDS = ("batchtopk", "matryoshka", "jumprelu")
+
+
+def config(kind: str, n: int, **extra) -> SAEConfig:
+    return SAEConfig(d=D, num_latents=64, num_experts=n, k=4, k_max=CAP, activation=kind,
+                     **extra).validate()  # fmt: skip
+
+
+def model_of(cfg: SAEConfig, seed: int = 0):
+    """A random model with random thresholds: JumpReLU's per latent, BatchTopK's scalar."""
+    with jax.set_mesh(make_mesh((1, 1))):
+        model = random_model(cfg, seed)
+    rng = np.random.default_rng(seed + 7)
+    if hasattr(model, "log_threshold"):
+        theta = rng.uniform(0.05, 0.6, size=model.log_threshold.shape)
+        model.log_threshold[...] = jnp.asarray(np.log(theta), jnp.float32)
+    if hasattr(model, "batch_threshold"):
+        model.batch_threshold[...] = jnp.float32(0.3)
+    return model
+
+
+def params_of(model) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in nnx.to_pure_dict(nnx.state(model)).items()}
+
+
+def inputs(tokens: int = 300, seed: int = 3) -> np.ndarray:
+    """Raw activations (the model takes SCALE x them)."""
+    return np.random.default_rng(seed).normal(size=(tokens, D)).astype(np.float32)
+
+
+def infer(model, x: np.ndarray):
+    """The module's inference on raw x, no token dropped (capacity for every token)."""
+    with jax.set_mesh(make_mesh((1, 1))):
+        cf = float(model.cfg.num_experts)
+        return model(jnp.asarray(SCALE * x), mode="infer", capacity_factor=cf)
+
+
+def reference_codes(params: dict, cfg: SAEConfig, x: np.ndarray, expert: np.ndarray):
+    """Dense codes [T, M] of the 'jump' rule in numpy (float64), in model units: of each
+    token's routed expert, the k' largest pre - threshold, pre where pre > threshold."""
+    if "log_threshold" in params:
+        theta = np.exp(params["log_threshold"].astype(np.float64))
+    else:
+        theta = np.full(params["b_enc"].shape, float(params["batch_threshold"]))
+    lat = cfg.latents_per_expert
+    out = np.zeros((len(x), cfg.num_latents))
+    for t, e in enumerate(expert):
+        pre = params["w_enc"][e].astype(np.float64) @ (SCALE * x[t] - params["b_dec"])
+        pre = pre + params["b_enc"][e]
+        top = np.argsort(-(pre - theta[e]), kind="stable")[: cfg.candidates_per_row]
+        keep = top[pre[top] > theta[e][top]]
+        out[t, e * lat + keep] = pre[keep]
+    return out
+
+
+def dense(codes, width: int) -> np.ndarray:
+    """Codes as [T, width] ungated values."""
+    out = np.zeros((codes.values.shape[0], width), np.float32)
+    np.put_along_axis(out, np.asarray(codes.indices), np.asarray(codes.values), axis=1)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_computes_the_modules_inference(tmp_path, kind, n):
+    cfg = config(kind, n)
+    model = model_of(cfg, seed=n)
+    params = params_of(model)
+    sae = load_pretrained(export_sae(params, cfg, tmp_path / "native", SCALE))
+    meta = json.loads((tmp_path / "native/cfg.json").read_text())
+    assert (meta["activation"], meta["k_max"]) == (kind, CAP) and sae.cfg == sae.cfg
+    assert sae.params["threshold"].shape == (n, cfg.latents_per_expert)
+    x = inputs()
+    out, codes = infer(model, x), sae.encode(x)
+    assert codes.values.shape == (len(x), CAP)  # k' codes per token
+    np.testing.assert_array_equal(codes.expert, out.expert)
+    np.testing.assert_allclose(sae.decode(codes), np.asarray(out.x_hat) / SCALE, atol=1e-5)
+    got, want = dense(codes, cfg.num_latents), reference_codes(params, cfg, x, out.expert)
+    np.testing.assert_array_equal(got != 0, want != 0)  # the same latents (ids)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # the same values
+    assert (got != 0).sum(axis=1).max() == CAP  # some tokens have more over threshold
+    fired = np.bincount(np.asarray(codes.indices)[np.asarray(codes.values) > 0],
+                        minlength=cfg.num_latents)  # fmt: skip
+    np.testing.assert_array_equal(fired, np.asarray(out.fired).reshape(-1))
+    assert float(out.l0_sum) == (got != 0).sum()
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "jumprelu"])
+def test_several_experts_per_token_and_a_shared_dictionary(tmp_path, kind):
+    """e = 2 and a shared TopK dictionary: every routed row keeps its own codes (no global
+    selection), gated, as the module's mode='infer'."""
+    cfg = config(kind, 4, experts_per_token=2, shared_latents=16, shared_k=2)
+    model = model_of(cfg, seed=2)
+    sae = load_pretrained(export_sae(params_of(model), cfg, tmp_path / "n", SCALE))
+    x = inputs()
+    out, codes = infer(model, x), sae.encode(x)
+    assert codes.values.shape == (len(x), 2 * CAP + 2)
+    np.testing.assert_allclose(sae.decode(codes), np.asarray(out.x_hat) / SCALE, atol=1e-5)
+    assert float(out.l0_sum) == int((np.asarray(codes.values) > 0).sum())
+
+
+def test_sharded_export_holds_the_thresholds_by_expert(tmp_path):
+    cfg = config("jumprelu", 4)
+    params = params_of(model_of(cfg))
+    single = load_pretrained(export_sae(params, cfg, tmp_path / "single", SCALE))
+    sharded = export_sae(params, cfg, tmp_path / "sharded", SCALE, max_file_bytes=2 * 16 * 140)
+    index = json.loads((sharded / "sae.safetensors.index.json").read_text())["tensors"]
+    assert [p["experts"] for p in index["threshold"]["parts"]] == [
+        p["experts"] for p in index["w_enc"]["parts"]
+    ]
+    assert len(index["threshold"]["parts"]) > 1 and "log_threshold" not in index
+    again = load_pretrained(sharded)
+    for name, value in single.params.items():
+        np.testing.assert_array_equal(again.params[name], value, err_msg=name)
+    np.testing.assert_allclose(single.params["threshold"], np.exp(params["log_threshold"]), 1e-6)
+
+
+def test_batch_threshold_is_every_latents_threshold_on_a_mesh(tmp_path):
+    """Restored onto a mesh that splits the experts, the scalar becomes [N, L] sharded as
+    b_enc (each device fills its own shard)."""
+    from sae_jax.export import inference_params
+
+    cfg = config("batchtopk", 4)
+    params = params_of(model_of(cfg))
+    mesh = make_mesh((1, 1))
+    b_enc = jax.device_put(params["b_enc"], jax.sharding.NamedSharding(mesh, jax.P("expert")))
+    got = inference_params({**params, "b_enc": b_enc})
+    assert "batch_threshold" not in got and got["threshold"].sharding == b_enc.sharding
+    np.testing.assert_array_equal(got["threshold"], np.full((4, 16), 0.3, np.float32))
