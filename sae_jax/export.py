@@ -72,6 +72,7 @@ from safetensors.numpy import save_file
 
 from sae_jax import storage
 from sae_jax.config import SAEConfig
+from sae_jax.kernels.activations import KINDS
 from sae_jax.mesh import make_mesh
 from sae_jax.model.switch import scaled_encoder, unit_rows
 
@@ -300,6 +301,24 @@ def _config(cfg: SAEConfig, version: int, scale: float, source: dict | None) -> 
         "input_scale": float(scale),
         "source": source or {},
     }
+
+
+def config_of(meta: dict) -> SAEConfig:
+    """The SAEConfig of an SAE's cfg.json (ours, or a peer's as sae_jax reads it), as far as
+    inference needs it: an activation sae_jax's model has not (a peer's relu) reads as topk."""
+    activation = meta.get("activation", "topk")
+    return SAEConfig(
+        d=meta["d"], num_latents=meta["num_latents"], num_experts=meta["num_experts"],
+        k=meta["k"], k_aux=0, experts_per_token=meta.get("experts_per_token", 1),
+        shared_latents=meta.get("shared_latents", 0), shared_k=meta.get("shared_k", 0),
+        activation=activation if activation in KINDS else "topk", k_max=meta.get("k_max", 0),
+    ).validate()  # fmt: skip
+
+
+def per_row(cfg: SAEConfig) -> int:
+    """The codes a routed row keeps at inference: K - SHARED_K for TopK, k' =
+    cfg.candidates_per_row for a threshold (as switch.expert_settings in mode 'infer')."""
+    return cfg.routed_k if cfg.kind.infer_rule == "topk" else cfg.candidates_per_row
 
 
 def _remove_stale(out: storage.AnyPath, keep: list[str]) -> None:

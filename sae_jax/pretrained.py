@@ -35,7 +35,15 @@ from safetensors import safe_open
 from sae_jax import storage
 from sae_jax.config import SAEConfig
 from sae_jax.dispatch import blocks
-from sae_jax.export import CONFIG, INDEX, SHARDED_VERSION, SINGLE_FILE_VERSION, WEIGHTS
+from sae_jax.export import (
+    CONFIG,
+    INDEX,
+    SHARDED_VERSION,
+    SINGLE_FILE_VERSION,
+    WEIGHTS,
+    config_of,
+    per_row,
+)
 from sae_jax.interop.readers import read_peer
 from sae_jax.kernels import routing
 from sae_jax.kernels.activations import KINDS
@@ -73,13 +81,7 @@ class PretrainedSAE:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of "
                              f"{', '.join(ACTIVATIONS)}")  # fmt: skip
-        self.cfg = SAEConfig(
-            d=meta["d"], num_latents=meta["num_latents"], num_experts=meta["num_experts"],
-            k=meta["k"], k_aux=0, experts_per_token=meta.get("experts_per_token", 1),
-            shared_latents=meta.get("shared_latents", 0), shared_k=meta.get("shared_k", 0),
-            activation=self.activation if self.activation in KINDS else "topk",
-            k_max=meta.get("k_max", 0),
-        ).validate()  # fmt: skip
+        self.cfg = config_of(meta)
         one = self.cfg.num_experts == 1 and not self.cfg.shared_latents
         if ACTIVATIONS[self.activation].codes is _dense_codes and not one:
             raise ValueError(f"activation {self.activation!r} runs a single dictionary (N = 1, "
@@ -315,12 +317,6 @@ def _encode(params: dict, x: jax.Array, tokens: jax.Array, cfg: SAEConfig, block
     present = jnp.arange(x.shape[0]) < tokens
     values, local = _expert_codes(params, x, r.expert, present, cfg, block_size)
     return Codes(values, r.expert[:, None] * cfg.latents_per_expert + local, r.expert, r.gate)
-
-
-def per_row(cfg: SAEConfig) -> int:
-    """The codes a routed row keeps at inference: K - SHARED_K for TopK, k' =
-    cfg.candidates_per_row for a threshold (as switch.expert_settings in mode 'infer')."""
-    return cfg.routed_k if cfg.kind.infer_rule == "topk" else cfg.candidates_per_row
 
 
 def _expert_codes(params: dict, x, expert, present, cfg: SAEConfig, block_size: int):

@@ -20,8 +20,8 @@ KINDS = ("batchtopk", "matryoshka", "jumprelu")
 
 
 def config(kind: str, n: int, **extra) -> SAEConfig:
-    return SAEConfig(d=D, num_latents=64, num_experts=n, k=4, k_max=CAP, activation=kind,
-                     **extra).validate()  # fmt: skip
+    extra = {"k_max": CAP, **extra}
+    return SAEConfig(d=D, num_latents=64, num_experts=n, k=4, activation=kind, **extra).validate()
 
 
 def model_of(cfg: SAEConfig, seed: int = 0):
@@ -145,3 +145,96 @@ def test_batch_threshold_is_every_latents_threshold_on_a_mesh(tmp_path):
     got = inference_params({**params, "b_enc": b_enc})
     assert "batch_threshold" not in got and got["threshold"].sharding == b_enc.sharding
     np.testing.assert_array_equal(got["threshold"], np.full((4, 16), 0.3, np.float32))
+
+
+def gated(codes, width: int) -> np.ndarray:
+    """Codes as [T, width] gated values (SAELens's feature activations)."""
+    gate = codes.latent_gate if codes.latent_gate is not None else codes.gate[:, None]
+    out = np.zeros((codes.values.shape[0], width), np.float32)
+    values = np.asarray(codes.values) * np.asarray(gate)
+    np.put_along_axis(out, np.asarray(codes.indices), values, axis=1)
+    return out
+
+
+def saelens_of(tmp_path, cfg: SAEConfig, seed: int = 0):
+    """(the module, our export, SAELens's load of its SAELens form)."""
+    pytest.importorskip("sae_lens")
+    from sae_lens import SAE
+
+    from sae_jax.interop.formats import convert
+
+    model = model_of(cfg.validate(), seed)
+    native = export_sae(params_of(model), cfg, tmp_path / "native", SCALE)
+    return (
+        model,
+        load_pretrained(native),
+        SAE.load_from_disk(convert(native, "saelens", tmp_path / "saelens")),
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_plain_threshold_kind_is_saelens_jumprelu(tmp_path, kind):
+    """N = 1 as SAELens's own JumpReLU (the form it saves BatchTopK and Matryoshka in): its
+    encode and decode are the module's mode='infer' when k' caps nothing (k_max = L)."""
+    torch = pytest.importorskip("torch")
+    cfg = SAEConfig(d=D, num_latents=64, num_experts=1, k=4, k_max=64, activation=kind)
+    model, ours, sae = saelens_of(tmp_path, cfg)
+    assert type(sae).__name__ == "JumpReLUSAE" and sae.cfg.architecture() == "jumprelu"
+    x = inputs()
+    with torch.no_grad():
+        acts = sae.encode(torch.from_numpy(x)).numpy()
+        recon = sae.decode(torch.from_numpy(acts)).numpy()
+    want = gated(ours.encode(x), cfg.num_latents)
+    np.testing.assert_array_equal(acts != 0, want != 0)
+    np.testing.assert_allclose(acts, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(recon, np.asarray(infer(model, x).x_hat) / SCALE, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["jumprelu_capped", "batchtopk_top2_shared", "jumprelu_switch"])
+def test_saelens_form_reads_back_bitwise(tmp_path, name):
+    """Our SAELens directory read by load_pretrained is the same SAE (k' restored from the
+    metadata): every tensor, the config, the codes."""
+    from sae_jax.interop.formats import convert
+
+    cfg = {"jumprelu_capped": config("jumprelu", 1),
+           "batchtopk_top2_shared": config("batchtopk", 4, experts_per_token=2,
+                                           shared_latents=16, shared_k=2),
+           "jumprelu_switch": config("jumprelu", 4)}[name]  # fmt: skip
+    native = export_sae(params_of(model_of(cfg)), cfg, tmp_path / "native", SCALE)
+    ours = load_pretrained(native)
+    back = load_pretrained(convert(native, "saelens", tmp_path / "saelens"))
+    assert sorted(back.params) == sorted(ours.params) and back.cfg == ours.cfg
+    for key, value in ours.params.items():
+        np.testing.assert_array_equal(back.params[key], value, err_msg=key)
+    x = inputs(128)
+    np.testing.assert_array_equal(back(x), ours(x))
+
+
+@pytest.mark.parametrize("name", ["jumprelu", "batchtopk_top2_shared"])
+def test_a_threshold_switch_in_saelens_computes_as_load_pretrained(tmp_path, name):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("sae_lens")
+    from sae_jax.interop.saelens import SwitchSAE
+
+    cfg = config("jumprelu", 4) if name == "jumprelu" else config(
+        "batchtopk", 4, experts_per_token=2, shared_latents=16, shared_k=2)  # fmt: skip
+    model, ours, sae = saelens_of(tmp_path, cfg, seed=1)
+    assert isinstance(sae, SwitchSAE) and sae.threshold.shape == (cfg.dictionary_size,)
+    x = inputs()
+    with torch.no_grad():
+        acts = sae.encode(torch.from_numpy(x)).numpy()
+        recon = sae.decode(torch.from_numpy(acts)).numpy()
+    want = gated(ours.encode(x), cfg.dictionary_size)
+    np.testing.assert_array_equal(acts != 0, want != 0)
+    np.testing.assert_allclose(acts, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(recon, np.asarray(infer(model, x).x_hat) / SCALE, atol=1e-5)
+
+
+def test_sparsify_refuses_a_threshold_kind_in_one_line(tmp_path):
+    from sae_jax.interop.sparsify_files import write_sparsify
+
+    cfg = config("matryoshka", 1)
+    native = export_sae(params_of(model_of(cfg)), cfg, tmp_path / "native", SCALE)
+    with pytest.raises(ValueError, match="ACTIVATION = 'matryoshka'; use --format saelens") as e:
+        write_sparsify(native, tmp_path / "s")
+    assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
