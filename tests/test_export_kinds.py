@@ -238,3 +238,49 @@ def test_sparsify_refuses_a_threshold_kind_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="ACTIVATION = 'matryoshka'; use --format saelens") as e:
         write_sparsify(native, tmp_path / "s")
     assert "\n" not in str(e.value) and not (tmp_path / "s").exists()
+
+
+def test_evaluation_reports_the_achieved_l0(tmp_path):
+    """launch.eval's l0 and saebench/l0 are the mean count of latents over threshold (the
+    module's l0), not K."""
+    from sae_jax.evaluation.analysis import EvalAccumulator
+
+    cfg = config("jumprelu", 4)
+    model = model_of(cfg)
+    sae = load_pretrained(export_sae(params_of(model), cfg, tmp_path / "n", SCALE))
+    x = inputs(512)
+    acc = EvalAccumulator(sae, None, SCALE, saebench_batch=256)
+    acc.add(x)
+    result = acc.finish()
+    l0 = float(infer(model, x).l0_sum) / len(x)
+    assert result["l0"] == pytest.approx(l0) and result["saebench"]["l0"] == pytest.approx(l0)
+    assert abs(l0 - cfg.k) > 0.5
+
+
+def test_launch_export_of_a_batchtopk_run(tmp_path, capsys):
+    """A run's checkpoint exported by launch.export (parameters alone, the BatchThreshold
+    among them) is the export training wrote; SAELens form yes, sparsify no (one line)."""
+    from data_utils import TINY_TRAIN
+
+    from launch import export as export_cli
+    from launch import train as train_cli
+
+    run = tmp_path / "run"
+    args = [*TINY_TRAIN, "--gin.STEPS=10", "--gin.NUM_EXPERTS=1", "--gin.MESH_SHAPE=(1, 1)",
+            "--gin.ACTIVATION='batchtopk'"]  # fmt: skip
+    assert train_cli.main([f"--workdir={run}", *args]) == 0
+    trained = load_pretrained(run / "export")
+    assert export_cli.main([f"--workdir={run}", f"--out={tmp_path / 'again'}"]) == 0
+    again = load_pretrained(tmp_path / "again")
+    assert sorted(again.params) == sorted(trained.params) and again.cfg == trained.cfg
+    for name, value in trained.params.items():
+        np.testing.assert_array_equal(again.params[name], value, err_msg=name)
+    theta = np.asarray(trained.params["threshold"])
+    assert theta.min() == theta.max() > 0  # the BatchThreshold, for every latent
+    assert export_cli.main([f"--workdir={run}", "--format=saelens"]) == 0
+    cfg = json.loads((run / "export_saelens/cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"
+    capsys.readouterr()
+    assert export_cli.main([f"--workdir={run}", "--format=sparsify"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ACTIVATION = 'batchtopk'" in err
