@@ -86,7 +86,7 @@ def test_export_computes_the_modules_inference(tmp_path, kind, n):
     params = params_of(model)
     sae = load_pretrained(export_sae(params, cfg, tmp_path / "native", SCALE))
     meta = json.loads((tmp_path / "native/cfg.json").read_text())
-    assert (meta["activation"], meta["k_max"]) == (kind, CAP) and sae.cfg == sae.cfg
+    assert (meta["activation"], meta["k_max"]) == (kind, CAP) and sae.cfg.candidates_per_row == CAP
     assert sae.params["threshold"].shape == (n, cfg.latents_per_expert)
     x = inputs()
     out, codes = infer(model, x), sae.encode(x)
@@ -133,18 +133,31 @@ def test_sharded_export_holds_the_thresholds_by_expert(tmp_path):
     np.testing.assert_allclose(single.params["threshold"], np.exp(params["log_threshold"]), 1e-6)
 
 
-def test_batch_threshold_is_every_latents_threshold_on_a_mesh(tmp_path):
-    """Restored onto a mesh that splits the experts, the scalar becomes [N, L] sharded as
-    b_enc (each device fills its own shard)."""
+@pytest.mark.parametrize("kind", ["batchtopk", "jumprelu"])
+def test_thresholds_stay_split_over_the_experts(tmp_path, kind):
+    """Parameters split over 4 devices' 'expert' axis: the thresholds [N, L] come out sharded
+    as b_enc (the BatchThreshold filled on each device, exp(log_threshold) where it lies),
+    and the sharded export written from the shards is the one of the whole arrays."""
     from sae_jax.export import inference_params
 
-    cfg = config("batchtopk", 4)
+    cfg = config(kind, 4)
     params = params_of(model_of(cfg))
-    mesh = make_mesh((1, 1))
-    b_enc = jax.device_put(params["b_enc"], jax.sharding.NamedSharding(mesh, jax.P("expert")))
-    got = inference_params({**params, "b_enc": b_enc})
-    assert "batch_threshold" not in got and got["threshold"].sharding == b_enc.sharding
-    np.testing.assert_array_equal(got["threshold"], np.full((4, 16), 0.3, np.float32))
+    split = jax.sharding.NamedSharding(make_mesh((1, 4)), jax.P("expert"))
+    on_mesh = {k: jax.device_put(v, split) if k in ("w_enc", "b_enc", "w_dec", "log_threshold")
+               else v for k, v in params.items()}  # fmt: skip
+    got = inference_params(on_mesh)
+    assert {"batch_threshold", "log_threshold"}.isdisjoint(got)
+    assert got["threshold"].sharding.is_equivalent_to(split, 2)
+    assert {s.data.shape for s in got["threshold"].addressable_shards} == {(1, 16)}
+    if kind == "batchtopk":
+        np.testing.assert_array_equal(got["threshold"], np.full((4, 16), 0.3, np.float32))
+    small = 2 * 16 * 140  # two experts' tensors per file at most
+    whole = load_pretrained(export_sae(params, cfg, tmp_path / "whole", SCALE,
+                                       max_file_bytes=small))  # fmt: skip
+    sharded = load_pretrained(export_sae(on_mesh, cfg, tmp_path / "split", SCALE,
+                                         max_file_bytes=small))  # fmt: skip
+    for name, value in whole.params.items():
+        np.testing.assert_array_equal(sharded.params[name], value, err_msg=name)
 
 
 def gated(codes, width: int) -> np.ndarray:
