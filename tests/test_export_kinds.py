@@ -270,11 +270,14 @@ def test_evaluation_reports_the_achieved_l0(tmp_path):
     assert abs(l0 - cfg.k) > 0.5
 
 
-def test_launch_export_of_a_batchtopk_run(tmp_path, capsys):
+def test_launch_export_eval_and_browse_a_batchtopk_run(tmp_path, capsys):
     """A run's checkpoint exported by launch.export (parameters alone, the BatchThreshold
-    among them) is the export training wrote; SAELens form yes, sparsify no (one line)."""
+    among them) is the export training wrote; SAELens form yes, sparsify no (one line);
+    launch.eval's l0 is training's eval/l0 on the same tokens (not K); launch.browse runs."""
     from data_utils import TINY_TRAIN
 
+    from launch import browse as browse_cli
+    from launch import eval as eval_cli
     from launch import export as export_cli
     from launch import train as train_cli
 
@@ -297,3 +300,14 @@ def test_launch_export_of_a_batchtopk_run(tmp_path, capsys):
     assert export_cli.main([f"--workdir={run}", "--format=sparsify"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ACTIVATION = 'batchtopk'" in err
+
+    eval_args = ["--workdir", str(run), "--tokens", "512", "--batch_size", "256", "--no_lm",
+                 "--no_plots"]  # fmt: skip
+    assert eval_cli.main(eval_args) == 0
+    result = json.loads((run / "eval.json").read_text())
+    last = [json.loads(line) for line in (run / "metrics.jsonl").open()][-1]
+    assert result["l0"] == pytest.approx(last["eval/l0"], rel=1e-5)
+    assert result["saebench"]["l0"] == pytest.approx(result["l0"]) and result["l0"] != 4
+    assert browse_cli.main(["--workdir", str(run), "--tokens", "512", "--batch_size", "256",
+                            "--no_model", "--no_duplicates"]) == 0  # fmt: skip
+    assert (run / "browser/index.html").is_file()
