@@ -1,6 +1,7 @@
 """Export and pretrained inference of the threshold kinds (ACTIVATION batchtopk, matryoshka,
 jumprelu): the exported SAE computes the module's mode='infer', in both export forms."""
 
+import functools
 import json
 
 import jax
@@ -49,8 +50,12 @@ def inputs(tokens: int = 300, seed: int = 3) -> np.ndarray:
 def infer(model, x: np.ndarray):
     """The module's inference on raw x, no token dropped (capacity for every token)."""
     with jax.set_mesh(make_mesh((1, 1))):
-        cf = float(model.cfg.num_experts)
-        return model(jnp.asarray(SCALE * x), mode="infer", capacity_factor=cf)
+        return _infer(model, jnp.asarray(SCALE * x), float(model.cfg.num_experts))
+
+
+@functools.partial(nnx.jit, static_argnums=2)
+def _infer(model, x: jax.Array, capacity_factor: float):
+    return model(x, mode="infer", capacity_factor=capacity_factor)
 
 
 def reference_codes(params: dict, cfg: SAEConfig, x: np.ndarray, expert: np.ndarray):
