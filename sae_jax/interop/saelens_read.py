@@ -6,9 +6,11 @@ architecture threshold [d_sae] (jumprelu; switch of a threshold kind), topk_thre
 (batchtopk training save), W_router [d_in, N], b_router [d_in], router_bias [N] (switch, our
 own SAELens export: expert i's latents at [i L, (i + 1) L), a shared dictionary's at
 [M, M + S)). Native: w_enc, w_dec
-[N, L, d], b_enc [N, L], b_dec [d]; a peer's SAE reads as N = 1 with one of the activation
-kinds of `sae_jax.pretrained` (topk, relu, jumprelu). Options that change the maths and fold
-exactly into the weights are folded; the others are refused in one line.
+[N, L, d], b_enc [N, L], b_dec [d] (threshold [N, L]); a peer's SAE reads as N = 1 with one of
+the activation kinds of `sae_jax.pretrained` (topk, relu, jumprelu); one of ours (our SAELens
+export) with its own (a threshold kind's activation, k and k_max from metadata.sae_jax, or the
+switch cfg). Options that change the maths and fold exactly into the weights are folded; the
+others are refused in one line.
 """
 
 from __future__ import annotations
