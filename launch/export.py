@@ -81,7 +81,7 @@ def export_run(args: argparse.Namespace) -> tuple[Path, int]:
     steps, record = _checkpoint_record(args)
     cfg = SAEConfig.from_record(record["model"])
     fmt.check({"num_experts": cfg.num_experts, "experts_per_token": cfg.experts_per_token,
-               "shared_latents": cfg.shared_latents})  # fmt: skip
+               "shared_latents": cfg.shared_latents, "activation": cfg.activation})  # fmt: skip
     step, record, params = _restore_params(args, steps, cfg)
     if fmt is FORMATS["native"]:
         return _export_native(args, record, params, out), step

@@ -8,6 +8,10 @@ Tensors (float32; N experts, L = NUM_LATENTS / N latents each, d input dims):
     w_router [d, N], b_router [d]   only when N > 1
     router_bias [N]   only when trained with ROUTER_BIAS (loss-free balancing): added to the
                       router logits to choose each token's expert, not to its gate
+    threshold [N, L]  only for ACTIVATION batchtopk, matryoshka and jumprelu: each latent's
+                      inference threshold (JumpReLU: exp(log_threshold); BatchTopK and
+                      Matryoshka: their BatchThreshold scalar, the same for every latent);
+                      a latent is active where pre > threshold, at most k' per token
 The training input scale s (model input = s * raw activation) is folded in, so the tensors
 apply to raw activations with the equations of README.md; decoder rows then have norm 1/s.
 
@@ -18,9 +22,9 @@ Two forms; `sae_jax.load_pretrained` reads both.
   (default DEFAULT_MAX_FILE_BYTES = 4 GiB).
 - Sharded (format_version 2), otherwise: with F files, `sae-00000-of-0000F.safetensors` holds
   the replicated tensors (b_dec, w_router, b_router, router_bias) and each further
-  `sae-0000i-of-0000F.safetensors` holds w_enc, b_enc and w_dec of one contiguous range of
-  experts [a, b) (first axis b - a long; the file's safetensors metadata has
-  "experts": "a:b" and "process", the index of the process that wrote it), at most
+  `sae-0000i-of-0000F.safetensors` holds w_enc, b_enc, w_dec (and threshold) of one
+  contiguous range of experts [a, b) (first axis b - a long; the file's safetensors metadata
+  has "experts": "a:b" and "process", the index of the process that wrote it), at most
   max_file_bytes of them. `sae.safetensors.index.json` gives each
   tensor's full shape and where its parts are:
 
@@ -35,7 +39,9 @@ Two forms; `sae_jax.load_pretrained` reads both.
   experts; process 0 writes the replicated tensors, the index and cfg.json.
 
 cfg.json keys: format_version, d, num_latents, num_experts, latents_per_expert, k,
-input_scale (the folded s), source (free-form provenance); also d_in (= d) and d_sae
+activation (SAEConfig.activation; an export written before it is 'topk'), k_max
+(SAEConfig.k_max, from which k' = SAEConfig.candidates_per_row of the threshold kinds
+follows), input_scale (the folded s), source (free-form provenance); also d_in (= d) and d_sae
 (= num_latents), the names SAELens and sparsify use (exports written before them load too).
 It is written last, and removed first when a directory is exported again: a directory
 without cfg.json is not (yet) an export.
@@ -58,6 +64,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -65,12 +72,13 @@ from safetensors.numpy import save_file
 
 from sae_jax import storage
 from sae_jax.config import SAEConfig
+from sae_jax.kernels.activations import KINDS
 from sae_jax.mesh import make_mesh
 from sae_jax.model.switch import scaled_encoder, unit_rows
 
 WEIGHTS, INDEX, CONFIG = "sae.safetensors", "sae.safetensors.index.json", "cfg.json"
 SINGLE_FILE_VERSION, SHARDED_VERSION = 1, 2
-EXPERT_TENSORS = ("w_enc", "b_enc", "w_dec")  # first axis: experts
+EXPERT_TENSORS = ("w_enc", "b_enc", "w_dec", "threshold")  # first axis: experts (where present)
 DEFAULT_MAX_FILE_BYTES = 4 * 2**30
 FILE_MODE = 0o644
 
@@ -133,8 +141,12 @@ def export_sae(
 
 def inference_params(params: dict[str, Array]) -> dict[str, Array]:
     """The tensors as inference uses them: feature scaling folded into w_enc (enc_scale
-    dropped) and the shared decoder's rows at unit norm, as the model applies them."""
+    dropped), the shared decoder's rows at unit norm, as the model applies them, and the
+    'jump' rule's thresholds [N, L] (`THRESHOLDS`)."""
     params = dict(params)
+    for name, threshold in THRESHOLDS.items():
+        if name in params:
+            params["threshold"] = threshold(params.pop(name), params["b_enc"])
     if "enc_scale" in params:
         scale = params.pop("enc_scale")
         params["w_enc"] = jax.jit(scaled_encoder)(params["w_enc"], scale)
@@ -143,11 +155,30 @@ def inference_params(params: dict[str, Array]) -> dict[str, Array]:
     return params
 
 
+def _exp_threshold(log_threshold: Array, b_enc: Array) -> Array:
+    """JumpReLU's thresholds exp(log_threshold) [N, L], sharded as log_threshold."""
+    del b_enc
+    return jax.jit(jnp.exp)(log_threshold)
+
+
+def _every_latent(threshold: Array, b_enc: Array) -> Array:
+    """BatchTopK's scalar inference threshold [] as the threshold of every latent [N, L],
+    sharded as b_enc (each device makes its own shard: nothing is gathered)."""
+    if not isinstance(b_enc, jax.Array):
+        return np.full(b_enc.shape, np.asarray(threshold), np.float32)
+    fill = jax.jit(lambda t: jnp.full(b_enc.shape, t, jnp.float32), out_shardings=b_enc.sharding)
+    return fill(threshold)
+
+
+# model variable -> (it, b_enc [N, L]) -> the thresholds [N, L] the export holds
+THRESHOLDS = {"log_threshold": _exp_threshold, "batch_threshold": _every_latent}
+
+
 def plan_parts(params: dict[str, Array], max_file_bytes: int) -> list[Part]:
     """The files of the sharded form: the replicated tensors, then the expert ranges of the
     devices' shards of w_enc, each cut into pieces of at most max_file_bytes (one expert at
     least). The same on every process (it reads the global sharding)."""
-    per_expert = 4 * sum(math.prod(params[n].shape[1:]) for n in EXPERT_TENSORS)
+    per_expert = 4 * sum(math.prod(params[n].shape[1:]) for n in _experts(params))
     step = max(1, max_file_bytes // per_expert)
     ranges = [
         (start, min(start + step, stop))
@@ -207,7 +238,7 @@ def _write_parts(
         if _local_rows(params["w_enc"], part, first_replica=True) is None:
             continue  # another process writes it
         tensors = {}
-        for name in EXPERT_TENSORS:
+        for name in _experts(params):
             rows = _local_rows(params[name], part, first_replica=False)
             if rows is None:
                 raise ValueError(f"export: {name} experts {part.start}:{part.stop} are not on "
@@ -215,6 +246,11 @@ def _write_parts(
             tensors[name] = _fold(name, rows, scale)
         meta = {"experts": f"{part.start}:{part.stop}", "process": str(jax.process_index())}
         _save(out / part.file, tensors, meta)
+
+
+def _experts(params: dict[str, Array]) -> tuple[str, ...]:
+    """The expert tensors (EXPERT_TENSORS) these parameters hold."""
+    return tuple(n for n in EXPERT_TENSORS if n in params)
 
 
 def _local_rows(a: Array, part: Part, first_replica: bool) -> np.ndarray | None:
@@ -241,7 +277,10 @@ def _fold(name: str, a: np.ndarray, s: float) -> np.ndarray:
         return a * s
     if name in ("w_dec", "b_dec", "b_router", "shared_w_dec"):
         return a / s
-    return a  # b_enc; router_bias (added to the logits, which the fold leaves unchanged)
+    # b_enc; threshold (compared with the pre-activations, which the fold leaves unchanged:
+    # (s W_enc)(x - b_dec / s) + b_enc = W_enc (s x - b_dec) + b_enc); router_bias (added to
+    # the logits, which the fold leaves unchanged too)
+    return a
 
 
 def _config(cfg: SAEConfig, version: int, scale: float, source: dict | None) -> dict:
@@ -252,6 +291,8 @@ def _config(cfg: SAEConfig, version: int, scale: float, source: dict | None) -> 
         "num_experts": cfg.num_experts,
         "latents_per_expert": cfg.latents_per_expert,
         "k": cfg.k,
+        "activation": cfg.activation,
+        "k_max": cfg.k_max,
         "experts_per_token": cfg.experts_per_token,
         "shared_latents": cfg.shared_latents,
         "shared_k": cfg.shared_k,
@@ -260,6 +301,24 @@ def _config(cfg: SAEConfig, version: int, scale: float, source: dict | None) -> 
         "input_scale": float(scale),
         "source": source or {},
     }
+
+
+def config_of(meta: dict) -> SAEConfig:
+    """The SAEConfig of an SAE's cfg.json (ours, or a peer's as sae_jax reads it), as far as
+    inference needs it: an activation sae_jax's model has not (a peer's relu) reads as topk."""
+    activation = meta.get("activation", "topk")
+    return SAEConfig(
+        d=meta["d"], num_latents=meta["num_latents"], num_experts=meta["num_experts"],
+        k=meta["k"], k_aux=0, experts_per_token=meta.get("experts_per_token", 1),
+        shared_latents=meta.get("shared_latents", 0), shared_k=meta.get("shared_k", 0),
+        activation=activation if activation in KINDS else "topk", k_max=meta.get("k_max", 0),
+    ).validate()  # fmt: skip
+
+
+def per_row(cfg: SAEConfig) -> int:
+    """The codes a routed row keeps at inference: K - SHARED_K for TopK, k' =
+    cfg.candidates_per_row for a threshold (as switch.expert_settings in mode 'infer')."""
+    return cfg.routed_k if cfg.kind.infer_rule == "topk" else cfg.candidates_per_row
 
 
 def _remove_stale(out: storage.AnyPath, keep: list[str]) -> None:

@@ -6,10 +6,14 @@ expert and runs each expert on blocks of its own tokens (`sae_jax.dispatch.block
 work is that of at most T + N * B rows, not N * T.
 
 Activation kinds (meta "activation", a row of ACTIVATIONS): "topk" (ours, sparsify's, SAELens's
-topk), "relu" (SAELens standard) and "jumprelu" (SAELens jumprelu and batchtopk: pre if pre >
-threshold else 0). The last two have no fixed number of active latents per token: their codes
-hold, for every token, the batch's largest active count rounded up to a power of 2 (zeros
-after a token's own active latents), so no active latent is dropped.
+topk), "relu" (SAELens standard), and the threshold kinds "jumprelu", "batchtopk" and
+"matryoshka" (ours, SAELens jumprelu and batchtopk): pre if pre > threshold [N, L] else 0, as
+`SwitchSAE(..., mode='infer')` computes it. relu has no fixed number of active latents per
+token, nor have the threshold kinds: of each token's routed expert they keep at most k' =
+SAEConfig.candidates_per_row latents (the k' largest pre - threshold), [..., k'] codes with zeros
+after a token's own active latents. A single dictionary whose k' is all its latents (relu, a
+peer's jumprelu) gives instead, for every token, the batch's largest active count rounded up to
+a power of 2, so no active latent is dropped and the codes stay narrow.
 """
 
 from __future__ import annotations
@@ -31,9 +35,18 @@ from safetensors import safe_open
 from sae_jax import storage
 from sae_jax.config import SAEConfig
 from sae_jax.dispatch import blocks
-from sae_jax.export import CONFIG, INDEX, SHARDED_VERSION, SINGLE_FILE_VERSION, WEIGHTS
+from sae_jax.export import (
+    CONFIG,
+    INDEX,
+    SHARDED_VERSION,
+    SINGLE_FILE_VERSION,
+    WEIGHTS,
+    config_of,
+    per_row,
+)
 from sae_jax.interop.readers import read_peer
 from sae_jax.kernels import routing
+from sae_jax.kernels.activations import KINDS
 from sae_jax.kernels.expert import ExpertParams
 
 MAX_BLOCK = 128  # rows per expert block at most (encode's default block size)
@@ -64,18 +77,17 @@ class PretrainedSAE:
     def __init__(self, tensors: dict[str, np.ndarray], meta: dict, path: str | Path | None = None):
         self.meta = meta
         self.path = None if path is None else str(path)
-        self.cfg = SAEConfig(
-            d=meta["d"], num_latents=meta["num_latents"], num_experts=meta["num_experts"],
-            k=meta["k"], k_aux=0, experts_per_token=meta.get("experts_per_token", 1),
-            shared_latents=meta.get("shared_latents", 0), shared_k=meta.get("shared_k", 0),
-        ).validate()  # fmt: skip
         self.activation = meta.get("activation", "topk")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of "
                              f"{', '.join(ACTIVATIONS)}")  # fmt: skip
-        if self.activation != "topk" and (self.cfg.num_experts > 1 or self.cfg.shared_latents):
+        self.cfg = config_of(meta)
+        one = self.cfg.num_experts == 1 and not self.cfg.shared_latents
+        if ACTIVATIONS[self.activation].codes is _dense_codes and not one:
             raise ValueError(f"activation {self.activation!r} runs a single dictionary (N = 1, "
                              "no shared latents)")  # fmt: skip
+        if self.activation in KINDS and self.activation != "topk" and "threshold" not in tensors:
+            raise ValueError(f"activation {self.activation!r} needs a threshold tensor")
         self.params = {k: jnp.asarray(v) for k, v in tensors.items()}
 
     def __repr__(self) -> str:
@@ -96,7 +108,9 @@ class PretrainedSAE:
         [..., k], expert and gate [...]. block_size: rows per expert block (default: T / N
         rounded up to a power of 2, within [8, 128], for T the padded token count).
         relu / jumprelu SAEs: every active latent, k the batch's most active latents per token
-        rounded up to a power of 2 (values 0 beyond a token's own)."""
+        rounded up to a power of 2 (values 0 beyond a token's own); threshold kinds: each
+        token's at most k' = cfg.candidates_per_row latents over threshold in its expert(s),
+        [..., k'] (see the module docstring)."""
         x, lead = self._tokens(x)
         codes = ACTIVATIONS[self.activation].codes(self, _pad(x), x.shape[0], block_size)
         return Codes(*(None if a is None else _unpad(a, lead) for a in codes))
@@ -296,26 +310,31 @@ def _route(params: dict, x: jax.Array, cfg: SAEConfig) -> routing.Routing:
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _encode(params: dict, x: jax.Array, tokens: jax.Array, cfg: SAEConfig, block_size: int):
     """Codes of the first `tokens` rows of x [P, d] (later rows, padding, get no expert block
-    and zero codes)."""
+    and zero codes), by the kind's inference rule (cfg.kind.infer_rule)."""
     if cfg.experts_per_token > 1 or cfg.shared_latents:
         return _encode_global(params, x, tokens, cfg, block_size)
     r = _route(params, x, cfg)
     present = jnp.arange(x.shape[0]) < tokens
-    values, local = _routed_topk(params, x, r.expert, present, cfg, block_size)
+    values, local = _expert_codes(params, x, r.expert, present, cfg, block_size)
     return Codes(values, r.expert[:, None] * cfg.latents_per_expert + local, r.expert, r.gate)
 
 
-def _routed_topk(params: dict, x, expert, present, cfg: SAEConfig, block_size: int):
-    """Each row's top-k (routed k) in its expert [T]: values [T, k] and local ids [T, k]."""
-    experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"])
-    block_fn = functools.partial(encode_block, b_dec=params["b_dec"], k=cfg.routed_k)
+def _expert_codes(params: dict, x, expert, present, cfg: SAEConfig, block_size: int):
+    """Each row's codes in its expert [T] by the inference rule (RULES): values [T, k] and
+    local ids [T, k], k = per_row(cfg)."""
+    experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"],
+                           params.get("threshold"))  # fmt: skip
+    rule = RULES[cfg.kind.infer_rule]
+    block_fn = functools.partial(rule, b_dec=params["b_dec"], k=per_row(cfg))
     return blocks.grouped_apply(block_fn, experts, x, expert, present=present,
                                 num_experts=cfg.num_experts, block_size=block_size)  # fmt: skip
 
 
 def _encode_global(params: dict, x, tokens, cfg: SAEConfig, block_size: int) -> Codes:
-    """Codes with the global TopK over a token's e experts (dispatch/global_topk.py) and the
-    shared dictionary's latents (ids from NUM_LATENTS on) after them: k values per token."""
+    """Codes of a token's e experts (dispatch/global_topk.py) and the shared dictionary's
+    latents (ids from NUM_LATENTS on) after them. TopK: the global TopK over the e experts'
+    candidates, k values per token; a threshold rule: every row keeps its own (no selection),
+    e x k' values. The shared dictionary is a TopK of SHARED_K in every kind."""
     t, e, lat = x.shape[0], cfg.experts_per_token, cfg.latents_per_expert
     if cfg.num_experts == 1:
         expert, gate = jnp.zeros((t, 1), jnp.int32), jnp.ones((t, 1), jnp.float32)
@@ -324,13 +343,14 @@ def _encode_global(params: dict, x, tokens, cfg: SAEConfig, block_size: int) -> 
         r = routing.route_top(x, params["w_router"], params["b_router"], e, bias)
         expert, gate = r.expert, r.gate
     present = jnp.repeat(jnp.arange(t) < tokens, e)
-    values, local = _routed_topk(params, jnp.repeat(x, e, axis=0), expert.reshape(-1), present,
-                                 cfg, block_size)  # fmt: skip
+    values, local = _expert_codes(params, jnp.repeat(x, e, axis=0), expert.reshape(-1), present,
+                                  cfg, block_size)  # fmt: skip
     ids = (expert.reshape(-1)[:, None] * lat + local).reshape(t, -1)  # [T, e * k_r]
-    gates = jnp.repeat(gate, cfg.routed_k, axis=1)
-    _, top = jax.lax.top_k(values.reshape(t, -1) * gates, cfg.routed_k)
-    pick = functools.partial(jnp.take_along_axis, indices=top, axis=1)
-    parts = [(pick(values.reshape(t, -1)), pick(ids), pick(gates))]
+    gates = jnp.repeat(gate, per_row(cfg), axis=1)
+    parts = [(values.reshape(t, -1), ids, gates)]
+    if cfg.kind.infer_rule == "topk":
+        _, top = jax.lax.top_k(parts[0][0] * gates, cfg.routed_k)
+        parts = [tuple(jnp.take_along_axis(a, top, axis=1) for a in parts[0])]
     if cfg.shared_latents:
         pre = (x - params["b_dec"]) @ params["shared_w_enc"].T + params["shared_b_enc"]
         top_s, idx_s = jax.lax.top_k(pre, cfg.shared_k)
@@ -357,10 +377,46 @@ def encode_block(p: ExpertParams, x: jax.Array, valid: jax.Array, *, b_dec: jax.
     return jax.nn.relu(top), idx
 
 
-def _topk_codes(sae: PretrainedSAE, x: jax.Array, tokens: int, block_size: int | None) -> Codes:
-    """TopK codes of the first `tokens` rows of the padded x [P, d] (routed, blocked)."""
+def jump_block(p: ExpertParams, x: jax.Array, valid: jax.Array, *, b_dec: jax.Array, k: int):
+    """The 'jump' rule's codes of one expert's block x [B, d] (kernels/expert.py): of the k
+    largest pre - threshold, pre where pre > threshold (p.threshold [L]), else 0: values
+    [B, k] and local latent ids [B, k]. valid is unused, as in `encode_block`."""
+    del valid
+    pre = (x - b_dec) @ p.w_enc.T + p.b_enc
+    idx = jax.lax.top_k(pre - p.threshold, k)[1]
+    selected = jnp.take_along_axis(pre, idx, axis=1)
+    return _jumprelu(selected, p.threshold[idx]), idx
+
+
+RULES = {"topk": encode_block, "jump": jump_block}  # SAEConfig.kind.infer_rule -> block codes
+
+
+def _routed_codes(sae: PretrainedSAE, x: jax.Array, tokens: int, block_size: int | None) -> Codes:
+    """Codes of the first `tokens` rows of the padded x [P, d] (routed, blocked)."""
     block = block_size or default_block(x.shape[0], sae.cfg.num_experts)
     return _encode(sae.params, x, jnp.int32(tokens), sae.cfg, block)
+
+
+def _threshold_codes(sae: PretrainedSAE, x: jax.Array, tokens: int,
+                     block_size: int | None) -> Codes:  # fmt: skip
+    """The threshold kinds' codes: routed, at most k' per row; a single dictionary whose k'
+    is all its latents (a peer's jumprelu): every active latent, narrow (`_dense_codes`)."""
+    if _every_latent(sae.cfg):
+        return _dense_codes(sae, x, tokens, block_size)
+    return _routed_codes(sae, x, tokens, block_size)
+
+
+def _threshold_decode(params: dict, values, indices, gate, cfg: SAEConfig) -> jax.Array:
+    """Decode the threshold kinds' codes: wide ones (`_every_latent`) through the dense
+    [P, M] codes, narrow ones by their rows."""
+    decode = _decode_dense if _every_latent(cfg) else _decode
+    return decode(params, values, indices, gate, cfg)
+
+
+def _every_latent(cfg: SAEConfig) -> bool:
+    """One dictionary (N = 1, no shared one) whose codes may hold every latent (k' = L)."""
+    one = cfg.num_experts == 1 and not cfg.shared_latents
+    return one and per_row(cfg) == cfg.latents_per_expert
 
 
 def _dense_codes(sae: PretrainedSAE, x: jax.Array, tokens: int, block_size: int | None) -> Codes:
@@ -400,9 +456,9 @@ def _decode_dense(params: dict, values, indices, gate, cfg: SAEConfig) -> jax.Ar
     return gate[:, None] * (dense @ params["w_dec"][0]) + params["b_dec"]
 
 
-def _jumprelu(pre: jax.Array, params: dict) -> jax.Array:
-    """pre where pre > threshold [1, M] (and > 0), else 0."""
-    return jnp.where(pre > params["threshold"][0], jax.nn.relu(pre), 0.0)
+def _jumprelu(pre: jax.Array, threshold: jax.Array) -> jax.Array:
+    """pre where pre > threshold (and > 0), else 0 (elementwise, broadcasting)."""
+    return jnp.where(pre > threshold, jax.nn.relu(pre), 0.0)
 
 
 class Activation(NamedTuple):
@@ -411,8 +467,13 @@ class Activation(NamedTuple):
     function: Callable | None = None  # one-dictionary kinds: (pre [P, M], params) -> [P, M]
 
 
+_THRESHOLD = Activation(
+    _threshold_codes, _threshold_decode, lambda pre, params: _jumprelu(pre, params["threshold"][0])
+)
 ACTIVATIONS: dict[str, Activation] = {
-    "topk": Activation(_topk_codes, _decode),
+    "topk": Activation(_routed_codes, _decode),
     "relu": Activation(_dense_codes, _decode_dense, lambda pre, params: jax.nn.relu(pre)),
-    "jumprelu": Activation(_dense_codes, _decode_dense, _jumprelu),
+    "jumprelu": _THRESHOLD,
+    "batchtopk": _THRESHOLD,
+    "matryoshka": _THRESHOLD,
 }

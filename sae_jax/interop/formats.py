@@ -4,8 +4,9 @@ directory, and its default directory in a run directory.
 | format   | files                                          | holds                          |
 |----------|------------------------------------------------|--------------------------------|
 | native   | cfg.json + sae.safetensors (or sharded parts)  | every SAE (sae_jax.export)     |
-| saelens  | cfg.json + sae_weights.safetensors             | every SAE ("topk" or "switch") |
-| sparsify | cfg.json + sae.safetensors                     | N = 1, e = 1, no shared only   |
+| saelens  | cfg.json + sae_weights.safetensors             | every SAE ("topk", "jumprelu"  |
+|          |                                                | or "switch")                   |
+| sparsify | cfg.json + sae.safetensors                     | TopK, N = 1, e = 1, no shared  |
 """
 
 from __future__ import annotations

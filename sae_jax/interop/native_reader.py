@@ -61,9 +61,9 @@ class NativeExport:
 
     def blocks(self, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[Block]:
         """The expert blocks in order, file by file: each at most block_bytes of w_enc + b_enc
-        + w_dec (whole experts where they fit, else latent ranges of one expert)."""
+        + w_dec (+ threshold) (whole experts where they fit, else latent ranges of one expert)."""
         lat, d = self.meta["latents_per_expert"], self.meta["d"]
-        per_latent = 4 * (2 * d + 1)
+        per_latent = 4 * (2 * d + 1 + ("threshold" in self))  # w_enc, w_dec, b_enc, threshold
         rows = max(1, block_bytes // per_latent)
         for file, first, stop in self.places["w_enc"]:
             if rows >= lat:
@@ -76,8 +76,8 @@ class NativeExport:
                         yield Block(file, a, a + 1, lo, min(lo + rows, lat))
 
     def expert_block(self, name: str, block: Block) -> np.ndarray:
-        """Rows of one of w_enc, b_enc, w_dec for the block: [latents, ...] float32, latents
-        = (stop - start) * (hi - lo) in global id order."""
+        """Rows of one of w_enc, b_enc, w_dec, threshold for the block: [latents, ...]
+        float32, latents = (stop - start) * (hi - lo) in global id order."""
         offset = next(a for f, a, _ in self.places[name] if f == block.file)
         with _open(self.path / block.file) as f:
             part = f.get_slice(name)

@@ -9,6 +9,11 @@ the *gated* values (value x its expert's router probability; shared latents unga
 decode is SAELens's plain `acts @ W_dec + b_dec`. W_enc [d_in, d_sae] and W_dec
 [d_sae, d_in] are ordinary parameters, the latents in global id order (expert i's at
 [i L, (i + 1) L), the shared dictionary's from NUM_LATENTS on).
+
+The threshold kinds (cfg activation batchtopk, matryoshka or jumprelu; threshold [d_sae], the
+shared latents' unused) encode by the 'jump' rule as `SwitchSAE(..., mode='infer')`: of each
+routed row's expert, the candidates_per_row (k') largest pre - threshold, pre where pre >
+threshold; every row keeps its own (no selection over a token's e experts).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class SwitchSAEConfig(SAEConfig):
     experts_per_token: int = 1
     shared_latents: int = 0
     shared_k: int = 0
+    activation: str = "topk"  # or a threshold kind: batchtopk, matryoshka, jumprelu
+    k_max: int = 0  # SAEConfig.k_max, as recorded
+    candidates_per_row: int = 0  # k' of a threshold kind
 
     @classmethod
     def architecture(cls) -> str:
@@ -60,6 +68,8 @@ class SwitchSAE(SAE[SwitchSAEConfig]):
         if cfg.num_experts > 1:
             self.W_router = nn.Parameter(torch.zeros(cfg.d_in, cfg.num_experts, **like))
             self.b_router = nn.Parameter(torch.zeros(cfg.d_in, **like))
+        if cfg.activation != "topk":
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, **like))
 
     def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
         """router_bias [N] is there only for an SAE trained with ROUTER_BIAS."""
@@ -89,9 +99,8 @@ class SwitchSAE(SAE[SwitchSAEConfig]):
         sae_in = self.process_sae_in(raw)  # x - b_dec
         expert, gate = self.route(raw)
         acts = torch.zeros(raw.shape[0], self.cfg.d_sae, dtype=sae_in.dtype, device=sae_in.device)
-        routed_k = self.cfg.k - self.cfg.shared_k
-        if routed_k:
-            values, ids = self._routed_topk(sae_in, expert, gate, routed_k)
+        if self.cfg.k - self.cfg.shared_k:
+            values, ids = self._routed_codes(sae_in, expert, gate)
             acts.scatter_(1, ids, values)
         if self.cfg.shared_latents:
             m = self.cfg.num_latents
@@ -120,14 +129,29 @@ class SwitchSAE(SAE[SwitchSAEConfig]):
         expert = scores.topk(e, dim=-1).indices
         return expert, probs.gather(1, expert)
 
-    def _routed_topk(self, sae_in, expert, gate, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k largest gated values p_j ReLU(pre-activation) over each token's e experts:
-        values [T, k] and global latent ids [T, k]. Each expert encodes only its own tokens
-        (its block of W_enc's columns), keeping its top k as candidates."""
-        t, e, lat = sae_in.shape[0], expert.shape[1], self.cfg.latents_per_expert
-        flat = expert.reshape(-1)  # row r: token r // e, its (r % e)-th expert
-        cand = torch.zeros(t * e, k, dtype=sae_in.dtype, device=sae_in.device)
-        ids = torch.zeros(t * e, k, dtype=torch.long, device=sae_in.device)
+    def _routed_codes(self, sae_in, expert, gate) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gated values and global latent ids [T, k] of each token's e experts. TopK: the k =
+        K - SHARED_K largest gated values p_j ReLU(pre-activation) over its experts; a
+        threshold kind: every expert's own k' candidates (k = e k'). Each expert encodes only
+        its own tokens (its block of W_enc's columns)."""
+        t, e = sae_in.shape[0], expert.shape[1]
+        topk = self.cfg.activation == "topk"
+        k = self.cfg.k - self.cfg.shared_k if topk else self.cfg.candidates_per_row
+        cand, ids = self._candidates(sae_in, expert, k, topk)
+        gated = (cand.reshape(t, e, k) * gate.to(cand.dtype)[:, :, None]).reshape(t, e * k)
+        if not topk:
+            return gated, ids.reshape(t, e * k)
+        values, pick = gated.topk(k, dim=-1)
+        return values, ids.reshape(t, e * k).gather(1, pick)
+
+    def _candidates(self, sae_in, expert, k: int, topk: bool):
+        """Each routed row's k candidates in its expert: values [T e, k] (ReLU'd top k; or the
+        'jump' rule's pre where pre > threshold of the k largest pre - threshold) and global
+        ids [T e, k]; row r is token r // e's (r % e)-th expert."""
+        e, lat = expert.shape[1], self.cfg.latents_per_expert
+        flat = expert.reshape(-1)
+        cand = torch.zeros(flat.shape[0], k, dtype=sae_in.dtype, device=sae_in.device)
+        ids = torch.zeros(flat.shape[0], k, dtype=torch.long, device=sae_in.device)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.cfg.num_experts).tolist()
         for i, rows in enumerate(torch.split(order, counts)):
@@ -135,11 +159,16 @@ class SwitchSAE(SAE[SwitchSAEConfig]):
                 continue
             cols = slice(i * lat, (i + 1) * lat)
             pre = sae_in[rows // e] @ self.W_enc[:, cols] + self.b_enc[cols]
-            top, idx = pre.topk(k, dim=-1)
-            cand[rows], ids[rows] = top.relu(), idx + i * lat
-        gated = (cand.reshape(t, e, k) * gate.to(cand.dtype)[:, :, None]).reshape(t, e * k)
-        values, pick = gated.topk(k, dim=-1)
-        return values, ids.reshape(t, e * k).gather(1, pick)
+            if topk:
+                top, idx = pre.topk(k, dim=-1)
+                cand[rows] = top.relu()
+            else:
+                theta = self.threshold[cols]
+                idx = (pre - theta).topk(k, dim=-1).indices
+                top = pre.gather(1, idx)
+                cand[rows] = torch.where(top > theta[idx], top.relu(), torch.zeros_like(top))
+            ids[rows] = idx + i * lat
+        return cand, ids
 
 
 if ARCHITECTURE not in SAE_CLASS_REGISTRY:

@@ -2,12 +2,15 @@
 `TrainingSAE.save_inference_model` write it) into the native tensors of `sae_jax.export`.
 
 SAELens tensors: W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], and per
-architecture threshold [d_sae] (jumprelu), topk_threshold [] (batchtopk training save),
-W_router [d_in, N], b_router [d_in], router_bias [N] (switch, our own SAELens export: expert
-i's latents at [i L, (i + 1) L), a shared dictionary's at [M, M + S)). Native: w_enc, w_dec
-[N, L, d], b_enc [N, L], b_dec [d]; a peer's SAE reads as N = 1 with one of the activation
-kinds of `sae_jax.pretrained` (topk, relu, jumprelu). Options that change the maths and fold
-exactly into the weights are folded; the others are refused in one line.
+architecture threshold [d_sae] (jumprelu; switch of a threshold kind), topk_threshold []
+(batchtopk training save), W_router [d_in, N], b_router [d_in], router_bias [N] (switch, our
+own SAELens export: expert i's latents at [i L, (i + 1) L), a shared dictionary's at
+[M, M + S)). Native: w_enc, w_dec
+[N, L, d], b_enc [N, L], b_dec [d] (threshold [N, L]); a peer's SAE reads as N = 1 with one of
+the activation kinds of `sae_jax.pretrained` (topk, relu, jumprelu); one of ours (our SAELens
+export) with its own (a threshold kind's activation, k and k_max from metadata.sae_jax, or the
+switch cfg). Options that change the maths and fold exactly into the weights are folded; the
+others are refused in one line.
 """
 
 from __future__ import annotations
@@ -125,9 +128,15 @@ def _topk(path: Path, cfg: dict, t: Tensors) -> tuple[Tensors, dict]:
 
 
 def _jumprelu(path: Path, cfg: dict, t: Tensors) -> tuple[Tensors, dict]:
+    """A JumpReLU SAE; one of ours (metadata.sae_jax with an activation: jumprelu, batchtopk
+    or matryoshka) reads back with its own activation, k and k_max."""
     if "threshold" not in t:
         raise ValueError(f"{path / WEIGHTS}: a jumprelu SAE needs its threshold tensor")
-    return _one_expert(t, "jumprelu", int(cfg["d_sae"]), threshold=t["threshold"])
+    tensors, meta = _one_expert(t, "jumprelu", int(cfg["d_sae"]), threshold=t["threshold"])
+    ours = cfg.get("metadata", {}).get("sae_jax", {})
+    if "activation" in ours:
+        meta |= {key: ours[key] for key in ("activation", "k", "k_max")}
+    return tensors, meta
 
 
 def _batchtopk(path: Path, cfg: dict, t: Tensors) -> tuple[Tensors, dict]:
@@ -162,10 +171,15 @@ def _switch(path: Path, cfg: dict, t: Tensors) -> tuple[Tensors, dict]:
     if s:
         tensors |= {"shared_w_enc": np.ascontiguousarray(w_enc[m:]),
                     "shared_b_enc": t["b_enc"][m:], "shared_w_dec": t["W_dec"][m:]}  # fmt: skip
+    activation = cfg.get("activation", "topk")
+    if activation != "topk":  # the threshold kinds: the experts' thresholds (not the shared)
+        if "threshold" not in t:
+            raise ValueError(f"{path / WEIGHTS}: a {activation} switch SAE needs its threshold")
+        tensors["threshold"] = t["threshold"][:m].reshape(n, m // n)
     meta = {"d": d, "num_latents": m, "num_experts": n, "latents_per_expert": m // n,
             "k": int(cfg["k"]), "experts_per_token": int(cfg.get("experts_per_token", 1)),
             "shared_latents": s, "shared_k": int(cfg.get("shared_k", 0)), "d_in": d,
-            "d_sae": m, "activation": "topk"}  # fmt: skip
+            "d_sae": m, "activation": activation, "k_max": int(cfg.get("k_max", 0))}  # fmt: skip
     return tensors, meta
 
 

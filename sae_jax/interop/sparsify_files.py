@@ -3,8 +3,9 @@
 encoder.bias [d_sae], W_dec [d_sae, d_in], b_dec [d_in]; cfg.json holds the
 SparseCoderConfig fields and d_in). `sparsify.Sae.load_from_disk(DIR)` opens it.
 
-sparsify's sparse coder is one TopK SAE: only a plain TopK export (N = 1, e = 1, no shared
-dictionary) converts. The input scale is folded in (the tensors apply to raw activations).
+sparsify's sparse coder is one TopK SAE: only a plain TopK export (ACTIVATION topk, N = 1,
+e = 1, no shared dictionary) converts. The input scale is folded in (the tensors apply to raw
+activations).
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ def write_sparsify(native: str | Path, out: str | Path,
 
 
 def check_sparsify(meta: dict, where: str | Path = "the SAE") -> None:
-    """A one-line ValueError unless the SAE is a plain TopK SAE."""
+    """A one-line ValueError unless the SAE is a plain TopK SAE (ACTIVATION topk, N = 1, e = 1,
+    no shared dictionary)."""
+    activation = meta.get("activation", "topk")
+    if activation != "topk":
+        raise ValueError(f"{where}: sparsify holds a TopK SAE only; this one has ACTIVATION = "
+                         f"{activation!r}; use --format saelens")  # fmt: skip
     n, e, s = meta["num_experts"], meta.get("experts_per_token", 1), meta.get("shared_latents", 0)
     if n > 1 or e > 1 or s:
         raise ValueError(f"{where}: sparsify holds a plain TopK SAE only (NUM_EXPERTS = 1, no "

@@ -35,7 +35,7 @@ from sae_jax.config import ConfigError, SAEConfig, TrainConfig, binding_name
 from sae_jax.data import ActivationData, SyntheticData
 from sae_jax.data.source import source_class
 from sae_jax.mesh import make_mesh
-from sae_jax.model.switch import RouterBias, SwitchSAE
+from sae_jax.model.switch import BatchThreshold, RouterBias, SwitchSAE
 
 # Another value: the state cannot restore (router_bias: the state holds a RouterBias or not).
 MODEL_KEYS = ("d", "num_latents", "num_experts", "router_bias", "shared_latents",
@@ -246,10 +246,13 @@ def param_target(cfg: SAEConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The parameters of SwitchSAE(cfg) as abstract arrays sharded on `mesh` (nothing is
     allocated): w_enc/w_dec [N, L, d] and b_enc [N, L] over 'expert', b_dec [d], w_router
     [d, N] and b_router [d] (N > 1) replicated, and router_bias [N] (a RouterBias, with
-    cfg.router_bias) replicated: what routing at inference needs."""
+    cfg.router_bias) replicated: what routing at inference needs; and the 'jump' rule's
+    thresholds: log_threshold [N, L] over 'expert' (jumprelu), batch_threshold [] (a
+    BatchThreshold; batchtopk, matryoshka) replicated."""
     with jax.set_mesh(mesh):
         abstract = nnx.eval_shape(lambda: SwitchSAE(cfg, rngs=nnx.Rngs(0)))
-    params = nnx.to_pure_dict(nnx.state(abstract, nnx.Any(nnx.Param, RouterBias)))
+    kept = nnx.Any(nnx.Param, RouterBias, BatchThreshold)
+    params = nnx.to_pure_dict(nnx.state(abstract, kept))
     return {
         name: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, a.sharding.spec))
         for name, a in params.items()
