@@ -3,7 +3,7 @@
     python -m launch.experiments.compare --train DIR --eval DIR [--width 4608] [--passes 1]
         [--steps S] [--rows topk,switch8,...] [--gin NAME=VALUE ...] [--eval_points 9]
         [--workdir runs/compare] [--out runs/compare/results.md] [--doc docs/comparison.md]
-        [--seeds 0,1,2]
+        [--seeds 0,1,2] [--template T]
     python -m launch.experiments.compare --set DIR
 
 Trains one SAE per row (RUNS; --rows picks them, default DEFAULT_ROWS, `all` for every one):
@@ -125,6 +125,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gin", action="append", default=[], help="NAME=VALUE for every row")
     p.add_argument("--bench_steps", type=int, default=5, help="timed steps per step benchmark")
     p.add_argument("--doc", default=None, help="also regenerate this markdown page")
+    p.add_argument("--template", default=str(TEMPLATE), help="the page's template "
+                   "(comparison_kinds_template.md: the activation kinds' page)")  # fmt: skip
     p.add_argument("--seeds", type=parse_seeds, default=None,
                    help="comma list of SEED values, one run per row and seed (default: one, "
                    "the config's)")  # fmt: skip
@@ -590,19 +592,22 @@ def seeds_label(args) -> str:
 
 
 def write_doc(args, argv: list[str], results: list[dict], plots, shape: tuple[int, int]) -> Path:
-    """Fill comparison_template.md into --doc, the PNGs copied beside it."""
+    """Fill --template (comparison_template.md) into --doc, the PNGs copied beside it, named
+    after the page (docs/comparison.md: comparison_fvu_time.png, ...)."""
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
+    names = {}
     for png in plots:
-        if png.resolve() != (doc.parent / png.name).resolve():
-            shutil.copyfile(png, doc.parent / png.name)
-    text = Template(TEMPLATE.read_text()).substitute(
+        names[png.name] = png.name.replace("comparison", doc.stem, 1)
+        if png.resolve() != (doc.parent / names[png.name]).resolve():
+            shutil.copyfile(png, doc.parent / names[png.name])
+    text = Template(Path(args.template).read_text()).substitute(
         setup=setup_text(args, *shape),
         command=f"python -m launch.experiments.compare {shlex.join(argv)}",
         seeds=seeds_text(args),
         table=markdown(results, multi_seed(args)),
-        fvu_time=TIME_PNG,
-        fvu_flops=FLOPS_PNG,
+        fvu_time=names.get(TIME_PNG, TIME_PNG),
+        fvu_flops=names.get(FLOPS_PNG, FLOPS_PNG),
         rows=", ".join(f"`{r['name']}` ({r['kind']})" for r in results),
     )
     doc.write_text(text)
