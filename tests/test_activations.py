@@ -249,3 +249,17 @@ def test_resume_from_a_checkpoint_is_bitwise(tmp_path, kind):
     # the exports hold the thresholds too (BatchTopK's is not an nnx.Param)
     for name in ("sae.safetensors", "cfg.json"):
         assert (cut / "export" / name).read_bytes() == (whole / "export" / name).read_bytes()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_is_close_to_float32(kind):
+    """The kinds in bfloat16 (the matmuls and buffers; thresholds, selection and losses in
+    float32): the loss and the L0 within bf16's rounding of float32's, on a 2x4 mesh."""
+    cfg = dataclasses.replace(CFG, activation=kind, num_experts=8)
+    x = _x(seed=8)
+    _, (value, _, metrics, _) = _run(cfg, (1, 1), x)
+    bf16 = dataclasses.replace(cfg, compute_dtype="bfloat16")
+    _, (value16, _, metrics16, grads16) = _run(bf16, (2, 4), x)
+    np.testing.assert_allclose(value16, value, rtol=2e-2)
+    np.testing.assert_allclose(metrics16["l0"], metrics["l0"], rtol=5e-2)
+    assert all(np.isfinite(g).all() for g in grads16.values())
