@@ -208,8 +208,9 @@ class Shapes:
         """Float32 [rows, d] outputs each row brings back from its expert: the reconstruction,
         and with the global TopK (e > 1 or a shared dictionary, dispatch/global_topk.py) and
         AuxK also AuxK's gated reconstruction (`ExpertSettings.aux_out`), each with its own
-        return trip and gradient."""
-        routed_globally = self.experts_per_token > 1 or self.shared_latents > 0
+        return trip and gradient. The batch kinds run the global path too (their selection
+        is over the batch, dispatch/global_topk.batch_choice)."""
+        routed_globally = self.experts_per_token > 1 or self.shared_latents > 0 or self.kind.batch
         return 2 if routed_globally and self.k_aux > 0 else 1
 
     @property

@@ -28,7 +28,7 @@ import os
 GB = 1e9
 GIB = 2**30
 COLLECTIVE_LATENCY_SOURCE = (
-    "estimate: about 10 us for a scalar all-reduce inside an NVLink node or a TPU slice, "
+    "about 10 us for a scalar all-reduce inside an NVLink node or a TPU slice, "
     "30 us across InfiniBand nodes (NCCL's tree algorithm at hundreds of GPUs)"
 )
 GPU_MEM_FRACTION = 0.75  # JAX's default preallocation (XLA_PYTHON_CLIENT_MEM_FRACTION)
