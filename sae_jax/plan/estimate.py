@@ -26,9 +26,10 @@ R = E x e x T_local rows, not the rows routed; across devices it also moves diff
 (`ragged_exchanges`) and computes e x T_local + N_local x B rows per device, with AuxK part
 of each block's forward twice (`flops_per_token`).
 
-Activation kinds (SAEConfig.activation, kernels/activations.py; `KIND_COSTS` below): a
-non-TopK kind keeps k' = SAEConfig.candidates_per_row candidates per row instead of k (the
-gather kernel's encoder rows and decode, dropless's stacked top-k); jumprelu adds its
+Activation kinds (SAEConfig.activation; the terms follow the flags of the KINDS table,
+kernels/activations.py): a non-TopK kind keeps k' = SAEConfig.candidates_per_row candidates
+per row instead of k (the gather kernel's encoder rows and decode, dropless's stacked
+top-k); jumprelu adds its
 log_threshold [N_local, L] parameter (Adam's moments and a gradient with it) and compiles
 step 0's threshold calibration (a BatchTopK forward, `calibration_flops`, left out of the
 step's total); batchtopk and matryoshka run the dispatch path twice (a candidates pass,
@@ -272,12 +273,11 @@ def memory(s: Shapes) -> dict[str, int]:
     # ZeRO-1): the other leaves are updated whole before it (update._update_experts), and the
     # local row gradients are spent on the reduce-scatter.
     update = (split or rows) + update_temporaries(s) - gradients
+    batch_theta = F32 if s.kind.batch else 0  # the batch kinds' BatchThreshold []
     terms = {
         "parameters": params,
         "optimizer_state": 2 * (params - rows + (split or rows)) + F32,
-        "counters": s.local_experts * s.latents * F32
-        + (1 + DEAD_COUNT_LAG) * F32
-        + (F32 if s.kind.batch else 0),  # BatchThreshold []
+        "counters": s.local_experts * s.latents * F32 + (1 + DEAD_COUNT_LAG) * F32 + batch_theta,
         "batch": s.local_tokens * s.d * F32,
         "gradients": gradients,
         "other": max(other_temporaries(s), update),
