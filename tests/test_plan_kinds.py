@@ -5,9 +5,8 @@ sae_jax/plan/estimate.py. In-process, on conftest's 8 simulated devices.
 GATHER: tests/test_plan_counts.py's config (d = 256, N = 16 experts of L = 2048, K = 16, the
 gather kernel, bfloat16, 4096 tokens) on a 2 x 4 data x expert mesh, under ZeRO-1; k' = 4 K
 = 64 candidates per row for the non-TopK kinds. DENSE: tests/test_plan_routing.py's BASE
-(L = 1024, the dense kernel, K = 32, k' = 128) on (1, 8), where Matryoshka's prefix decodes
-are [slots, L] products. The AuxK step (the one the planner reports), each compiled once per
-module (5 to 11 s each on 2 cores).
+(L = 1024, the dense kernel, K = 32, k' = 128) on (1, 8). The AuxK step (the one the
+planner reports), each compiled once per module (5 to 11 s each on 2 cores).
 """
 
 import dataclasses
@@ -71,9 +70,10 @@ def compiled_flops_estimate(s: estimate.Shapes) -> float:
 def test_estimate_within_fifteen_percent_of_the_compiled_step(compiled, kind, name):
     """Memory and FLOPs per kind within the tolerance the TopK planner is held to (15% on
     a config its constants were not read from). Before the kinds were planned, the estimate
-    was the TopK one for every kind: Matryoshka's memory 0.62 x the compiled step (DENSE),
-    JumpReLU's FLOPs 0.52 x (GATHER: XLA counts step 0's calibration forward in the step),
-    Matryoshka's 0.30 x (DENSE: four more [slots, L] decodes with their gradients)."""
+    was the TopK one for every kind: JumpReLU's FLOPs 0.52 x the compiled step's (GATHER:
+    XLA counts step 0's calibration forward in the step), Matryoshka's 0.42 x (GATHER: a
+    dense decode of the L / 2 latents below its last prefix end, with its gradients, on
+    every row) and its memory 0.87 x."""
     c = compiled(kind, name)
     predicted = estimate.memory(c["shapes"])["total"]
     measured = c["memory"]["total_bytes"]

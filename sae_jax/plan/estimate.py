@@ -34,7 +34,8 @@ log_threshold [N_local, L] parameter (Adam's moments and a gradient with it) and
 step 0's threshold calibration (a BatchTopK forward, `calibration_flops`, left out of the
 step's total); batchtopk and matryoshka run the dispatch path twice (a candidates pass,
 then the chosen one: `kind_exchanges`) and find the batch threshold with 31 scalar psums
-(`threshold_psums`); matryoshka decodes each row again per prefix (`prefix_temporaries`).
+(`threshold_psums`); matryoshka decodes each row's latents below its last prefix end
+again, cut at the prefix ends (`prefix_temporaries`).
 """
 
 from __future__ import annotations
@@ -106,13 +107,14 @@ DROPLESS_BLOCK_EXPERT_ROWS = 4
 # non-negative float32 patterns, one count of the [e x T_local, k'] candidates and one scalar
 # int32 psum per bit.
 THRESHOLD_BITS = 31
-# Matryoshka's prefix decodes (kernels/expert.prefix_errors), per prefix, as XLA:CPU's buffer
-# assignment holds them through the backward (counted on d = 256, L = 1024 dense and L = 2048
-# gather, 4 prefixes: tests/test_plan_kinds.py): the dense kernel keeps the prefix's codes
-# [slots, L] float32 (its decode's residual) and its w_dec gradient (W); the gather kernel
-# a float32 [L, d] row-gradient buffer of the expert its loop is on and the prefix's error
-# [slots, d] float32, with one more [L, d] buffer their sum (PREFIX_GATHER_SUM_ROWS).
-PREFIX_GATHER_SUM_ROWS = 1
+# Matryoshka's prefix decodes (kernels/expert.prefix_errors) are one dense product cut at the
+# prefix ends: codes [slots, m] of the latents below the last end m times W_dec's first m
+# rows, group by group, whatever the kernel. Through the backward XLA:CPU's buffer assignment
+# holds the codes ([slots, m] float32), each prefix's residual ([slots, d] float32) and
+# PREFIX_WDEC_BUFFERS float32 [N_local, m, d] buffers of those rows' gradient (read on d = 256
+# at m = 512 dense and m = 1024 gather, 4 prefixes: 2.4 and 1.7 of them;
+# tests/test_plan_kinds.py).
+PREFIX_WDEC_BUFFERS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +145,7 @@ class Shapes:
     activation: str = "topk"  # the experts' kind (kernels/activations.py KINDS)
     candidates: int = 0  # k': the candidates a row of a non-TopK kind keeps (0: k - shared_k)
     prefixes: int = 0  # matryoshka: the nested prefixes decoded besides the whole dictionary
+    prefix_latents: int = 0  # matryoshka: m, the last prefix's end (its decodes' latents)
 
     @classmethod
     def of(
@@ -159,6 +162,7 @@ class Shapes:
             cfg.experts_per_token, cfg.shared_latents, cfg.shared_k, cfg.expert_kernel,
             cfg.feature_scaling, backend == "cpu", cfg.activation, cfg.candidates_per_row,
             len(cfg.prefix_ends) if cfg.kind.prefixes else 0,
+            cfg.prefix_ends[-1] if cfg.kind.prefixes else 0,
         )  # fmt: skip
 
     @property
@@ -378,17 +382,15 @@ def candidate_bytes(s: Shapes) -> int:
 
 
 def prefix_temporaries(s: Shapes) -> int:
-    """Matryoshka's prefix decodes held through the backward, per prefix (see
-    PREFIX_GATHER_SUM_ROWS): dense, the codes [slots, L] float32 and a w_dec gradient (W);
-    gather, a [L, d] float32 row gradient and the error [slots, d] float32, plus their sum's
-    [L, d]. 0 without prefixes."""
+    """Matryoshka's prefix decodes held through the backward (see PREFIX_WDEC_BUFFERS): the
+    codes [slots, m] float32, each prefix's residual [slots, d] float32, and the gradient of
+    W_dec's first m rows, [N_local, m, d] float32, PREFIX_WDEC_BUFFERS times. 0 without
+    prefixes."""
     if not s.prefixes:
         return 0
-    rows = s.computed_rows
-    if s.dense:
-        return s.prefixes * (rows * s.latents * F32 + s.expert_tensor_bytes)
-    expert_rows = s.latents * s.d * F32
-    return s.prefixes * (expert_rows + rows * s.d * F32) + PREFIX_GATHER_SUM_ROWS * expert_rows
+    rows, m = s.computed_rows, s.prefix_latents
+    wdec = PREFIX_WDEC_BUFFERS * s.local_experts * m * s.d * F32
+    return rows * m * F32 + s.prefixes * rows * s.d * F32 + wdec
 
 
 def activations(s: Shapes) -> int:
@@ -511,15 +513,15 @@ def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
 def kind_flops(s: Shapes) -> dict[str, float]:
     """The activation kind's own FLOPs per token, beside the expert matmuls at k' per row
     (`flops_per_token`): the batch threshold's THRESHOLD_BITS counts over every row's k'
-    candidates (a compare and an add each) and Matryoshka's prefix decodes, each with both
-    gradients (dense: the [., L] codes @ W_dec, 6 L d; gather: the k' rows, 6 k' d) on
-    every computed row. Only the terms a kind has (none for topk and jumprelu)."""
+    candidates (a compare and an add each) and Matryoshka's prefix decodes: one dense
+    product of the codes below the last prefix end m, [., m] @ W_dec[:m], with both
+    gradients (6 m d) on every computed row, whatever the kernel. Only the terms a kind has
+    (none for topk and jumprelu)."""
     terms = {}
     if s.kind.batch:
         terms["threshold"] = 2.0 * THRESHOLD_BITS * s.per_row * s.experts_per_token
-    if s.prefixes:
-        decode = s.latents if s.dense else s.per_row
-        terms["prefixes"] = s.computed_rows / s.local_tokens * s.prefixes * 6.0 * decode * s.d
+    if s.prefixes:  # one dense decode of the m latents below the last prefix end
+        terms["prefixes"] = s.computed_rows / s.local_tokens * 6.0 * s.prefix_latents * s.d
     return terms
 
 
