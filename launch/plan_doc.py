@@ -7,7 +7,7 @@
 Each plan (PLANS) is compiled once, in a subprocess simulating its device count, planned for
 its hardware and cached as CACHE/NAME.json. --reuse keeps cached plans (only the missing ones
 run); --only runs just those (the others come from the cache). A plan neither run nor cached
-shows as "not planned" on the page, which lists it. All of them take about 50 minutes on 2
+shows as "not planned" on the page, which lists it. All of them take about 56 minutes on 2
 CPU cores (the 256-device plans ~6 minutes each, pod_1b.gin's 1024 devices ~12).
 """
 
@@ -41,6 +41,7 @@ def _plans() -> dict[str, Plan]:
         "pod_256_dropless": Plan("pod.gin", 256, ("DISPATCH='dropless'",), ("h100",)),
         "pod_1b_1024": Plan("pod_1b.gin", 1024),
         "pod_64_zero1": Plan("pod.gin", 64, ("MESH_SHAPE=(2, 32)",), ("h100",)),
+        "pod_256_batchtopk": Plan("pod.gin", 256, ("ACTIVATION='batchtopk'",), ("h100",)),
     }
     for devices in (8, 64, 256):
         for log2 in (24, 27, 30):
@@ -136,6 +137,7 @@ def values(plans: dict[str, dict]) -> dict[str, str]:
         ),
         "flops_table": _flops_table(plans),
         "dropless_table": _dropless_table(pod256, dropless),
+        "batchtopk_table": _batchtopk_table(pod256, plans.get("pod_256_batchtopk")),
         "figures_table": _figures_table(plans),
         "pod_1b": _pod_1b(plans.get("pod_1b_1024")),
     }
@@ -232,6 +234,56 @@ def _dropless_table(capacity: dict | None, dropless: dict | None) -> str:
         rows.append(f"| {label} | {cell(cap) if cap else NOT_PLANNED} | "
                     f"{cell(drop) if drop else NOT_PLANNED} |")  # fmt: skip
     return "\n".join(rows)
+
+
+def _batchtopk_table(topk: dict | None, batch: dict | None) -> str:
+    """pod.gin on 256 devices, TopK beside BatchTopK (H100)."""
+    a, b = _h100(topk), _h100(batch)
+    mib = 2**20
+
+    def threshold(p: dict) -> str:
+        t = p.get("batch_threshold")
+        if not t:
+            return "-"
+        return (f"{t['collectives']} x {t['shape']} all-reduce over {t['group_size']} "
+                f"({t.get('compiled_collectives', 0)} in the HLO), "
+                f"{t.get('latency_s', 0.0) * 1e3:.2f} ms latency (estimate)")  # fmt: skip
+
+    cells = [
+        ("step reported", lambda p: p["train_step"]),
+        ("k (TopK) / k' candidates per row", lambda p: str(p["config"].get(
+            "candidates_per_row", p["config"]["k"]))),
+        ("compiled total (XLA:CPU)", lambda p: _gib(p["memory"]["compiled"]["total_bytes"])),
+        ("analytic estimate", _estimate_cell),
+        ("all-to-alls in the HLO (bytes)", lambda p: f"{_all_to_all_bytes(p) / mib:.1f} MiB"),
+        ("candidates' exchanges (analytic)", lambda p: " + ".join(
+            f"{c['bytes'] / mib:.2f}" for c in p["kind_exchanges"]) + " MiB"
+            if p.get("kind_exchanges") else "-"),
+        ("batch threshold", threshold),
+        ("FLOPs per token: compiled / analytic", lambda p: (
+            f"{p['flops_per_token'] / 1e9:.3f} G / "
+            f"{p['flops_per_token_estimate']['total'] / 1e9:.3f} G")),
+        ("roofline: compute / memory / network", lambda p: (
+            f"{p['estimate']['compute_s'] * 1e3:.1f} / {p['estimate']['memory_s'] * 1e3:.1f} / "
+            f"{p['estimate']['network_s'] * 1e3:.1f} ms")),
+        ("tokens/s (estimate)", lambda p: f"{p['estimate']['tokens_per_sec']:.3g}"),
+        ("fits an H100 (usable)", lambda p: "yes" if p["fits"] else "no"),
+    ]  # fmt: skip
+    rows = ["| | topk | batchtopk |", "|---|---|---|"]
+    for label, cell in cells:
+        rows.append(f"| {label} | {cell(a) if a else NOT_PLANNED} | "
+                    f"{cell(b) if b else NOT_PLANNED} |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def _estimate_cell(p: dict) -> str:
+    m = p["memory"]
+    ratio = m["estimate"]["total_bytes"] / m["compiled"]["total_bytes"]
+    return f"{_gib(m['estimate']['total_bytes'])} ({ratio:.2f}x)"
+
+
+def _all_to_all_bytes(p: dict) -> float:
+    return sum(c["bytes"] for c in p["collectives"] if c["op"] == "all-to-all")
 
 
 def _figures_table(plans: dict[str, dict]) -> str:

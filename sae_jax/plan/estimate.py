@@ -25,6 +25,20 @@ block buffers (`dropless_activations`), which follow the worst-case receive buff
 R = E x e x T_local rows, not the rows routed; across devices it also moves different bytes
 (`ragged_exchanges`) and computes e x T_local + N_local x B rows per device, with AuxK part
 of each block's forward twice (`flops_per_token`).
+
+Activation kinds (SAEConfig.activation; the terms follow the flags of the KINDS table,
+kernels/activations.py): a non-TopK kind keeps k' = SAEConfig.candidates_per_row candidates
+per row instead of k (the gather kernel's encoder rows and decode, dropless's stacked
+top-k); jumprelu adds its
+log_threshold [N_local, L] parameter (Adam's moments and a gradient with it) and compiles
+step 0's threshold calibration (a BatchTopK forward, `calibration_flops`, left out of the
+step's total); batchtopk and matryoshka run the dispatch path twice (a candidates pass,
+then the chosen one: `kind_exchanges`) and find the batch threshold with 31 scalar psums
+(`threshold_psums`); matryoshka decodes each row's latents below its last prefix end
+again, cut at the prefix ends (`prefix_temporaries`). Checked against the compiled step
+with capacity dispatch only: dropless with the non-TopK kinds holds more [R, d] and
+[blocks, B, k'] buffers than `dropless_activations` counts (at d = 256, L = 1024 on (1, 8):
+estimate 0.82 x the compiled step for batchtopk, 0.64 x for jumprelu, 0.85 x for topk).
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.dispatch import blocks, exchange
 from sae_jax.dispatch.capacity import capacity
 from sae_jax.dispatch.dropless import auto_block_size
+from sae_jax.kernels.activations import KINDS, Kind
 from sae_jax.kernels.auxk import max_bucket
 from sae_jax.kernels.expert import use_dense
 from sae_jax.kernels.records import routed_kernel
@@ -91,6 +106,18 @@ DROPLESS_EXCHANGE_F32_BUFFERS = 4
 DROPLESS_EMULATION_BUFFERS = 2
 DROPLESS_LOOP_F32_BUFFERS = 2
 DROPLESS_BLOCK_EXPERT_ROWS = 4
+# BatchTopK's threshold (kernels/activations.kth_largest): a bisection over the 31 bits of
+# non-negative float32 patterns, one count of the [e x T_local, k'] candidates and one scalar
+# int32 psum per bit.
+THRESHOLD_BITS = 31
+# Matryoshka's prefix decodes (kernels/expert.prefix_errors) are one dense product cut at the
+# prefix ends: codes [slots, m] of the latents below the last end m times W_dec's first m
+# rows, group by group, whatever the kernel. Through the backward XLA:CPU's buffer assignment
+# holds the codes ([slots, m] float32), each prefix's residual ([slots, d] float32) and
+# PREFIX_WDEC_BUFFERS float32 [N_local, m, d] buffers of those rows' gradient (read on d = 256
+# at m = 512 dense and m = 1024 gather, 4 prefixes: 2.4 and 1.7 of them;
+# tests/test_plan_kinds.py).
+PREFIX_WDEC_BUFFERS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +145,10 @@ class Shapes:
     shared_kernel: str = "auto"  # the shared dictionary's kernel (EXPERT_KERNEL as set)
     feature_scaling: bool = False  # the experts' encoder runs as a scaled copy of w_enc
     xla_cpu: bool = False  # compiled by XLA:CPU: its fusions' own buffers count too
+    activation: str = "topk"  # the experts' kind (kernels/activations.py KINDS)
+    candidates: int = 0  # k': the candidates a row of a non-TopK kind keeps (0: k - shared_k)
+    prefixes: int = 0  # matryoshka: the nested prefixes decoded besides the whole dictionary
+    prefix_latents: int = 0  # matryoshka: m, the last prefix's end (its decodes' latents)
 
     @classmethod
     def of(
@@ -132,12 +163,26 @@ class Shapes:
             cfg.dispatch, cfg.block_size, backend == "cpu",
             max_bucket(cfg.latents_per_expert, tcfg.aux_max_share) / cfg.latents_per_expert,
             cfg.experts_per_token, cfg.shared_latents, cfg.shared_k, cfg.expert_kernel,
-            cfg.feature_scaling, backend == "cpu",
+            cfg.feature_scaling, backend == "cpu", cfg.activation, cfg.candidates_per_row,
+            len(cfg.prefix_ends) if cfg.kind.prefixes else 0,
+            cfg.prefix_ends[-1] if cfg.kind.prefixes else 0,
         )  # fmt: skip
 
     @property
     def devices(self) -> int:
         return self.data * self.expert
+
+    @property
+    def kind(self) -> Kind:
+        return KINDS[self.activation]
+
+    @property
+    def per_row(self) -> int:
+        """The latents a routed row's kernel keeps: k - shared_k for TopK, k' for the other
+        kinds (their candidates, SAEConfig.candidates_per_row)."""
+        if self.activation == "topk" or not self.candidates:
+            return self.k - self.shared_k
+        return self.candidates
 
     @property
     def local_experts(self) -> int:
@@ -171,8 +216,9 @@ class Shapes:
         """Float32 [rows, d] outputs each row brings back from its expert: the reconstruction,
         and with the global TopK (e > 1 or a shared dictionary, dispatch/global_topk.py) and
         AuxK also AuxK's gated reconstruction (`ExpertSettings.aux_out`), each with its own
-        return trip and gradient."""
-        routed_globally = self.experts_per_token > 1 or self.shared_latents > 0
+        return trip and gradient. The batch kinds run the global path too (their selection
+        is over the batch, dispatch/global_topk.batch_choice)."""
+        routed_globally = self.experts_per_token > 1 or self.shared_latents > 0 or self.kind.batch
         return 2 if routed_globally and self.k_aux > 0 else 1
 
     @property
@@ -227,23 +273,31 @@ def memory(s: Shapes) -> dict[str, int]:
     """Bytes per device of each term (see the module docstring) and their total."""
     router = _router_params(s)
     rows = 2 * s.expert_tensor_bytes + s.local_experts * s.latents * F32  # w_enc, w_dec, b_enc
-    params = rows + s.d * F32 + router * F32 + shared_params(s) * F32
+    params = rows + s.d * F32 + router * F32 + shared_params(s) * F32 + threshold_params(s)
     split = rows // s.data if s.zero else 0  # a device's share of them under ZeRO-1
     gradients = params + split
     # The update loop holds only the row leaves' gradients (the reduce-scattered share under
     # ZeRO-1): the other leaves are updated whole before it (update._update_experts), and the
     # local row gradients are spent on the reduce-scatter.
     update = (split or rows) + update_temporaries(s) - gradients
+    batch_theta = F32 if s.kind.batch else 0  # the batch kinds' BatchThreshold []
     terms = {
         "parameters": params,
         "optimizer_state": 2 * (params - rows + (split or rows)) + F32,
-        "counters": s.local_experts * s.latents * F32 + (1 + DEAD_COUNT_LAG) * F32,
+        "counters": s.local_experts * s.latents * F32 + (1 + DEAD_COUNT_LAG) * F32 + batch_theta,
         "batch": s.local_tokens * s.d * F32,
         "gradients": gradients,
         "other": max(other_temporaries(s), update),
     }
     terms["total"] = sum(terms.values())
     return terms
+
+
+def threshold_params(s: Shapes) -> int:
+    """Bytes of jumprelu's log_threshold [N_local, L] float32, sharded over 'expert' like
+    b_enc but not split by ZeRO-1 (an expert leaf, not a row leaf: training/update.py); its
+    Adam moments and gradient follow `memory`'s parameters. 0 for the other kinds."""
+    return s.local_experts * s.latents * F32 if s.kind.learned_threshold else 0
 
 
 def _router_params(s: Shapes) -> int:
@@ -309,7 +363,37 @@ def other_temporaries(s: Shapes) -> int:
     else:
         held = GATHER_EXPERT_ROW_BUFFERS * s.latents * s.d * F32
     passes = dropless_activations(s) if s.dropless else activations(s)
-    return max(held, passes) + sum(routing_temporaries(s).values())
+    return max(held, passes) + sum(routing_temporaries(s).values()) + kind_temporaries(s)
+
+
+def kind_temporaries(s: Shapes) -> int:
+    """Bytes an activation kind adds to the forward and backward pass: the batch kinds'
+    candidates ([rows, k'] float32 values and int32 ids on the tokens' side and [slots, k']
+    on the experts', `candidate_bytes`) and Matryoshka's prefix decodes
+    (`prefix_temporaries`). 0 for topk and jumprelu (a row's k' ids and values replace
+    TopK's k in buffers the estimate sizes by d or L, not by k)."""
+    return candidate_bytes(s) + prefix_temporaries(s)
+
+
+def candidate_bytes(s: Shapes) -> int:
+    """The batch kinds' candidates pass returns each row's k' values and ids to its token's
+    device (dispatch/global_topk.run) and sends the chosen ones back: [e x T_local, k'] and
+    [computed rows, k'], 8 bytes an entry (float32 + int32). 0 for the others."""
+    if not s.kind.batch:
+        return 0
+    return (s.local_rows + s.computed_rows) * s.per_row * (F32 + 4)
+
+
+def prefix_temporaries(s: Shapes) -> int:
+    """Matryoshka's prefix decodes held through the backward (see PREFIX_WDEC_BUFFERS): the
+    codes [slots, m] float32, each prefix's residual [slots, d] float32, and the gradient of
+    W_dec's first m rows, [N_local, m, d] float32, PREFIX_WDEC_BUFFERS times. 0 without
+    prefixes."""
+    if not s.prefixes:
+        return 0
+    rows, m = s.computed_rows, s.prefix_latents
+    wdec = PREFIX_WDEC_BUFFERS * s.local_experts * m * s.d * F32
+    return rows * m * F32 + s.prefixes * rows * s.d * F32 + wdec
 
 
 def activations(s: Shapes) -> int:
@@ -349,7 +433,7 @@ def dropless_activations(s: Shapes) -> int:
     # one block's [B, L] pre-activations and codes, and AuxK's [B, dead] columns (twice)
     aux = (2 + 2 * s.aux_share) * s.block * s.latents * F32
     loop = (DROPLESS_LOOP_F32_BUFFERS * F32 + itemsize) * rows * s.d + weights + aux
-    stacked = blocks * 2 * s.block * s.k * F32
+    stacked = blocks * 2 * s.block * (s.k if s.activation == "topk" else s.per_row) * F32
     tokens = 4 * s.local_rows * s.d * F32
     return max(exchange, loop) + stacked + tokens
 
@@ -402,7 +486,7 @@ def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
     the top-k and latents are reused, so only what the gradient needs beyond them runs
     again, with AuxK its decode (for the frozen residual) and AuxK's forward: `recompute`
     (0 without AuxK). The router's backward reaches w_router and b_router."""
-    routed_k = s.k - s.shared_k
+    routed_k = s.per_row
     pad, aux_on = s.computed_rows / s.local_tokens, auxk and s.k_aux > 0
     enc, dec = expert_flops(s.latents, s.d, routed_k, s.dense)
     aux_ld = s.latents * s.d * s.aux_share  # AuxK's columns: its largest dead bucket, per row
@@ -421,9 +505,67 @@ def flops_per_token(s: Shapes, auxk: bool) -> dict[str, float]:
         "auxk": pad * 10 * aux_ld if aux_on else 0.0,
         "recompute": pad * again if s.dropless else 0.0,
         "update": UPDATE_FLOPS_PER_PARAM * 2 * params * (1 if s.zero else s.data) / s.batch,
+        **kind_flops(s),
     }
     terms["total"] = sum(terms.values())
+    if s.kind.learned_threshold:  # compiled into every step, run at step 0 only
+        terms["step0_calibration"] = calibration_flops(s)
     return terms
+
+
+def kind_flops(s: Shapes) -> dict[str, float]:
+    """The activation kind's own FLOPs per token, beside the expert matmuls at k' per row
+    (`flops_per_token`): the batch threshold's THRESHOLD_BITS counts over every row's k'
+    candidates (a compare and an add each) and Matryoshka's prefix decodes: one dense
+    product of the codes below the last prefix end m, [., m] @ W_dec[:m], with both
+    gradients (6 m d) on every computed row, whatever the kernel. Only the terms a kind has
+    (none for topk and jumprelu)."""
+    terms = {}
+    if s.kind.batch:
+        terms["threshold"] = 2.0 * THRESHOLD_BITS * s.per_row * s.experts_per_token
+    if s.prefixes:  # one dense decode of the m latents below the last prefix end
+        terms["prefixes"] = s.computed_rows / s.local_tokens * 6.0 * s.prefix_latents * s.d
+    return terms
+
+
+def calibration_flops(s: Shapes) -> float:
+    """JumpReLU's step 0 (training/step.first_thresholds): the model's forward in mode
+    'batch' (a BatchTopK of K over the batch, no gradient) sets the first thresholds. It is
+    a branch of a lax.cond in every compiled step, which XLA's cost analysis counts; it runs
+    once. Per token: the router, the candidates pass's pre-activations (2 L d a computed
+    row) and the threshold's counts; only the threshold is used, so XLA drops the chosen
+    pass (its decode) as dead code."""
+    pad = s.computed_rows / s.local_tokens
+    router = 2.0 * s.d * s.num_experts if s.num_experts > 1 else 0.0
+    threshold = 2.0 * THRESHOLD_BITS * s.per_row * s.experts_per_token
+    return router + pad * 2.0 * s.latents * s.d + threshold
+
+
+def threshold_psums(s: Shapes) -> dict | None:
+    """The batch threshold's collectives per step and device (kernels/activations.kth_largest):
+    THRESHOLD_BITS scalar int32 psums over every device, one per bit of the bisection, each
+    after a count over the device's [e x T_local, k'] candidates: bytes tiny, a latency term.
+    None for the kinds without a batch threshold (jumprelu runs them at step 0 only)."""
+    if not s.kind.batch:
+        return None
+    return {"collectives": THRESHOLD_BITS, "op": "all-reduce", "shape": "s32[]",
+            "bytes": THRESHOLD_BITS * 4, "group_size": s.devices,
+            "counted_rows": s.local_rows, "candidates_per_row": s.per_row}  # fmt: skip
+
+
+def kind_exchanges(s: Shapes) -> list[Collective]:
+    """The all-to-alls a batch kind adds to capacity dispatch across 'expert' devices, per
+    step and device: the candidates pass returns each slot's k' values (float32) and ids
+    (int32) to the tokens' devices, and the chosen pass sends the kept ones back to the
+    experts, [slots, k'] each way. The token rows themselves cross once: XLA computes the
+    two passes' identical all-to-all of the tokens once (read in the compiled HLO,
+    tests/test_plan_kinds.py). [] for the other kinds, dropless, or one 'expert' device."""
+    if not s.kind.batch or s.dropless or s.expert == 1:
+        return []
+    shape = f"f32[{s.slots},{s.per_row}], s32[{s.slots},{s.per_row}] (estimate)"
+    size = s.slots * s.per_row * (F32 + 4)
+    trips = ("candidates back (values, ids)", "chosen out (ids, values)")
+    return [Collective("all-to-all", name, shape, size, s.expert) for name in trips]
 
 
 def training_flops_per_token(cfg: SAEConfig, tcfg: TrainConfig, auxk: bool = False) -> float:

@@ -27,6 +27,10 @@ import os
 
 GB = 1e9
 GIB = 2**30
+COLLECTIVE_LATENCY_SOURCE = (
+    "about 10 us for a scalar all-reduce inside an NVLink node or a TPU slice, "
+    "30 us across InfiniBand nodes (NCCL's tree algorithm at hundreds of GPUs)"
+)
 GPU_MEM_FRACTION = 0.75  # JAX's default preallocation (XLA_PYTHON_CLIENT_MEM_FRACTION)
 GPU_WORKSPACE_BYTES = 1 * GIB  # estimate: cuBLAS/cuDNN workspaces, collective scratch
 TPU_RESERVED_BYTES = 2 * GIB  # estimate: the TPU runtime's share of HBM
@@ -46,6 +50,10 @@ class Hardware:
     usable_fraction: float = 1.0  # of memory_bytes: the pool XLA's buffers come from
     reserved_bytes: float = 0.0  # held back inside that pool (workspaces; an estimate)
     usable_source: str = "the whole memory"
+    # Seconds one small (scalar) collective takes inside a node / between nodes: its
+    # latency, which a byte count does not show (estimates, see COLLECTIVE_LATENCY_SOURCE).
+    link_latency_s: float = 10e-6
+    network_latency_s: float = 30e-6
 
     @property
     def usable_bytes(self) -> float:
@@ -67,6 +75,12 @@ class Hardware:
 
     def peak_flops(self, dtype: str) -> float:
         return self.flops_bf16 if dtype in ("bfloat16", "float16") else self.flops_f32
+
+    def latency(self, group_size: int) -> float:
+        """Seconds of one scalar collective over `group_size` devices (an estimate)."""
+        return (
+            self.link_latency_s if group_size <= self.devices_per_node else self.network_latency_s
+        )
 
     def bandwidth(self, group_size: int) -> float:
         """Bytes/s each way for a collective over `group_size` devices."""
@@ -114,6 +128,7 @@ def cpu() -> Hardware:
         flops_f32=cores * CPU_FLOPS_PER_CORE, hbm_bytes_per_s=cores * CPU_BYTES_PER_S_PER_CORE,
         link_bytes_per_s=cores * CPU_BYTES_PER_S_PER_CORE,
         network_bytes_per_s=cores * CPU_BYTES_PER_S_PER_CORE, devices_per_node=1 << 30,
+        link_latency_s=1e-6,
         source=f"this machine: {cores} cores (nproc), {memory / 2**30:.1f} GiB RAM; nominal "
         f"{CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s and {CPU_BYTES_PER_S_PER_CORE / GB:.0f} GB/s "
         "per core (AVX2 FMA at ~2.5 GHz), collectives at memory speed",

@@ -185,6 +185,25 @@ def loop_cost(hlo_text: str, cost_of: Callable[[str], Cost] = xla_cost) -> LoopC
     return LoopCost(flops, nbytes, flops_once, bytes_once, loops, sorted(set(unknown)))
 
 
+def looped_collectives(hlo_text: str, num_devices: int) -> list[tuple[hlo.Collective, int]]:
+    """Every collective of a compiled module with the times one step runs it: the product of
+    the trip counts of the loops around it (1 outside loops; a loop of unknown trip count
+    counts 1). `hlo.collectives` lists each instruction once, wherever it runs."""
+    mod = Module.parse(hlo_text)
+    found = []
+
+    def visit(comp: str, trips: int, seen: frozenset[str]) -> None:
+        text = "\n".join(mod.computations[comp][1:])
+        found.extend((c, trips) for c in hlo.collectives(text, num_devices))
+        bodies = {loop.body: loop.trips or 1 for loop in mod.loops(comp)}
+        conditions = {loop.condition for loop in mod.loops(comp)}
+        for callee in sorted(mod.callees(comp) - conditions - seen):
+            visit(callee, trips * bodies.get(callee, 1), seen | {comp})
+
+    visit(mod.entry, 1, frozenset())
+    return found
+
+
 def _operands(rest: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
 

@@ -11,8 +11,8 @@ import jax
 
 from sae_jax.config import SAEConfig, TrainConfig
 from sae_jax.mesh import make_mesh
-from sae_jax.plan import build, estimate, hlo, roofline
-from sae_jax.plan.hardware import Hardware
+from sae_jax.plan import build, estimate, hlo, loops, roofline
+from sae_jax.plan.hardware import COLLECTIVE_LATENCY_SOURCE, Hardware
 from sae_jax.plan.suggest import suggest
 
 GIB = 2**30
@@ -59,6 +59,8 @@ def measure(
         "collectives": train["collectives"],
         "collective_bytes": sum(c["bytes"] for c in train["collectives"]),
         "ragged_estimate": [_collective(c) for c in estimate.ragged_exchanges(shapes)],
+        "kind_exchanges": [_collective(c) for c in estimate.kind_exchanges(shapes)],
+        "batch_threshold": _threshold(shapes, compiled[train_name], mesh.size),
         "flops_per_token": train["cost"]["flops"] * mesh.size / tcfg.batch_size,
         "flops_per_token_xla_once": train["cost"]["flops_xla"] * mesh.size / tcfg.batch_size,
         "flops_per_token_estimate": estimate.flops_per_token(shapes, train_name == "train_auxk"),
@@ -83,14 +85,25 @@ def plan_for(measured: dict, hw: Hardware) -> dict:
         real = estimate.memory(dataclasses.replace(shapes, emulated_exchange=False))["total"]
         plan["memory"] = {**plan["memory"], "estimate_on_hardware_bytes": real}
     flops, why = cost["flops"], _analytic_flops_reason(cost, shapes)
+    calibration = measured["flops_per_token_estimate"].get("step0_calibration", 0.0)
     if why:
         flops = measured["flops_per_token_estimate"]["total"] * shapes.local_tokens
+    elif calibration:  # XLA counts step 0's branch in every step: take out its estimate
+        flops -= calibration * shapes.local_tokens
+    threshold = measured.get("batch_threshold")
+    if threshold:
+        each = hw.latency(threshold["group_size"])
+        plan["batch_threshold"] = {**threshold, "latency_s": threshold["collectives"] * each,
+                                   "latency_each_s": each,
+                                   "latency_source": COLLECTIVE_LATENCY_SOURCE}  # fmt: skip
     time = roofline.step_time(
         flops, cost["bytes_accessed"], collectives, hw, config["compute_dtype"],
-        config["batch_size"],
+        config["batch_size"], plan["batch_threshold"]["latency_s"] if threshold else 0.0,
     )  # fmt: skip
     time["flops_from"] = "analytic" if why else "xla"
-    time["flops_note"] = why or "XLA's cost analysis, each loop body x its trip count"
+    time["flops_note"] = why or "XLA's cost analysis, each loop body x its trip count" + (
+        ", less step 0's threshold calibration (analytic)" if calibration else ""
+    )
     time["collectives_from"] = (
         "hlo + ragged_all_to_all estimate" if hw.name != "cpu" and shapes.exchanged else "hlo"
     )
@@ -124,6 +137,19 @@ def _step(compiled, dump_dir: Path, devices: int) -> dict:
         "largest_buffers": hlo.largest_buffers(dump_dir, text),
         "collectives": [_collective(c) for c in hlo.collectives(text, devices)],
     }
+
+
+def _threshold(s: estimate.Shapes, compiled, devices: int) -> dict | None:
+    """The batch threshold's psums (estimate.threshold_psums) with the count found in the
+    compiled step: scalar int32 all-reduces run once per trip of a loop of THRESHOLD_BITS
+    trips (loops.looped_collectives). None for the kinds without one."""
+    expected = estimate.threshold_psums(s)
+    if expected is None:
+        return None
+    found = sum(trips for c, trips in loops.looped_collectives(compiled.as_text(), devices)
+                if c.op == "all-reduce" and c.shape == "s32[]"
+                and trips == estimate.THRESHOLD_BITS)  # fmt: skip
+    return {**expected, "compiled_collectives": found}
 
 
 def _collective(c: hlo.Collective) -> dict:
@@ -169,6 +195,8 @@ def _config(cfg: SAEConfig, tcfg: TrainConfig, mesh_shape, devices: int) -> dict
         "batch_size": tcfg.batch_size, "mesh_shape": list(mesh_shape), "devices": devices,
         "capacity_factor": cfg.capacity_factor,
         "compute_dtype": getattr(cfg, "compute_dtype", "float32"), "dispatch": cfg.dispatch,
+        "activation": cfg.activation,
+        "candidates_per_row": cfg.candidates_per_row if cfg.activation != "topk" else cfg.k,
     }  # fmt: skip
 
 
@@ -178,7 +206,8 @@ def format_text(plan: dict) -> str:
     lines = [
         f"config: d={c['d']} NUM_LATENTS={c['num_latents']} NUM_EXPERTS={c['num_experts']} "
         f"K={c['k']} BATCH_SIZE={c['batch_size']} MESH_SHAPE={tuple(c['mesh_shape'])} on "
-        f"{c['devices']} devices ({hw['backend']}), compute {c['compute_dtype']}",
+        f"{c['devices']} devices ({hw['backend']}), compute {c['compute_dtype']}, "
+        f"{_activation(c)}",
         "",
         f"memory per device, {plan['train_step']} (measured: XLA's compiled memory analysis):",
     ]
@@ -203,6 +232,7 @@ def format_text(plan: dict) -> str:
     total_traffic = sum(col["traffic_bytes"] for col in plan["collectives"])
     lines.append(f"  total {_size(plan['collective_bytes'])}, traffic {_size(total_traffic)}")
     lines += _ragged_lines(plan)
+    lines += _kind_lines(plan)
     f = plan["flops_per_token_estimate"]
     lines += [
         "",
@@ -275,6 +305,40 @@ def _ragged_lines(plan: dict) -> list[str]:
     emulated = sum(c["traffic_bytes"] for c in plan["collectives"])
     lines.append(f"  with the HLO's other collectives: traffic {_size(traffic)} per step "
                  f"(emulated: {_size(emulated)})")  # fmt: skip
+    return lines
+
+
+def _activation(c: dict) -> str:
+    kind = c.get("activation", "topk")
+    if kind == "topk":
+        return "ACTIVATION=topk"
+    return f"ACTIVATION={kind} (k' = {c['candidates_per_row']} candidates per row)"
+
+
+def _kind_lines(plan: dict) -> list[str]:
+    """The batch kinds' extra exchanges and their threshold's psums (none for the others)."""
+    lines = []
+    exchanges = plan.get("kind_exchanges") or []
+    if exchanges:
+        lines.append(f"{plan['config']['activation']}'s candidates pass, besides the token "
+                     "rows (sent once), ANALYTIC ESTIMATE (in the collectives above):")  # fmt: skip
+        for col in exchanges:
+            lines.append(f"  {col['op']:<18} {col['shape'][:48]:<48} {_size(col['bytes']):>10} "
+                         f"group {col['group_size']:>5}  {col['name']}")  # fmt: skip
+    t = plan.get("batch_threshold")
+    if t:
+        lines.append(
+            f"batch threshold: {t['collectives']} x {t['op']} {t['shape']} over "
+            f"{t['group_size']} devices ({t['bytes']} B in all), one per bit of the bisection "
+            f"after a count over [{t['counted_rows']}, {t['candidates_per_row']}] candidates; "
+            f"{t['compiled_collectives']} found in the compiled step"
+        )
+        if "latency_s" in t:
+            lines.append(
+                f"  latency {t['latency_s'] * 1e6:.0f} us a step ({t['collectives']} x "
+                f"{t['latency_each_s'] * 1e6:.0f} us, an estimate: {t['latency_source']}), "
+                "in the roofline's network time"
+            )
     return lines
 
 

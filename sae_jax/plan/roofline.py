@@ -20,18 +20,22 @@ def step_time(
     hw: Hardware,
     dtype: str,
     batch: int,
+    latency_s: float = 0.0,
 ) -> dict:
     """Seconds of compute, memory and network per step, the estimate, tokens/s and the
-    limiting term ('FLOPs', 'bandwidth' or 'network')."""
+    limiting term ('FLOPs', 'bandwidth' or 'network'). latency_s: collectives' latency the
+    traffic does not show (the batch threshold's scalar psums), counted as network time."""
     compute = flops / hw.peak_flops(dtype)
     memory = bytes_accessed / hw.hbm_bytes_per_s
-    network = sum(c.traffic_bytes() / hw.bandwidth(c.group_size) for c in collectives)
+    traffic = sum(c.traffic_bytes() / hw.bandwidth(c.group_size) for c in collectives)
+    network = traffic + latency_s
     seconds = max(compute, memory) + network
     parts = {"FLOPs": compute, "bandwidth": memory, "network": network}
     return {
         "compute_s": compute,
         "memory_s": memory,
         "network_s": network,
+        "latency_s": latency_s,
         "step_s": seconds,
         "tokens_per_sec": batch / seconds if seconds > 0 else float("inf"),
         "limit": max(parts, key=parts.get),
