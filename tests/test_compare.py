@@ -121,11 +121,13 @@ def test_compare_writes_table_json_and_curves(compared):
         assert f"| {header} |" in table
     assert "| topk | 1 | 1 | 32 |" in table and "| switch2_flops | 2 | 1 | 64 |" in table
     for name in (compare.TIME_PNG, compare.FLOPS_PNG):
-        for where in (out, compared / "docs"):
-            data = (where / name).read_bytes()
+        for where, named in ((out, name), (compared / "docs", name.replace("comparison", "c"))):
+            data = (where / named).read_bytes()
             assert data.startswith(PNG) and len(data) > 5000
     doc = (compared / "docs" / "c.md").read_text()
-    assert "| switch2_flops |" in doc and f"]({compare.TIME_PNG})" in doc
+    time_png = compare.page_png(compared / "docs" / "c.md", compare.TIME_PNG)
+    assert time_png == "c_fvu_time.png"
+    assert "| switch2_flops |" in doc and f"]({time_png})" in doc
     assert "--rows topk,switch2_flops" in doc and "$" not in doc
     assert "Each row is trained at" not in doc and "beats TopK" not in table
 
@@ -255,4 +257,4 @@ def test_compare_with_two_seeds_reuses_seed_0(compared):
     doc = (compared / "docs2" / "c.md").read_text()
     assert "Each row is trained at 2 seeds" in doc and "| beats TopK |" in doc
     assert "--seeds 0,1" in doc and "$" not in doc
-    assert (compared / "docs2" / compare.TIME_PNG).read_bytes().startswith(PNG)
+    assert (compared / "docs2" / "c_fvu_time.png").read_bytes().startswith(PNG)

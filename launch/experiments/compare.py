@@ -591,6 +591,12 @@ def seeds_label(args) -> str:
     return f"eval FVU (mean of {len(args.seeds)} seeds)" if multi_seed(args) else "eval FVU"
 
 
+def page_png(doc: Path, name: str) -> str:
+    """The name a plot takes beside the page `doc`: comparison_fvu_time.png beside
+    docs/comparison.md, comparison_kinds_fvu_time.png beside docs/comparison_kinds.md."""
+    return name.replace("comparison", Path(doc).stem, 1)
+
+
 def write_doc(args, argv: list[str], results: list[dict], plots, shape: tuple[int, int]) -> Path:
     """Fill --template (comparison_template.md) into --doc, the PNGs copied beside it, named
     after the page (docs/comparison.md: comparison_fvu_time.png, ...)."""
@@ -598,7 +604,7 @@ def write_doc(args, argv: list[str], results: list[dict], plots, shape: tuple[in
     doc.parent.mkdir(parents=True, exist_ok=True)
     names = {}
     for png in plots:
-        names[png.name] = png.name.replace("comparison", doc.stem, 1)
+        names[png.name] = page_png(doc, png.name)
         if png.resolve() != (doc.parent / names[png.name]).resolve():
             shutil.copyfile(png, doc.parent / names[png.name])
     text = Template(Path(args.template).read_text()).substitute(
