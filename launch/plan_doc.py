@@ -229,11 +229,7 @@ def _dropless_table(capacity: dict | None, dropless: dict | None) -> str:
          lambda p: f"{p['flops_per_token_estimate']['total'] / 1e9:.3f} G"),
         ("fits an H100 (usable)", lambda p: "yes" if p["fits"] else "no"),
     ]  # fmt: skip
-    rows = ["| | capacity (cf 1.25) | dropless |", "|---|---|---|"]
-    for label, cell in cells:
-        rows.append(f"| {label} | {cell(cap) if cap else NOT_PLANNED} | "
-                    f"{cell(drop) if drop else NOT_PLANNED} |")  # fmt: skip
-    return "\n".join(rows)
+    return _two_plans("capacity (cf 1.25)", "dropless", cells, cap, drop)
 
 
 def _batchtopk_table(topk: dict | None, batch: dict | None) -> str:
@@ -269,7 +265,12 @@ def _batchtopk_table(topk: dict | None, batch: dict | None) -> str:
         ("tokens/s (estimate)", lambda p: f"{p['estimate']['tokens_per_sec']:.3g}"),
         ("fits an H100 (usable)", lambda p: "yes" if p["fits"] else "no"),
     ]  # fmt: skip
-    rows = ["| | topk | batchtopk |", "|---|---|---|"]
+    return _two_plans("topk", "batchtopk", cells, a, b)
+
+
+def _two_plans(left: str, right: str, cells, a: dict | None, b: dict | None) -> str:
+    """A markdown table of two plans side by side: a row per (label, cell(plan)) of cells."""
+    rows = [f"| | {left} | {right} |", "|---|---|---|"]
     for label, cell in cells:
         rows.append(f"| {label} | {cell(a) if a else NOT_PLANNED} | "
                     f"{cell(b) if b else NOT_PLANNED} |")  # fmt: skip

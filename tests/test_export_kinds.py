@@ -198,14 +198,7 @@ def test_a_plain_threshold_kind_is_saelens_jumprelu(tmp_path, kind):
     cfg = SAEConfig(d=D, num_latents=64, num_experts=1, k=4, k_max=64, activation=kind)
     model, ours, sae = saelens_of(tmp_path, cfg)
     assert type(sae).__name__ == "JumpReLUSAE" and sae.cfg.architecture() == "jumprelu"
-    x = inputs()
-    with torch.no_grad():
-        acts = sae.encode(torch.from_numpy(x)).numpy()
-        recon = sae.decode(torch.from_numpy(acts)).numpy()
-    want = gated(ours.encode(x), cfg.num_latents)
-    np.testing.assert_array_equal(acts != 0, want != 0)
-    np.testing.assert_allclose(acts, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(recon, np.asarray(infer(model, x).x_hat) / SCALE, atol=1e-5)
+    assert_saelens_computes_as_ours(torch, sae, ours, model, cfg.num_latents)
 
 
 @pytest.mark.parametrize("name", ["jumprelu_capped", "batchtopk_top2_shared", "jumprelu_switch"])
@@ -238,14 +231,7 @@ def test_a_threshold_switch_in_saelens_computes_as_load_pretrained(tmp_path, nam
         "batchtopk", 4, experts_per_token=2, shared_latents=16, shared_k=2)  # fmt: skip
     model, ours, sae = saelens_of(tmp_path, cfg, seed=1)
     assert isinstance(sae, SwitchSAE) and sae.threshold.shape == (cfg.dictionary_size,)
-    x = inputs()
-    with torch.no_grad():
-        acts = sae.encode(torch.from_numpy(x)).numpy()
-        recon = sae.decode(torch.from_numpy(acts)).numpy()
-    want = gated(ours.encode(x), cfg.dictionary_size)
-    np.testing.assert_array_equal(acts != 0, want != 0)
-    np.testing.assert_allclose(acts, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(recon, np.asarray(infer(model, x).x_hat) / SCALE, atol=1e-5)
+    assert_saelens_computes_as_ours(torch, sae, ours, model, cfg.dictionary_size)
 
 
 def test_sparsify_refuses_a_threshold_kind_in_one_line(tmp_path):
@@ -316,3 +302,16 @@ def test_launch_export_eval_and_browse_a_batchtopk_run(tmp_path, capsys):
     assert browse_cli.main(["--workdir", str(run), "--tokens", "512", "--batch_size", "256",
                             "--no_model", "--no_duplicates"]) == 0  # fmt: skip
     assert (run / "browser/index.html").is_file()
+
+
+def assert_saelens_computes_as_ours(torch, sae, ours, model, width: int) -> None:
+    """SAELens's encode and decode of `sae` equal our exported SAE's gated codes [T, width]
+    and the module's mode='infer' reconstruction (in raw units)."""
+    x = inputs()
+    with torch.no_grad():
+        acts = sae.encode(torch.from_numpy(x)).numpy()
+        recon = sae.decode(torch.from_numpy(acts)).numpy()
+    want = gated(ours.encode(x), width)
+    np.testing.assert_array_equal(acts != 0, want != 0)
+    np.testing.assert_allclose(acts, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(recon, np.asarray(infer(model, x).x_hat) / SCALE, atol=1e-5)
