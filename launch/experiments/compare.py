@@ -285,7 +285,7 @@ def run_row(args, row: Row, steps: int, batch: int, workdir: Path, seed: int | N
     result |= {"name": row.name, "num_experts": cfg.num_experts, "num_latents": cfg.num_latents,
                "experts_per_token": cfg.experts_per_token, "shared_latents": cfg.shared_latents,
                "kind": row.kind, "bindings": list(row.bindings), "steps": tcfg.steps,
-               "batch_size": tcfg.batch_size, "d": cfg.d}  # fmt: skip
+               "batch_size": tcfg.batch_size, "d": cfg.d, "activation": cfg.activation}  # fmt: skip
     result |= training_record(workdir / "metrics.jsonl", flops_per_token(cfg, tcfg))
     result["duplicates"] = duplicates(workdir)
     return result
@@ -452,9 +452,11 @@ def baseline(results: list[dict]) -> dict:
 
 def add_ratios(results: list[dict]) -> None:
     """vs-TopK ratios of FVU and of the training and step tokens/s (NaN where missing), and
-    the FVU's ratio to the best TopK (the lowest FVU of the N = 1 rows, say at another LR)."""
+    the FVU's ratio to the best TopK (the lowest FVU of the N = 1 TopK rows, say at another
+    LR; rows of other activation kinds are not TopKs)."""
     base = baseline(results)
-    topk_fvus = [r["fvu_dropless"] for r in results if r["num_experts"] == 1]
+    topk_fvus = [r["fvu_dropless"] for r in results
+                 if r["num_experts"] == 1 and r.get("activation", "topk") == "topk"]  # fmt: skip
     best = min(topk_fvus) if topk_fvus else None
     for r in results:
         for key in ("fvu_dropless", "tokens_per_sec", "step_tokens_per_sec"):
