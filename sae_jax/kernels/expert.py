@@ -185,22 +185,21 @@ def centred_forward(
     pre_grad = dense_preactivations(xc, p, dtype)
     pre = jax.lax.stop_gradient(pre_grad)
     validf = buf.valid.astype(jnp.float32)[:, None]
+    extra = {}
     if s.rule == "jump":
         idx, value = (_jump_top(pre, p.threshold, s.k), None) if chosen is None else chosen
         selected = select_preactivations(xc, p, idx, pre, pre_grad if dense else None, value)
-        theta = p.threshold[idx]
-        bandwidth = jnp.float32(s.bandwidth)
+        theta, bandwidth = p.threshold[idx], jnp.float32(s.bandwidth)
         latents = activations.jumprelu(selected, theta, bandwidth)
-        l0 = jnp.sum(validf * activations.step(selected, theta, bandwidth))
-        recon = decode(latents, idx, p.w_dec, dense, dtype)
-        fired = jnp.zeros(p.w_enc.shape[0], jnp.float32).at[idx].add((latents > 0) * validf)
-        return Forward(recon, latents, idx, fired, jax.lax.stop_gradient(selected), l0)
-    idx, value = (jax.lax.top_k(pre, s.k)[1], None) if chosen is None else chosen
-    latents = encode_selected(xc, p, idx, pre, pre_grad if dense else None, value)
+        extra = dict(selected=jax.lax.stop_gradient(selected),
+                     l0=jnp.sum(validf * activations.step(selected, theta, bandwidth)))  # fmt: skip
+    else:
+        idx, value = (jax.lax.top_k(pre, s.k)[1], None) if chosen is None else chosen
+        latents = encode_selected(xc, p, idx, pre, pre_grad if dense else None, value)
     recon = decode(latents, idx, p.w_dec, dense, dtype)
     active = (latents > 0) * validf
     fired = jnp.zeros(p.w_enc.shape[0], jnp.float32).at[idx].add(active)
-    return Forward(recon, latents, idx, fired)
+    return Forward(recon, latents, idx, fired, **extra)
 
 
 def _jump_top(pre: jax.Array, threshold: jax.Array, k: int) -> jax.Array:
