@@ -53,7 +53,8 @@ def run(
     """routed: T tokens with expert and gate [T, e]; p, dead_ids, s as for `path`, with s.k the
     candidates per row; also: [T, d] what the rest of the model reconstructs (a shared
     dictionary), left out of AuxK's residual too; choose: the selection among the rows'
-    candidates (default: `top_k_choice` of s.k, the global TopK); None: no selection, each row
+    candidates (default 'top_k': `top_k_choice` of s.k, the global TopK; `batch_choice`:
+    BatchTopK over the batch); None: no selection, each row
     keeps its own (a per-row rule; one pass). Returns the tokens' TokenOut with recon [T, d]
     the GATED sum over the e experts (not ungated as a path's), kept [T] all e rows kept, the
     AuxK sums of the whole tokens, and the choice's batch threshold if any."""
