@@ -67,33 +67,34 @@ def loss_and_metrics(
 
 @dataclasses.dataclass(frozen=True)
 class KindLoss:
-    """An activation kind's loss terms from SwitchOut.kind_sums (kernels/activations.py).
+    """An activation kind's loss terms from SwitchOut.kind_sums (kernels/activations.py),
+    chosen by its row in config.KINDS.
 
-    matryoshka: each prefix's squared error per element, summed with the whole model's MSE
-    (Bussmann et al. 2025 sum the prefix losses). jumprelu: l0_coeff x the batch's variance
-    per element x (L0 / target - 1)^2, L0 the mean over tokens with JumpReLU's
-    straight-through gradient for the thresholds; scaled by the variance, l0_coeff does not
-    depend on the data's scale.
+    prefixes (Matryoshka): each prefix's squared error per element, summed with the whole
+    model's MSE (Bussmann et al. 2025 sum the prefix losses). Otherwise (a learned threshold,
+    JumpReLU): l0_coeff x the batch's variance per element x (L0 / l0_target - 1)^2, L0 the
+    mean over tokens with JumpReLU's straight-through gradient for the thresholds; scaled by
+    the variance, l0_coeff does not depend on the data's scale.
     """
 
-    activation: str
+    prefixes: bool
     l0_target: float = 0.0
     l0_coeff: float = 0.0
 
     def terms(self, sums, tokens, d, total_var):
-        if self.activation == "matryoshka":
+        if self.prefixes:
             prefix_mse = sums / (tokens * d)
             return jnp.sum(prefix_mse), {"prefix_mse": prefix_mse}
-        if self.activation == "jumprelu":
-            l0 = sums[0] / tokens
-            variance = jax.lax.stop_gradient(total_var) / (tokens * d)
-            penalty = self.l0_coeff * variance * (l0 / self.l0_target - 1.0) ** 2
-            return penalty, {"l0_penalty": penalty}
-        return jnp.zeros((), jnp.float32), {}
+        l0 = sums[0] / tokens
+        variance = jax.lax.stop_gradient(total_var) / (tokens * d)
+        penalty = self.l0_coeff * variance * (l0 / self.l0_target - 1.0) ** 2
+        return penalty, {"l0_penalty": penalty}
 
 
 def kind_loss(cfg, tcfg) -> KindLoss | None:
-    """The KindLoss of a config (SAEConfig, TrainConfig); None for TopK and BatchTopK."""
-    if cfg.activation not in ("matryoshka", "jumprelu"):
+    """The KindLoss of a config (SAEConfig, TrainConfig); None for a kind with no loss term
+    of its own (TopK, BatchTopK)."""
+    kind = cfg.kind
+    if not (kind.prefixes or kind.learned_threshold):
         return None
-    return KindLoss(cfg.activation, float(cfg.routed_k), float(tcfg.l0_coeff))
+    return KindLoss(kind.prefixes, float(cfg.routed_k), float(tcfg.l0_coeff))
