@@ -12,6 +12,8 @@ Tensors (float32; N experts, L = NUM_LATENTS / N latents each, d input dims):
                       inference threshold (JumpReLU: exp(log_threshold); BatchTopK and
                       Matryoshka: their BatchThreshold scalar, the same for every latent);
                       a latent is active where pre > threshold, at most k' per token
+                      (BatchTopK and Matryoshka: where gate x pre > threshold, their
+                      threshold being on gated values; at N = 1 the gate is 1)
 The training input scale s (model input = s * raw activation) is folded in, so the tensors
 apply to raw activations with the equations of README.md; decoder rows then have norm 1/s.
 

@@ -8,7 +8,8 @@ work is that of at most T + N * B rows, not N * T.
 Activation kinds (meta "activation", a row of ACTIVATIONS): "topk" (ours, sparsify's, SAELens's
 topk), "relu" (SAELens standard), and the threshold kinds "jumprelu", "batchtopk" and
 "matryoshka" (ours, SAELens jumprelu and batchtopk): pre if pre > threshold [N, L] else 0, as
-`SwitchSAE(..., mode='infer')` computes it. relu has no fixed number of active latents per
+`SwitchSAE(..., mode='infer')` computes it (ours of batchtopk and matryoshka: threshold / gate,
+theirs being on gated values). relu has no fixed number of active latents per
 token, nor have the threshold kinds: of each token's routed expert they keep at most k' =
 SAEConfig.candidates_per_row latents (the k' largest pre - threshold), [..., k'] codes with zeros
 after a token's own active latents. A single dictionary whose k' is all its latents (relu, a
@@ -47,7 +48,7 @@ from sae_jax.export import (
 from sae_jax.interop.readers import read_peer
 from sae_jax.kernels import routing
 from sae_jax.kernels.activations import KINDS
-from sae_jax.kernels.expert import ExpertParams
+from sae_jax.kernels.expert import ExpertParams, ExpertSettings, row_thresholds
 
 MAX_BLOCK = 128  # rows per expert block at most (encode's default block size)
 MIN_BLOCK = 8
@@ -315,18 +316,20 @@ def _encode(params: dict, x: jax.Array, tokens: jax.Array, cfg: SAEConfig, block
         return _encode_global(params, x, tokens, cfg, block_size)
     r = _route(params, x, cfg)
     present = jnp.arange(x.shape[0]) < tokens
-    values, local = _expert_codes(params, x, r.expert, present, cfg, block_size)
+    values, local = _expert_codes(params, x, r.gate, r.expert, present, cfg, block_size)
     return Codes(values, r.expert[:, None] * cfg.latents_per_expert + local, r.expert, r.gate)
 
 
-def _expert_codes(params: dict, x, expert, present, cfg: SAEConfig, block_size: int):
+def _expert_codes(params: dict, x, gate, expert, present, cfg: SAEConfig, block_size: int):
     """Each row's codes in its expert [T] by the inference rule (RULES): values [T, k] and
-    local ids [T, k], k = per_row(cfg)."""
+    local ids [T, k], k = per_row(cfg); gate [T] the rows' router probabilities (a threshold
+    on gated values, the batch kinds', compares gate x pre)."""
     experts = ExpertParams(params["w_enc"], params["b_enc"], params["w_dec"],
                            params.get("threshold"))  # fmt: skip
     rule = RULES[cfg.kind.infer_rule]
-    block_fn = functools.partial(rule, b_dec=params["b_dec"], k=per_row(cfg))
-    return blocks.grouped_apply(block_fn, experts, x, expert, present=present,
+    block_fn = functools.partial(rule, b_dec=params["b_dec"], k=per_row(cfg),
+                                 gated=cfg.kind.batch)  # fmt: skip
+    return blocks.grouped_apply(block_fn, experts, (x, gate), expert, present=present,
                                 num_experts=cfg.num_experts, block_size=block_size)  # fmt: skip
 
 
@@ -343,8 +346,8 @@ def _encode_global(params: dict, x, tokens, cfg: SAEConfig, block_size: int) -> 
         r = routing.route_top(x, params["w_router"], params["b_router"], e, bias)
         expert, gate = r.expert, r.gate
     present = jnp.repeat(jnp.arange(t) < tokens, e)
-    values, local = _expert_codes(params, jnp.repeat(x, e, axis=0), expert.reshape(-1), present,
-                                  cfg, block_size)  # fmt: skip
+    values, local = _expert_codes(params, jnp.repeat(x, e, axis=0), gate.reshape(-1),
+                                  expert.reshape(-1), present, cfg, block_size)  # fmt: skip
     ids = (expert.reshape(-1)[:, None] * lat + local).reshape(t, -1)  # [T, e * k_r]
     gates = jnp.repeat(gate, per_row(cfg), axis=1)
     parts = [(values.reshape(t, -1), ids, gates)]
@@ -368,24 +371,33 @@ def _decode(params: dict, values, indices, gate, cfg: SAEConfig) -> jax.Array:
     return gate[:, None] * recon + params["b_dec"]
 
 
-def encode_block(p: ExpertParams, x: jax.Array, valid: jax.Array, *, b_dec: jax.Array, k: int):
-    """TopK codes of one expert's block x [B, d]: values [B, k] (post-ReLU), local latent ids
-    [B, k]. valid is unused: padding rows' codes are discarded by the caller."""
-    del valid
+def encode_block(p: ExpertParams, rows, valid: jax.Array, *, b_dec: jax.Array, k: int,
+                 gated: bool = False):  # fmt: skip
+    """TopK codes of one expert's block rows = (x [B, d], gate [B]): values [B, k]
+    (post-ReLU), local latent ids [B, k]. valid, gate and gated are unused: padding rows'
+    codes are discarded by the caller, and a row's TopK does not depend on its gate."""
+    del valid, gated
+    x, _ = rows
     pre = (x - b_dec) @ p.w_enc.T + p.b_enc
     top, idx = jax.lax.top_k(pre, k)
     return jax.nn.relu(top), idx
 
 
-def jump_block(p: ExpertParams, x: jax.Array, valid: jax.Array, *, b_dec: jax.Array, k: int):
-    """The 'jump' rule's codes of one expert's block x [B, d] (kernels/expert.py): of the k
-    largest pre - threshold, pre where pre > threshold (p.threshold [L]), else 0: values
-    [B, k] and local latent ids [B, k]. valid is unused, as in `encode_block`."""
+def jump_block(p: ExpertParams, rows, valid: jax.Array, *, b_dec: jax.Array, k: int,
+               gated: bool = False):  # fmt: skip
+    """The 'jump' rule's codes of one expert's block rows = (x [B, d], gate [B])
+    (kernels/expert.py): of the k largest pre - threshold, pre where pre > threshold, else 0:
+    values [B, k] and local latent ids [B, k]. The threshold is p.threshold [L], or with
+    `gated` (a threshold on gated values) p.threshold / gate. valid is unused, as in
+    `encode_block`."""
     del valid
+    x, gate = rows
     pre = (x - b_dec) @ p.w_enc.T + p.b_enc
-    idx = jax.lax.top_k(pre - p.threshold, k)[1]
+    settings = ExpertSettings(k=k, rule="jump", gated_threshold=gated)
+    threshold = jnp.broadcast_to(row_thresholds(p.threshold, gate, settings), pre.shape)
+    idx = jax.lax.top_k(pre - threshold, k)[1]
     selected = jnp.take_along_axis(pre, idx, axis=1)
-    return _jumprelu(selected, p.threshold[idx]), idx
+    return _jumprelu(selected, jnp.take_along_axis(threshold, idx, axis=1)), idx
 
 
 RULES = {"topk": encode_block, "jump": jump_block}  # SAEConfig.kind.infer_rule -> block codes

@@ -210,8 +210,8 @@ def kind_choice(x, params: dict, cfg, mode: str):
     token by token with dense [L] pre-activations, top-1 routing (or N = 1), no capacity
     limit. mode: 'train', 'infer' or 'batch' (SwitchSAE.__call__). Returns (expert [T],
     gate [T], pre [T, L] of the routed expert, mask [T, L] the active latents, cand [T, L]
-    the row's candidates, threshold [T, L] the 'jump' rule's thresholds or None, the batch
-    threshold or None)."""
+    the row's candidates, threshold [T, L] the 'jump' rule's thresholds on pre or None, the
+    batch threshold (on gated values for the batch kinds) or None)."""
     tokens = x.shape[0]
     if cfg.num_experts > 1:
         _, expert, gate = switch_sae(x, params, cfg.k)
@@ -227,17 +227,18 @@ def kind_choice(x, params: dict, cfg, mode: str):
     if rule == "jump":
         if "log_threshold" in params:
             theta = np.exp(params["log_threshold"])[expert]
-        else:
-            theta = np.full_like(pre, float(params["batch_threshold"]))
+        else:  # BatchTopK's threshold is on gated values: gate x pre > it
+            theta = np.full_like(pre, float(params["batch_threshold"])) / gate[:, None]
     score = pre - theta if rule == "jump" else pre
     cand = np.zeros_like(pre, bool)
     np.put_along_axis(cand, np.argsort(-score, axis=1, kind="stable")[:, :k], True, axis=1)
     mask = cand & (pre > (theta if rule == "jump" else 0))
     threshold = None
-    if batch:
-        values = np.sort(np.where(cand, np.maximum(pre, 0), 0).ravel())[::-1]
+    if batch:  # the batch kinds compare gated values; JumpReLU's first thresholds do not
+        scored = pre * gate[:, None] if kind.batch else pre
+        values = np.sort(np.where(cand, np.maximum(scored, 0), 0).ravel())[::-1]
         threshold = values[cfg.k * tokens - 1]
-        mask = cand & (pre >= threshold) & (pre > 0)
+        mask = cand & (scored >= threshold) & (pre > 0)
     return expert, gate, pre, mask, cand, theta, threshold
 
 

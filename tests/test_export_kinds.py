@@ -58,9 +58,10 @@ def _infer(model, x: jax.Array, capacity_factor: float):
     return model(x, mode="infer", capacity_factor=capacity_factor)
 
 
-def reference_codes(params: dict, cfg: SAEConfig, x: np.ndarray, expert: np.ndarray):
+def reference_codes(params: dict, cfg: SAEConfig, x: np.ndarray, expert, gate):
     """Dense codes [T, M] of the 'jump' rule in numpy (float64), in model units: of each
-    token's routed expert, the k' largest pre - threshold, pre where pre > threshold."""
+    token's routed expert, the k' largest pre - threshold, pre where pre > threshold; the
+    batch kinds' threshold is on gated values, so theirs is threshold / gate on pre."""
     if "log_threshold" in params:
         theta = np.exp(params["log_threshold"].astype(np.float64))
     else:
@@ -70,8 +71,9 @@ def reference_codes(params: dict, cfg: SAEConfig, x: np.ndarray, expert: np.ndar
     for t, e in enumerate(expert):
         pre = params["w_enc"][e].astype(np.float64) @ (SCALE * x[t] - params["b_dec"])
         pre = pre + params["b_enc"][e]
-        top = np.argsort(-(pre - theta[e]), kind="stable")[: cfg.candidates_per_row]
-        keep = top[pre[top] > theta[e][top]]
+        th = theta[e] / float(gate[t]) if cfg.kind.batch else theta[e]
+        top = np.argsort(-(pre - th), kind="stable")[: cfg.candidates_per_row]
+        keep = top[pre[top] > th[top]]
         out[t, e * lat + keep] = pre[keep]
     return out
 
@@ -98,7 +100,8 @@ def test_export_computes_the_modules_inference(tmp_path, kind, n):
     assert codes.values.shape == (len(x), CAP)  # k' codes per token
     np.testing.assert_array_equal(codes.expert, out.expert)
     np.testing.assert_allclose(sae.decode(codes), np.asarray(out.x_hat) / SCALE, atol=1e-5)
-    got, want = dense(codes, cfg.num_latents), reference_codes(params, cfg, x, out.expert)
+    got = dense(codes, cfg.num_latents)
+    want = reference_codes(params, cfg, x, out.expert, out.gate)
     np.testing.assert_array_equal(got != 0, want != 0)  # the same latents (ids)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # the same values
     assert (got != 0).sum(axis=1).max() == CAP  # some tokens have more over threshold

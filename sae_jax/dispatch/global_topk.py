@@ -91,15 +91,19 @@ def top_k_choice(k: int) -> Choice:
     return lambda latents, indices, gate: (*select(latents, indices, gate, k), None)
 
 
-def batch_choice(k: int, axes: tuple[str, ...]) -> Choice:
+def batch_choice(k: int, axes: tuple[str, ...], gated: bool = True) -> Choice:
     """BatchTopK over every routed row of the batch on every device of the mesh `axes` (the
-    axes the tokens are split over): of all rows' candidates, the k x T largest (ungated)
-    values, T the tokens of the whole batch (kernels.activations.batch_keep)."""
+    axes the tokens are split over): of all rows' candidates, the k x T largest gated values
+    gate x value (as the global TopK compares them; ungated values with gated=False), T the
+    tokens of the whole batch (kernels.activations.batch_keep). The threshold is on the
+    values compared."""
 
     def choose(latents, indices, gate):
         tokens = gate.shape[0] * (jax.lax.axis_size(axes) if axes else 1)
-        values, threshold = batch_keep(jax.lax.stop_gradient(latents), k, tokens, axes)
-        return indices, values, threshold
+        latents = jax.lax.stop_gradient(latents)
+        scale = jax.lax.stop_gradient(gate).reshape(-1, 1) if gated else 1.0
+        scored, threshold = batch_keep(latents * scale, k, tokens, axes)
+        return indices, jnp.where(scored > 0, latents, 0.0), threshold
 
     return choose
 

@@ -13,7 +13,9 @@ decode is SAELens's plain `acts @ W_dec + b_dec`. W_enc [d_in, d_sae] and W_dec
 The threshold kinds (cfg activation batchtopk, matryoshka or jumprelu; threshold [d_sae], the
 shared latents' unused) encode by the 'jump' rule as `SwitchSAE(..., mode='infer')`: of each
 routed row's expert, the candidates_per_row (k') largest pre - threshold, pre where pre >
-threshold; every row keeps its own (no selection over a token's e experts).
+threshold; every row keeps its own (no selection over a token's e experts). BatchTopK's and
+Matryoshka's threshold is on gated values (gate x pre > threshold, as they were trained), so a
+row's threshold on pre is threshold / gate; JumpReLU's is on pre itself.
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
 from sae_lens.saes.sae import SAE, SAEConfig
 from torch import nn
 
+from sae_jax.config import KINDS
+
 ARCHITECTURE = "switch"
+GATED_THRESHOLD = tuple(name for name, kind in KINDS.items() if kind.batch)
 
 
 @dataclass
@@ -137,19 +142,21 @@ class SwitchSAE(SAE[SwitchSAEConfig]):
         t, e = sae_in.shape[0], expert.shape[1]
         topk = self.cfg.activation == "topk"
         k = self.cfg.k - self.cfg.shared_k if topk else self.cfg.candidates_per_row
-        cand, ids = self._candidates(sae_in, expert, k, topk)
+        cand, ids = self._candidates(sae_in, expert, gate, k, topk)
         gated = (cand.reshape(t, e, k) * gate.to(cand.dtype)[:, :, None]).reshape(t, e * k)
         if not topk:
             return gated, ids.reshape(t, e * k)
         values, pick = gated.topk(k, dim=-1)
         return values, ids.reshape(t, e * k).gather(1, pick)
 
-    def _candidates(self, sae_in, expert, k: int, topk: bool):
+    def _candidates(self, sae_in, expert, gate, k: int, topk: bool):
         """Each routed row's k candidates in its expert: values [T e, k] (ReLU'd top k; or the
-        'jump' rule's pre where pre > threshold of the k largest pre - threshold) and global
-        ids [T e, k]; row r is token r // e's (r % e)-th expert."""
+        'jump' rule's pre where pre > threshold of the k largest pre - threshold, the
+        threshold divided by the row's gate for BatchTopK and Matryoshka, whose threshold is
+        on gated values) and global ids [T e, k]; row r is token r // e's (r % e)-th expert."""
         e, lat = expert.shape[1], self.cfg.latents_per_expert
-        flat = expert.reshape(-1)
+        flat, gates = expert.reshape(-1), gate.reshape(-1).float()
+        gated = self.cfg.activation in GATED_THRESHOLD
         cand = torch.zeros(flat.shape[0], k, dtype=sae_in.dtype, device=sae_in.device)
         ids = torch.zeros(flat.shape[0], k, dtype=torch.long, device=sae_in.device)
         order = torch.argsort(flat, stable=True)
@@ -163,10 +170,13 @@ class SwitchSAE(SAE[SwitchSAEConfig]):
                 top, idx = pre.topk(k, dim=-1)
                 cand[rows] = top.relu()
             else:
-                theta = self.threshold[cols]
+                theta = self.threshold[cols].expand(len(rows), lat)
+                if gated:
+                    theta = theta / gates[rows, None].to(theta.dtype)
                 idx = (pre - theta).topk(k, dim=-1).indices
                 top = pre.gather(1, idx)
-                cand[rows] = torch.where(top > theta[idx], top.relu(), torch.zeros_like(top))
+                over = top > theta.gather(1, idx)
+                cand[rows] = torch.where(over, top.relu(), torch.zeros_like(top))
             ids[rows] = idx + i * lat
         return cand, ids
 

@@ -187,9 +187,10 @@ def centred_forward(
     validf = buf.valid.astype(jnp.float32)[:, None]
     extra = {}
     if s.rule == "jump":
-        idx, value = (_jump_top(pre, p.threshold, s.k), None) if chosen is None else chosen
+        threshold = row_thresholds(p.threshold, buf.gate, s)
+        idx, value = (_jump_top(pre, threshold, s.k), None) if chosen is None else chosen
         selected = select_preactivations(xc, p, idx, pre, pre_grad if dense else None, value)
-        theta, bandwidth = p.threshold[idx], jnp.float32(s.bandwidth)
+        theta, bandwidth = _at(threshold, idx), jnp.float32(s.bandwidth)
         latents = activations.jumprelu(selected, theta, bandwidth)
         extra = dict(selected=jax.lax.stop_gradient(selected),
                      l0=jnp.sum(validf * activations.step(selected, theta, bandwidth)))  # fmt: skip
@@ -203,8 +204,25 @@ def centred_forward(
 
 
 def _jump_top(pre: jax.Array, threshold: jax.Array, k: int) -> jax.Array:
-    """[C, k] ids of each row's k largest pre - threshold (gradient-free)."""
+    """[C, k] ids of each row's k largest pre - threshold ([L] or [C, L]; gradient-free)."""
     return jax.lax.top_k(pre - jax.lax.stop_gradient(threshold), k)[1]
+
+
+def row_thresholds(threshold: jax.Array, gate: jax.Array, s: ExpertSettings) -> jax.Array:
+    """The 'jump' rule's thresholds on the pre-activations: threshold [L] as it is, or, for a
+    threshold on gated values (s.gated_threshold), each row's threshold / gate [C, L] (an
+    empty row, gate 0, keeps nothing)."""
+    if not s.gated_threshold:
+        return threshold
+    gate = jax.lax.stop_gradient(gate)[:, None]
+    return jnp.where(gate > 0, threshold / jnp.where(gate > 0, gate, 1.0), jnp.inf)
+
+
+def _at(threshold: jax.Array, idx: jax.Array) -> jax.Array:
+    """The thresholds of latents idx [C, k]: threshold [L] or [C, L] (`row_thresholds`)."""
+    if threshold.ndim == 1:
+        return threshold[idx]
+    return jnp.take_along_axis(threshold, idx, axis=1)
 
 
 def select_preactivations(xc, p: ExpertParams, idx, pre, pre_grad=None, value=None):
@@ -229,9 +247,10 @@ def candidates(p: ExpertParams, buf: ExpertRows, s: ExpertSettings) -> Forward:
     recon = jnp.zeros(buf.x.shape, jnp.float32)
     fired = jnp.zeros(p.w_enc.shape[0], jnp.float32)
     if s.rule == "jump":
-        idx = _jump_top(pre, p.threshold, s.k)
+        threshold = row_thresholds(p.threshold, buf.gate, s)
+        idx = _jump_top(pre, threshold, s.k)
         selected = jnp.take_along_axis(pre, idx, axis=1)
-        latents = selected * (selected > p.threshold[idx]) * validf
+        latents = selected * (selected > _at(threshold, idx)) * validf
         return Forward(recon, latents, idx, fired, selected)
     value, idx = jax.lax.top_k(pre, s.k)
     return Forward(recon, jax.nn.relu(value) * validf, idx, fired)

@@ -57,6 +57,9 @@ class ExpertSettings:
     # keeps, of its k largest pre - threshold, those over the threshold (k is then k_max).
     rule: str = "topk"
     bandwidth: float = 0.1  # 'jump': the straight-through kernel's width, x the threshold
+    # 'jump' with a threshold on gated values (BatchTopK's, set on gate x pre): a row keeps
+    # the latents whose gate x pre passes it, i.e. pre > threshold / gate.
+    gated_threshold: bool = False
     # Matryoshka: the ends of the nested prefixes of each expert's latents, the whole
     # dictionary excluded; each prefix's squared error comes back in ExpertOut.kind_sums.
     prefixes: tuple[int, ...] = ()

@@ -310,8 +310,8 @@ def switch_apply(
 def _choice(cfg: SAEConfig, rule: str, batch: bool, axes: tuple[str, ...]):
     """global_topk.run's selection: a BatchTopK over the batch on every device, the global
     TopK of K among a token's e experts, or none (a per-row rule: JumpReLU's)."""
-    if batch:
-        return global_topk.batch_choice(cfg.routed_k, axes)
+    if batch:  # on gated values for the batch kinds; JumpReLU's first thresholds: ungated
+        return global_topk.batch_choice(cfg.routed_k, axes, gated=cfg.kind.batch)
     return global_topk.top_k_choice(cfg.routed_k) if rule == "topk" else None
 
 
@@ -369,6 +369,7 @@ def expert_settings(
         k=per_row,
         rule=rule,
         bandwidth=cfg.jumprelu_bandwidth,
+        gated_threshold=rule == "jump" and cfg.kind.batch,
         prefixes=prefixes,
         k_aux=cfg.k_aux_effective,
         kernel=routed_kernel(cfg.expert_kernel, cfg.experts_per_token),
