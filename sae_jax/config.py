@@ -284,6 +284,11 @@ class TrainConfig:
     threshold_rate: BatchTopK and Matryoshka: each step moves the inference threshold this
         share of the way to the batch's threshold (an exponential average).
     threshold_lr: JumpReLU's log-thresholds' Adam LR (their own group; None: the experts').
+    grad_clip: the gradients are scaled down to this global norm where they exceed it
+        (after the decoder projection). 1.0 is far above these models' usual norm (~1e-2 on
+        normalised inputs) and so only stops runaway steps; smollm2_batchtopk_wide.gin clips at
+        0.02, where a router's rare spikes otherwise set its Adam state back
+        (docs/activations.md).
     dead_after_tokens: a latent that has not fired for this many training tokens is dead.
     aux_max_share: AuxK takes at most this share of an expert's latents per step (rounded down
         to a dead-id bucket, see kernels.auxk.max_bucket); with more dead ones they take turns.
@@ -354,6 +359,8 @@ class TrainConfig:
             )
         if self.threshold_lr is not None and not self.threshold_lr > 0:
             raise ConfigError(f"TrainConfig.threshold_lr={self.threshold_lr!r} must be positive")
+        if not self.grad_clip > 0:
+            raise ConfigError(f"TrainConfig.grad_clip={self.grad_clip!r} must be positive")
         if not 0 < self.aux_max_share <= 1:
             raise ConfigError(f"TrainConfig.aux_max_share={self.aux_max_share} must lie in (0, 1]")
         if not 0 <= self.decay_fraction <= 1:

@@ -201,6 +201,9 @@ def test_activation_settings_fail_in_one_line():
         with pytest.raises(ConfigError, match=text.replace("(", r"\(")) as err:
             dataclasses.replace(CFG, **fields).validate()
         assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="grad_clip=0.0 must be positive") as err:
+        TrainConfig(grad_clip=0.0).validate()
+    assert "\n" not in str(err.value)
     assert dataclasses.replace(CFG, activation="matryoshka").prefix_ends == (4, 8, 16, 32)
     assert dataclasses.replace(CFG, k_max=0).candidates_per_row == 16
 
