@@ -286,9 +286,9 @@ class TrainConfig:
     threshold_lr: JumpReLU's log-thresholds' Adam LR (their own group; None: the experts').
     grad_clip: the gradients are scaled down to this global norm where they exceed it
         (after the decoder projection). 1.0 is far above these models' usual norm (~1e-2 on
-        normalised inputs) and so only stops runaway steps; smollm2_batchtopk_wide.gin clips at
-        0.02, where a router's rare spikes otherwise set its Adam state back
-        (docs/activations.md).
+        normalised inputs) and so only stops runaway steps; the BatchTopK configs clip at 0.01,
+        where a Switch router's rare spikes otherwise set its Adam state back
+        (docs/activations.md, "A gradient clip").
     dead_after_tokens: a latent that has not fired for this many training tokens is dead.
     aux_max_share: AuxK takes at most this share of an expert's latents per step (rounded down
         to a dead-id bucket, see kernels.auxk.max_bucket); with more dead ones they take turns.
