@@ -187,7 +187,7 @@ def centred_forward(
     validf = buf.valid.astype(jnp.float32)[:, None]
     extra = {}
     if s.rule == "jump":
-        threshold = row_thresholds(p.threshold, buf.gate, s)
+        threshold = row_thresholds(p.threshold, buf.gate, s.gated_threshold)
         idx, value = (_jump_top(pre, threshold, s.k), None) if chosen is None else chosen
         selected = select_preactivations(xc, p, idx, pre, pre_grad if dense else None, value)
         theta, bandwidth = _at(threshold, idx), jnp.float32(s.bandwidth)
@@ -208,11 +208,11 @@ def _jump_top(pre: jax.Array, threshold: jax.Array, k: int) -> jax.Array:
     return jax.lax.top_k(pre - jax.lax.stop_gradient(threshold), k)[1]
 
 
-def row_thresholds(threshold: jax.Array, gate: jax.Array, s: ExpertSettings) -> jax.Array:
+def row_thresholds(threshold: jax.Array, gate: jax.Array, gated: bool) -> jax.Array:
     """The 'jump' rule's thresholds on the pre-activations: threshold [L] as it is, or, for a
-    threshold on gated values (s.gated_threshold), each row's threshold / gate [C, L] (an
-    empty row, gate 0, keeps nothing)."""
-    if not s.gated_threshold:
+    threshold on gated values (ExpertSettings.gated_threshold), each row's threshold / gate
+    [C, L] (an empty row, gate 0, keeps nothing)."""
+    if not gated:
         return threshold
     gate = jax.lax.stop_gradient(gate)[:, None]
     return jnp.where(gate > 0, threshold / jnp.where(gate > 0, gate, 1.0), jnp.inf)
@@ -247,7 +247,7 @@ def candidates(p: ExpertParams, buf: ExpertRows, s: ExpertSettings) -> Forward:
     recon = jnp.zeros(buf.x.shape, jnp.float32)
     fired = jnp.zeros(p.w_enc.shape[0], jnp.float32)
     if s.rule == "jump":
-        threshold = row_thresholds(p.threshold, buf.gate, s)
+        threshold = row_thresholds(p.threshold, buf.gate, s.gated_threshold)
         idx = _jump_top(pre, threshold, s.k)
         selected = jnp.take_along_axis(pre, idx, axis=1)
         latents = selected * (selected > _at(threshold, idx)) * validf
