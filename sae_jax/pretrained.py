@@ -48,7 +48,7 @@ from sae_jax.export import (
 from sae_jax.interop.readers import read_peer
 from sae_jax.kernels import routing
 from sae_jax.kernels.activations import KINDS
-from sae_jax.kernels.expert import ExpertParams, row_thresholds
+from sae_jax.kernels.expert import ExpertParams, row_thresholds, thresholds_at
 
 MAX_BLOCK = 128  # rows per expert block at most (encode's default block size)
 MIN_BLOCK = 8
@@ -393,10 +393,10 @@ def jump_block(p: ExpertParams, rows, valid: jax.Array, *, b_dec: jax.Array, k: 
     del valid
     x, gate = rows
     pre = (x - b_dec) @ p.w_enc.T + p.b_enc
-    threshold = jnp.broadcast_to(row_thresholds(p.threshold, gate, gated), pre.shape)
+    threshold = row_thresholds(p.threshold, gate, gated)
     idx = jax.lax.top_k(pre - threshold, k)[1]
     selected = jnp.take_along_axis(pre, idx, axis=1)
-    return _jumprelu(selected, jnp.take_along_axis(threshold, idx, axis=1)), idx
+    return _jumprelu(selected, thresholds_at(threshold, idx)), idx
 
 
 RULES = {"topk": encode_block, "jump": jump_block}  # SAEConfig.kind.infer_rule -> block codes

@@ -190,7 +190,7 @@ def centred_forward(
         threshold = row_thresholds(p.threshold, buf.gate, s.gated_threshold)
         idx, value = (_jump_top(pre, threshold, s.k), None) if chosen is None else chosen
         selected = select_preactivations(xc, p, idx, pre, pre_grad if dense else None, value)
-        theta, bandwidth = _at(threshold, idx), jnp.float32(s.bandwidth)
+        theta, bandwidth = thresholds_at(threshold, idx), jnp.float32(s.bandwidth)
         latents = activations.jumprelu(selected, theta, bandwidth)
         extra = dict(selected=jax.lax.stop_gradient(selected),
                      l0=jnp.sum(validf * activations.step(selected, theta, bandwidth)))  # fmt: skip
@@ -218,7 +218,7 @@ def row_thresholds(threshold: jax.Array, gate: jax.Array, gated: bool) -> jax.Ar
     return jnp.where(gate > 0, threshold / jnp.where(gate > 0, gate, 1.0), jnp.inf)
 
 
-def _at(threshold: jax.Array, idx: jax.Array) -> jax.Array:
+def thresholds_at(threshold: jax.Array, idx: jax.Array) -> jax.Array:
     """The thresholds of latents idx [C, k]: threshold [L] or [C, L] (`row_thresholds`)."""
     if threshold.ndim == 1:
         return threshold[idx]
@@ -250,7 +250,7 @@ def candidates(p: ExpertParams, buf: ExpertRows, s: ExpertSettings) -> Forward:
         threshold = row_thresholds(p.threshold, buf.gate, s.gated_threshold)
         idx = _jump_top(pre, threshold, s.k)
         selected = jnp.take_along_axis(pre, idx, axis=1)
-        latents = selected * (selected > _at(threshold, idx)) * validf
+        latents = selected * (selected > thresholds_at(threshold, idx)) * validf
         return Forward(recon, latents, idx, fired, selected)
     value, idx = jax.lax.top_k(pre, s.k)
     return Forward(recon, jax.nn.relu(value) * validf, idx, fired)
